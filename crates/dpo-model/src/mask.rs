@@ -1,0 +1,39 @@
+//! The additive attention bias: 0 where a query may attend to a key, a large negative number
+//! elsewhere (causal order, key padding, Mistral's sliding window).
+//!
+//! A large *finite* negative is used, not `-inf`: a fully masked row then gives a uniform
+//! softmax instead of NaN, and NaN would survive any later zero mask.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Additive attention bias `[rows, 1, seq, seq]` (f32) for one padded batch.
+#[derive(Debug, Clone)]
+pub struct AttentionMask {
+    pub bias: Tensor,
+}
+
+/// What a masked score becomes before the softmax (f32 softmax: `exp` of it is exactly 0).
+pub const MASKED: f32 = -1e30;
+
+impl AttentionMask {
+    /// Causal mask with key padding: `key_valid[r * seq + j]` is 1 for a real token.
+    /// With a `window`, query `i` sees keys `j` with `i - window < j <= i` (Mistral).
+    pub fn causal(key_valid: &[u8], rows: usize, seq: usize, window: Option<usize>, device: &Device) -> Result<Self> {
+        assert_eq!(key_valid.len(), rows * seq, "attention mask has the wrong size");
+        let mut causal = vec![0f32; seq * seq];
+        for i in 0..seq {
+            for j in 0..seq {
+                let in_window = window.is_none_or(|w| i < j + w);
+                if j > i || !in_window {
+                    causal[i * seq + j] = MASKED;
+                }
+            }
+        }
+        let pad: Vec<f32> = key_valid.iter().map(|&v| if v == 0 { MASKED } else { 0.0 }).collect();
+        let causal = Tensor::from_vec(causal, (1, 1, seq, seq), device)?;
+        let pad = Tensor::from_vec(pad, (rows, 1, 1, seq), device)?;
+        // Sum of two large negatives stays finite in f32 (-2e30).
+        let bias = causal.broadcast_add(&pad)?.to_dtype(DType::F32)?;
+        Ok(AttentionMask { bias })
+    }
+}

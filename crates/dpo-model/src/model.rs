@@ -1,0 +1,264 @@
+//! The decoder shared by Llama, Qwen2 and Mistral, written with differentiable candle ops.
+//!
+//! ```text
+//! h_0 = E[ids]
+//! h'  = h + Attn(RMSNorm(h))          Attn: rotary q, k; grouped KV heads; softmax in f32
+//! h'' = h' + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(h')
+//! out = RMSNorm(h_L)                   (hidden states; logits = out @ W_head^T, by the caller)
+//! ```
+//! RMSNorm is `w * (x / sqrt(mean(x^2) + eps))`, computed in f32 as transformers does.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Result, Tensor, Var};
+
+use crate::checkpoint::Checkpoint;
+use crate::mask::AttentionMask;
+use crate::{ModelConfig, ModelError, rope};
+
+/// `y = x @ w.t() + b`.
+#[derive(Debug, Clone)]
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let (r, t, h) = x.dims3()?;
+        let w = self.w.to_dtype(dtype)?;
+        let y = x.reshape((r * t, h))?.matmul(&w.t()?)?;
+        let y = match &self.b {
+            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?)?,
+            None => y,
+        };
+        y.reshape((r, t, ()))
+    }
+}
+
+/// The dtype reductions (norms, softmax) run in: f32, or f64 when computing in f64.
+pub fn accum_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
+/// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(accum_dtype(dtype))?;
+    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    post_norm: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A causal LM's weights and forward pass. Weights are whatever tensors it was built from:
+/// the [`Var`]s of a [`Policy`], or plain tensors for a frozen reference.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    pub config: ModelConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Option<Tensor>,
+    compute_dtype: DType,
+}
+
+/// The Hugging Face tensor names of a model with `cfg`, in a fixed order, with their shapes.
+pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+    let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        let mut push = |n: &str, s: Vec<usize>| out.push((format!("{p}.{n}"), s));
+        push("input_layernorm.weight", vec![h]);
+        for (n, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            push(&format!("self_attn.{n}.weight"), vec![rows, h]);
+            if cfg.qkv_bias {
+                push(&format!("self_attn.{n}.bias"), vec![rows]);
+            }
+        }
+        push("self_attn.o_proj.weight", vec![h, q]);
+        if cfg.o_bias {
+            push("self_attn.o_proj.bias", vec![h]);
+        }
+        push("post_attention_layernorm.weight", vec![h]);
+        for (n, shape, bias) in [("gate_proj", [i, h], i), ("up_proj", [i, h], i), ("down_proj", [h, i], h)] {
+            push(&format!("mlp.{n}.weight"), shape.to_vec());
+            if cfg.mlp_bias {
+                push(&format!("mlp.{n}.bias"), vec![bias]);
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    out
+}
+
+impl CausalLm {
+    /// Builds the model from named tensors (as listed by [`parameter_shapes`]).
+    pub fn from_tensors(config: ModelConfig, t: &HashMap<String, Tensor>, compute_dtype: DType) -> Result<Self> {
+        let get = |n: &str| {
+            t.get(n)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))
+        };
+        let lin = |p: &str, bias: bool| -> Result<Linear> {
+            Ok(Linear { w: get(&format!("{p}.weight"))?, b: if bias { Some(get(&format!("{p}.bias"))?) } else { None } })
+        };
+        let blocks = (0..config.num_hidden_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}");
+                Ok(Block {
+                    input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                    q: lin(&format!("{p}.self_attn.q_proj"), config.qkv_bias)?,
+                    k: lin(&format!("{p}.self_attn.k_proj"), config.qkv_bias)?,
+                    v: lin(&format!("{p}.self_attn.v_proj"), config.qkv_bias)?,
+                    o: lin(&format!("{p}.self_attn.o_proj"), config.o_bias)?,
+                    post_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                    gate: lin(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
+                    up: lin(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
+                    down: lin(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        Ok(CausalLm {
+            embed: get("model.embed_tokens.weight")?,
+            norm: get("model.norm.weight")?,
+            blocks,
+            lm_head,
+            config,
+            compute_dtype,
+        })
+    }
+
+    /// Loads a frozen model (plain tensors, no gradient) in `dtype`.
+    pub fn load_frozen(ck: &Checkpoint, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        let tensors = load_named(ck, dtype, device)?;
+        Ok(Self::from_tensors(ck.config.clone(), &tensors, dtype)?)
+    }
+
+    /// The dtype matmuls run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    /// The LM head `[vocab, hidden]` in the compute dtype (the embedding when tied).
+    pub fn lm_head(&self) -> Result<Tensor> {
+        self.lm_head.as_ref().unwrap_or(&self.embed).to_dtype(self.compute_dtype)
+    }
+
+    /// Final hidden states `[rows, seq, hidden]` (after the last norm) for `input_ids`
+    /// `[rows, seq]` (u32), positions `0..seq` on every row (right padding).
+    pub fn hidden_states(&self, input_ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+        let cfg = &self.config;
+        let dt = self.compute_dtype;
+        let (rows, seq) = input_ids.dims2()?;
+        let (cos, sin) = rope::tables(cfg, seq, dt, input_ids.device())?;
+        let mut h = self
+            .embed
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .to_dtype(dt)?
+            .reshape((rows, seq, cfg.hidden_size))?;
+        for b in &self.blocks {
+            let x = rms_norm(&h, &b.input_norm, cfg.rms_norm_eps)?;
+            h = (h + self.attention(b, &x, &cos, &sin, mask)?)?;
+            let x = rms_norm(&h, &b.post_norm, cfg.rms_norm_eps)?;
+            let mlp = b.down.forward(&(b.gate.forward(&x, dt)?.silu()? * b.up.forward(&x, dt)?)?, dt)?;
+            h = (h + mlp)?;
+        }
+        rms_norm(&h, &self.norm, cfg.rms_norm_eps)
+    }
+
+    fn attention(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+        let cfg = &self.config;
+        let dt = self.compute_dtype;
+        let (rows, seq, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = rope::apply(&heads(b.q.forward(x, dt)?, nh)?, cos, sin)?;
+        let k = rope::apply(&heads(b.k.forward(x, dt)?, nkv)?, cos, sin)?;
+        let v = heads(b.v.forward(x, dt)?, nkv)?;
+        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let acc = accum_dtype(dt);
+        let scores = scores.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, seq, nh * hd))?;
+        b.o.forward(&out, dt)
+    }
+}
+
+/// `[rows, kv, seq, d]` -> `[rows, kv * n_rep, seq, d]`, each KV head serving `n_rep` query heads.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (r, kv, s, d) = x.dims4()?;
+    x.unsqueeze(2)?.broadcast_as((r, kv, n_rep, s, d))?.contiguous()?.reshape((r, kv * n_rep, s, d))
+}
+
+fn load_named(ck: &Checkpoint, dtype: DType, device: &Device) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
+    parameter_shapes(&ck.config)
+        .into_iter()
+        .map(|(name, shape)| Ok((name.clone(), ck.tensor(&name, &shape, dtype, device)?)))
+        .collect()
+}
+
+/// The trainable model: a [`CausalLm`] whose weights are [`Var`]s, kept in `param_dtype`
+/// (the master copy; f32 even when matmuls run in bf16), with their Hugging Face names.
+pub struct Policy {
+    pub model: CausalLm,
+    /// `(name, var)` in [`parameter_shapes`] order. A tied LM head is the embedding's var.
+    pub params: Vec<(String, Var)>,
+}
+
+impl Policy {
+    /// Loads the checkpoint as trainable variables.
+    pub fn load(ck: &Checkpoint, param_dtype: DType, compute_dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+        let tensors = load_named(ck, param_dtype, device)?;
+        let mut params = Vec::with_capacity(tensors.len());
+        let mut as_tensors = HashMap::with_capacity(tensors.len());
+        for (name, _) in parameter_shapes(&ck.config) {
+            let var = Var::from_tensor(&tensors[&name])?;
+            as_tensors.insert(name.clone(), var.as_tensor().clone());
+            params.push((name, var));
+        }
+        let model = CausalLm::from_tensors(ck.config.clone(), &as_tensors, compute_dtype)?;
+        Ok(Policy { model, params })
+    }
+
+    /// The parameters as named tensors in `dtype`, ready for `save_safetensors_atomic`
+    /// (a tied LM head is left out, as transformers' `save_pretrained` does).
+    pub fn named_tensors(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        self.params
+            .iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
+            .collect()
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_parameters(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}

@@ -1,0 +1,190 @@
+//! AdamW with decoupled weight decay, owned here so its state can be saved and restored.
+//!
+//! For each parameter `p` with gradient `g` at step `t` (PyTorch's `torch.optim.AdamW`):
+//! ```text
+//! p <- p * (1 - lr * wd)                       (only parameters that decay)
+//! m <- b1 m + (1 - b1) g ;  v <- b2 v + (1 - b2) g^2
+//! p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//! Moments are f32 whatever the parameter dtype. As the Hugging Face Trainer does, biases and
+//! normalisation weights do not decay; everything else (embeddings included) does.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Result, Tensor, Var};
+
+/// AdamW hyper-parameters (the learning rate comes with each step, from the schedule).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// Whether the Hugging Face Trainer applies weight decay to a parameter of this name.
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.contains("norm"))
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    m: Tensor,
+    v: Tensor,
+    decay: bool,
+}
+
+/// The optimizer and its state.
+pub struct AdamW {
+    cfg: AdamWConfig,
+    step: u64,
+    slots: Vec<Slot>,
+}
+
+impl AdamW {
+    pub fn new(params: &[(String, Var)], cfg: AdamWConfig) -> Result<Self> {
+        let slots = params
+            .iter()
+            .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                Ok(Slot { name: name.clone(), var: var.clone(), m: zeros.clone(), v: zeros, decay: decays(name) })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { cfg, step: 0, slots })
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// One update; `grads[i]` belongs to the i-th parameter given to [`AdamW::new`].
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
+        self.step += 1;
+        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
+        let t = self.step as i32;
+        let step_size = lr / (1.0 - beta1.powi(t));
+        let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let g = g.to_dtype(DType::F32)?;
+            slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
+            slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let p = slot.var.as_tensor().to_dtype(DType::F32)?;
+            let p = if slot.decay && weight_decay != 0.0 { (p * (1.0 - lr * weight_decay))? } else { p };
+            let denom = ((slot.v.sqrt()? / bc2_sqrt)? + eps)?;
+            let p = (p - ((&slot.m / denom)? * step_size)?)?;
+            slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// `m.<name>`, `v.<name>` for every parameter (for a checkpoint).
+    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for s in &self.slots {
+            out.insert(format!("m.{}", s.name), s.m.clone());
+            out.insert(format!("v.{}", s.name), s.v.clone());
+        }
+        out
+    }
+
+    /// Restores moments and the step count saved by [`AdamW::state_tensors`].
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        for s in &mut self.slots {
+            for (key, slot) in [("m", &mut s.m), ("v", &mut s.v)] {
+                let name = format!("{key}.{}", s.name);
+                let t = state
+                    .get(&name)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state has no `{name}`")))?;
+                if t.shape() != slot.shape() {
+                    candle_core::bail!("optimizer state `{name}` has shape {:?}, expected {:?}", t.shape(), slot.shape());
+                }
+                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// The parameters that decay and those that do not, by name.
+    pub fn groups(&self) -> (Vec<&str>, Vec<&str>) {
+        let decay = self.slots.iter().filter(|s| s.decay).map(|s| s.name.as_str()).collect();
+        let plain = self.slots.iter().filter(|s| !s.decay).map(|s| s.name.as_str()).collect();
+        (decay, plain)
+    }
+}
+
+/// Global L2 norm of all gradients, `sqrt(sum_i ||g_i||^2)` (computed before clipping).
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads {
+        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(sq.sqrt())
+}
+
+/// PyTorch's `clip_grad_norm_`: scales every gradient by `min(1, max_norm / (norm + 1e-6))`.
+/// Returns the pre-clip norm and whether the gradients were scaled down.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<(f64, bool)> {
+    let norm = global_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+        return Ok((norm, true));
+    }
+    Ok((norm, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn decay_groups_follow_hf_trainer() {
+        assert!(decays("model.embed_tokens.weight"));
+        assert!(decays("model.layers.0.self_attn.q_proj.weight"));
+        assert!(!decays("model.layers.0.self_attn.q_proj.bias"));
+        assert!(!decays("model.layers.0.input_layernorm.weight"));
+        assert!(!decays("model.norm.weight"));
+    }
+
+    #[test]
+    fn two_adamw_steps_match_a_hand_computation() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let mut opt = AdamW::new(&[("w".into(), var.clone())], cfg).unwrap();
+        let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
+        let grads = [[0.5f64, -1.0], [0.25, 2.0]];
+        for (t, g) in grads.iter().enumerate() {
+            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.01).unwrap();
+            let t = (t + 1) as i32;
+            for i in 0..2 {
+                p[i] *= 1.0 - 0.01 * 0.1;
+                m[i] = 0.9 * m[i] + 0.1 * g[i];
+                v[i] = 0.999 * v[i] + 0.001 * g[i] * g[i];
+                let denom = (v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt()) + 1e-8;
+                p[i] -= 0.01 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
+            }
+        }
+        let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        for i in 0..2 {
+            assert!((got[i] as f64 - p[i]).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+        assert_eq!(opt.steps(), 2);
+    }
+
+    #[test]
+    fn clipping_scales_to_max_norm() {
+        let mut g = vec![Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
+        let (norm, clipped) = clip_grad_norm(&mut g, 1.0).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6 && clipped);
+        assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
+        let (_, clipped) = clip_grad_norm(&mut g, 10.0).unwrap();
+        assert!(!clipped);
+    }
+}
