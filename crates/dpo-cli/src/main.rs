@@ -1,1 +1,63 @@
-fn main() {}
+//! `dpo-train --config <file.toml> [--set key=value ...]`: DPO fine-tuning of a Hugging Face
+//! causal LM on preference pairs. See the README for the config keys.
+
+mod config;
+mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use dpo_trainer::Trainer;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dpo-train",
+    version,
+    about = "Direct Preference Optimization for Hugging Face causal LMs, on candle"
+)]
+struct Cli {
+    /// The run's TOML config (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key, e.g. `--set max_steps=4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = config::load(&cli.config, &cli.overrides)?;
+    let mut progress = progress::Progress::new(cfg.progress_bar);
+    // With a bar, per-step metric lines go above it instead of through tracing.
+    let default_filter = if progress.is_bar() { "info,dpo_train::metrics=warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
+        .with_writer(std::io::stderr)
+        .init();
+    let output_dir = cfg.output_dir.clone();
+    let mut trainer = Trainer::new(cfg).context("setting up the run")?;
+    let summary = trainer.run(&mut progress).context("training")?;
+    drop(progress);
+    tracing::info!(
+        steps = %summary["steps_run"], stopped_because = %summary["stopped_because"],
+        seconds = %format!("{:.1}", summary["wall_time_seconds"].as_f64().unwrap_or(0.0)),
+        "done; outputs in {}", output_dir.display()
+    );
+    let skipped = trainer.skips();
+    if skipped.total() > 0 {
+        tracing::warn!("training rows skipped or dropped: {skipped}");
+    }
+    Ok(())
+}

@@ -35,10 +35,14 @@ impl Checkpoint {
         };
         // SAFETY: the files are opened read-only; like every mmap-based loader we rely on
         // nobody truncating them while training runs.
-        let st = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| ModelError::Tensor { path: files[0].clone(), name: String::new(), msg: e.to_string() })?;
+        let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| ModelError::Tensor {
+            path: files[0].clone(),
+            name: String::new(),
+            msg: e.to_string(),
+        })?;
         let mut ck = Checkpoint { dir: dir.to_path_buf(), config, stored_dtype: DType::F32, files, st };
-        let embed = ck.st.get("model.embed_tokens.weight").map_err(|_| ck.missing("model.embed_tokens.weight"))?;
+        let embed =
+            ck.st.get("model.embed_tokens.weight").map_err(|_| ck.missing("model.embed_tokens.weight"))?;
         ck.stored_dtype = match embed.dtype() {
             safetensors::Dtype::BF16 => DType::BF16,
             safetensors::Dtype::F16 => DType::F16,
@@ -48,7 +52,11 @@ impl Checkpoint {
     }
 
     fn missing(&self, name: &str) -> ModelError {
-        ModelError::Tensor { path: self.files[0].clone(), name: name.into(), msg: "not found in the checkpoint".into() }
+        ModelError::Tensor {
+            path: self.files[0].clone(),
+            name: name.into(),
+            msg: "not found in the checkpoint".into(),
+        }
     }
 
     /// Whether the checkpoint holds a tensor of that name.
@@ -57,7 +65,13 @@ impl Checkpoint {
     }
 
     /// Loads one tensor onto `device` as `dtype`, checking its shape.
-    pub fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, ModelError> {
+    pub fn tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, ModelError> {
         let t = self.st.load(name, device).map_err(|_| self.missing(name))?;
         if t.dims() != shape {
             return Err(ModelError::Tensor {
@@ -90,15 +104,18 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::Config { path: index.clone(), msg: e.to_string() })?;
-    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Config {
-        path: index.clone(),
-        msg: "no `weight_map` object".into(),
-    })?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::Config { path: index.clone(), msg: "no `weight_map` object".into() })?;
     let shards: BTreeSet<&str> = map.values().filter_map(|s| s.as_str()).collect();
     let files: Vec<PathBuf> = shards.into_iter().map(|s| dir.join(s)).collect();
     for f in &files {
         if !f.is_file() {
-            return Err(ModelError::Missing { dir: dir.to_path_buf(), what: format!("shard {}", f.display()) });
+            return Err(ModelError::Missing {
+                dir: dir.to_path_buf(),
+                what: format!("shard {}", f.display()),
+            });
         }
     }
     Ok(files)

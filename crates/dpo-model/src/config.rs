@@ -51,12 +51,7 @@ pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear { factor: f64 },
     /// Llama 3.x: low frequencies divided by `factor`, high kept, a smooth ramp between.
-    Llama3 {
-        factor: f64,
-        low_freq_factor: f64,
-        high_freq_factor: f64,
-        original_max_position_embeddings: f64,
-    },
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
 /// The fields of `config.json` the model needs, resolved to one layout.
@@ -82,6 +77,8 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     /// Mistral's attention window; `None` attends to the whole prefix.
     pub sliding_window: Option<usize>,
+    /// The embedding's `padding_idx` in transformers: that row gets no input-side gradient.
+    pub pad_token_id: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -105,6 +102,7 @@ struct RawConfig {
     mlp_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    pad_token_id: Option<Value>,
 }
 
 impl ModelConfig {
@@ -175,6 +173,7 @@ impl ModelConfig {
             o_bias,
             mlp_bias: arch == Arch::Llama && raw.mlp_bias.unwrap_or(false),
             sliding_window,
+            pad_token_id: raw.pad_token_id.as_ref().and_then(Value::as_u64).map(|v| v as u32),
         })
     }
 
@@ -182,7 +181,9 @@ impl ModelConfig {
     pub fn num_parameters(&self) -> usize {
         let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * i + if self.mlp_bias { 2 * i + h } else { 0 };
@@ -196,11 +197,7 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling, String> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(RopeScaling::Default);
     };
-    let kind = v
-        .get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str).unwrap_or("default");
     let num = |key: &str| {
         v.get(key)
             .and_then(Value::as_f64)
@@ -215,9 +212,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<RopeScaling, String> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")?,
         }),
-        other => Err(format!(
-            "rope scaling type `{other}` is not supported (supported: default, linear, llama3)"
-        )),
+        other => {
+            Err(format!("rope scaling type `{other}` is not supported (supported: default, linear, llama3)"))
+        }
     }
 }
 

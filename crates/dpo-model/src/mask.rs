@@ -18,7 +18,13 @@ pub const MASKED: f32 = -1e30;
 impl AttentionMask {
     /// Causal mask with key padding: `key_valid[r * seq + j]` is 1 for a real token.
     /// With a `window`, query `i` sees keys `j` with `i - window < j <= i` (Mistral).
-    pub fn causal(key_valid: &[u8], rows: usize, seq: usize, window: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn causal(
+        key_valid: &[u8],
+        rows: usize,
+        seq: usize,
+        window: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         assert_eq!(key_valid.len(), rows * seq, "attention mask has the wrong size");
         let mut causal = vec![0f32; seq * seq];
         for i in 0..seq {

@@ -110,14 +110,18 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 
 impl CausalLm {
     /// Builds the model from named tensors (as listed by [`parameter_shapes`]).
-    pub fn from_tensors(config: ModelConfig, t: &HashMap<String, Tensor>, compute_dtype: DType) -> Result<Self> {
-        let get = |n: &str| {
-            t.get(n)
-                .cloned()
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")))
-        };
+    pub fn from_tensors(
+        config: ModelConfig,
+        t: &HashMap<String, Tensor>,
+        compute_dtype: DType,
+    ) -> Result<Self> {
+        let get =
+            |n: &str| t.get(n).cloned().ok_or_else(|| candle_core::Error::Msg(format!("missing tensor {n}")));
         let lin = |p: &str, bias: bool| -> Result<Linear> {
-            Ok(Linear { w: get(&format!("{p}.weight"))?, b: if bias { Some(get(&format!("{p}.bias"))?) } else { None } })
+            Ok(Linear {
+                w: get(&format!("{p}.weight"))?,
+                b: if bias { Some(get(&format!("{p}.bias"))?) } else { None },
+            })
         };
         let blocks = (0..config.num_hidden_layers)
             .map(|l| {
@@ -147,9 +151,40 @@ impl CausalLm {
     }
 
     /// Loads a frozen model (plain tensors, no gradient) in `dtype`.
-    pub fn load_frozen(ck: &Checkpoint, dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+    pub fn load_frozen(
+        ck: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
         let tensors = load_named(ck, dtype, device)?;
         Ok(Self::from_tensors(ck.config.clone(), &tensors, dtype)?)
+    }
+
+    /// The same model on the same storage, with gradient tracking cut (for evaluation).
+    pub fn detached(&self) -> Self {
+        let lin = |l: &Linear| Linear { w: l.w.detach(), b: l.b.as_ref().map(Tensor::detach) };
+        CausalLm {
+            config: self.config.clone(),
+            embed: self.embed.detach(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| Block {
+                    input_norm: b.input_norm.detach(),
+                    q: lin(&b.q),
+                    k: lin(&b.k),
+                    v: lin(&b.v),
+                    o: lin(&b.o),
+                    post_norm: b.post_norm.detach(),
+                    gate: lin(&b.gate),
+                    up: lin(&b.up),
+                    down: lin(&b.down),
+                })
+                .collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(Tensor::detach),
+            compute_dtype: self.compute_dtype,
+        }
     }
 
     /// The dtype matmuls run in.
@@ -174,11 +209,7 @@ impl CausalLm {
         let dt = self.compute_dtype;
         let (rows, seq) = input_ids.dims2()?;
         let (cos, sin) = rope::tables(cfg, seq, dt, input_ids.device())?;
-        let mut h = self
-            .embed
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .to_dtype(dt)?
-            .reshape((rows, seq, cfg.hidden_size))?;
+        let mut h = self.embed_tokens(input_ids)?.to_dtype(dt)?.reshape((rows, seq, cfg.hidden_size))?;
         for b in &self.blocks {
             let x = rms_norm(&h, &b.input_norm, cfg.rms_norm_eps)?;
             h = (h + self.attention(b, &x, &cos, &sin, mask)?)?;
@@ -189,7 +220,29 @@ impl CausalLm {
         rms_norm(&h, &self.norm, cfg.rms_norm_eps)
     }
 
-    fn attention(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    /// Embedding rows for `input_ids`. As `nn.Embedding(padding_idx=pad_token_id)` in
+    /// transformers, the pad token's row gets no gradient from its uses as an input.
+    fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let flat = input_ids.flatten_all()?;
+        let rows = self.embed.index_select(&flat, 0)?;
+        match self.config.pad_token_id {
+            Some(pad) if self.embed.track_op() => {
+                let is_pad = flat.eq(pad)?.to_dtype(rows.dtype())?.unsqueeze(1)?;
+                let keep = is_pad.affine(-1.0, 1.0)?;
+                rows.broadcast_mul(&keep)? + rows.detach().broadcast_mul(&is_pad)?
+            }
+            _ => Ok(rows),
+        }
+    }
+
+    fn attention(
+        &self,
+        b: &Block,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<Tensor> {
         let cfg = &self.config;
         let dt = self.compute_dtype;
         let (rows, seq, _) = x.dims3()?;
@@ -218,7 +271,11 @@ fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
     x.unsqueeze(2)?.broadcast_as((r, kv, n_rep, s, d))?.contiguous()?.reshape((r, kv * n_rep, s, d))
 }
 
-fn load_named(ck: &Checkpoint, dtype: DType, device: &Device) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
+fn load_named(
+    ck: &Checkpoint,
+    dtype: DType,
+    device: &Device,
+) -> std::result::Result<HashMap<String, Tensor>, ModelError> {
     parameter_shapes(&ck.config)
         .into_iter()
         .map(|(name, shape)| Ok((name.clone(), ck.tensor(&name, &shape, dtype, device)?)))
@@ -235,7 +292,12 @@ pub struct Policy {
 
 impl Policy {
     /// Loads the checkpoint as trainable variables.
-    pub fn load(ck: &Checkpoint, param_dtype: DType, compute_dtype: DType, device: &Device) -> std::result::Result<Self, ModelError> {
+    pub fn load(
+        ck: &Checkpoint,
+        param_dtype: DType,
+        compute_dtype: DType,
+        device: &Device,
+    ) -> std::result::Result<Self, ModelError> {
         let tensors = load_named(ck, param_dtype, device)?;
         let mut params = Vec::with_capacity(tensors.len());
         let mut as_tensors = HashMap::with_capacity(tensors.len());
@@ -251,10 +313,7 @@ impl Policy {
     /// The parameters as named tensors in `dtype`, ready for `save_safetensors_atomic`
     /// (a tied LM head is left out, as transformers' `save_pretrained` does).
     pub fn named_tensors(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
-        self.params
-            .iter()
-            .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_dtype(dtype)?)))
-            .collect()
+        self.params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_dtype(dtype)?))).collect()
     }
 
     /// Number of trainable scalars.

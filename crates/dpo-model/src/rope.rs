@@ -21,7 +21,12 @@ pub fn inv_freq_as<F: num_traits::Float + num_traits::FloatConst>(cfg: &ModelCon
     match cfg.rope_scaling {
         RopeScaling::Default => plain,
         RopeScaling::Linear { factor } => plain.iter().map(|&f| f / c(factor)).collect(),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => {
             let (factor, low, high, old) =
                 (c(factor), c(low_freq_factor), c(high_freq_factor), c(original_max_position_embeddings));
             let low_wavelen = old / low;

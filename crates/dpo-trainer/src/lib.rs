@@ -4,8 +4,21 @@
 //! - [`loss`]: the DPO losses as pure functions of per-pair log-probs.
 //! - [`optim`]: AdamW with HF Trainer's decay groups, gradient clipping by global norm.
 //! - [`schedule`]: learning-rate schedules.
+//! - [`constraints`]: the run's constraint set as a record.
+//! - [`trainer`]: setup and the loop; [`config`]: every knob.
 
+pub mod config;
+pub mod constraints;
+mod error;
 pub mod logprobs;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
+mod outputs;
 pub mod schedule;
+pub mod step;
+pub mod trainer;
+
+pub use config::{LossType, Precision, TrainConfig};
+pub use error::{Result, TrainError};
+pub use trainer::{Observer, Silent, StopReason, Trainer, parse_device};

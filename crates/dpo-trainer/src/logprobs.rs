@@ -30,7 +30,13 @@ pub struct CompletionIndex {
 
 impl CompletionIndex {
     /// From `input_ids` and `completion_mask`, both `[rows, seq]` row-major.
-    pub fn new(input_ids: &[u32], completion_mask: &[u8], rows: usize, seq: usize, device: &candle_core::Device) -> Result<Self> {
+    pub fn new(
+        input_ids: &[u32],
+        completion_mask: &[u8],
+        rows: usize,
+        seq: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
         let mut positions = Vec::new();
         let mut targets = Vec::new();
         let mut owner = Vec::new();
@@ -67,7 +73,12 @@ pub fn token_logps(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Re
 }
 
 /// Per-sequence completion log-probs `[rows]` (f32) from final hidden states `[rows, seq, hidden]`.
-pub fn sequence_logps(hidden: &Tensor, lm_head: &Tensor, index: &CompletionIndex, chunk: usize) -> Result<Tensor> {
+pub fn sequence_logps(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    index: &CompletionIndex,
+    chunk: usize,
+) -> Result<Tensor> {
     let (rows, seq, h) = hidden.dims3()?;
     if index.counts.iter().sum::<usize>() == 0 {
         return Tensor::zeros(rows, DType::F32, hidden.device());
@@ -99,9 +110,13 @@ fn logsumexp(x: &Tensor) -> Result<Tensor> {
 
 /// Hands a value computed beforehand with tensor ops over as a custom op's output: candle's
 /// custom-op forward sees raw storage only, the backward sees tensors.
-fn hand_over<S: BackendStorage>(value: &Tensor, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)> {
+fn hand_over<S: BackendStorage>(
+    value: &Tensor,
+    pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+) -> Result<(S, Shape)> {
     let (storage, layout) = value.storage_and_layout();
-    let s = pick(&storage).ok_or_else(|| candle_core::Error::Msg("log-prob value on another device".into()))?;
+    let s =
+        pick(&storage).ok_or_else(|| candle_core::Error::Msg("log-prob value on another device".into()))?;
     Ok((s.try_clone(layout)?, value.shape().clone()))
 }
 
@@ -116,41 +131,46 @@ impl CustomOp2 for ChunkedLogProbs {
         "chunked-completion-logprobs"
     }
 
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        hand_over(&self.value, |s| match s {
+            candle_core::Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        hand_over(&self.value, |s| match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+        _: &candle_core::MetalStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::MetalStorage, Shape)> {
+        hand_over(&self.value, |s| match s {
+            candle_core::Storage::Metal(s) => Some(s),
+            _ => None,
+        })
+    }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            hand_over(&self.value, |s| match s {
-                candle_core::Storage::Cpu(s) => Some(s),
-                _ => None,
-            })
-        }
-        #[cfg(feature = "cuda")]
-        fn cuda_fwd(
-            &self,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-            _: &candle_core::CudaStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::CudaStorage, Shape)> {
-            hand_over(&self.value, |s| match s {
-                candle_core::Storage::Cuda(s) => Some(s),
-                _ => None,
-            })
-        }
-        #[cfg(feature = "metal")]
-        fn metal_fwd(
-            &self,
-            _: &candle_core::MetalStorage,
-            _: &Layout,
-            _: &candle_core::MetalStorage,
-            _: &Layout,
-        ) -> Result<(candle_core::MetalStorage, Shape)> {
-            hand_over(&self.value, |s| match s {
-                candle_core::Storage::Metal(s) => Some(s),
-                _ => None,
-            })
-        }
-
-    fn bwd(&self, h: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (h, w) = (h.detach(), w.detach());
         let dtype = h.dtype();
         let acc = accum_dtype(dtype);

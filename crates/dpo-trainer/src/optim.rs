@@ -48,7 +48,13 @@ impl AdamW {
             .iter()
             .map(|(name, var)| {
                 let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
-                Ok(Slot { name: name.clone(), var: var.clone(), m: zeros.clone(), v: zeros, decay: decays(name) })
+                Ok(Slot {
+                    name: name.clone(),
+                    var: var.clone(),
+                    m: zeros.clone(),
+                    v: zeros,
+                    decay: decays(name),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(AdamW { cfg, step: 0, slots })
@@ -99,7 +105,11 @@ impl AdamW {
                     .get(&name)
                     .ok_or_else(|| candle_core::Error::Msg(format!("optimizer state has no `{name}`")))?;
                 if t.shape() != slot.shape() {
-                    candle_core::bail!("optimizer state `{name}` has shape {:?}, expected {:?}", t.shape(), slot.shape());
+                    candle_core::bail!(
+                        "optimizer state `{name}` has shape {:?}, expected {:?}",
+                        t.shape(),
+                        slot.shape()
+                    );
                 }
                 *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
             }

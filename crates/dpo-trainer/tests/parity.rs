@@ -121,7 +121,8 @@ fn rope_inverse_frequencies_match_transformers() {
     for name in ["llama-untied", "qwen2-tied", "mistral"] {
         let dir = fixture(name);
         let cfg = dpo_model::ModelConfig::from_file(&dir.join("config.json")).unwrap();
-        let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+        let expected =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
         let want: Vec<f64> = expected["rope_inv_freq"].to_vec1().unwrap();
         let got = dpo_model::rope::inv_freq(&cfg);
         assert_eq!(got.len(), want.len());

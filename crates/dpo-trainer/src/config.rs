@@ -1,0 +1,195 @@
+//! Every knob of a run, in one struct. Where TRL's `DPOConfig` has a knob, it has its name and
+//! default; unknown keys are an error naming the key.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::schedule::LrSchedule;
+use dpo_loader::OnBadRow;
+
+/// The DPO loss family (see [`crate::loss`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Eq. (6): `-log sigmoid(r_w - r_l)`.
+    Sigmoid,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// f32 weights and compute.
+    F32,
+    /// f32 master weights and AdamW moments, bf16 matmuls.
+    Bf16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// A local Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    pub model: PathBuf,
+    pub train_file: PathBuf,
+    pub eval_file: Option<PathBuf>,
+    pub output_dir: PathBuf,
+    /// Replace the outputs of an earlier run in `output_dir`.
+    pub overwrite_output_dir: bool,
+
+    /// The paper's lambda: strength of the tie to the reference.
+    pub beta: f64,
+    pub loss_type: LossType,
+
+    pub learning_rate: f64,
+    pub lr_scheduler_type: LrSchedule,
+    /// Steps of linear warmup; a value below 1 is a fraction of the total steps (HF).
+    pub warmup_steps: f64,
+    /// Decoupled weight decay (AdamW); biases and norm weights are exempt.
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this; 0 or less disables clipping.
+    pub max_grad_norm: f64,
+
+    /// Pairs per micro-batch.
+    pub batch_size: usize,
+    /// Pairs per eval batch (defaults to `batch_size`).
+    pub eval_batch_size: Option<usize>,
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer steps; overrides `num_train_epochs` when set.
+    pub max_steps: Option<u64>,
+    pub num_train_epochs: f64,
+    /// Tokens per row (prompt + completion), truncating the end; pairs whose prompt alone
+    /// reaches it are dropped.
+    pub max_length: Option<usize>,
+    pub pad_to_multiple_of: Option<usize>,
+    pub shuffle: bool,
+    pub dataloader_drop_last: bool,
+    pub seed: u64,
+    pub on_bad_row: OnBadRow,
+
+    pub logging_steps: u64,
+    /// Evaluate every this many steps (and at the last step); needs `eval_file`.
+    pub eval_steps: Option<u64>,
+    /// Evaluate before the first step too.
+    pub eval_on_start: bool,
+    /// Stop after this many evaluations without an improvement of `eval_loss`.
+    pub early_stopping_patience: Option<u64>,
+    pub early_stopping_threshold: f64,
+
+    /// `cpu`, `cuda`, `cuda:N` or `metal`.
+    pub device: String,
+    pub dtype: Precision,
+    /// LM-head rows computed at once when scoring completions.
+    pub logprob_chunk: usize,
+    /// Show a progress bar on a terminal.
+    pub progress_bar: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: PathBuf::new(),
+            train_file: PathBuf::new(),
+            eval_file: None,
+            output_dir: PathBuf::from("runs/dpo"),
+            overwrite_output_dir: false,
+            beta: 0.1,
+            loss_type: LossType::Sigmoid,
+            learning_rate: 1e-6,
+            lr_scheduler_type: LrSchedule::Linear,
+            warmup_steps: 0.0,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            batch_size: 8,
+            eval_batch_size: None,
+            gradient_accumulation_steps: 1,
+            max_steps: None,
+            num_train_epochs: 3.0,
+            max_length: Some(1024),
+            pad_to_multiple_of: None,
+            shuffle: true,
+            dataloader_drop_last: false,
+            seed: 42,
+            on_bad_row: OnBadRow::Error,
+            logging_steps: 10,
+            eval_steps: None,
+            eval_on_start: false,
+            early_stopping_patience: None,
+            early_stopping_threshold: 0.0,
+            device: "cpu".into(),
+            dtype: Precision::F32,
+            logprob_chunk: crate::logprobs::DEFAULT_CHUNK,
+            progress_bar: true,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks values no type can express; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("batch_size", self.batch_size as f64),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps as f64),
+            ("logging_steps", self.logging_steps as f64),
+            ("logprob_chunk", self.logprob_chunk as f64),
+            ("beta", self.beta),
+        ];
+        for (key, v) in positive {
+            if v.is_nan() || v <= 0.0 {
+                return Err(format!("`{key}` must be positive (got {v})"));
+            }
+        }
+        if self.model.as_os_str().is_empty() {
+            return Err("`model` is required (a local model folder)".into());
+        }
+        if self.train_file.as_os_str().is_empty() {
+            return Err("`train_file` is required".into());
+        }
+        if self.learning_rate < 0.0 || self.weight_decay < 0.0 || self.warmup_steps < 0.0 {
+            return Err("`learning_rate`, `weight_decay` and `warmup_steps` must not be negative".into());
+        }
+        if self.max_steps == Some(0) {
+            return Err("`max_steps` must be at least 1 (or left out to use `num_train_epochs`)".into());
+        }
+        if self.max_steps.is_none() && self.num_train_epochs <= 0.0 {
+            return Err("`num_train_epochs` must be positive when `max_steps` is not set".into());
+        }
+        if self.eval_steps == Some(0) {
+            return Err("`eval_steps` must be at least 1".into());
+        }
+        if (self.eval_steps.is_some() || self.eval_on_start) && self.eval_file.is_none() {
+            return Err("`eval_steps`/`eval_on_start` need an `eval_file`".into());
+        }
+        if self.early_stopping_patience.is_some() && self.eval_steps.is_none() {
+            return Err("`early_stopping_patience` needs `eval_steps` (it watches eval_loss)".into());
+        }
+        Ok(())
+    }
+
+    /// Warmup steps for a run of `total` steps (HF: `< 1` is a ratio).
+    pub fn warmup_for(&self, total: u64) -> u64 {
+        if self.warmup_steps >= 1.0 {
+            self.warmup_steps as u64
+        } else {
+            (self.warmup_steps * total as f64).ceil() as u64
+        }
+    }
+
+    pub fn data_config(&self, batch_size: usize) -> dpo_loader::DataConfig {
+        dpo_loader::DataConfig {
+            max_length: self.max_length,
+            batch_size,
+            shuffle: self.shuffle,
+            seed: self.seed,
+            on_bad_row: self.on_bad_row,
+            pad_to_multiple_of: self.pad_to_multiple_of,
+            drop_last: self.dataloader_drop_last,
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! The training run: setup, then the loop (in [`Trainer::run`], on one screen).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use dpo_loader::{
+    DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
+    count_batches,
+};
+use dpo_model::{CausalLm, Checkpoint, Policy};
+use serde_json::{Map, Value, json};
+
+use crate::config::{Precision, TrainConfig};
+use crate::constraints::Constraints;
+use crate::error::{Result, TrainError};
+use crate::metrics::{BatchStats, Window, eval_metrics};
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
+use crate::outputs::Outputs;
+use crate::schedule::lr_factor;
+use crate::step::{DeviceBatch, loss_of, pair_logps, score};
+
+/// Hooks for a front end (progress bar); all optional.
+pub trait Observer {
+    fn on_start(&mut self, _total_steps: u64) {}
+    fn on_step(&mut self, _step: u64, _loss: f64, _tokens_per_second: f64) {}
+    fn on_log(&mut self, _record: &Map<String, Value>) {}
+}
+
+/// An observer that does nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StepBudget,
+    EarlyStopping,
+}
+
+/// Everything loaded and checked before anything is written.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub checkpoint_dir: std::path::PathBuf,
+    pub stored_dtype: DType,
+    pub policy: Policy,
+    pub reference: CausalLm,
+    tokenizer: Arc<PreferenceTokenizer>,
+    train: Arc<PreferenceDataset>,
+    eval: Option<Arc<PreferenceDataset>>,
+    pub train_stats: EpochStats,
+    pub eval_stats: Option<EpochStats>,
+    pub total_steps: u64,
+    pub steps_per_epoch: u64,
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N`, `metal`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let unavailable = |what: &str| {
+        TrainError::Config(format!(
+            "device `{s}`: {what} (build with `--features {}`)",
+            s.split(':').next().unwrap_or(s)
+        ))
+    };
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "metal" if candle_core::utils::metal_is_available() => Ok(Device::new_metal(0)?),
+        "metal" => Err(unavailable("this binary has no Metal support")),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(unavailable("this binary has no CUDA support"));
+            }
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse::<usize>())
+                .map_err(|_| TrainError::Config(format!("device `{s}`: expected cuda:<ordinal>")))?;
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => Err(TrainError::Config(format!("unknown device `{other}` (cpu, cuda, cuda:N, metal)"))),
+    }
+}
+
+impl Trainer {
+    /// Loads the model twice (policy and reference), the tokenizer and the data, and checks
+    /// every row, so that bad input fails here, before `output_dir` is touched.
+    pub fn new(cfg: TrainConfig) -> Result<Self> {
+        cfg.validate().map_err(TrainError::Config)?;
+        let device = parse_device(&cfg.device)?;
+        let compute = match cfg.dtype {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        };
+        let ck = Checkpoint::open(&cfg.model, None)?;
+        let policy = Policy::load(&ck, DType::F32, compute, &device)?;
+        let reference = CausalLm::load_frozen(&ck, compute, &device)?;
+        let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
+        let train = Arc::new(PreferenceDataset::open(&cfg.train_file)?);
+        let train_stats = count_batches(&train, &tokenizer, &cfg.data_config(cfg.batch_size))?;
+        if train_stats.batches == 0 {
+            return Err(TrainError::Config(format!(
+                "{}: no usable pairs ({} rows; skipped: {})",
+                cfg.train_file.display(),
+                train_stats.rows,
+                train_stats.skips
+            )));
+        }
+        let (eval, eval_stats) = match &cfg.eval_file {
+            Some(path) => {
+                let ds = Arc::new(PreferenceDataset::open(path)?);
+                let stats = count_batches(
+                    &ds,
+                    &tokenizer,
+                    &cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)),
+                )?;
+                (Some(ds), Some(stats))
+            }
+            None => (None, None),
+        };
+        let ga = cfg.gradient_accumulation_steps as u64;
+        let steps_per_epoch = (train_stats.batches as u64).div_ceil(ga).max(1);
+        let total_steps =
+            cfg.max_steps.unwrap_or_else(|| (cfg.num_train_epochs * steps_per_epoch as f64).ceil() as u64);
+        tracing::info!(
+            model = %cfg.model.display(), arch = ?ck.config.arch, params = policy.num_parameters(),
+            pairs = train_stats.pairs, skipped = %train_stats.skips, steps = total_steps, "ready"
+        );
+        Ok(Trainer {
+            checkpoint_dir: cfg.model.clone(),
+            stored_dtype: ck.stored_dtype,
+            cfg,
+            device,
+            policy,
+            reference,
+            tokenizer,
+            train,
+            eval,
+            train_stats,
+            eval_stats,
+            total_steps,
+            steps_per_epoch,
+        })
+    }
+
+    /// Trains until the step budget is spent or early stopping fires; writes the outputs.
+    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<serde_json::Value> {
+        let cfg = self.cfg.clone();
+        let mut out = Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?;
+        let mut opt = AdamW::new(
+            &self.policy.params,
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        let (decay, exempt) = opt.groups();
+        let mut constraints = Constraints::new(
+            &cfg,
+            self.total_steps,
+            self.steps_per_epoch,
+            (decay.len(), exempt.len()),
+            self.decayed_weight_norm(&opt)?,
+            self.policy.num_parameters(),
+        );
+        let warmup = cfg.warmup_for(self.total_steps);
+        let mut data = self.epoch_stream(DataPosition::start_of(0))?;
+        let (mut window, mut stop, started) = (Window::default(), StopReason::StepBudget, Instant::now());
+        let (mut window_start, mut tokens_total, mut last_log) = (Instant::now(), 0usize, None);
+        observer.on_start(self.total_steps);
+        if cfg.eval_on_start {
+            self.evaluate(0, &mut out, observer, &mut constraints)?;
+        }
+        for step in 1..=self.total_steps {
+            // 1. Up to `gradient_accumulation_steps` micro-batches (fewer at an epoch's end).
+            let micro = self.next_micro_batches(&mut data)?;
+            let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, step - 1, warmup, self.total_steps);
+            // 2. Forward both models, backward the policy; each micro-batch weighs 1 / n.
+            let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
+            for batch in &micro {
+                let db = DeviceBatch::new(batch, self.policy.model.config.sliding_window, &self.device)?;
+                let ref_logps = db.logps(&self.reference, cfg.logprob_chunk)?;
+                let x = pair_logps(&db.logps(&self.policy.model, cfg.logprob_chunk)?, &ref_logps, db.pairs)?;
+                let (loss, stats) = score(&x, &loss_of(cfg.loss_type, &x, cfg.beta)?, db.tokens)?;
+                let store = (loss / micro.len() as f64)?.backward()?;
+                accumulate(&mut grads, &store, &self.policy.params)?;
+                tokens_total += stats.tokens;
+                window.push(stats);
+            }
+            window.end_step();
+            // 3. Clip by global norm, then the AdamW update.
+            let mut grads: Vec<Tensor> =
+                grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect();
+            let (grad_norm, clipped) = if cfg.max_grad_norm > 0.0 {
+                clip_grad_norm(&mut grads, cfg.max_grad_norm)?
+            } else {
+                (global_norm(&grads)?, false)
+            };
+            if !grad_norm.is_finite() {
+                return Err(TrainError::Numerics(format!("step {step}: gradient norm is {grad_norm}")));
+            }
+            opt.step(&grads, lr)?;
+            constraints.record_step(grad_norm, clipped);
+            // 4. Log, evaluate, maybe stop.
+            let tps = window.tokens() as f64 / window_start.elapsed().as_secs_f64();
+            observer.on_step(step, window.last_step_loss(), tps);
+            if step % cfg.logging_steps == 0 || step == self.total_steps {
+                let mut rec = Map::new();
+                rec.insert("step".into(), step.into());
+                rec.insert("epoch".into(), data.epoch_progress().into());
+                rec.append(&mut window.drain());
+                rec.insert("grad_norm".into(), grad_norm.into());
+                rec.insert("learning_rate".into(), lr.into());
+                rec.insert("num_tokens".into(), tokens_total.into());
+                rec.insert("tokens_per_second".into(), tps.into());
+                out.log(&rec)?;
+                observer.on_log(&rec);
+                tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec.clone()));
+                last_log = Some(rec);
+                window_start = Instant::now();
+            }
+            let eval_now = cfg.eval_steps.is_some_and(|e| step % e == 0 || step == self.total_steps);
+            if eval_now && self.evaluate(step, &mut out, observer, &mut constraints)? {
+                stop = StopReason::EarlyStopping;
+                break;
+            }
+        }
+        // 5. Save the policy as a Hugging Face model folder, and the run's record.
+        constraints.weight_decay.weight_norm_end = Some(self.decayed_weight_norm(&opt)?);
+        let final_dir =
+            out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
+        let summary = json!({
+            "stopped_because": stop,
+            "steps_run": constraints.step_budget.used,
+            "total_steps": self.total_steps,
+            "wall_time_seconds": started.elapsed().as_secs_f64(),
+            "tokens_per_second": tokens_total as f64 / started.elapsed().as_secs_f64(),
+            "constraints": constraints,
+            "final_model": final_dir,
+            "last_log": last_log,
+            "data": {
+                "train": {"rows": self.train_stats.rows, "pairs": self.train_stats.pairs,
+                          "batches_per_epoch": self.train_stats.batches, "skipped": self.train_stats.skips},
+                "eval": self.eval_stats.as_ref().map(|s| json!({"rows": s.rows, "pairs": s.pairs, "skipped": s.skips})),
+            },
+            "model": {"arch": self.policy.model.config.arch, "parameters": self.policy.num_parameters()},
+            "config": cfg,
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        out.write_json("run_summary.json", &summary)?;
+        Ok(summary)
+    }
+
+    /// One pass over the eval set; logs `eval_*` metrics; returns whether to stop early.
+    fn evaluate(
+        &self,
+        step: u64,
+        out: &mut Outputs,
+        observer: &mut dyn Observer,
+        constraints: &mut Constraints,
+    ) -> Result<bool> {
+        let Some(eval) = &self.eval else { return Ok(false) };
+        let cfg = &self.cfg;
+        let policy = self.policy.model.detached();
+        let data_cfg = dpo_loader::DataConfig {
+            shuffle: false,
+            ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size))
+        };
+        let mut all: Vec<BatchStats> = Vec::new();
+        for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
+            let db = DeviceBatch::new(&batch?, policy.config.sliding_window, &self.device)?;
+            let x = pair_logps(
+                &db.logps(&policy, cfg.logprob_chunk)?,
+                &db.logps(&self.reference, cfg.logprob_chunk)?,
+                db.pairs,
+            )?;
+            all.push(score(&x, &loss_of(cfg.loss_type, &x, cfg.beta)?, db.tokens)?.1);
+        }
+        let mut rec = Map::new();
+        rec.insert("step".into(), step.into());
+        rec.append(&mut eval_metrics(&all));
+        let eval_loss = rec["eval_loss"].as_f64().unwrap_or(f64::NAN);
+        out.log(&rec)?;
+        observer.on_log(&rec);
+        tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec));
+        Ok(constraints.record_eval(step, eval_loss))
+    }
+
+    fn epoch_stream(&self, start: DataPosition) -> Result<EpochStream> {
+        let iter = batches(
+            self.train.clone(),
+            self.tokenizer.clone(),
+            self.cfg.data_config(self.cfg.batch_size),
+            start,
+        )?;
+        Ok(EpochStream {
+            batches: iter.prefetch(4)?,
+            epoch: start.epoch,
+            seen: 0,
+            per_epoch: self.train_stats.batches,
+        })
+    }
+
+    /// The next optimizer step's micro-batches: `gradient_accumulation_steps` of them, or the
+    /// rest of the epoch if fewer remain (as the HF Trainer does).
+    fn next_micro_batches(&self, data: &mut EpochStream) -> Result<Vec<dpo_loader::Batch>> {
+        let mut micro = Vec::with_capacity(self.cfg.gradient_accumulation_steps);
+        while micro.len() < self.cfg.gradient_accumulation_steps {
+            match data.batches.next() {
+                Some(item) => {
+                    micro.push(item?.0);
+                    data.seen += 1;
+                }
+                None if micro.is_empty() => {
+                    *data = self.epoch_stream(DataPosition::start_of(data.epoch + 1))?
+                }
+                None => break,
+            }
+        }
+        Ok(micro)
+    }
+
+    fn decayed_weight_norm(&self, opt: &AdamW) -> Result<f64> {
+        let (decay, _) = opt.groups();
+        let tensors: Vec<Tensor> = self
+            .policy
+            .params
+            .iter()
+            .filter(|(n, _)| decay.contains(&n.as_str()))
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        Ok(global_norm(&tensors)?)
+    }
+
+    /// Rows skipped or dropped in the training data (counted when the run was set up).
+    pub fn skips(&self) -> &SkipCounts {
+        &self.train_stats.skips
+    }
+}
+
+/// The batches of the current epoch and how far into it the run is.
+struct EpochStream {
+    batches: Prefetch,
+    epoch: u64,
+    seen: usize,
+    per_epoch: usize,
+}
+
+impl EpochStream {
+    /// HF's logged `epoch`: epochs done plus the fraction of this one's batches consumed.
+    fn epoch_progress(&self) -> f64 {
+        self.epoch as f64 + self.seen as f64 / self.per_epoch.max(1) as f64
+    }
+}
+
+/// Adds this micro-batch's gradients to the running sums, one per parameter.
+fn accumulate(
+    sums: &mut [Option<Tensor>],
+    store: &candle_core::backprop::GradStore,
+    params: &[(String, candle_core::Var)],
+) -> Result<()> {
+    for (sum, (name, var)) in sums.iter_mut().zip(params) {
+        let g = store.get(var.as_tensor()).ok_or_else(|| {
+            TrainError::Numerics(format!("parameter {name} received no gradient (a bug: please report it)"))
+        })?;
+        *sum = Some(match sum.take() {
+            Some(s) => (s + g)?,
+            None => g.clone(),
+        });
+    }
+    Ok(())
+}
