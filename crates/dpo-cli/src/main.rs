@@ -15,20 +15,41 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "dpo-train",
     version,
-    about = "Direct Preference Optimization for Hugging Face causal LMs, on candle"
+    about = "Direct Preference Optimization for Hugging Face causal LMs, on candle",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
 )]
 struct Cli {
+    #[command(flatten)]
+    train: TrainArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Train: `dpo-train --config <file.toml> [--set key=value ...]`.
+#[derive(clap::Args, Debug)]
+struct TrainArgs {
     /// The run's TOML config (see configs/).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required = true)]
+    config: Option<PathBuf>,
     /// Override a config key, e.g. `--set max_steps=4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Train (the same as the top-level `--config` form).
+    Train(TrainArgs),
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        None => train(cli.train),
+        Some(Command::Train(args)) => train(args),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -37,8 +58,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    let cfg = config::load(&cli.config, &cli.overrides)?;
+fn train(args: TrainArgs) -> Result<()> {
+    let path = args.config.context("--config is required")?;
+    let cfg = config::load(&path, &args.overrides)?;
     let mut progress = progress::Progress::new(cfg.progress_bar);
     // With a bar, per-step metric lines go above it instead of through tracing.
     let default_filter = if progress.is_bar() { "info,dpo_train::metrics=warn" } else { "info" };

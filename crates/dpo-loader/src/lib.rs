@@ -1,0 +1,38 @@
+//! Preference data for DPO: JSONL rows to padded token batches (plain `Vec`s, no tensors).
+//!
+//! Implements the conventions of TRL 1.16's `DPOTrainer` exactly, so a trainer on these
+//! batches reproduces TRL's per-step numbers:
+//!
+//! - Rows are `{"prompt": str, "chosen": str, "rejected": str}`, one JSON object per line
+//!   (blank lines ignored, UTF-8 BOM and CRLF accepted).
+//! - The tokenizer's EOS token text is appended to `chosen` and `rejected` unless they already
+//!   end with it.
+//! - `prompt`, `prompt + chosen` and `prompt + rejected` are each encoded with special tokens
+//!   (HF `tokenizer(text)`); the prompt is the shortest common token prefix of the prompt with
+//!   either, and each completion is the rest of its sequence (tokens merging across the
+//!   boundary go to the completion).
+//! - With `max_length` (truncation `keep_start`), pairs whose prompt has `>= max_length` tokens
+//!   are dropped and counted as `prompt_too_long`.
+//! - A batch of `B` pairs has `2B` rows, prompt+chosen for each pair then prompt+rejected, each
+//!   cut to its first `max_length` tokens and right-padded with the pad id to the longest row
+//!   (optionally to a multiple of `pad_to_multiple_of`); `completion_mask` is 1 on completion
+//!   tokens, `attention_mask` 1 on real tokens (`DataCollatorForPreference`).
+//!
+//! The epoch order (identity, or a shuffle fixed by `(seed, epoch)`) is this crate's own, not
+//! PyTorch's sampler.
+
+mod collate;
+mod error;
+mod jsonl;
+mod order;
+mod stream;
+mod tokenize;
+
+pub use collate::{Batch, collate};
+pub use error::{LoaderError, Result, RowRef};
+pub use jsonl::{PreferenceDataset, RawRow};
+pub use order::{SplitMix64, epoch_order};
+pub use stream::{
+    BatchIter, DataConfig, DataPosition, EpochStats, OnBadRow, Prefetch, SkipCounts, batches, count_batches,
+};
+pub use tokenize::{PreferenceTokenizer, TokenizedPair, common_prefix_length};
