@@ -2,13 +2,16 @@
 //! causal LM on preference pairs. See the README for the config keys.
 
 mod config;
+mod doctor;
+mod experiment;
+mod inspect;
 mod progress;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use dpo_trainer::Trainer;
+use dpo_trainer::{Resume, Trainer};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
@@ -35,12 +38,34 @@ struct TrainArgs {
     /// Override a config key, e.g. `--set max_steps=4` (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Continue from a checkpoint folder, or `latest` in output_dir.
+    #[arg(long, value_name = "DIR|latest")]
+    resume: Option<PathBuf>,
+    /// With --resume: accept hyperparameters that differ from the checkpoint's.
+    #[arg(long, requires = "resume")]
+    resume_allow_changed: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Train (the same as the top-level `--config` form).
     Train(TrainArgs),
+    /// Look at the training data as the trainer sees it.
+    Data {
+        #[command(subcommand)]
+        command: inspect::DataCommand,
+    },
+    /// Experiments that show the paper's claims (see docs/paper.md).
+    Experiment {
+        #[command(subcommand)]
+        which: experiment::Experiment,
+    },
+    /// Check the fused ops (values and gradients) on a device against the slow path and the CPU.
+    Doctor {
+        /// cpu, cuda or cuda:N (default: cuda when this binary has CUDA support, else cpu).
+        #[arg(long, default_value_t = doctor::default_device())]
+        device: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +73,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => train(cli.train),
         Some(Command::Train(args)) => train(args),
+        Some(Command::Data { command }) => inspect::run(command),
+        Some(Command::Experiment { which }) => experiment::run(which),
+        Some(Command::Doctor { device }) => doctor::run(&device),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -70,7 +98,9 @@ fn train(args: TrainArgs) -> Result<()> {
         .init();
     let output_dir = cfg.output_dir.clone();
     let mut trainer = Trainer::new(cfg).context("setting up the run")?;
-    let summary = trainer.run(&mut progress).context("training")?;
+    let resume =
+        args.resume.map(|checkpoint| Resume { checkpoint, allow_changed: args.resume_allow_changed });
+    let summary = trainer.run(&mut progress, resume.as_ref()).context("training")?;
     drop(progress);
     tracing::info!(
         steps = %summary["steps_run"], stopped_because = %summary["stopped_because"],

@@ -8,12 +8,19 @@ use serde_json::{Map, Value};
 
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Test hook: `DPO_TRAIN_TEST_STEP_DELAY_MS` slows each step so a test can kill a run
+    /// mid-training at a known point.
+    step_delay: Option<std::time::Duration>,
 }
 
 impl Progress {
     /// A bar if `wanted` and stderr is a terminal.
     pub fn new(wanted: bool) -> Self {
-        Progress { bar: (wanted && std::io::stderr().is_terminal()).then(ProgressBar::hidden) }
+        let step_delay = std::env::var("DPO_TRAIN_TEST_STEP_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis);
+        Progress { bar: (wanted && std::io::stderr().is_terminal()).then(ProgressBar::hidden), step_delay }
     }
 
     pub fn is_bar(&self) -> bool {
@@ -46,6 +53,9 @@ impl Observer for Progress {
     }
 
     fn on_step(&mut self, step: u64, loss: f64, tokens_per_second: f64) {
+        if let Some(d) = self.step_delay {
+            std::thread::sleep(d);
+        }
         if let Some(bar) = &self.bar {
             bar.set_position(step);
             bar.set_message(format!("loss {loss:.4} | {tokens_per_second:.0} tok/s"));

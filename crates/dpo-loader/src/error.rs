@@ -58,9 +58,53 @@ pub enum LoaderError {
         "{at}: fields `chosen` and `rejected` are identical, a degenerate pair with no preference signal"
     )]
     SameCompletions { at: RowRef },
-    /// The row uses the conversational (message list) format.
-    #[error("{at}: field `{field}` is a message list: conversational rows are not supported yet")]
-    Conversational { at: RowRef, field: &'static str },
+    /// A value inside a row (a message, its `role` or `content`, `tools`...) is absent.
+    #[error("{at}: missing field `{path}`")]
+    MissingKey { at: RowRef, path: String },
+    /// A value inside a row has the wrong JSON type.
+    #[error("{at}: field `{path}` must be {expected}, found {found}")]
+    WrongTypeAt { at: RowRef, path: String, expected: &'static str, found: &'static str },
+    /// Some of `prompt`, `chosen`, `rejected` are strings and others message lists.
+    #[error(
+        "{at}: field `{text}` is a string but `{messages}` is a message list: a row is either all text or all \
+         messages"
+    )]
+    MixedFormats { at: RowRef, text: &'static str, messages: &'static str },
+    /// A message list is empty.
+    #[error("{at}: field `{field}` is an empty message list")]
+    EmptyMessages { at: RowRef, field: &'static str },
+    /// A completion message has empty content.
+    #[error("{at}: field `{path}` is an empty string, which makes a useless training pair")]
+    EmptyContent { at: RowRef, path: String },
+    /// Without a `prompt` field, `chosen` and `rejected` share no leading part to use as the prompt.
+    #[error(
+        "{at}: no `prompt` field and `chosen` and `rejected` differ from their first {unit}, so the implicit \
+         prompt (their shared beginning) is empty"
+    )]
+    NoSharedPrompt { at: RowRef, unit: &'static str },
+    /// A message's role is not one the chat template knows.
+    #[error("{at}: field `{path}` has role {role:?}, which the chat template does not know (known: {known})")]
+    UnknownRole { at: RowRef, path: String, role: String, known: String },
+    /// The chat template failed on this row (e.g. its `raise_exception`).
+    #[error("{at}: the chat template failed: {message}")]
+    Template { at: RowRef, message: String },
+    /// A conversational row, but the model has no usable chat template.
+    #[error("{at}: conversational row, but {problem}")]
+    NoChatTemplate { at: RowRef, problem: String },
+    /// A line is longer than [`crate::MAX_ROW_BYTES`].
+    #[error("{at}: the line is longer than {limit} bytes")]
+    RowTooLong { at: RowRef, limit: usize },
+    /// A compressed file is corrupt or truncated.
+    #[error("{}: corrupt or truncated compressed data after line {after_line}: {source}", file.display())]
+    Corrupt {
+        file: PathBuf,
+        after_line: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A folder or glob pattern names no data files.
+    #[error("{}: {problem}", path.display())]
+    NoShards { path: PathBuf, problem: String },
     /// The model folder lacks a tokenizer file.
     #[error("{}: missing {name} in the model folder", dir.display())]
     MissingTokenizerFile { dir: PathBuf, name: &'static str },
@@ -95,6 +139,14 @@ impl LoaderError {
             Self::MissingField { .. } => "missing_field",
             Self::EmptyField { .. } => "empty_field",
             Self::SameCompletions { .. } => "chosen_equals_rejected",
+            Self::MissingKey { .. } => "missing_field",
+            Self::WrongTypeAt { .. } | Self::MixedFormats { .. } => "wrong_type",
+            Self::EmptyMessages { .. } | Self::EmptyContent { .. } | Self::NoSharedPrompt { .. } => {
+                "empty_field"
+            }
+            Self::UnknownRole { .. } => "unknown_role",
+            Self::Template { .. } => "template_error",
+            Self::RowTooLong { .. } => "row_too_long",
             _ => return None,
         })
     }

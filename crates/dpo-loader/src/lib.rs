@@ -21,18 +21,23 @@
 //! The epoch order (identity, or a shuffle fixed by `(seed, epoch)`) is this crate's own, not
 //! PyTorch's sampler.
 
+mod chat;
 mod collate;
+mod dataset;
 mod error;
-mod jsonl;
 mod order;
+mod row;
 mod stream;
 mod tokenize;
 
+pub use chat::ChatTemplate;
 pub use collate::{Batch, collate};
+pub use dataset::{Compression, MAX_ROW_BYTES, PreferenceDataset};
 pub use error::{LoaderError, Result, RowRef};
-pub use jsonl::{PreferenceDataset, RawRow};
 pub use order::{SplitMix64, epoch_order};
+pub use row::{Message, RawRow, parse_row};
 pub use stream::{
     BatchIter, DataConfig, DataPosition, EpochStats, OnBadRow, Prefetch, SkipCounts, batches, count_batches,
+    scan_rows,
 };
-pub use tokenize::{PreferenceTokenizer, TokenizedPair, common_prefix_length};
+pub use tokenize::{PreferenceTokenizer, RenderedRow, TokenizedPair, common_prefix_length};

@@ -44,13 +44,63 @@ impl SplitMix64 {
 pub fn epoch_order(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     if shuffle {
-        let mut rng = SplitMix64::new(mix64(seed ^ mix64(epoch)));
-        for i in (1..n).rev() {
-            let j = rng.below(i as u64 + 1) as usize;
-            order.swap(i, j);
-        }
+        fisher_yates(&mut order, seed, epoch);
     }
     order
+}
+
+/// The generator of `(seed, epoch)`'s shuffles.
+pub(crate) fn epoch_rng(seed: u64, epoch: u64) -> SplitMix64 {
+    SplitMix64::new(mix64(seed ^ mix64(epoch)))
+}
+
+fn fisher_yates<T>(items: &mut [T], seed: u64, epoch: u64) {
+    let mut rng = epoch_rng(seed, epoch);
+    for i in (1..items.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// [`epoch_order`] stored compactly: nothing without shuffling, 4 bytes per row below 2^32 rows.
+#[derive(Debug)]
+pub(crate) enum Order {
+    Identity(usize),
+    Small(Vec<u32>),
+    Large(Vec<usize>),
+}
+
+impl Order {
+    pub(crate) fn new(n: usize, shuffle: bool, seed: u64, epoch: u64) -> Self {
+        if !shuffle {
+            return Order::Identity(n);
+        }
+        match u32::try_from(n) {
+            Ok(n32) => {
+                let mut order: Vec<u32> = (0..n32).collect();
+                fisher_yates(&mut order, seed, epoch);
+                Order::Small(order)
+            }
+            Err(_) => Order::Large(epoch_order(n, true, seed, epoch)),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Order::Identity(n) => *n,
+            Order::Small(v) => v.len(),
+            Order::Large(v) => v.len(),
+        }
+    }
+
+    /// The row read `k`-th.
+    pub(crate) fn get(&self, k: usize) -> usize {
+        match self {
+            Order::Identity(_) => k,
+            Order::Small(v) => v[k] as usize,
+            Order::Large(v) => v[k],
+        }
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +139,15 @@ mod tests {
         assert_eq!(a, PINNED_SEED42_EPOCH0);
         assert!(epoch_order(0, true, 1, 1).is_empty());
         assert_eq!(epoch_order(1, true, 1, 1), [0]);
+    }
+
+    #[test]
+    fn compact_order_equals_epoch_order() {
+        for shuffle in [false, true] {
+            let order = Order::new(1000, shuffle, 9, 2);
+            let got: Vec<usize> = (0..order.len()).map(|k| order.get(k)).collect();
+            assert_eq!(got, epoch_order(1000, shuffle, 9, 2));
+        }
     }
 
     const PINNED_SEED42_EPOCH0: [usize; 10] = [2, 3, 6, 4, 7, 9, 0, 8, 1, 5];

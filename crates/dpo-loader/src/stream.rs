@@ -1,17 +1,23 @@
 //! Epoch iteration: row order, bad-row policy, truncation drops, collation, and prefetching.
+//!
+//! Rows are read in order on the iterating thread and parsed, rendered and tokenized in
+//! parallel on a small thread pool, a chunk at a time; results are consumed in read order, so
+//! batches and skip counts do not depend on the number of threads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::collate::{Batch, collate};
+use crate::dataset::{LineBytes, MAX_ROW_BYTES, PreferenceDataset, ShardStream};
 use crate::error::{LoaderError, Result};
-use crate::jsonl::PreferenceDataset;
-use crate::order::epoch_order;
+use crate::order::{Order, SplitMix64, epoch_order, epoch_rng};
+use crate::row::parse_row;
 use crate::tokenize::{PreferenceTokenizer, TokenizedPair};
 
 /// What to do with a row that cannot be used (bad JSON, missing field, empty or equal texts...).
@@ -27,6 +33,7 @@ pub enum OnBadRow {
 
 /// How rows become batches.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DataConfig {
     /// Rows are truncated to this many tokens; pairs whose prompt alone has as many are dropped.
     pub max_length: Option<usize>,
@@ -38,6 +45,11 @@ pub struct DataConfig {
     pub pad_to_multiple_of: Option<usize>,
     /// Drop the last, incomplete batch of an epoch.
     pub drop_last: bool,
+    /// Rows held by the seeded shuffle buffer when shuffled data cannot be read in any order
+    /// (compressed shards). Plain files are shuffled fully through their row index instead.
+    pub shuffle_buffer: usize,
+    /// Threads that parse, render and tokenize rows; 0 = one per core, at most 8.
+    pub tokenizer_threads: usize,
 }
 
 impl Default for DataConfig {
@@ -51,6 +63,8 @@ impl Default for DataConfig {
             on_bad_row: OnBadRow::Error,
             pad_to_multiple_of: None,
             drop_last: false,
+            shuffle_buffer: 10_000,
+            tokenizer_threads: 0,
         }
     }
 }
@@ -67,6 +81,9 @@ impl DataConfig {
         }
         if self.pad_to_multiple_of == Some(0) {
             return bad("pad_to_multiple_of");
+        }
+        if self.shuffle_buffer == 0 {
+            return bad("shuffle_buffer");
         }
         Ok(())
     }
@@ -87,7 +104,8 @@ impl DataPosition {
 }
 
 /// Rows skipped or dropped, by reason (`prompt_too_long`, `malformed_json`, `missing_field`,
-/// `wrong_type`, `not_utf8`, `empty_field`, `chosen_equals_rejected`).
+/// `wrong_type`, `not_utf8`, `empty_field`, `chosen_equals_rejected`, `unknown_role`,
+/// `template_error`, `row_too_long`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct SkipCounts(pub BTreeMap<String, u64>);
@@ -119,16 +137,223 @@ impl fmt::Display for SkipCounts {
     }
 }
 
-/// Reads, checks and tokenizes row `i`; `None` when it is skipped or dropped (and counted).
-fn prepare(
+/// Reads rows in an epoch's order: `(global row index, line bytes)`.
+#[derive(Debug)]
+enum Feed {
+    /// All shards plain: any order, through the row index.
+    Indexed { order: Order, next: usize },
+    /// Some shard compressed: shard by shard (in a seeded order when shuffling), through a
+    /// seeded shuffle buffer when shuffling.
+    Streamed {
+        shards: Vec<usize>,
+        next_shard: usize,
+        current: Option<ShardStream>,
+        buffer: Option<ShuffleBuffer>,
+    },
+}
+
+/// A seeded shuffle buffer: once full, each new row takes the place of a uniformly drawn one,
+/// which is emitted; at the end the rest are emitted in random order.
+#[derive(Debug)]
+struct ShuffleBuffer {
+    rows: Vec<(usize, LineBytes)>,
+    capacity: usize,
+    rng: SplitMix64,
+}
+
+/// Added to the seed for the order of shards, so it is not correlated with row shuffles.
+const SHARD_SEED: u64 = 0x5348_4152_4453_0001;
+
+impl Feed {
+    fn new(dataset: &PreferenceDataset, config: &DataConfig, epoch: u64) -> Self {
+        if dataset.random_access() {
+            return Feed::Indexed {
+                order: Order::new(dataset.len(), config.shuffle, config.seed, epoch),
+                next: 0,
+            };
+        }
+        let shards =
+            epoch_order(dataset.n_shards(), config.shuffle, config.seed.wrapping_add(SHARD_SEED), epoch);
+        let buffer = config.shuffle.then(|| ShuffleBuffer {
+            rows: Vec::new(),
+            capacity: config.shuffle_buffer.max(1),
+            rng: epoch_rng(config.seed, epoch),
+        });
+        Feed::Streamed { shards, next_shard: 0, current: None, buffer }
+    }
+
+    /// The next row, `None` at the end of the epoch; an error (I/O, corrupt data) is fatal.
+    fn next(&mut self, dataset: &PreferenceDataset) -> Result<Option<(usize, LineBytes)>> {
+        match self {
+            Feed::Indexed { order, next } => {
+                if *next == order.len() {
+                    return Ok(None);
+                }
+                let i = order.get(*next);
+                *next += 1;
+                let line = match dataset.read_raw(i) {
+                    Ok(bytes) => Ok(bytes),
+                    Err(LoaderError::RowTooLong { .. }) => Err(MAX_ROW_BYTES + 1),
+                    Err(e) => return Err(e),
+                };
+                Ok(Some((i, line)))
+            }
+            Feed::Streamed { shards, next_shard, current, buffer } => loop {
+                let upstream = loop {
+                    if let Some(stream) = current {
+                        if let Some(row) = stream.next_row()? {
+                            break Some(row);
+                        }
+                        *current = None;
+                    }
+                    if *next_shard == shards.len() {
+                        break None;
+                    }
+                    *current = Some(dataset.stream_shard(shards[*next_shard])?);
+                    *next_shard += 1;
+                };
+                let Some(buffer) = buffer else { return Ok(upstream) };
+                match upstream {
+                    Some(row) if buffer.rows.len() < buffer.capacity => buffer.rows.push(row),
+                    Some(row) => {
+                        let j = buffer.rng.below(buffer.capacity as u64) as usize;
+                        return Ok(Some(std::mem::replace(&mut buffer.rows[j], row)));
+                    }
+                    None if buffer.rows.is_empty() => return Ok(None),
+                    None => {
+                        let j = buffer.rng.below(buffer.rows.len() as u64) as usize;
+                        return Ok(Some(buffer.rows.swap_remove(j)));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Parses, renders and tokenizes one row.
+fn process(
     dataset: &PreferenceDataset,
     tokenizer: &PreferenceTokenizer,
+    i: usize,
+    line: LineBytes,
+) -> Result<TokenizedPair> {
+    let source = dataset.source(i);
+    let bytes = line.map_err(|_| LoaderError::RowTooLong { at: source.clone(), limit: MAX_ROW_BYTES })?;
+    let row = parse_row(&bytes, &source)?;
+    tokenizer.tokenize_row(&row, source)
+}
+
+/// What the pipeline yields, in read order.
+#[derive(Debug)]
+enum Step {
+    /// A row's outcome (its own error is a bad row, skippable or not).
+    Row(Result<TokenizedPair>),
+    /// Reading failed; nothing follows.
+    Fatal(LoaderError),
+}
+
+/// Rows read in order and processed a chunk at a time on a thread pool.
+#[derive(Debug)]
+struct Pipeline {
+    feed: Feed,
+    pending: VecDeque<Result<TokenizedPair>>,
+    fatal: Option<LoaderError>,
+    feed_done: bool,
+    pool: Option<Arc<rayon::ThreadPool>>,
+    chunk: usize,
+}
+
+impl Pipeline {
+    fn new(feed: Feed, threads: usize, batch_size: usize) -> Result<Self> {
+        let pool = pool(threads)?;
+        let chunk = batch_size.max(pool.as_ref().map_or(1, |p| 16 * p.current_num_threads()));
+        Ok(Self { feed, pending: VecDeque::new(), fatal: None, feed_done: false, pool, chunk })
+    }
+
+    /// Reads `n` rows without processing them (to resume mid-epoch).
+    fn skip(&mut self, dataset: &PreferenceDataset, n: usize) -> Result<()> {
+        if let Feed::Indexed { next, .. } = &mut self.feed {
+            *next += n;
+            return Ok(());
+        }
+        for _ in 0..n {
+            if self.feed.next(dataset)?.is_none() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn next(&mut self, dataset: &PreferenceDataset, tokenizer: &PreferenceTokenizer) -> Option<Step> {
+        if self.pending.is_empty() && !self.feed_done {
+            self.refill(dataset, tokenizer);
+        }
+        if let Some(row) = self.pending.pop_front() {
+            return Some(Step::Row(row));
+        }
+        self.fatal.take().map(Step::Fatal)
+    }
+
+    fn refill(&mut self, dataset: &PreferenceDataset, tokenizer: &PreferenceTokenizer) {
+        let mut raw = Vec::with_capacity(self.chunk);
+        while raw.len() < self.chunk {
+            match self.feed.next(dataset) {
+                Ok(Some(row)) => raw.push(row),
+                Ok(None) => {
+                    self.feed_done = true;
+                    break;
+                }
+                Err(e) => {
+                    self.fatal = Some(e);
+                    self.feed_done = true;
+                    break;
+                }
+            }
+        }
+        let work = |(i, line)| process(dataset, tokenizer, i, line);
+        match &self.pool {
+            Some(pool) if raw.len() > 1 => {
+                let done: Vec<_> = pool.install(|| raw.into_par_iter().map(work).collect());
+                self.pending.extend(done);
+            }
+            _ => self.pending.extend(raw.into_iter().map(work)),
+        }
+    }
+}
+
+/// A shared pool of `threads` tokenization threads (0 = one per core, at most 8); `None` for 1.
+fn pool(threads: usize) -> Result<Option<Arc<rayon::ThreadPool>>> {
+    let n = match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
+        n => n,
+    };
+    if n <= 1 {
+        return Ok(None);
+    }
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(pool) = pools.get(&n) {
+        return Ok(Some(Arc::clone(pool)));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .thread_name(|k| format!("dpo-tokenize-{k}"))
+        .build()
+        .map_err(|e| LoaderError::Thread(std::io::Error::other(e.to_string())))?;
+    let pool = Arc::new(pool);
+    pools.insert(n, Arc::clone(&pool));
+    Ok(Some(pool))
+}
+
+/// Applies the bad-row policy and the `max_length` drop rule to a row's outcome: the pair to
+/// keep, `None` if skipped or dropped (and counted), or the error that stops loading.
+fn keep(
     config: &DataConfig,
     skips: &mut SkipCounts,
-    i: usize,
+    row: Result<TokenizedPair>,
 ) -> Result<Option<TokenizedPair>> {
-    let row = match dataset.read_row(i) {
-        Ok(row) => row,
+    let pair = match row {
+        Ok(pair) => pair,
         Err(e) => match e.skip_reason() {
             Some(reason) if config.on_bad_row == OnBadRow::Skip => {
                 tracing::debug!("skipping bad row: {e}");
@@ -138,7 +363,6 @@ fn prepare(
             _ => return Err(e),
         },
     };
-    let pair = tokenizer.tokenize_row(&row, dataset.source(i))?;
     if config.max_length.is_some_and(|m| pair.prompt_ids.len() >= m) {
         tracing::debug!(row = %pair.source, "dropping row: prompt fills max_length");
         skips.add("prompt_too_long");
@@ -154,7 +378,7 @@ pub struct BatchIter {
     tokenizer: Arc<PreferenceTokenizer>,
     config: DataConfig,
     epoch: u64,
-    order: Vec<usize>,
+    pipeline: Pipeline,
     cursor: usize,
     skips: SkipCounts,
     done: bool,
@@ -162,8 +386,11 @@ pub struct BatchIter {
 
 /// The batches of epoch `start.epoch`, beginning at `start.cursor`.
 ///
-/// Rows are read in order `0..len` or, with `shuffle`, a permutation fixed by `(seed, epoch)`.
-/// The iterator stops after the first error.
+/// Rows are read in order `0..len` or, with `shuffle`, in an order fixed by `(seed, epoch)`: a
+/// permutation of all rows when every shard is a plain file, otherwise the shards in a seeded
+/// order streamed through a seeded shuffle buffer of `shuffle_buffer` rows (resuming then
+/// re-reads, without tokenizing, the rows before the cursor). The iterator stops after the
+/// first error.
 pub fn batches(
     dataset: Arc<PreferenceDataset>,
     tokenizer: Arc<PreferenceTokenizer>,
@@ -179,9 +406,12 @@ pub fn batches(
             dataset.path().display()
         ))
     })?;
+    let feed = Feed::new(&dataset, &config, start.epoch);
+    let mut pipeline = Pipeline::new(feed, config.tokenizer_threads, config.batch_size)?;
+    pipeline.skip(&dataset, cursor)?;
     Ok(BatchIter {
-        order: epoch_order(n, config.shuffle, config.seed, start.epoch),
         epoch: start.epoch,
+        pipeline,
         cursor,
         dataset,
         tokenizer,
@@ -216,9 +446,16 @@ impl Iterator for BatchIter {
             return None;
         }
         let mut pairs = Vec::with_capacity(self.config.batch_size);
-        while pairs.len() < self.config.batch_size && self.cursor < self.order.len() {
-            let i = self.order[self.cursor];
-            match prepare(&self.dataset, &self.tokenizer, &self.config, &mut self.skips, i) {
+        while pairs.len() < self.config.batch_size {
+            let Some(step) = self.pipeline.next(&self.dataset, &self.tokenizer) else { break };
+            let row = match step {
+                Step::Row(row) => row,
+                Step::Fatal(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            };
+            match keep(&self.config, &mut self.skips, row) {
                 Ok(Some(pair)) => pairs.push(pair),
                 Ok(None) => {}
                 Err(e) => {
@@ -249,6 +486,27 @@ pub struct EpochStats {
     pub skips: SkipCounts,
 }
 
+/// Every row's outcome in file order, tokenized on `threads` threads (0 = one per core):
+/// `f(row index, pair or the row's error)`. Stops at the first error of `f` or of reading.
+pub fn scan_rows(
+    dataset: &PreferenceDataset,
+    tokenizer: &PreferenceTokenizer,
+    threads: usize,
+    mut f: impl FnMut(usize, Result<TokenizedPair>) -> Result<()>,
+) -> Result<()> {
+    let config = DataConfig { shuffle: false, ..DataConfig::default() };
+    let mut pipeline = Pipeline::new(Feed::new(dataset, &config, 0), threads, 1)?;
+    let mut i = 0;
+    while let Some(step) = pipeline.next(dataset, tokenizer) {
+        match step {
+            Step::Row(row) => f(i, row)?,
+            Step::Fatal(e) => return Err(e),
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
 /// Reads and tokenizes every row once to count the batches of an epoch.
 pub fn count_batches(
     dataset: &PreferenceDataset,
@@ -258,11 +516,12 @@ pub fn count_batches(
     config.validate()?;
     let mut skips = SkipCounts::default();
     let mut pairs = 0;
-    for i in 0..dataset.len() {
-        if prepare(dataset, tokenizer, config, &mut skips, i)?.is_some() {
+    scan_rows(dataset, tokenizer, config.tokenizer_threads, |_, row| {
+        if keep(config, &mut skips, row)?.is_some() {
             pairs += 1;
         }
-    }
+        Ok(())
+    })?;
     let batches =
         if config.drop_last { pairs / config.batch_size } else { pairs.div_ceil(config.batch_size) };
     Ok(EpochStats { rows: dataset.len(), pairs, batches, skips })

@@ -44,7 +44,11 @@ fn bad_rows_name_file_line_and_field() {
         ),
         (br#"["a", "b"]"#, "a row must be a JSON object, found an array", Some("wrong_type")),
         (br#"{"prompt": "a", "chosen": "b"}"#, "missing field `rejected`", Some("missing_field")),
-        (br#"{"chosen": "b", "rejected": "c"}"#, "missing field `prompt`", Some("missing_field")),
+        (
+            br#"{"chosen": "b", "rejected": "c"}"#,
+            "no `prompt` field and `chosen` and `rejected` differ from their first character",
+            Some("empty_field"),
+        ),
         (
             br#"{"prompt": "a", "chosen": 3, "rejected": "c"}"#,
             "field `chosen` must be a string, found a number",
@@ -76,14 +80,9 @@ fn bad_rows_name_file_line_and_field() {
             Some("chosen_equals_rejected"),
         ),
         (
-            br#"{"prompt": [{"role": "user", "content": "a"}], "chosen": [], "rejected": []}"#,
-            "field `prompt` is a message list: conversational rows are not supported yet",
-            None,
-        ),
-        (
-            br#"{"prompt": "a", "chosen": [{"role": "assistant", "content": "b"}], "rejected": "c"}"#,
-            "field `chosen` is a message list: conversational rows are not supported yet",
-            None,
+            br#"{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}"#,
+            "field `chosen` is a string but `prompt` is a message list",
+            Some("wrong_type"),
         ),
     ];
     for &(line, expected, reason) in cases {
@@ -198,21 +197,4 @@ fn error_mode_stops_at_the_first_bad_row() {
     assert_eq!(iter.position().cursor, 1, "positioned at the bad row");
     let msg = count_batches(&data, &tok, &cfg).unwrap_err().to_string();
     assert!(msg.contains("mixed.jsonl:2: malformed JSON"), "{msg}");
-}
-
-#[test]
-fn conversational_rows_are_an_error_even_in_skip_mode() {
-    let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
-    let body = row("Hello", " world", " there")
-        + r#"{"prompt": [{"role": "user", "content": "a"}], "chosen": [], "rejected": []}"#;
-    let data = Arc::new(PreferenceDataset::open(write(dir.path(), "chat.jsonl", body)).unwrap());
-    let mut iter = batches(data, tok, config(OnBadRow::Skip), DataPosition::default()).unwrap();
-    let msg = iter.next().unwrap().unwrap_err().to_string();
-    assert!(
-        msg.contains(
-            "chat.jsonl:2: field `prompt` is a message list: conversational rows are not supported yet"
-        ),
-        "{msg}"
-    );
 }

@@ -18,6 +18,7 @@ fn config(batch_size: usize, shuffle: bool) -> DataConfig {
         on_bad_row: OnBadRow::Skip,
         pad_to_multiple_of: None,
         drop_last: false,
+        ..DataConfig::default()
     }
 }
 

@@ -58,6 +58,7 @@ fn config(max_length: usize) -> DataConfig {
         on_bad_row: OnBadRow::Error,
         pad_to_multiple_of: None,
         drop_last: false,
+        ..DataConfig::default()
     }
 }
 

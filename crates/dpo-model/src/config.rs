@@ -126,7 +126,7 @@ impl ModelConfig {
             return Err("hidden_size and num_attention_heads must be positive".into());
         }
         let num_kv = raw.num_key_value_heads.unwrap_or(raw.num_attention_heads);
-        if num_kv == 0 || raw.num_attention_heads % num_kv != 0 {
+        if num_kv == 0 || !raw.num_attention_heads.is_multiple_of(num_kv) {
             return Err(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({num_kv})",
                 raw.num_attention_heads

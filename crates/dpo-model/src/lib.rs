@@ -8,20 +8,22 @@
 //!   separately loaded [`CausalLm`] of plain tensors, never a view of the policy.
 //!
 //! Every op on the forward path has a backward: candle's fused `rms_norm`, `rope`,
-//! `softmax_last_dim` and `sdpa` silently drop gradients and are not used here.
+//! `softmax_last_dim` and `sdpa` silently drop gradients and are not used here; [`ops`] has
+//! fused replacements with a backward (CPU and CUDA), switched by [`CausalLm::with_fused_ops`].
 
 mod checkpoint;
 mod config;
 mod error;
 mod mask;
 mod model;
+pub mod ops;
 pub mod rope;
 
 pub use checkpoint::{Checkpoint, save_safetensors_atomic};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use mask::AttentionMask;
-pub use model::{CausalLm, Policy, accum_dtype, parameter_shapes};
+pub use model::{CausalLm, FUSED_ON_CPU, Policy, accum_dtype, default_fused_ops, parameter_shapes};
 
 /// Parses `"f32"`, `"bf16"`, `"f16"` (also `"float32"`, `"bfloat16"`, `"float16"`).
 pub fn parse_dtype(s: &str) -> Option<candle_core::DType> {

@@ -7,6 +7,10 @@
 //! out = RMSNorm(h_L)                   (hidden states; logits = out @ W_head^T, by the caller)
 //! ```
 //! RMSNorm is `w * (x / sqrt(mean(x^2) + eps))`, computed in f32 as transformers does.
+//!
+//! With fused ops on ([`CausalLm::with_fused_ops`]) RMSNorm, RoPE, the masked softmax and the SiLU
+//! gate run as the single-pass ops of [`crate::ops`] (same math, with a fused backward); off, as
+//! compositions of candle ops.
 
 use std::collections::HashMap;
 
@@ -14,7 +18,7 @@ use candle_core::{D, DType, Device, Result, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::mask::AttentionMask;
-use crate::{ModelConfig, ModelError, rope};
+use crate::{ModelConfig, ModelError, ops, rope};
 
 /// `y = x @ w.t() + b`.
 #[derive(Debug, Clone)]
@@ -41,13 +45,14 @@ pub fn accum_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
-/// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    let dtype = x.dtype();
-    let xf = x.to_dtype(accum_dtype(dtype))?;
-    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+/// Whether [`CausalLm`] uses the fused ops by default on `device`: always on CUDA; on the CPU
+/// per [`FUSED_ON_CPU`].
+pub fn default_fused_ops(device: &Device) -> bool {
+    device.is_cuda() || (device.is_cpu() && FUSED_ON_CPU)
 }
+
+/// The CPU default of the fused-ops switch (the fused path measured faster there).
+pub const FUSED_ON_CPU: bool = true;
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -72,6 +77,7 @@ pub struct CausalLm {
     norm: Tensor,
     lm_head: Option<Tensor>,
     compute_dtype: DType,
+    fused: bool,
 }
 
 /// The Hugging Face tensor names of a model with `cfg`, in a fixed order, with their shapes.
@@ -140,8 +146,10 @@ impl CausalLm {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if config.tie_word_embeddings { None } else { Some(get("lm_head.weight")?) };
+        let embed = get("model.embed_tokens.weight")?;
         Ok(CausalLm {
-            embed: get("model.embed_tokens.weight")?,
+            fused: default_fused_ops(embed.device()),
+            embed,
             norm: get("model.norm.weight")?,
             blocks,
             lm_head,
@@ -184,7 +192,25 @@ impl CausalLm {
             norm: self.norm.detach(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             compute_dtype: self.compute_dtype,
+            fused: self.fused,
         }
+    }
+
+    /// The same model with the fused ops of [`crate::ops`] switched on or off (the default is
+    /// [`default_fused_ops`] of the weights' device).
+    pub fn with_fused_ops(mut self, on: bool) -> Self {
+        self.fused = on;
+        self
+    }
+
+    /// Switches the fused ops on or off in place (see [`CausalLm::with_fused_ops`]).
+    pub fn set_fused_ops(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// Whether the forward uses the fused ops.
+    pub fn fused_ops(&self) -> bool {
+        self.fused
     }
 
     /// The dtype matmuls run in.
@@ -211,13 +237,27 @@ impl CausalLm {
         let (cos, sin) = rope::tables(cfg, seq, dt, input_ids.device())?;
         let mut h = self.embed_tokens(input_ids)?.to_dtype(dt)?.reshape((rows, seq, cfg.hidden_size))?;
         for b in &self.blocks {
-            let x = rms_norm(&h, &b.input_norm, cfg.rms_norm_eps)?;
+            let x = self.rms_norm(&h, &b.input_norm)?;
             h = (h + self.attention(b, &x, &cos, &sin, mask)?)?;
-            let x = rms_norm(&h, &b.post_norm, cfg.rms_norm_eps)?;
-            let mlp = b.down.forward(&(b.gate.forward(&x, dt)?.silu()? * b.up.forward(&x, dt)?)?, dt)?;
-            h = (h + mlp)?;
+            let x = self.rms_norm(&h, &b.post_norm)?;
+            let (gate, up) = (b.gate.forward(&x, dt)?, b.up.forward(&x, dt)?);
+            let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
+            h = (h + b.down.forward(&act, dt)?)?;
         }
-        rms_norm(&h, &self.norm, cfg.rms_norm_eps)
+        self.rms_norm(&h, &self.norm)
+    }
+
+    /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            ops::rms_norm(x, w, self.config.rms_norm_eps)
+        } else {
+            ops::rms_norm_slow(x, w, self.config.rms_norm_eps)
+        }
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if self.fused { ops::rope(x, cos, sin) } else { rope::apply(x, cos, sin) }
     }
 
     /// Embedding rows for `input_ids`. As `nn.Embedding(padding_idx=pad_token_id)` in
@@ -248,15 +288,20 @@ impl CausalLm {
         let (rows, seq, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope::apply(&heads(b.q.forward(x, dt)?, nh)?, cos, sin)?;
-        let k = rope::apply(&heads(b.k.forward(x, dt)?, nkv)?, cos, sin)?;
+        let q = self.rope(&heads(b.q.forward(x, dt)?, nh)?, cos, sin)?;
+        let k = self.rope(&heads(b.k.forward(x, dt)?, nkv)?, cos, sin)?;
         let v = heads(b.v.forward(x, dt)?, nkv)?;
         let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let acc = accum_dtype(dt);
-        let scores = scores.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?;
+        let probs = if self.fused {
+            // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
+            ops::masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &mask.bias, scale)?
+        } else {
+            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+            let acc = accum_dtype(dt);
+            let scores = scores.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
+        };
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, seq, nh * hd))?;
         b.o.forward(&out, dt)
     }
@@ -314,6 +359,17 @@ impl Policy {
     /// (a tied LM head is left out, as transformers' `save_pretrained` does).
     pub fn named_tensors(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
         self.params.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().to_dtype(dtype)?))).collect()
+    }
+
+    /// Overwrites the weights with `tensors` (by name; every parameter must be present).
+    pub fn set_weights(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in &self.params {
+            let t = tensors
+                .get(name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}` to restore")))?;
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
     }
 
     /// Number of trainable scalars.

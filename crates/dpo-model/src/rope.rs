@@ -36,6 +36,8 @@ pub fn inv_freq_as<F: num_traits::Float + num_traits::FloatConst>(cfg: &ModelCon
                 .map(|&f| {
                     let wavelen = c(2.0) * F::PI() / f;
                     let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    // As transformers writes it (`~(a < b) & ~(a > c)`).
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     if medium {
                         let smooth = (old / wavelen - low) / (high - low);

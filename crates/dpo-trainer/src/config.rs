@@ -14,6 +14,14 @@ use dpo_loader::OnBadRow;
 pub enum LossType {
     /// Eq. (6): `-log sigmoid(r_w - r_l)`.
     Sigmoid,
+    /// Eq. (26)-(27): `log(u + gamma)`, the Gaussian form; equals `sigmoid + log gamma`.
+    Gaussian,
+    /// TRL `ipo`: `(per-token-averaged log-ratio margin - 1/(2 beta))^2`.
+    Ipo,
+    /// TRL `hinge`: `relu(1 - (r_w - r_l))`.
+    Hinge,
+    /// TRL `robust`: the unbiased label-noise correction of `sigmoid` (uses `label_smoothing`).
+    Robust,
 }
 
 /// Where the model runs.
@@ -36,10 +44,23 @@ pub struct TrainConfig {
     pub output_dir: PathBuf,
     /// Replace the outputs of an earlier run in `output_dir`.
     pub overwrite_output_dir: bool,
+    /// Start from these weights instead of the model folder's (e.g. a trained
+    /// `final/model.safetensors`); they are the reference too.
+    pub model_weights: Option<PathBuf>,
+    /// Write `checkpoint-<step>/` every this many steps.
+    pub save_steps: Option<u64>,
+    /// Keep at most this many checkpoints (oldest removed once a new one is complete).
+    pub save_total_limit: Option<usize>,
 
     /// The paper's lambda: strength of the tie to the reference.
     pub beta: f64,
     pub loss_type: LossType,
+    /// Assumed label-flip rate of `loss_type = "robust"` (TRL): `0 <= label_smoothing < 0.5`.
+    pub label_smoothing: f64,
+    /// Weight `w` of an SFT term on the chosen responses: `loss = mean(per_pair) + w * sft`,
+    /// `sft` = minus the mean log-prob per chosen completion token of the micro-batch (TRL's
+    /// `loss_type = ["<type>", "sft"]`, `loss_weights = [1, w]`). 0 turns it off.
+    pub sft_weight: f64,
 
     pub learning_rate: f64,
     pub lr_scheduler_type: LrSchedule,
@@ -69,6 +90,10 @@ pub struct TrainConfig {
     pub dataloader_drop_last: bool,
     pub seed: u64,
     pub on_bad_row: OnBadRow,
+    /// Rows in the seeded shuffle buffer used for compressed (streamed) data.
+    pub shuffle_buffer: usize,
+    /// Threads that parse and tokenize rows; 0 = one per core, at most 8.
+    pub tokenizer_threads: usize,
 
     pub logging_steps: u64,
     /// Evaluate every this many steps (and at the last step); needs `eval_file`.
@@ -96,8 +121,13 @@ impl Default for TrainConfig {
             eval_file: None,
             output_dir: PathBuf::from("runs/dpo"),
             overwrite_output_dir: false,
+            model_weights: None,
+            save_steps: None,
+            save_total_limit: None,
             beta: 0.1,
             loss_type: LossType::Sigmoid,
+            label_smoothing: 0.0,
+            sft_weight: 0.0,
             learning_rate: 1e-6,
             lr_scheduler_type: LrSchedule::Linear,
             warmup_steps: 0.0,
@@ -117,6 +147,8 @@ impl Default for TrainConfig {
             dataloader_drop_last: false,
             seed: 42,
             on_bad_row: OnBadRow::Error,
+            shuffle_buffer: 10_000,
+            tokenizer_threads: 0,
             logging_steps: 10,
             eval_steps: None,
             eval_on_start: false,
@@ -160,6 +192,18 @@ impl TrainConfig {
         if self.max_steps.is_none() && self.num_train_epochs <= 0.0 {
             return Err("`num_train_epochs` must be positive when `max_steps` is not set".into());
         }
+        if self.save_steps == Some(0) || self.save_total_limit == Some(0) {
+            return Err("`save_steps` and `save_total_limit` must be at least 1".into());
+        }
+        if !(0.0..0.5).contains(&self.label_smoothing) {
+            return Err(format!("`label_smoothing` must be in [0, 0.5) (got {})", self.label_smoothing));
+        }
+        if self.label_smoothing != 0.0 && self.loss_type != LossType::Robust {
+            return Err("`label_smoothing` is used only by `loss_type = \"robust\"`".into());
+        }
+        if !(self.sft_weight >= 0.0 && self.sft_weight.is_finite()) {
+            return Err(format!("`sft_weight` must be finite and not negative (got {})", self.sft_weight));
+        }
         if self.eval_steps == Some(0) {
             return Err("`eval_steps` must be at least 1".into());
         }
@@ -190,6 +234,45 @@ impl TrainConfig {
             on_bad_row: self.on_bad_row,
             pad_to_multiple_of: self.pad_to_multiple_of,
             drop_last: self.dataloader_drop_last,
+            shuffle_buffer: self.shuffle_buffer,
+            tokenizer_threads: self.tokenizer_threads,
         }
+    }
+}
+
+#[cfg(test)]
+mod loss_key_tests {
+    use super::*;
+
+    fn with(loss_type: &str, extra: &str) -> Result<TrainConfig, String> {
+        let text = format!(r#"{{"model": "m", "train_file": "t.jsonl", "loss_type": "{loss_type}"{extra}}}"#);
+        let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.validate().map(|()| cfg)
+    }
+
+    #[test]
+    fn loss_types_parse_by_snake_case_name() {
+        for (name, t) in [
+            ("sigmoid", LossType::Sigmoid),
+            ("gaussian", LossType::Gaussian),
+            ("ipo", LossType::Ipo),
+            ("hinge", LossType::Hinge),
+            ("robust", LossType::Robust),
+        ] {
+            assert_eq!(with(name, "").unwrap().loss_type, t);
+        }
+        assert!(with("dpo", "").is_err());
+    }
+
+    #[test]
+    fn label_smoothing_and_sft_weight_are_checked() {
+        assert_eq!(with("robust", r#", "label_smoothing": 0.2"#).unwrap().label_smoothing, 0.2);
+        for bad in ["0.5", "-0.1"] {
+            let e = with("robust", &format!(r#", "label_smoothing": {bad}"#)).unwrap_err();
+            assert!(e.contains("label_smoothing"), "{e}");
+        }
+        assert!(with("sigmoid", r#", "label_smoothing": 0.1"#).unwrap_err().contains("robust"));
+        assert_eq!(with("ipo", r#", "sft_weight": 0.5"#).unwrap().sft_weight, 0.5);
+        assert!(with("sigmoid", r#", "sft_weight": -1.0"#).unwrap_err().contains("sft_weight"));
     }
 }

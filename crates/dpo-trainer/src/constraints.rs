@@ -4,11 +4,11 @@
 //! does (Prop. 3.1 of the paper). Each member below restricts the reachable policies; the record
 //! says which were active and what they did, and goes into `run_summary.json`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Precision, TrainConfig};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WeightDecay {
     pub active: bool,
     pub value: f64,
@@ -19,18 +19,18 @@ pub struct WeightDecay {
     pub weight_norm_end: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepBudget {
     /// Always active: training stops after `allowed` optimizer steps.
     pub active: bool,
     pub allowed: u64,
     pub used: u64,
-    pub from: &'static str,
+    pub from: String,
     pub epochs_allowed: f64,
     pub steps_per_epoch: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EarlyStopping {
     pub active: bool,
     pub patience: Option<u64>,
@@ -43,7 +43,7 @@ pub struct EarlyStopping {
     pub counter: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GradClipping {
     pub active: bool,
     pub max_grad_norm: f64,
@@ -52,11 +52,11 @@ pub struct GradClipping {
     /// Mean of `max_grad_norm / grad_norm` over the clipped steps (how hard they were cut).
     pub mean_clip_factor: Option<f64>,
     pub max_grad_norm_seen: f64,
-    #[serde(skip)]
-    clip_factor_sum: f64,
+    /// Running sum behind `mean_clip_factor` (kept for exact resume).
+    pub clip_factor_sum: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Constraints {
     pub weight_decay: WeightDecay,
     pub step_budget: StepBudget,
@@ -67,7 +67,7 @@ pub struct Constraints {
     /// Capacity: every parameter of the policy is trainable.
     pub trainable_parameters: usize,
     /// The names of the active members, for a quick read.
-    pub active: Vec<&'static str>,
+    pub active: Vec<String>,
 }
 
 impl Constraints {
@@ -92,7 +92,7 @@ impl Constraints {
                 active: true,
                 allowed: total_steps,
                 used: 0,
-                from: if cfg.max_steps.is_some() { "max_steps" } else { "num_train_epochs" },
+                from: if cfg.max_steps.is_some() { "max_steps" } else { "num_train_epochs" }.into(),
                 epochs_allowed: total_steps as f64 / steps_per_epoch.max(1) as f64,
                 steps_per_epoch,
             },
@@ -137,7 +137,7 @@ impl Constraints {
         if self.precision == Precision::Bf16 {
             a.push("bf16_precision");
         }
-        self.active = a;
+        self.active = a.into_iter().map(String::from).collect();
     }
 
     /// Records one optimizer step's pre-clip gradient norm.
@@ -219,6 +219,9 @@ mod tests {
         assert_eq!((g.clipped_steps, g.steps), (1, 2));
         assert!((g.mean_clip_factor.unwrap() - 1.0 / (2.0 + 1e-6)).abs() < 1e-12);
         assert_eq!(c.step_budget.used, 2);
-        assert!(c.active.contains(&"gradient_clipping") && c.active.contains(&"early_stopping"));
+        assert!(
+            c.active.iter().any(|a| a == "gradient_clipping")
+                && c.active.iter().any(|a| a == "early_stopping")
+        );
     }
 }

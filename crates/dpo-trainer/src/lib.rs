@@ -5,11 +5,14 @@
 //! - [`optim`]: AdamW with HF Trainer's decay groups, gradient clipping by global norm.
 //! - [`schedule`]: learning-rate schedules.
 //! - [`constraints`]: the run's constraint set as a record.
+//! - [`gap`]: Prop. 3.1 on a tabular problem solved exactly (`dpo-train experiment constraint-gap`).
 //! - [`trainer`]: setup and the loop; [`config`]: every knob.
 
+pub mod checkpoint;
 pub mod config;
 pub mod constraints;
 mod error;
+pub mod gap;
 pub mod logprobs;
 pub mod loss;
 pub mod metrics;
@@ -21,4 +24,4 @@ pub mod trainer;
 
 pub use config::{LossType, Precision, TrainConfig};
 pub use error::{Result, TrainError};
-pub use trainer::{Observer, Silent, StopReason, Trainer, parse_device};
+pub use trainer::{Observer, Resume, Silent, StopReason, Trainer, parse_device};

@@ -7,7 +7,7 @@
 use serde_json::{Map, Value};
 
 /// What one micro-batch contributes to the logs (each a mean over its pairs).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct BatchStats {
     pub loss: f64,
     pub pairs: usize,
@@ -35,7 +35,7 @@ impl BatchStats {
 }
 
 /// Micro-batches since the last log, grouped by optimizer step.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Window {
     batches: Vec<BatchStats>,
     step_losses: Vec<f64>,

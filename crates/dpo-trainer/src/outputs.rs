@@ -52,6 +52,27 @@ impl Outputs {
         Ok(Outputs { dir: dir.to_path_buf(), metrics })
     }
 
+    /// Reopens `dir` to continue a run from `step`: `metrics.jsonl` keeps its records up to
+    /// that step (a killed run may have logged past its last checkpoint).
+    pub fn resume(dir: &Path, step: u64) -> Result<Self> {
+        let path = dir.join("metrics.jsonl");
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        let kept: String = text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        write_atomic(&path, kept.as_bytes())?;
+        let metrics =
+            fs::OpenOptions::new().append(true).open(&path).map_err(|e| TrainError::io(&path, e))?;
+        Ok(Outputs { dir: dir.to_path_buf(), metrics })
+    }
+
     /// Appends one record to `metrics.jsonl` and flushes it.
     pub fn log(&mut self, record: &Map<String, Value>) -> Result<()> {
         let path = self.dir.join("metrics.jsonl");
@@ -75,6 +96,18 @@ impl Outputs {
         source_dir: &Path,
         tensors: &std::collections::HashMap<String, candle_core::Tensor>,
     ) -> Result<PathBuf> {
+        self.save_model_with(name, source_dir, tensors, |_| Ok(()))
+    }
+
+    /// [`Outputs::save_model`], with `extra` writing more files into the folder before it is
+    /// renamed into place.
+    pub fn save_model_with(
+        &self,
+        name: &str,
+        source_dir: &Path,
+        tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+        extra: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
         let target = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         if tmp.exists() {
@@ -88,6 +121,7 @@ impl Outputs {
                 fs::copy(&src, tmp.join(f)).map_err(|e| TrainError::io(&src, e))?;
             }
         }
+        extra(&tmp)?;
         if target.exists() {
             fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
         }

@@ -4,7 +4,7 @@ use candle_core::{Device, Result, Tensor};
 use dpo_loader::Batch;
 use dpo_model::{AttentionMask, CausalLm};
 
-use crate::config::LossType;
+use crate::config::{LossType, TrainConfig};
 use crate::logprobs::{CompletionIndex, sequence_logps};
 use crate::loss::{self, LossOutput, PairLogps};
 use crate::metrics::BatchStats;
@@ -14,6 +14,8 @@ pub struct DeviceBatch {
     pub ids: Tensor,
     pub mask: AttentionMask,
     pub index: CompletionIndex,
+    /// Completion tokens per row, `[chosen..., rejected...]` (TRL's `completion_mask.sum(1)`).
+    pub completion_lengths: Vec<usize>,
     pub pairs: usize,
     pub tokens: usize,
 }
@@ -25,6 +27,9 @@ impl DeviceBatch {
             ids: Tensor::from_slice(&batch.input_ids, (rows, seq), device)?,
             mask: AttentionMask::causal(&batch.attention_mask, rows, seq, window, device)?,
             index: CompletionIndex::new(&batch.input_ids, &batch.completion_mask, rows, seq, device)?,
+            completion_lengths: (batch.completion_mask.chunks(seq.max(1)))
+                .map(|row| row.iter().filter(|&&m| m != 0).count())
+                .collect(),
             pairs: batch.n_pairs,
             tokens: batch.n_tokens,
         })
@@ -37,26 +42,37 @@ impl DeviceBatch {
     }
 }
 
-/// `[chosen..., rejected...]` log-probs of policy and reference, split into pairs.
-pub fn pair_logps(policy: &Tensor, reference: &Tensor, pairs: usize) -> Result<PairLogps> {
-    Ok(PairLogps {
-        policy_chosen: policy.narrow(0, 0, pairs)?,
-        policy_rejected: policy.narrow(0, pairs, pairs)?,
-        ref_chosen: reference.narrow(0, 0, pairs)?,
-        ref_rejected: reference.narrow(0, pairs, pairs)?,
-    })
+/// `[chosen..., rejected...]` log-probs of policy and reference on `db`, split into pairs, with
+/// the completion lengths (IPO) and the scored chosen tokens (SFT).
+pub fn pair_logps(policy: &Tensor, reference: &Tensor, db: &DeviceBatch) -> Result<PairLogps> {
+    let pairs = db.pairs;
+    let x = PairLogps::new(
+        policy.narrow(0, 0, pairs)?,
+        policy.narrow(0, pairs, pairs)?,
+        reference.narrow(0, 0, pairs)?,
+        reference.narrow(0, pairs, pairs)?,
+    )?;
+    let (chosen, rejected) = db.completion_lengths.split_at(pairs);
+    x.with_lengths(chosen, rejected, db.index.counts[..pairs].iter().sum())
 }
 
-/// The loss of `loss_type` on a batch of pairs.
-pub fn loss_of(loss_type: LossType, x: &PairLogps, beta: f64) -> Result<LossOutput> {
-    match loss_type {
+/// The configured loss on a batch of pairs: `loss_type` (with `beta`, `label_smoothing`), plus
+/// `sft_weight * sft` when `sft_weight > 0`.
+pub fn loss_of(cfg: &TrainConfig, x: &PairLogps) -> Result<LossOutput> {
+    let beta = cfg.beta;
+    let out = match cfg.loss_type {
         LossType::Sigmoid => loss::sigmoid(x, beta),
-    }
+        LossType::Gaussian => loss::gaussian(x, beta),
+        LossType::Ipo => loss::ipo(x, beta),
+        LossType::Hinge => loss::hinge(x, beta),
+        LossType::Robust => loss::robust(x, beta, cfg.label_smoothing),
+    }?;
+    if cfg.sft_weight > 0.0 { out.with_sft(x, cfg.sft_weight) } else { Ok(out) }
 }
 
 /// The mean loss (differentiable) and the batch's statistics.
 pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, BatchStats)> {
-    let mean_loss = out.per_pair.mean_all()?;
+    let mean_loss = out.total()?;
     let v = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(candle_core::DType::F64)?.to_vec1() };
     let (rw, rl) = (v(&out.chosen_rewards)?, v(&out.rejected_rewards)?);
     let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
@@ -74,4 +90,46 @@ pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, 
         rejected_logp: avg(&v(&x.policy_rejected)?),
     };
     Ok((mean_loss, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two pairs; the second has an empty prompt, so its first completion token (position 0) is
+    /// counted by TRL's `completion_mask.sum(1)` (IPO) but never scored (SFT).
+    #[test]
+    fn pair_logps_carries_ipo_lengths_and_scored_chosen_tokens() {
+        #[rustfmt::skip]
+        let completion_mask = vec![
+            0, 0, 1, 1, 0, // chosen 0
+            1, 1, 1, 0, 0, // chosen 1 (empty prompt)
+            0, 0, 1, 0, 0, // rejected 0
+            1, 1, 1, 1, 1, // rejected 1 (empty prompt)
+        ];
+        let attention_mask = vec![1, 1, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1];
+        let batch = Batch {
+            n_pairs: 2,
+            seq_len: 5,
+            input_ids: (0..20).collect(),
+            n_tokens: attention_mask.iter().map(|&m| m as usize).sum(),
+            attention_mask,
+            completion_mask,
+            sources: Vec::new(),
+        };
+        let db = DeviceBatch::new(&batch, None, &Device::Cpu).unwrap();
+        assert_eq!(db.completion_lengths, [2, 3, 1, 5]);
+        assert_eq!(db.index.counts, [2, 2, 1, 4]);
+        let policy = Tensor::new(&[-1f32, -2.0, -3.0, -4.0], &Device::Cpu).unwrap();
+        let x = pair_logps(&policy, &policy.zeros_like().unwrap(), &db).unwrap();
+        assert_eq!(x.chosen_len.to_vec1::<f32>().unwrap(), [2.0, 3.0]);
+        assert_eq!(x.rejected_len.to_vec1::<f32>().unwrap(), [1.0, 5.0]);
+        assert_eq!(x.chosen_scored, 4);
+        // sft = -(-1 - 2) / 4 on top of the mean sigmoid loss.
+        let cfg = TrainConfig { sft_weight: 2.0, ..TrainConfig::default() };
+        let with_sft = loss_of(&cfg, &x).unwrap().total().unwrap().to_scalar::<f32>().unwrap();
+        let plain =
+            loss_of(&TrainConfig::default(), &x).unwrap().total().unwrap().to_scalar::<f32>().unwrap();
+        assert!((with_sft - plain - 1.5).abs() < 1e-6);
+    }
 }

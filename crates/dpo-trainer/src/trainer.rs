@@ -11,6 +11,7 @@ use dpo_loader::{
 use dpo_model::{CausalLm, Checkpoint, Policy};
 use serde_json::{Map, Value, json};
 
+use crate::checkpoint::{self, Fingerprint, TrainerState};
 use crate::config::{Precision, TrainConfig};
 use crate::constraints::Constraints;
 use crate::error::{Result, TrainError};
@@ -30,6 +31,14 @@ pub trait Observer {
 /// An observer that does nothing.
 pub struct Silent;
 impl Observer for Silent {}
+
+/// Where to continue from: a checkpoint folder or `latest` (in `output_dir`).
+#[derive(Debug, Clone)]
+pub struct Resume {
+    pub checkpoint: std::path::PathBuf,
+    /// Accept changed hyperparameters (model and data must still match).
+    pub allow_changed: bool,
+}
 
 /// Why the loop ended.
 #[derive(Debug, Clone, Copy, serde::Serialize, PartialEq, Eq)]
@@ -92,7 +101,7 @@ impl Trainer {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         };
-        let ck = Checkpoint::open(&cfg.model, None)?;
+        let ck = Checkpoint::open(&cfg.model, cfg.model_weights.as_deref())?;
         let policy = Policy::load(&ck, DType::F32, compute, &device)?;
         let reference = CausalLm::load_frozen(&ck, compute, &device)?;
         let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
@@ -143,10 +152,10 @@ impl Trainer {
         })
     }
 
-    /// Trains until the step budget is spent or early stopping fires; writes the outputs.
-    pub fn run(&mut self, observer: &mut dyn Observer) -> Result<serde_json::Value> {
+    /// Trains until the step budget is spent or early stopping fires (continuing from a
+    /// checkpoint with `resume`); writes the outputs and returns the run summary.
+    pub fn run(&mut self, observer: &mut dyn Observer, resume: Option<&Resume>) -> Result<serde_json::Value> {
         let cfg = self.cfg.clone();
-        let mut out = Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?;
         let mut opt = AdamW::new(
             &self.policy.params,
             AdamWConfig {
@@ -156,24 +165,20 @@ impl Trainer {
                 weight_decay: cfg.weight_decay,
             },
         )?;
-        let (decay, exempt) = opt.groups();
-        let mut constraints = Constraints::new(
-            &cfg,
-            self.total_steps,
-            self.steps_per_epoch,
-            (decay.len(), exempt.len()),
-            self.decayed_weight_norm(&opt)?,
-            self.policy.num_parameters(),
-        );
+        let fresh = self.initial_state(&opt)?;
+        let (mut st, mut out) = match resume {
+            None => (fresh, Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?),
+            Some(r) => self.restore(r, &mut opt, fresh)?,
+        };
         let warmup = cfg.warmup_for(self.total_steps);
-        let mut data = self.epoch_stream(DataPosition::start_of(0))?;
-        let (mut window, mut stop, started) = (Window::default(), StopReason::StepBudget, Instant::now());
-        let (mut window_start, mut tokens_total, mut last_log) = (Instant::now(), 0usize, None);
+        let mut data = self.epoch_stream(st.data_position, st.seen_in_epoch)?;
+        let (mut stop, started, mut window_start, mut last_log) =
+            (StopReason::StepBudget, Instant::now(), Instant::now(), None);
         observer.on_start(self.total_steps);
-        if cfg.eval_on_start {
-            self.evaluate(0, &mut out, observer, &mut constraints)?;
+        if cfg.eval_on_start && resume.is_none() {
+            self.evaluate(0, &mut out, observer, &mut st.constraints)?;
         }
-        for step in 1..=self.total_steps {
+        for step in st.step + 1..=self.total_steps {
             // 1. Up to `gradient_accumulation_steps` micro-batches (fewer at an epoch's end).
             let micro = self.next_micro_batches(&mut data)?;
             let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, step - 1, warmup, self.total_steps);
@@ -182,14 +187,14 @@ impl Trainer {
             for batch in &micro {
                 let db = DeviceBatch::new(batch, self.policy.model.config.sliding_window, &self.device)?;
                 let ref_logps = db.logps(&self.reference, cfg.logprob_chunk)?;
-                let x = pair_logps(&db.logps(&self.policy.model, cfg.logprob_chunk)?, &ref_logps, db.pairs)?;
-                let (loss, stats) = score(&x, &loss_of(cfg.loss_type, &x, cfg.beta)?, db.tokens)?;
+                let x = pair_logps(&db.logps(&self.policy.model, cfg.logprob_chunk)?, &ref_logps, &db)?;
+                let (loss, stats) = score(&x, &loss_of(&cfg, &x)?, db.tokens)?;
                 let store = (loss / micro.len() as f64)?.backward()?;
                 accumulate(&mut grads, &store, &self.policy.params)?;
-                tokens_total += stats.tokens;
-                window.push(stats);
+                st.tokens_total += stats.tokens;
+                st.window.push(stats);
             }
-            window.end_step();
+            st.window.end_step();
             // 3. Clip by global norm, then the AdamW update.
             let mut grads: Vec<Tensor> =
                 grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect();
@@ -202,18 +207,20 @@ impl Trainer {
                 return Err(TrainError::Numerics(format!("step {step}: gradient norm is {grad_norm}")));
             }
             opt.step(&grads, lr)?;
-            constraints.record_step(grad_norm, clipped);
-            // 4. Log, evaluate, maybe stop.
-            let tps = window.tokens() as f64 / window_start.elapsed().as_secs_f64();
-            observer.on_step(step, window.last_step_loss(), tps);
+            (st.step, st.optimizer_steps, st.data_position, st.seen_in_epoch) =
+                (step, opt.steps(), data.position, data.seen);
+            st.constraints.record_step(grad_norm, clipped);
+            // 4. Log, evaluate, save, maybe stop.
+            let tps = st.window.tokens() as f64 / window_start.elapsed().as_secs_f64();
+            observer.on_step(step, st.window.last_step_loss(), tps);
             if step % cfg.logging_steps == 0 || step == self.total_steps {
                 let mut rec = Map::new();
                 rec.insert("step".into(), step.into());
                 rec.insert("epoch".into(), data.epoch_progress().into());
-                rec.append(&mut window.drain());
+                rec.append(&mut st.window.drain());
                 rec.insert("grad_norm".into(), grad_norm.into());
                 rec.insert("learning_rate".into(), lr.into());
-                rec.insert("num_tokens".into(), tokens_total.into());
+                rec.insert("num_tokens".into(), st.tokens_total.into());
                 rec.insert("tokens_per_second".into(), tps.into());
                 out.log(&rec)?;
                 observer.on_log(&rec);
@@ -222,12 +229,25 @@ impl Trainer {
                 window_start = Instant::now();
             }
             let eval_now = cfg.eval_steps.is_some_and(|e| step % e == 0 || step == self.total_steps);
-            if eval_now && self.evaluate(step, &mut out, observer, &mut constraints)? {
+            let stop_early = eval_now && self.evaluate(step, &mut out, observer, &mut st.constraints)?;
+            if cfg.save_steps.is_some_and(|s| step % s == 0) {
+                let dir = checkpoint::save(
+                    &out,
+                    &self.checkpoint_dir,
+                    &self.policy.named_tensors(DType::F32)?,
+                    &opt.state_tensors(),
+                    &st,
+                    cfg.save_total_limit,
+                )?;
+                tracing::info!(step, path = %dir.display(), "checkpoint saved");
+            }
+            if stop_early {
                 stop = StopReason::EarlyStopping;
                 break;
             }
         }
         // 5. Save the policy as a Hugging Face model folder, and the run's record.
+        let mut constraints = st.constraints.clone();
         constraints.weight_decay.weight_norm_end = Some(self.decayed_weight_norm(&opt)?);
         let final_dir =
             out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
@@ -235,8 +255,9 @@ impl Trainer {
             "stopped_because": stop,
             "steps_run": constraints.step_budget.used,
             "total_steps": self.total_steps,
+            "resumed_from": resume.map(|r| r.checkpoint.clone()),
             "wall_time_seconds": started.elapsed().as_secs_f64(),
-            "tokens_per_second": tokens_total as f64 / started.elapsed().as_secs_f64(),
+            "tokens_per_second": st.tokens_total as f64 / started.elapsed().as_secs_f64(),
             "constraints": constraints,
             "final_model": final_dir,
             "last_log": last_log,
@@ -246,11 +267,72 @@ impl Trainer {
                 "eval": self.eval_stats.as_ref().map(|s| json!({"rows": s.rows, "pairs": s.pairs, "skipped": s.skips})),
             },
             "model": {"arch": self.policy.model.config.arch, "parameters": self.policy.num_parameters()},
+            "fingerprint": st.fingerprint,
             "config": cfg,
             "version": env!("CARGO_PKG_VERSION"),
         });
         out.write_json("run_summary.json", &summary)?;
         Ok(summary)
+    }
+
+    /// The state before the first step.
+    fn initial_state(&self, opt: &AdamW) -> Result<TrainerState> {
+        let cfg = &self.cfg;
+        let (decay, exempt) = opt.groups();
+        let constraints = Constraints::new(
+            cfg,
+            self.total_steps,
+            self.steps_per_epoch,
+            (decay.len(), exempt.len()),
+            self.decayed_weight_norm(opt)?,
+            self.policy.num_parameters(),
+        );
+        Ok(TrainerState {
+            step: 0,
+            data_position: DataPosition::start_of(0),
+            seen_in_epoch: 0,
+            tokens_total: 0,
+            optimizer_steps: 0,
+            window: Window::default(),
+            constraints,
+            total_steps: self.total_steps,
+            fingerprint: Fingerprint::new(cfg)?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Loads a checkpoint into the policy and optimizer after checking that it belongs to this
+    /// model, data and config; reopens `output_dir` at its step.
+    fn restore(
+        &mut self,
+        r: &Resume,
+        opt: &mut AdamW,
+        fresh: TrainerState,
+    ) -> Result<(TrainerState, Outputs)> {
+        let dir = checkpoint::resolve(&r.checkpoint, &self.cfg.output_dir)?;
+        let (saved, weights, moments) = checkpoint::load(&dir, &self.device)?;
+        checkpoint::check_compatible(&saved.fingerprint, &fresh.fingerprint, r.allow_changed)
+            .map_err(|msg| TrainError::Config(format!("cannot resume from {}: {msg}", dir.display())))?;
+        if saved.step >= self.total_steps {
+            return Err(TrainError::Config(format!(
+                "cannot resume from {}: it is at step {}, the run's budget is {} steps (raise max_steps to extend it)",
+                dir.display(),
+                saved.step,
+                self.total_steps
+            )));
+        }
+        self.policy.set_weights(&weights)?;
+        opt.load_state(&moments, saved.optimizer_steps)?;
+        let mut st = TrainerState {
+            fingerprint: fresh.fingerprint,
+            config: fresh.config,
+            total_steps: fresh.total_steps,
+            ..saved
+        };
+        st.constraints.step_budget.allowed = self.total_steps;
+        tracing::info!(checkpoint = %dir.display(), step = st.step, "resuming");
+        let out = Outputs::resume(&self.cfg.output_dir, st.step)?;
+        Ok((st, out))
     }
 
     /// One pass over the eval set; logs `eval_*` metrics; returns whether to stop early.
@@ -274,9 +356,9 @@ impl Trainer {
             let x = pair_logps(
                 &db.logps(&policy, cfg.logprob_chunk)?,
                 &db.logps(&self.reference, cfg.logprob_chunk)?,
-                db.pairs,
+                &db,
             )?;
-            all.push(score(&x, &loss_of(cfg.loss_type, &x, cfg.beta)?, db.tokens)?.1);
+            all.push(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1);
         }
         let mut rec = Map::new();
         rec.insert("step".into(), step.into());
@@ -288,17 +370,13 @@ impl Trainer {
         Ok(constraints.record_eval(step, eval_loss))
     }
 
-    fn epoch_stream(&self, start: DataPosition) -> Result<EpochStream> {
-        let iter = batches(
-            self.train.clone(),
-            self.tokenizer.clone(),
-            self.cfg.data_config(self.cfg.batch_size),
-            start,
-        )?;
+    fn epoch_stream(&self, start: DataPosition, seen: usize) -> Result<EpochStream> {
+        let data_cfg = self.cfg.data_config(self.cfg.batch_size);
+        let iter = batches(self.train.clone(), self.tokenizer.clone(), data_cfg, start)?;
         Ok(EpochStream {
             batches: iter.prefetch(4)?,
-            epoch: start.epoch,
-            seen: 0,
+            position: start,
+            seen,
             per_epoch: self.train_stats.batches,
         })
     }
@@ -310,11 +388,12 @@ impl Trainer {
         while micro.len() < self.cfg.gradient_accumulation_steps {
             match data.batches.next() {
                 Some(item) => {
-                    micro.push(item?.0);
-                    data.seen += 1;
+                    let (batch, position) = item?;
+                    micro.push(batch);
+                    (data.position, data.seen) = (position, data.seen + 1);
                 }
                 None if micro.is_empty() => {
-                    *data = self.epoch_stream(DataPosition::start_of(data.epoch + 1))?
+                    *data = self.epoch_stream(DataPosition::start_of(data.position.epoch + 1), 0)?
                 }
                 None => break,
             }
@@ -343,7 +422,8 @@ impl Trainer {
 /// The batches of the current epoch and how far into it the run is.
 struct EpochStream {
     batches: Prefetch,
-    epoch: u64,
+    /// Position after the last micro-batch taken.
+    position: DataPosition,
     seen: usize,
     per_epoch: usize,
 }
@@ -351,7 +431,7 @@ struct EpochStream {
 impl EpochStream {
     /// HF's logged `epoch`: epochs done plus the fraction of this one's batches consumed.
     fn epoch_progress(&self) -> f64 {
-        self.epoch as f64 + self.seen as f64 / self.per_epoch.max(1) as f64
+        self.position.epoch as f64 + self.seen as f64 / self.per_epoch.max(1) as f64
     }
 }
 

@@ -2,7 +2,8 @@
 //! per-sequence completion log-probs and the gradient of every parameter, for Llama (tied and
 //! untied, with and without biases, Llama-3 rope scaling), Qwen2 (tied and untied) and Mistral.
 //! References are float64; the f64 run must agree to ~1e-9, the f32 run to 1e-4 (log-probs) and
-//! 1e-3 relative (gradients). A parameter without a gradient fails the test.
+//! 1e-3 relative (gradients). A parameter without a gradient fails the test. Each model runs with
+//! the fused ops (`dpo_model::ops`, the default) and with the slow path of plain candle ops.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -42,14 +43,17 @@ fn max_abs(t: &Tensor) -> f64 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
-fn check(name: &str, dtype: DType, logp_tol: f64, grad_rel_tol: f64) {
+fn check(name: &str, dtype: DType, fused: bool, logp_tol: f64, grad_rel_tol: f64) {
     let dir = fixture(name);
     let dev = Device::Cpu;
     let expected: HashMap<String, Tensor> =
         candle_core::safetensors::load(dir.join("expected.safetensors"), &dev).unwrap();
     let batch = load_batch(&dir);
     let ck = Checkpoint::open(&dir, None).unwrap();
-    let policy = Policy::load(&ck, dtype, dtype, &dev).unwrap();
+    let mut policy = Policy::load(&ck, dtype, dtype, &dev).unwrap();
+    assert!(policy.model.fused_ops() == dpo_model::default_fused_ops(&dev));
+    policy.model.set_fused_ops(fused);
+    let name = &format!("{name} (fused ops {})", if fused { "on" } else { "off" });
 
     let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.seq), &dev).unwrap();
     let mask = AttentionMask::causal(&batch.attention, batch.rows, batch.seq, None, &dev).unwrap();
@@ -92,8 +96,10 @@ macro_rules! parity {
     ($($test:ident => $name:literal),* $(,)?) => {$(
         #[test]
         fn $test() {
-            check($name, DType::F64, 1e-9, 1e-8);
-            check($name, DType::F32, 1e-4, 1e-3);
+            for fused in [true, false] {
+                check($name, DType::F64, fused, 1e-9, 1e-8);
+                check($name, DType::F32, fused, 1e-4, 1e-3);
+            }
         }
     )*};
 }

@@ -54,7 +54,7 @@ fn reproduces_trl_per_step_metrics() {
     let mut trainer = Trainer::new(trl_config(tmp.path())).unwrap();
     assert_eq!(trainer.train_stats.pairs, 41, "TRL keeps 41 of 42 train rows");
     assert_eq!(trainer.steps_per_epoch, 6);
-    trainer.run(&mut Silent).unwrap();
+    trainer.run(&mut Silent, None).unwrap();
 
     let ours = read_jsonl(&tmp.path().join("metrics.jsonl"));
     let theirs = read_jsonl(&fixtures().join("trl_metrics.jsonl"));

@@ -1,0 +1,144 @@
+//! Checkpoints survive SIGKILL and a resumed run is the uninterrupted run, number for number.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl")
+}
+
+fn write_config(dir: &Path, train: &Path, steps: u64) -> PathBuf {
+    let f = fixtures();
+    let cfg = format!(
+        r#"model = "{m}"
+train_file = "{t}"
+eval_file = "{e}"
+output_dir = "{o}"
+learning_rate = 5e-3
+warmup_steps = 2
+weight_decay = 0.05
+batch_size = 4
+gradient_accumulation_steps = 2
+max_length = 40
+shuffle = true
+max_steps = {steps}
+logging_steps = 1
+eval_steps = 4
+save_steps = 2
+save_total_limit = 2
+progress_bar = false
+"#,
+        m = f.join("model").display(),
+        t = train.display(),
+        e = f.join("eval.jsonl").display(),
+        o = dir.join("out").display(),
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn dpo_train(config: &Path, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dpo-train"));
+    c.arg("--config").arg(config).args(extra).stdout(Stdio::null()).stderr(Stdio::piped());
+    c
+}
+
+fn run_ok(mut c: Command) {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "dpo-train failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Records without wall-clock fields.
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("tokens_per_second");
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
+    let train = fixtures().join("train.jsonl");
+    let a = tempfile::tempdir().unwrap();
+    run_ok(dpo_train(&write_config(a.path(), &train, 12), &[]));
+
+    let b = tempfile::tempdir().unwrap();
+    let cfg_b = write_config(b.path(), &train, 12);
+    let mut child = dpo_train(&cfg_b, &[]).env("DPO_TRAIN_TEST_STEP_DELAY_MS", "150").spawn().unwrap();
+    let ckpt = b.path().join("out/checkpoint-6/trainer_state.json");
+    let t0 = Instant::now();
+    while !ckpt.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint-6 appeared");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!b.path().join("out/final").exists(), "the killed run must not have finished");
+
+    run_ok(dpo_train(&cfg_b, &["--resume", "latest"]));
+    let (ma, mb) = (metrics(a.path()), metrics(b.path()));
+    assert_eq!(ma.len(), mb.len(), "same number of records");
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x, y, "resumed run differs from the uninterrupted one");
+    }
+    let wa = std::fs::read(a.path().join("out/final/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.path().join("out/final/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+    // save_total_limit = 2: only the two newest checkpoints remain.
+    let mut kept: Vec<String> = std::fs::read_dir(b.path().join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, vec!["checkpoint-10", "checkpoint-12"]);
+}
+
+#[test]
+fn resume_extends_the_budget_and_refuses_other_data_or_changed_hyperparameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = dir.path().join("train.jsonl");
+    std::fs::copy(fixtures().join("train.jsonl"), &train).unwrap();
+    let cfg = write_config(dir.path(), &train, 4);
+    run_ok(dpo_train(&cfg, &[]));
+
+    // A larger max_steps continues from checkpoint-4 up to step 6.
+    run_ok(dpo_train(&cfg, &["--resume", "latest", "--set", "max_steps=6"]));
+    let steps: Vec<u64> = metrics(dir.path())
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6]);
+
+    // A changed hyperparameter is refused unless allowed.
+    let out = dpo_train(&cfg, &["--resume", "latest", "--set", "max_steps=8", "--set", "beta=0.5"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("beta"), "{err}");
+    run_ok(dpo_train(
+        &cfg,
+        &["--resume", "latest", "--set", "max_steps=8", "--set", "beta=0.5", "--resume-allow-changed"],
+    ));
+
+    // Different data is refused, override or not.
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str("{\"prompt\": \"x\", \"chosen\": \"a\", \"rejected\": \"b\"}\n");
+    std::fs::write(&train, text).unwrap();
+    let out = dpo_train(&cfg, &["--resume", "latest", "--set", "max_steps=10", "--resume-allow-changed"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("different train_file"), "{err}");
+}

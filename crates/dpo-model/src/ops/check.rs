@@ -1,0 +1,391 @@
+//! [`self_check`]: every fused op on a device against the slow path there and against the CPU
+//! implementation, forward values and all gradients, with a rough timing.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::AttentionMask;
+
+/// Deterministic pseudo-random N(0, std^2) values (xorshift64* and Box-Muller).
+pub(crate) fn randn(n: usize, seed: u64, std: f32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * std
+        })
+        .collect()
+}
+
+/// A CPU f32 tensor of N(0, std^2) values.
+pub(crate) fn randn_tensor(shape: &[usize], seed: u64, std: f32) -> Result<Tensor> {
+    Tensor::from_vec(randn(shape.iter().product(), seed, std), shape, &Device::Cpu)
+}
+
+/// Rotate-half tables `[seq, d]` (every row at `offsets[0]`) or `[rows, seq, d]` (row r's
+/// positions start at `offsets[r]`), theta 10000, f32 on the CPU.
+pub(crate) fn rope_tables(
+    offsets: &[usize],
+    per_row: bool,
+    seq: usize,
+    d: usize,
+) -> Result<(Tensor, Tensor)> {
+    let rows = if per_row { offsets.len() } else { 1 };
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for &off in &offsets[..rows] {
+        for p in 0..seq {
+            for j in 0..d {
+                let i = j % (d / 2);
+                let angle = (off + p) as f64 / 10000f64.powf(2.0 * i as f64 / d as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+    }
+    let shape: Vec<usize> = if per_row { vec![rows, seq, d] } else { vec![seq, d] };
+    Ok((
+        Tensor::from_vec(cos, shape.as_slice(), &Device::Cpu)?,
+        Tensor::from_vec(sin, shape.as_slice(), &Device::Cpu)?,
+    ))
+}
+
+/// A causal + key-padding bias `[rows, 1, seq, seq]`: row r keeps `seq - 3r` keys (right
+/// padding), row 1 also drops its first 5 keys (queries 0..5 fully masked), and the last row of
+/// three or more is all padding.
+pub(crate) fn test_mask(rows: usize, seq: usize) -> Result<Tensor> {
+    let mut valid = vec![1u8; rows * seq];
+    for r in 0..rows {
+        for j in 0..seq {
+            let pad_right = j + 3 * r >= seq;
+            let pad_left = r == 1 && j < 5;
+            let all = rows >= 3 && r == rows - 1;
+            if pad_right || pad_left || all {
+                valid[r * seq + j] = 0;
+            }
+        }
+    }
+    Ok(AttentionMask::causal(&valid, rows, seq, None, &Device::Cpu)?.bias)
+}
+
+/// A bias `[1, 1, q, k]`: about 20% of entries masked at random, row 0 fully masked.
+pub(crate) fn random_bias(q: usize, k: usize, seed: u64) -> Result<Tensor> {
+    let noise = randn(q * k, seed, 1.0);
+    let v: Vec<f32> = noise
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| if i < k || z > 0.84 { crate::mask::MASKED } else { 0.0 })
+        .collect();
+    Tensor::from_vec(v, (1, 1, q, k), &Device::Cpu)
+}
+
+type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// Input tensors, and the `Var`s among them (named).
+type Inputs = (Vec<Tensor>, Vec<(&'static str, Var)>);
+
+/// One input of an op under test: CPU f32 values.
+pub(crate) struct Input {
+    pub name: &'static str,
+    pub value: Tensor,
+    /// Takes a gradient (checked).
+    pub grad: bool,
+    /// Stays f32 whatever the dtype under test (the attention bias).
+    pub keep_f32: bool,
+}
+
+pub(crate) struct Case {
+    pub op: &'static str,
+    pub shape: String,
+    pub inputs: Vec<Input>,
+    pub fused: OpFn,
+    pub slow: OpFn,
+}
+
+/// An op's output and the gradients of `sum(y * upstream)` for the inputs that take one.
+pub(crate) struct Run {
+    pub out: Tensor,
+    pub grads: Vec<(&'static str, Tensor)>,
+}
+
+impl Case {
+    /// The inputs on `dev` in `dt` (first rounded through `round`, if given).
+    fn inputs_on(&self, dev: &Device, dt: DType, round: Option<DType>) -> Result<Inputs> {
+        let mut xs = Vec::new();
+        let mut vars = Vec::new();
+        for inp in &self.inputs {
+            let t = inp.value.to_device(dev)?;
+            let t = match (inp.keep_f32, round) {
+                (true, _) => t,
+                (false, None) => t.to_dtype(dt)?,
+                (false, Some(r)) => t.to_dtype(r)?.to_dtype(dt)?,
+            };
+            if inp.grad {
+                let v = Var::from_tensor(&t)?;
+                xs.push(v.as_tensor().clone());
+                vars.push((inp.name, v));
+            } else {
+                xs.push(t);
+            }
+        }
+        Ok((xs, vars))
+    }
+
+    /// Runs `fused` (or the slow path) on `dev` in `dt`, forward and backward with `upstream`;
+    /// with `round`, inputs and upstream gradient are first rounded to that dtype.
+    pub fn run(
+        &self,
+        fused: bool,
+        dev: &Device,
+        dt: DType,
+        upstream: &Tensor,
+        round: Option<DType>,
+    ) -> Result<Run> {
+        let (xs, vars) = self.inputs_on(dev, dt, round)?;
+        let f = if fused { &self.fused } else { &self.slow };
+        let out = f(&xs)?;
+        let upstream = match round {
+            Some(r) => upstream.to_dtype(r)?,
+            None => upstream.clone(),
+        };
+        let g = upstream.to_device(dev)?.to_dtype(out.dtype())?;
+        let grads = (&out * &g)?.sum_all()?.backward()?;
+        let grads = vars
+            .iter()
+            .map(|(name, v)| {
+                let g = grads.get(v.as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{}: input {name} received no gradient", self.op))
+                })?;
+                Ok((*name, g.clone()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Run { out, grads })
+    }
+
+    /// Mean milliseconds of forward + backward over `iters` runs (after one warm-up run).
+    fn time(&self, fused: bool, dev: &Device, dt: DType, upstream: &Tensor, iters: usize) -> Result<f64> {
+        let (xs, _vars) = self.inputs_on(dev, dt, None)?;
+        let f = if fused { &self.fused } else { &self.slow };
+        let g = upstream.to_device(dev)?.to_dtype(dt)?;
+        let step = || -> Result<()> {
+            let out = f(&xs)?;
+            let g = g.to_dtype(out.dtype())?;
+            (&out * &g)?.sum_all()?.backward()?;
+            Ok(())
+        };
+        step()?;
+        dev.synchronize()?;
+        let start = Instant::now();
+        for _ in 0..iters {
+            step()?;
+        }
+        dev.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
+    }
+
+    /// The op's upstream gradient (CPU f32), the shape of its output (that of its first input).
+    pub fn upstream(&self, seed: u64) -> Result<Tensor> {
+        randn_tensor(self.inputs[0].value.dims(), seed, 1.0)
+    }
+}
+
+/// Max abs difference, max |reference|, and whether both are finite everywhere.
+pub(crate) fn compare(got: &Tensor, want: &Tensor) -> Result<(f64, f64, bool)> {
+    let want = want.to_device(got.device())?.to_dtype(DType::F32)?;
+    let got = got.to_dtype(DType::F32)?;
+    let max = |t: &Tensor| -> Result<f64> { Ok(t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64) };
+    let finite = |t: &Tensor| -> Result<bool> {
+        Ok(t.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?.is_finite())
+    };
+    let d = max(&(&got - &want)?)?;
+    let scale = max(&want)?;
+    Ok((d, scale, finite(&got)? && finite(&want)?))
+}
+
+/// Every (name, tensor) of a run: the output, then the gradients.
+fn parts(r: &Run) -> Vec<(&'static str, &Tensor)> {
+    std::iter::once(("out", &r.out)).chain(r.grads.iter().map(|(n, g)| (*n, g))).collect()
+}
+
+pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
+    let mut cases = Vec::new();
+    // masked softmax: attention-shaped with a causal + padding mask, then long rows with a
+    // broadcast bias and large logits.
+    let (r, h, s) = if big { (16, 14, 512) } else { (3, 2, 37) };
+    let scale = 0.125;
+    for (shape, std, bias, scale) in [
+        ((r, h, s, s), 16.0, test_mask(r, s)?, scale),
+        (
+            if big { (2, 2, 3, 8193) } else { (1, 2, 3, 1029) },
+            30.0,
+            random_bias(3, if big { 8193 } else { 1029 }, 7)?,
+            1.0,
+        ),
+    ] {
+        let dims = [shape.0, shape.1, shape.2, shape.3];
+        cases.push(Case {
+            op: "masked_softmax",
+            shape: format!("{dims:?}"),
+            inputs: vec![
+                Input { name: "scores", value: randn_tensor(&dims, 1, std)?, grad: true, keep_f32: false },
+                Input { name: "bias", value: bias, grad: false, keep_f32: true },
+            ],
+            fused: Box::new(move |x| super::masked_softmax(&x[0], &x[1], scale)),
+            slow: Box::new(move |x| super::masked_softmax_slow(&x[0], &x[1], scale)),
+        });
+    }
+    // RMSNorm over hidden 896 (Qwen2-0.5B), some rows far from unit scale.
+    let (rows, hidden) = if big { (16 * 512, 896) } else { (2 * 37, 96) };
+    let row_scale: Vec<f32> = (0..rows).map(|i| [1.0, 30.0, 0.01][i % 3]).collect();
+    let x = randn_tensor(&[rows, hidden], 2, 1.0)?.broadcast_mul(&Tensor::from_vec(
+        row_scale,
+        (rows, 1),
+        &Device::Cpu,
+    )?)?;
+    let w = (randn_tensor(&[hidden], 3, 0.1)? + 1.0)?;
+    cases.push(Case {
+        op: "rms_norm",
+        shape: format!("[{rows}, {hidden}]"),
+        inputs: vec![
+            Input { name: "x", value: x, grad: true, keep_f32: false },
+            Input { name: "w", value: w, grad: true, keep_f32: false },
+        ],
+        fused: Box::new(|x| super::rms_norm(&x[0], &x[1], 1e-6)),
+        slow: Box::new(|x| super::rms_norm_slow(&x[0], &x[1], 1e-6)),
+    });
+    // RoPE with shared and with per-row positions.
+    let (r, h, s, d) = if big { (16, 14, 512, 64) } else { (2, 3, 37, 16) };
+    let offsets: Vec<usize> = (0..r).map(|i| 7 * i).collect();
+    for per_row in [false, true] {
+        let (cos, sin) = rope_tables(&offsets, per_row, s, d)?;
+        cases.push(Case {
+            op: if per_row { "rope(per-row)" } else { "rope" },
+            shape: format!("[{r}, {h}, {s}, {d}] / {:?}", cos.dims()),
+            inputs: vec![
+                Input { name: "x", value: randn_tensor(&[r, h, s, d], 4, 1.0)?, grad: true, keep_f32: false },
+                Input { name: "cos", value: cos, grad: false, keep_f32: false },
+                Input { name: "sin", value: sin, grad: false, keep_f32: false },
+            ],
+            fused: Box::new(|x| super::rope(&x[0], &x[1], &x[2])),
+            slow: Box::new(|x| super::rope_slow(&x[0], &x[1], &x[2])),
+        });
+    }
+    // SiLU gate over intermediate 4864 (Qwen2-0.5B).
+    let shape = if big { [16, 512, 4864] } else { [2, 37, 160] };
+    cases.push(Case {
+        op: "silu_mul",
+        shape: format!("{shape:?}"),
+        inputs: vec![
+            Input { name: "gate", value: randn_tensor(&shape, 5, 3.0)?, grad: true, keep_f32: false },
+            Input { name: "up", value: randn_tensor(&shape, 6, 1.0)?, grad: true, keep_f32: false },
+        ],
+        fused: Box::new(|x| super::silu_mul(&x[0], &x[1])),
+        slow: Box::new(|x| super::silu_mul_slow(&x[0], &x[1])),
+    });
+    Ok(cases)
+}
+
+/// Tolerance on `max |got - want| / max |want|`.
+pub(crate) fn tolerance(dt: DType, against_cpu: bool) -> f64 {
+    match (dt, against_cpu) {
+        (DType::F64, _) => 1e-12,
+        (DType::F32, _) => 5e-5,
+        // Same algorithm on both sides: at most about one bf16 rounding apart.
+        (_, true) => 1.6e-2,
+        // Against the f32 slow path on the same (bf16-rounded) inputs.
+        (_, false) => 2e-2,
+    }
+}
+
+/// Runs every fused op on `device` in f32 and bf16 on realistic shapes (small ones on the CPU),
+/// forward and backward, and compares outputs and gradients with (a) the slow path on the same
+/// device (for bf16: the slow path in f32 on the same bf16-rounded inputs, as the more exact
+/// reference) and (b) the fused op on the CPU. Returns a report with one PASS/FAIL line per
+/// comparison, mean forward+backward timings of fused vs slow, and a last line that starts with
+/// `RESULT: PASS` or `RESULT: FAIL`.
+pub fn self_check(device: &Device) -> Result<String> {
+    let big = !device.is_cpu();
+    let iters = if big { 5 } else { 2 };
+    let mut rep = String::new();
+    let _ = writeln!(rep, "dpo-model fused ops self-check on {device:?}");
+    let _ = writeln!(
+        rep,
+        "error = max|got - want| / max|want| over the output and every gradient of sum(y * upstream)"
+    );
+    let (mut checks, mut failed) = (0usize, 0usize);
+    let mut timings = String::new();
+    for case in cases(big)? {
+        let upstream = case.upstream(11)?;
+        for dt in [DType::F32, DType::BF16] {
+            let _ = writeln!(rep, "\n{} {:?} {}", case.op, dt, case.shape);
+            let mut line = |what: &str, against: &str, r: Result<(f64, f64, bool)>, tol: f64| {
+                checks += 1;
+                match r {
+                    Ok((d, scale, finite)) => {
+                        let rel = d / scale.max(1e-30);
+                        let ok = finite && rel <= tol;
+                        failed += usize::from(!ok);
+                        let _ = writeln!(
+                            rep,
+                            "  {what:<7} vs {against:<9} max_abs {d:9.2e}  rel {rel:9.2e}  tol {tol:7.1e}  {}{}",
+                            if ok { "PASS" } else { "FAIL" },
+                            if finite { "" } else { " (non-finite values)" }
+                        );
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        let _ = writeln!(rep, "  {what:<7} vs {against:<9} FAIL: {e}");
+                    }
+                }
+            };
+            let fused = case.run(true, device, dt, &upstream, None);
+            // The slow reference: in f32 on the same values (rounded to dt first).
+            let slow = case.run(false, device, DType::F32, &upstream, Some(dt));
+            let cpu = if big { Some(case.run(true, &Device::Cpu, dt, &upstream, None)) } else { None };
+            match &fused {
+                Err(e) => line("fused", "-", Err(candle_core::Error::Msg(e.to_string())), 0.0),
+                Ok(fused) => {
+                    for (i, (what, got)) in parts(fused).into_iter().enumerate() {
+                        let want = slow.as_ref().map_err(|e| candle_core::Error::Msg(e.to_string()));
+                        let r = want.and_then(|w| compare(got, parts(w)[i].1));
+                        line(what, "slow", r, tolerance(dt, false));
+                        if let Some(cpu) = &cpu {
+                            let want = cpu.as_ref().map_err(|e| candle_core::Error::Msg(e.to_string()));
+                            let r = want.and_then(|w| compare(got, parts(w)[i].1));
+                            line(what, "cpu-fused", r, tolerance(dt, true));
+                        }
+                    }
+                }
+            }
+            let t = case.time(true, device, dt, &upstream, iters).and_then(|tf| {
+                let ts = case.time(false, device, dt, &upstream, iters)?;
+                Ok((tf, ts))
+            });
+            let _ = match t {
+                Ok((tf, ts)) => writeln!(
+                    timings,
+                    "  {:<15} {:<5} {:<28} fused {tf:9.3} ms  slow {ts:9.3} ms  ({:.2}x)",
+                    case.op,
+                    format!("{dt:?}"),
+                    case.shape,
+                    ts / tf
+                ),
+                Err(e) => writeln!(timings, "  {:<15} {dt:?}: timing error: {e}", case.op),
+            };
+        }
+    }
+    let _ = writeln!(rep, "\nforward+backward timings (mean of {iters}, device synchronized):\n{timings}");
+    if failed == 0 {
+        let _ = writeln!(rep, "RESULT: PASS ({checks} checks)");
+    } else {
+        let _ = writeln!(rep, "RESULT: FAIL ({failed} of {checks} checks)");
+    }
+    Ok(rep)
+}

@@ -1,0 +1,401 @@
+//! Launchers for the kernels of `kernels/dpo_ops.cu` (PTX built by build.rs, loaded once per
+//! device as the custom module `dpo_ops`). Kernel names are `<base>_<dtype>`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dpo_ops.ptx"));
+const MODULE: &str = "dpo_ops";
+
+/// An element type with kernels, and the type those kernels accumulate in.
+trait Kern: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType {
+    type Acc: DeviceRepr;
+}
+impl Kern for f32 {
+    type Acc = f32;
+}
+impl Kern for f64 {
+    type Acc = f64;
+}
+impl Kern for half::bf16 {
+    type Acc = f32;
+}
+impl Kern for half::f16 {
+    type Acc = f32;
+}
+
+macro_rules! dispatch {
+    ($dt:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $dt {
+            DType::BF16 => $f::<half::bf16>($($arg),*),
+            DType::F16 => $f::<half::f16>($($arg),*),
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            dt => candle_core::bail!("fused op: no CUDA kernel for {dt:?}"),
+        }
+    };
+}
+
+fn func<T: WithDType>(dev: &CudaDevice, base: &str) -> Result<CudaFunction> {
+    let name = format!("{base}_{}", T::DTYPE.as_str());
+    Ok(dev.get_or_load_custom_func(&name, MODULE, PTX)?.into_cuda_function())
+}
+
+fn view<'a, T: CudaDType + DeviceRepr>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let slice: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(slice.slice(a..b)),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn int(n: usize, what: &str) -> Result<i32> {
+    i32::try_from(n)
+        .map_err(|_| candle_core::Error::Msg(format!("{what}: size {n} too large for the kernel")))
+}
+
+/// Threads per block for a kernel that runs one block per row of `len` elements.
+fn row_threads(len: usize) -> u32 {
+    len.div_ceil(4).next_power_of_two().clamp(32, 1024) as u32
+}
+
+/// One block per row.
+fn rows_cfg(rows: usize, len: usize, what: &str) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (int(rows, what)? as u32, 1, 1),
+        block_dim: (row_threads(len), 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+/// A grid-stride element-wise launch over `n` elements.
+fn elementwise_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn softmax_fwd(
+    s: &CudaStorage,
+    sl: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    scale: f64,
+) -> Result<CudaStorage> {
+    dispatch!(s.dtype(), softmax_fwd_t(s, sl, b, bl, scale))
+}
+
+fn softmax_fwd_t<T: Kern>(
+    s: &CudaStorage,
+    sl: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    scale: f64,
+) -> Result<CudaStorage> {
+    let dev = s.device().clone();
+    let x = view::<T>(s, sl, "masked_softmax")?;
+    let bias = view::<f32>(b, bl, "masked_softmax bias")?;
+    let (r, h, q, k) = sl.shape().dims4()?;
+    let rows = r * h * q;
+    let bias_bcast = i32::from(bl.shape().dims()[0] == 1 && r != 1);
+    let (k32, q32, hq32) = (int(k, "softmax")?, int(q, "softmax")?, int(h * q, "softmax")?);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(rows * k)? };
+    if rows * k > 0 {
+        let f = func::<T>(&dev, "dpo_softmax_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&x).arg(&bias).arg(&mut out).arg(&k32).arg(&q32).arg(&hq32).arg(&bias_bcast).arg(&scale);
+        // SAFETY: argument types match the kernel's signature; sizes were checked above.
+        unsafe { lb.launch(rows_cfg(rows, k, "softmax")?) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn softmax_bwd(
+    p: &CudaStorage,
+    pl: &Layout,
+    dp: &CudaStorage,
+    dpl: &Layout,
+    scale: f64,
+) -> Result<CudaStorage> {
+    dispatch!(p.dtype(), softmax_bwd_t(p, pl, dp, dpl, scale))
+}
+
+fn softmax_bwd_t<T: Kern>(
+    p: &CudaStorage,
+    pl: &Layout,
+    dp: &CudaStorage,
+    dpl: &Layout,
+    scale: f64,
+) -> Result<CudaStorage> {
+    let dev = p.device().clone();
+    let pv = view::<T>(p, pl, "masked_softmax backward")?;
+    let dpv = view::<T>(dp, dpl, "masked_softmax backward")?;
+    let n = pl.shape().elem_count();
+    let k = pl.shape().dims().last().copied().unwrap_or(1).max(1);
+    let k32 = int(k, "softmax backward")?;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_softmax_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&pv).arg(&dpv).arg(&mut out).arg(&k32).arg(&scale);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(rows_cfg(n / k, k, "softmax backward")?) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn rms_norm_fwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    dispatch!(x.dtype(), rms_norm_fwd_t(x, xl, w, wl, eps))
+}
+
+fn rms_norm_fwd_t<T: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let xv = view::<T>(x, xl, "rms_norm")?;
+    let wv = view::<T>(w, wl, "rms_norm weight")?;
+    let n = xl.shape().elem_count();
+    let d = wl.shape().elem_count().max(1);
+    let d32 = int(d, "rms_norm")?;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_rmsnorm_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn rms_norm_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    dispatch!(x.dtype(), rms_norm_bwd_t(x, xl, w, wl, dy, dyl, eps))
+}
+
+/// Rows each thread of the `dw` partial-sum kernel adds up (before the sum over row groups).
+const DW_ROWS_PER_THREAD: usize = 16;
+
+fn rms_norm_bwd_t<T: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let xv = view::<T>(x, xl, "rms_norm backward")?;
+    let wv = view::<T>(w, wl, "rms_norm backward")?;
+    let dyv = view::<T>(dy, dyl, "rms_norm backward")?;
+    let n = xl.shape().elem_count();
+    let d = wl.shape().elem_count().max(1);
+    let rows = n / d;
+    let (d32, rows32) = (int(d, "rms_norm backward")?, int(rows, "rms_norm backward")?);
+    if rows == 0 {
+        let zeros = dev.alloc_zeros::<T>(n + d)?;
+        return Ok(T::wrap_cuda_slice(zeros, dev));
+    }
+    // SAFETY: the dx kernel writes out[..n] and rs, the final kernel out[n..].
+    let mut out = unsafe { dev.alloc::<T>(n + d)? };
+    let mut rs = unsafe { dev.alloc::<T::Acc>(rows)? };
+    let groups = rows.div_ceil(8 * DW_ROWS_PER_THREAD).clamp(1, 1024);
+    let g32 = groups as i32;
+    // SAFETY: the partial kernel writes every partial[g, j].
+    let mut partial = unsafe { dev.alloc::<T::Acc>(groups * d)? };
+    let stream = dev.cuda_stream();
+    {
+        let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dx")?;
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv).arg(&wv).arg(&dyv).arg(&mut out).arg(&mut rs).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(rows_cfg(rows, d, "rms_norm backward")?) }.w()?;
+    }
+    {
+        let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dw_partial")?;
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv).arg(&dyv).arg(&rs).arg(&mut partial).arg(&rows32).arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, groups as u32, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature; the kernel assumes block (32, 8).
+        unsafe { lb.launch(cfg) }.w()?;
+    }
+    {
+        let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dw_final")?;
+        let mut lb = stream.launch_builder(&f);
+        let offset = n as i64;
+        lb.arg(&partial).arg(&mut out).arg(&offset).arg(&g32).arg(&d32);
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(cfg) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn rope(
+    x: &CudaStorage,
+    xl: &Layout,
+    c: &CudaStorage,
+    cl: &Layout,
+    s: &CudaStorage,
+    sl: &Layout,
+    bwd: bool,
+) -> Result<CudaStorage> {
+    dispatch!(x.dtype(), rope_t(x, xl, c, cl, s, sl, bwd))
+}
+
+fn rope_t<T: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    c: &CudaStorage,
+    cl: &Layout,
+    s: &CudaStorage,
+    sl: &Layout,
+    bwd: bool,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let xv = view::<T>(x, xl, "rope")?;
+    let cv = view::<T>(c, cl, "rope cos")?;
+    let sv = view::<T>(s, sl, "rope sin")?;
+    let (_, h, seq, d) = xl.shape().dims4()?;
+    let n = xl.shape().elem_count();
+    let (n64, h32, s32, d32) = (n as i64, int(h, "rope")?, int(seq, "rope")?, int(d, "rope")?);
+    let (per_row, bwd) = (i32::from(cl.shape().rank() == 3), i32::from(bwd));
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_rope")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&mut out)
+            .arg(&n64)
+            .arg(&h32)
+            .arg(&s32)
+            .arg(&d32)
+            .arg(&per_row)
+            .arg(&bwd);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn silu_mul_fwd(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+) -> Result<CudaStorage> {
+    dispatch!(g.dtype(), silu_mul_fwd_t(g, gl, u, ul))
+}
+
+fn silu_mul_fwd_t<T: Kern>(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+) -> Result<CudaStorage> {
+    let dev = g.device().clone();
+    let gv = view::<T>(g, gl, "silu_mul")?;
+    let uv = view::<T>(u, ul, "silu_mul")?;
+    let n = gl.shape().elem_count();
+    let n64 = n as i64;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_silu_mul_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&gv).arg(&uv).arg(&mut out).arg(&n64);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn silu_mul_bwd(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+) -> Result<CudaStorage> {
+    dispatch!(g.dtype(), silu_mul_bwd_t(g, gl, u, ul, dy, dyl))
+}
+
+fn silu_mul_bwd_t<T: Kern>(
+    g: &CudaStorage,
+    gl: &Layout,
+    u: &CudaStorage,
+    ul: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = g.device().clone();
+    let gv = view::<T>(g, gl, "silu_mul backward")?;
+    let uv = view::<T>(u, ul, "silu_mul backward")?;
+    let dyv = view::<T>(dy, dyl, "silu_mul backward")?;
+    let n = gl.shape().elem_count();
+    let n64 = n as i64;
+    // SAFETY: every element of both halves is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_silu_mul_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}

@@ -1,0 +1,119 @@
+//! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate.
+//!
+//! candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`, ...) have no backward, so the
+//! model used to spell each of these as a chain of differentiable candle ops. Each op here is one
+//! [`candle_core::CustomOp2`]/[`candle_core::CustomOp3`] whose forward is a single pass (plain Rust
+//! over rows with rayon on the CPU, one kernel from `kernels/dpo_ops.cu` on CUDA) and whose `bwd`
+//! is another such op, so forward and backward are each one fused pass.
+//!
+//! Every op has its slow reference next to it (`*_slow`: the composition of candle ops the model
+//! used before), and [`self_check`] compares the two, and the device against the CPU.
+//!
+//! Numerics: bf16/f16/f32 inputs are computed in f32, f64 in f64; results are rounded to the
+//! input dtype once. Inputs are made contiguous by the public functions.
+
+mod check;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod rms_norm;
+mod rope;
+mod silu;
+mod softmax;
+#[cfg(test)]
+mod tests;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
+
+pub use check::self_check;
+pub use rms_norm::{rms_norm, rms_norm_slow};
+pub use rope::{rope, rope_slow};
+pub use silu::{silu_mul, silu_mul_slow};
+pub use softmax::{masked_softmax, masked_softmax_slow};
+
+/// An element type the fused ops take, with the type they compute in.
+pub(crate) trait Elem: WithDType + Copy + Send + Sync {
+    type A: num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync;
+    fn acc(self) -> Self::A;
+    fn from_acc(a: Self::A) -> Self;
+    /// `a` rounded through `Self` (a cast to `Self` and back).
+    fn round(a: Self::A) -> Self::A {
+        Self::from_acc(a).acc()
+    }
+    fn cst(x: f64) -> Self::A {
+        <Self::A as num_traits::NumCast>::from(x).expect("float constant")
+    }
+}
+
+impl Elem for f32 {
+    type A = f32;
+    fn acc(self) -> f32 {
+        self
+    }
+    fn from_acc(a: f32) -> Self {
+        a
+    }
+}
+
+impl Elem for f64 {
+    type A = f64;
+    fn acc(self) -> f64 {
+        self
+    }
+    fn from_acc(a: f64) -> Self {
+        a
+    }
+}
+
+impl Elem for half::bf16 {
+    type A = f32;
+    fn acc(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_acc(a: f32) -> Self {
+        half::bf16::from_f32(a)
+    }
+}
+
+impl Elem for half::f16 {
+    type A = f32;
+    fn acc(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_acc(a: f32) -> Self {
+        half::f16::from_f32(a)
+    }
+}
+
+/// Calls `$f::<T>($args)` for the float type `T` of CPU storage `$s`.
+macro_rules! cpu_dispatch {
+    ($s:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $s {
+            candle_core::CpuStorage::BF16(_) => $f::<half::bf16>($($arg),*),
+            candle_core::CpuStorage::F16(_) => $f::<half::f16>($($arg),*),
+            candle_core::CpuStorage::F32(_) => $f::<f32>($($arg),*),
+            candle_core::CpuStorage::F64(_) => $f::<f64>($($arg),*),
+            other => candle_core::bail!("fused op: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+        }
+    };
+}
+pub(crate) use cpu_dispatch;
+
+/// The contiguous part of `s` that `l` describes.
+pub(crate) fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let s = T::cpu_storage_as_slice(s)?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Rows per rayon task for element-wise loops.
+pub(crate) const CPU_CHUNK: usize = 4096;
+
+/// The dtypes the fused ops accept.
+pub(crate) fn check_float(t: &Tensor, what: &str) -> Result<()> {
+    match t.dtype() {
+        DType::BF16 | DType::F16 | DType::F32 | DType::F64 => Ok(()),
+        dt => candle_core::bail!("{what}: unsupported dtype {dt:?}"),
+    }
+}

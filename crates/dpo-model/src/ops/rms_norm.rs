@@ -1,0 +1,203 @@
+//! RMSNorm as transformers computes it: `y = T(T(x * r) * T(w))`, `r = 1 / sqrt(mean(x^2) + eps)`
+//! in f32 (f64 for f64). Backward with `n = x * r`, `g = dy * w`:
+//! `dx = r * (g - n * mean(g * n))`, `dw = sum_rows dy * T(n)` (f32 accumulation, in row blocks).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
+use num_traits::Float as _;
+use rayon::prelude::*;
+
+use super::{Elem, check_float, cpu_dispatch, cpu_slice};
+use crate::accum_dtype;
+
+/// `w * (x / sqrt(mean(x^2) + eps))` over the last axis of `x` `[..., hidden]`, `w` `[hidden]`
+/// (cast to x's dtype, as transformers does). Differentiable in `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    check_float(x, "rms_norm")?;
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] {
+        candle_core::bail!("rms_norm: weight {:?} does not fit input {:?}", w.shape(), x.shape());
+    }
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op2(&w, RmsNorm { eps })
+}
+
+/// The reference: `w * (x / sqrt(mean(x^2) + eps))` from differentiable candle ops.
+pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(accum_dtype(dtype))?;
+    let inv_rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    xf.broadcast_mul(&inv_rms)?.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+}
+
+struct RmsNorm {
+    eps: f64,
+}
+
+/// `(x, w, dy) -> [dx (flattened), dw]` packed in one `[rows * hidden + hidden]` tensor.
+struct RmsNormBwd {
+    eps: f64,
+}
+
+/// Rows per partial sum of `dw` on the CPU.
+const DW_ROWS: usize = 32;
+
+fn inv_rms<T: Elem>(x: &[T], eps: T::A) -> T::A {
+    let ss: T::A = x.iter().map(|&v| v.acc() * v.acc()).sum();
+    let one = T::cst(1.0);
+    one / (ss * (one / T::cst(x.len() as f64)) + eps).sqrt()
+}
+
+fn fwd_cpu<T: Elem>(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CpuStorage> {
+    let x = cpu_slice::<T>(x, xl, "rms_norm")?;
+    let w = cpu_slice::<T>(w, wl, "rms_norm weight")?;
+    let d = w.len().max(1);
+    let eps = T::cst(eps);
+    let mut out = vec![T::from_acc(T::cst(0.0)); x.len()];
+    out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
+        let r = inv_rms(x, eps);
+        for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
+            *y = T::from_acc(T::round(x.acc() * r) * w.acc());
+        }
+    });
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+fn bwd_cpu<T: Elem>(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    dy: &CpuStorage,
+    dyl: &Layout,
+    eps: f64,
+) -> Result<CpuStorage> {
+    let x = cpu_slice::<T>(x, xl, "rms_norm backward")?;
+    let w = cpu_slice::<T>(w, wl, "rms_norm backward")?;
+    let dy = cpu_slice::<T>(dy, dyl, "rms_norm backward")?;
+    let d = w.len().max(1);
+    let n = x.len();
+    let eps = T::cst(eps);
+    let zero = T::cst(0.0);
+    let mut out = vec![T::from_acc(zero); n + w.len()];
+    let (dx, dw) = out.split_at_mut(n);
+    let rs: Vec<T::A> = dx
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+        .map(|(dx, (x, dy))| {
+            let r = inv_rms(x, eps);
+            let gx: T::A = x.iter().zip(dy).zip(w).map(|((&x, &g), &w)| g.acc() * w.acc() * x.acc()).sum();
+            let c = r * gx / T::cst(d as f64);
+            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = T::from_acc(r * (g.acc() * w.acc() - x.acc() * r * c));
+            }
+            r
+        })
+        .collect();
+    // dw: partial sums over blocks of DW_ROWS rows, then a sum of the partials.
+    let partials: Vec<Vec<T::A>> = x
+        .par_chunks(DW_ROWS * d)
+        .zip(dy.par_chunks(DW_ROWS * d))
+        .zip(rs.par_chunks(DW_ROWS))
+        .map(|((x, dy), rs)| {
+            let mut acc = vec![zero; d];
+            for ((x, dy), &r) in x.chunks(d).zip(dy.chunks(d)).zip(rs) {
+                for ((a, &x), &g) in acc.iter_mut().zip(x).zip(dy) {
+                    *a += g.acc() * T::round(x.acc() * r);
+                }
+            }
+            acc
+        })
+        .collect();
+    for (j, dw) in dw.iter_mut().enumerate() {
+        *dw = T::from_acc(partials.iter().map(|p| p[j]).sum());
+    }
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "dpo-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_dispatch!(x, fwd_cpu(x, xl, w, wl, self.eps))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps)?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = x.elem_count();
+        let d = w.elem_count();
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
+        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
+        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "dpo-rms-norm-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        dy: &CpuStorage,
+        dyl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if xl.shape() != dyl.shape() {
+            candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
+        }
+        let out = cpu_dispatch!(x, bwd_cpu(x, xl, w, wl, dy, dyl, self.eps))?;
+        Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dyl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if xl.shape() != dyl.shape() {
+            candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
+        }
+        let out = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, self.eps)?;
+        Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
+    }
+}

@@ -1,0 +1,128 @@
+//! Rotate-half RoPE, `y = x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]`.
+//! Its transpose is `rotate_half^T([a1, a2]) = [a2, -a1]`, so `dx = dy * cos + rotate_half^T(dy * sin)`.
+//! The backward is the same op run with [`Rope::bwd`] set.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{Elem, check_float, cpu_dispatch, cpu_slice};
+
+/// RoPE on `x` `[rows, heads, seq, head_dim]` with `cos`/`sin` `[seq, head_dim]` (the same
+/// positions on every row) or `[rows, seq, head_dim]` (per-row positions), cast to x's dtype.
+/// Computed in f32 (f64 for f64). Differentiable in `x`; the tables take no gradient.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    check_float(x, "rope")?;
+    let (r, _, s, d) = x.dims4()?;
+    let fits = |t: &Tensor| match t.dims() {
+        [ts, td] => *ts == s && *td == d,
+        [tr, ts, td] => *tr == r && *ts == s && *td == d,
+        _ => false,
+    };
+    if d % 2 != 0 || !fits(cos) || cos.shape() != sin.shape() {
+        candle_core::bail!(
+            "rope: x {:?} with cos {:?} and sin {:?} (expected [seq, d] or [rows, seq, d], d even)",
+            x.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let cos = cos.to_dtype(x.dtype())?.detach().contiguous()?;
+    let sin = sin.to_dtype(x.dtype())?.detach().contiguous()?;
+    x.contiguous()?.apply_op3(&cos, &sin, Rope { bwd: false })
+}
+
+/// The reference: [`crate::rope::apply`] (differentiable candle ops), with `[rows, seq, d]`
+/// tables broadcast over heads.
+pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        crate::rope::apply(x, &cos.unsqueeze(1)?, &sin.unsqueeze(1)?)
+    } else {
+        crate::rope::apply(x, cos, sin)
+    }
+}
+
+pub(crate) struct Rope {
+    /// Apply the transpose (the backward): `dy * cos + rotate_half^T(dy * sin)`.
+    pub bwd: bool,
+}
+
+fn rope_cpu<T: Elem>(
+    x: &CpuStorage,
+    xl: &Layout,
+    c: &CpuStorage,
+    cl: &Layout,
+    s: &CpuStorage,
+    sl: &Layout,
+    bwd: bool,
+) -> Result<CpuStorage> {
+    let x = cpu_slice::<T>(x, xl, "rope")?;
+    let cos = cpu_slice::<T>(c, cl, "rope cos")?;
+    let sin = cpu_slice::<T>(s, sl, "rope sin")?;
+    let (_, heads, seq, d) = xl.shape().dims4()?;
+    let per_row = cl.shape().rank() == 3;
+    let h = d / 2;
+    let mut out = vec![T::from_acc(T::cst(0.0)); x.len()];
+    if d > 0 {
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(t, (y, x))| {
+            let (pos, row) = (t % seq, t / (heads * seq));
+            let off = if per_row { (row * seq + pos) * d } else { pos * d };
+            let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
+            for j in 0..d {
+                let (p, first) = if j < h { (j + h, true) } else { (j - h, false) };
+                let v = if !bwd {
+                    let rot = if first { -x[p].acc() } else { x[p].acc() };
+                    x[j].acc() * c[j].acc() + rot * s[j].acc()
+                } else {
+                    let ps = x[p].acc() * s[p].acc();
+                    x[j].acc() * c[j].acc() + if first { ps } else { -ps }
+                };
+                y[j] = T::from_acc(v);
+            }
+        });
+    }
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        if self.bwd { "dpo-rope-bwd" } else { "dpo-rope" }
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        c: &CpuStorage,
+        cl: &Layout,
+        s: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = cpu_dispatch!(x, rope_cpu(x, xl, c, cl, s, sl, self.bwd))?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+        s: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::rope(x, xl, c, cl, s, sl, self.bwd)?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { bwd: !self.bwd })?;
+        Ok((Some(dx), None, None))
+    }
+}

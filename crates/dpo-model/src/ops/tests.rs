@@ -1,0 +1,219 @@
+//! CPU tests: every fused op against its slow reference, forward and every gradient.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+
+use super::check::{Case, Input, cases, compare, randn_tensor, test_mask};
+use super::*;
+
+const CPU: Device = Device::Cpu;
+
+/// Asserts that fused and reference agree on the output and every gradient within `tol`
+/// (relative to the largest reference value). With `round`, the reference is the slow path in
+/// f32 on the same `dt`-rounded inputs; otherwise the slow path in `dt`. Returns the worst error.
+fn assert_close(case: &Case, dt: DType, tol: f64, round: bool) -> f64 {
+    assert_close_floor(case, dt, tol, round, 1e-30)
+}
+
+/// [`assert_close`] with errors taken relative to `max(max |reference|, floor)`.
+fn assert_close_floor(case: &Case, dt: DType, tol: f64, round: bool, floor: f64) -> f64 {
+    let up = case.upstream(11).unwrap();
+    let fused = case.run(true, &CPU, dt, &up, None).unwrap();
+    let want = if round {
+        case.run(false, &CPU, DType::F32, &up, Some(dt)).unwrap()
+    } else {
+        case.run(false, &CPU, dt, &up, None).unwrap()
+    };
+    assert_eq!(fused.out.dtype(), dt, "{}: output dtype", case.op);
+    assert_eq!(fused.out.dims(), want.out.dims(), "{}: output shape", case.op);
+    let mut worst = 0f64;
+    let pairs = std::iter::once(("out", &fused.out, &want.out))
+        .chain(fused.grads.iter().zip(&want.grads).map(|((n, g), (_, w))| (*n, g, w)));
+    for (what, got, w) in pairs {
+        assert_eq!(got.dims(), w.dims(), "{} {what}: shape", case.op);
+        let (d, scale, finite) = compare(got, w).unwrap();
+        let rel = d / scale.max(floor);
+        eprintln!("{} {dt:?} {} {what}: max_abs {d:.3e} rel {rel:.3e}", case.op, case.shape);
+        assert!(finite, "{} {dt:?} {what}: non-finite values", case.op);
+        assert!(rel <= tol, "{} {dt:?} {} {what}: relative error {rel:e} > {tol:e}", case.op, case.shape);
+        worst = worst.max(rel);
+    }
+    assert_eq!(fused.grads.len(), case.inputs.iter().filter(|i| i.grad).count());
+    worst
+}
+
+fn cases_named(op: &str) -> Vec<Case> {
+    let v: Vec<Case> = cases(false).unwrap().into_iter().filter(|c| c.op.starts_with(op)).collect();
+    assert!(!v.is_empty());
+    v
+}
+
+fn check_op(op: &str) {
+    for case in cases_named(op) {
+        assert_close(&case, DType::F64, 1e-12, false);
+        assert_close(&case, DType::F32, 1e-5, false);
+        assert_close(&case, DType::BF16, 1.6e-2, true);
+        assert_close(&case, DType::F16, 2e-3, true);
+        // Against the bf16 slow path itself (which rounds at every step): looser.
+        assert_close(&case, DType::BF16, 4e-2, false);
+    }
+}
+
+#[test]
+fn masked_softmax_matches_slow_path() {
+    check_op("masked_softmax");
+}
+
+#[test]
+fn rms_norm_matches_slow_path() {
+    check_op("rms_norm");
+}
+
+#[test]
+fn rope_matches_slow_path() {
+    check_op("rope");
+}
+
+#[test]
+fn silu_mul_matches_slow_path() {
+    check_op("silu_mul");
+}
+
+/// Large logits and odd sizes: scores up to ~1e4 after scaling, k = 1 and k odd. Near one-hot
+/// rows have tiny gradients, so errors are taken relative to at least `scale * |upstream|` ~
+/// `scale`, the size of the gradient of a non-degenerate row.
+#[test]
+fn masked_softmax_extreme_values_and_odd_sizes() {
+    for (dims, std, scale) in
+        [([1, 1, 5, 1], 1.0, 1.0), ([2, 3, 7, 13], 1e3, 10.0), ([1, 2, 1, 4099], 300.0, 0.5)]
+    {
+        let bias = Tensor::zeros((dims[0], 1, dims[2], dims[3]), DType::F32, &CPU).unwrap();
+        let case = Case {
+            op: "masked_softmax",
+            shape: format!("{dims:?}"),
+            inputs: vec![
+                Input {
+                    name: "scores",
+                    value: randn_tensor(&dims, 21, std).unwrap(),
+                    grad: true,
+                    keep_f32: false,
+                },
+                Input { name: "bias", value: bias, grad: false, keep_f32: true },
+            ],
+            fused: Box::new(move |x| masked_softmax(&x[0], &x[1], scale)),
+            slow: Box::new(move |x| masked_softmax_slow(&x[0], &x[1], scale)),
+        };
+        assert_close_floor(&case, DType::F64, 1e-12, false, scale);
+        assert_close_floor(&case, DType::F32, 1e-5, false, scale);
+        assert_close_floor(&case, DType::BF16, 3e-2, true, scale);
+        let p = masked_softmax(&case.inputs[0].value, &case.inputs[1].value, scale).unwrap();
+        let sums: Vec<f32> = p.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(sums.iter().all(|&v| (v - 1.0).abs() < 1e-5), "{sums:?}");
+    }
+}
+
+/// Fully masked query rows (every key padding) give no NaN: with the causal part masked twice
+/// (-2e30) and the padded past once (-1e30), they are uniform over the past keys, as in the
+/// slow path. A fully masked bias row gives a uniform row over all keys.
+#[test]
+fn masked_softmax_fully_masked_rows() {
+    let (r, h, s) = (3, 2, 9);
+    let bias = test_mask(r, s).unwrap();
+    let scores = Var::from_tensor(&randn_tensor(&[r, h, s, s], 5, 4.0).unwrap()).unwrap();
+    let p = masked_softmax(scores.as_tensor(), &bias, 0.5).unwrap();
+    // Row 2 is all padding.
+    let last: Vec<f32> = p.get(2).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for (i, v) in last.iter().enumerate() {
+        let (q, k) = ((i / s) % s, i % s);
+        let want = if k <= q { 1.0 / (q + 1) as f32 } else { 0.0 };
+        assert!((v - want).abs() < 1e-7, "query {q} key {k}: {v} vs {want}");
+    }
+    let sums: Vec<f32> = p.sum(D::Minus1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(sums.iter().all(|&v| (v - 1.0).abs() < 1e-5), "{sums:?}");
+    let slow = masked_softmax_slow(scores.as_tensor(), &bias, 0.5).unwrap();
+    assert!(compare(&p, &slow).unwrap().0 < 1e-6);
+    let up = randn_tensor(&[r, h, s, s], 6, 1.0).unwrap();
+    let grads = (&p * &up).unwrap().sum_all().unwrap().backward().unwrap();
+    let g = grads.get(scores.as_tensor()).unwrap();
+    assert!(g.sum_all().unwrap().to_scalar::<f32>().unwrap().is_finite());
+    // An all -1e30 bias row: exactly uniform.
+    let full = Tensor::full(crate::mask::MASKED, (1, 1, 2, 5), &CPU).unwrap();
+    let p = masked_softmax(&randn_tensor(&[1, 1, 2, 5], 7, 3.0).unwrap(), &full, 1.0).unwrap();
+    let v: Vec<f32> = p.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(v.iter().all(|&x| x == 0.2), "{v:?}");
+}
+
+/// Non-contiguous inputs are made contiguous by the public functions; results match.
+#[test]
+fn non_contiguous_inputs() {
+    let x = randn_tensor(&[6, 5, 8], 31, 1.0).unwrap();
+    let xt = x.transpose(0, 1).unwrap();
+    assert!(!xt.is_contiguous());
+    let w = randn_tensor(&[8], 32, 1.0).unwrap();
+    let a = rms_norm(&xt, &w, 1e-6).unwrap();
+    let b = rms_norm_slow(&xt, &w, 1e-6).unwrap();
+    assert!(compare(&a, &b).unwrap().0 < 1e-6);
+    let a = silu_mul(&xt, &xt.sqr().unwrap()).unwrap();
+    let b = silu_mul_slow(&xt, &xt.sqr().unwrap()).unwrap();
+    assert!(compare(&a, &b).unwrap().0 < 1e-5);
+    let q = randn_tensor(&[2, 4, 3, 8], 33, 1.0).unwrap().transpose(1, 2).unwrap(); // [2, 3, 4, 8]
+    let (cos, sin) = super::check::rope_tables(&[0], false, 4, 8).unwrap();
+    let a = rope(&q, &cos, &sin).unwrap();
+    let b = rope_slow(&q, &cos, &sin).unwrap();
+    assert!(compare(&a, &b).unwrap().0 < 1e-6);
+    let s = randn_tensor(&[2, 3, 4, 4], 34, 1.0).unwrap().transpose(2, 3).unwrap();
+    let bias = test_mask(2, 4).unwrap();
+    let a = masked_softmax(&s, &bias, 0.3).unwrap();
+    let b = masked_softmax_slow(&s, &bias, 0.3).unwrap();
+    assert!(compare(&a, &b).unwrap().0 < 1e-6);
+}
+
+/// RMSNorm's weight as an f32 master copy under a bf16 computation (as the model does): the
+/// gradient flows back through the cast.
+#[test]
+fn rms_norm_weight_gradient_through_cast() {
+    let x = randn_tensor(&[4, 7, 32], 41, 1.0).unwrap().to_dtype(DType::BF16).unwrap();
+    let w = Var::from_tensor(&(randn_tensor(&[32], 42, 0.1).unwrap() + 1.0).unwrap()).unwrap();
+    let up = randn_tensor(&[4, 7, 32], 43, 1.0).unwrap().to_dtype(DType::BF16).unwrap();
+    let grad = |f: fn(&Tensor, &Tensor, f64) -> candle_core::Result<Tensor>| {
+        let y = f(&x, w.as_tensor(), 1e-5).unwrap();
+        assert_eq!(y.dtype(), DType::BF16);
+        let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        g.get(w.as_tensor()).unwrap().clone()
+    };
+    let (a, b) = (grad(rms_norm), grad(rms_norm_slow));
+    assert_eq!(a.dtype(), DType::F32);
+    let (d, scale, _) = compare(&a, &b).unwrap();
+    assert!(d / scale < 3e-2, "{d} {scale}");
+}
+
+/// The harness can fail: a slightly wrong op is caught at the tolerances used above.
+#[test]
+fn comparison_detects_a_wrong_op() {
+    let mut case = cases_named("silu_mul").remove(0);
+    case.fused = Box::new(|x| silu_mul(&x[0], &x[1])?.affine(1.0 + 1e-4, 0.0));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_close(&case, DType::F32, 1e-5, false)
+    }));
+    assert!(r.is_err(), "a 1e-4 relative error passed a 1e-5 tolerance");
+    let mut case = cases_named("rope").remove(0);
+    // The forward with the wrong backward (rotate_half instead of its transpose) must fail.
+    case.fused = Box::new(|x| {
+        let y = rope(&x[0], &x[1], &x[2])?;
+        let wrong = rope(&x[0].detach(), &x[1], &x[2])?;
+        // y - y.detach() carries rope's gradient, i.e. the transpose; subtracting twice gives
+        // the un-transposed rotation's gradient sign flipped on the rotated half.
+        wrong + (y.clone() - y.detach())?.affine(-1.0, 0.0)
+    });
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_close(&case, DType::F32, 1e-5, false)
+    }));
+    assert!(r.is_err(), "a wrong gradient passed");
+}
+
+#[test]
+fn self_check_passes_on_cpu() {
+    let report = self_check(&CPU).unwrap();
+    eprintln!("{report}");
+    assert!(report.trim_end().lines().last().unwrap().starts_with("RESULT: PASS"), "{report}");
+    assert!(!report.contains("FAIL"), "{report}");
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary (target-cuda/release/dpo-train) on a machine without a GPU or a CUDA
+# install, following ../shared/gpu/RECIPE.md: a CUDA 13.0 toolkit from PyPI wheels in .cuda13/
+# (made on first use), nvcc 13.0, cudarc pinned to the CUDA 13.0 API (crates/dpo-cli/Cargo.toml).
+#
+#   scripts/build-cuda.sh            # H100/H200 (sm_90)
+#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # A100; 89 for L4/RTX 4090, 120 for Blackwell...
+#
+# A separate target dir keeps the CPU build's cache intact (features change candle-core).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .cuda13/root/bin/nvcc ] || bash scripts/setup-cuda13-pypi.sh .cuda13
+export CUDA_HOME="$PWD/.cuda13/root"
+export NVCC="$CUDA_HOME/bin/nvcc"
+export PATH="$CUDA_HOME/bin:$PATH"
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
+cargo build --release --features cuda -p dpo-train "$@"
+echo "built $CARGO_TARGET_DIR/release/dpo-train (sm_$CUDA_COMPUTE_CAP)"
