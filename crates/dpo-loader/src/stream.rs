@@ -147,7 +147,7 @@ enum Feed {
     Streamed {
         shards: Vec<usize>,
         next_shard: usize,
-        current: Option<ShardStream>,
+        current: Option<Box<ShardStream>>,
         buffer: Option<ShuffleBuffer>,
     },
 }
@@ -209,7 +209,7 @@ impl Feed {
                     if *next_shard == shards.len() {
                         break None;
                     }
-                    *current = Some(dataset.stream_shard(shards[*next_shard])?);
+                    *current = Some(Box::new(dataset.stream_shard(shards[*next_shard])?));
                     *next_shard += 1;
                 };
                 let Some(buffer) = buffer else { return Ok(upstream) };

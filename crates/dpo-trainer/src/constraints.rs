@@ -66,8 +66,24 @@ pub struct Constraints {
     pub precision: Precision,
     /// Capacity: every parameter of the policy is trainable.
     pub trainable_parameters: usize,
+    /// How far the policy moved from the reference, measured at the end on the eval set.
+    pub implicit_kl_to_reference: Option<ImplicitKl>,
     /// The names of the active members, for a quick read.
     pub active: Vec<String>,
+}
+
+/// The distance the constraints allowed the policy to travel from the reference, measured on
+/// the eval pairs (teacher-forced: the contexts are the data's, not samples of the policy).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImplicitKl {
+    /// Mean over eval completion positions of `KL(pi_theta(.|x, y_<t) || pi_ref(.|x, y_<t))`,
+    /// full vocabulary, in nats per token.
+    pub per_token_kl_mean: f64,
+    pub positions: usize,
+    /// Mean `log pi_theta(y|x) - log pi_ref(y|x)` over the eval chosen / rejected responses
+    /// (the implicit reward divided by beta).
+    pub mean_log_ratio_chosen: f64,
+    pub mean_log_ratio_rejected: f64,
 }
 
 impl Constraints {
@@ -117,6 +133,7 @@ impl Constraints {
             },
             precision: cfg.dtype.clone(),
             trainable_parameters,
+            implicit_kl_to_reference: None,
             active: Vec::new(),
         };
         c.refresh_active();

@@ -88,6 +88,27 @@ pub fn sequence_logps(
     index.segments.to_dtype(per_token.dtype())?.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)
 }
 
+/// `sum_t KL(softmax(hp_t Wp^T) || softmax(hr_t Wr^T))` over the rows of `hp`/`hr` (`[n, hidden]`,
+/// the policy's and the reference's hidden states at the same positions), chunked, no gradient.
+pub fn token_kl_sum(hp: &Tensor, wp: &Tensor, hr: &Tensor, wr: &Tensor, chunk: usize) -> Result<f64> {
+    let n = hp.dim(0)?;
+    let acc = accum_dtype(hp.dtype());
+    let log_softmax = |h: &Tensor, w: &Tensor, start: usize, len: usize| -> Result<Tensor> {
+        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?.to_dtype(acc)?;
+        logits.broadcast_sub(&logsumexp(&logits)?.unsqueeze(1)?)
+    };
+    let mut total = 0f64;
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let (lp, lq) = (log_softmax(hp, wp, start, len)?, log_softmax(hr, wr, start, len)?);
+        let kl = (lp.exp()? * (lp - lq)?)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total += kl;
+        start += len;
+    }
+    Ok(total)
+}
+
 fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
     let n = h.dim(0)?;
     let mut parts = Vec::with_capacity(n.div_ceil(chunk.max(1)));

@@ -18,6 +18,10 @@ pub struct BatchStats {
     pub margin: f64,
     pub chosen_logp: f64,
     pub rejected_logp: f64,
+    /// Per pair: the reference's "noise" `log gamma = beta (log pi_ref(y_l) - log pi_ref(y_w))`.
+    pub log_gamma: Vec<f64>,
+    /// Per pair: `|d loss / d margin|`, how hard the pair pulls on the policy.
+    pub grad_weight: Vec<f64>,
 }
 
 impl BatchStats {
@@ -75,6 +79,7 @@ impl Window {
         let mut out = Map::new();
         out.insert("loss".into(), mean(&self.step_losses).into());
         insert_batch_means(&mut out, "", &self.batches);
+        insert_noise(&mut out, "", &self.batches);
         *self = Window::default();
         out
     }
@@ -87,6 +92,7 @@ pub fn eval_metrics(batches: &[BatchStats]) -> Map<String, Value> {
     let mut out = Map::new();
     out.insert("eval_loss".into(), loss.into());
     insert_batch_means(&mut out, "eval_", batches);
+    insert_noise(&mut out, "eval_", batches);
     out
 }
 
@@ -96,6 +102,47 @@ fn insert_batch_means(out: &mut Map<String, Value>, prefix: &str, batches: &[Bat
         let values: Vec<f64> = batches.iter().map(|b| b.named()[i].1).collect();
         out.insert(format!("{prefix}{name}"), mean(&values).into());
     }
+}
+
+/// The noise-adaptive view of the paper (Sec. 5, eq. 12), over every pair of the window:
+/// DPO's per-pair penalty is `log(gamma + u)` with the reference's odds against the chosen
+/// response as the "noise" `gamma`; `gamma > 1` means the reference already prefers the
+/// rejected response. Which pairs drive the update is read off the gradient weights.
+fn insert_noise(out: &mut Map<String, Value>, prefix: &str, batches: &[BatchStats]) {
+    let lg: Vec<f64> = batches.iter().flat_map(|b| b.log_gamma.iter().copied()).collect();
+    let gw: Vec<f64> = batches.iter().flat_map(|b| b.grad_weight.iter().copied()).collect();
+    if lg.is_empty() || lg.len() != gw.len() {
+        return;
+    }
+    let wrong: Vec<bool> = lg.iter().map(|&g| g > 0.0).collect();
+    let pick = |want: bool| -> Vec<f64> { gw.iter().zip(&wrong).filter(|(_, w)| **w == want).map(|(g, _)| *g).collect() };
+    let n_wrong = wrong.iter().filter(|&&w| w).count();
+    let mut put = |k: &str, v: f64| {
+        out.insert(format!("{prefix}noise/{k}"), v.into());
+    };
+    put("log_gamma_mean", mean(&lg));
+    for (name, q) in [("log_gamma_q10", 0.1), ("log_gamma_q50", 0.5), ("log_gamma_q90", 0.9)] {
+        put(name, quantile(&lg, q));
+    }
+    put("ref_wrong_fraction", n_wrong as f64 / lg.len() as f64);
+    put("grad_weight_mean", mean(&gw));
+    put("grad_weight_q90", quantile(&gw, 0.9));
+    // Mean pull of the pairs the reference gets wrong (gamma > 1) and right (gamma < 1).
+    if n_wrong > 0 {
+        put("grad_weight_mean_ref_wrong", mean(&pick(true)));
+    }
+    if n_wrong < lg.len() {
+        put("grad_weight_mean_ref_right", mean(&pick(false)));
+    }
+}
+
+/// Linear-interpolated quantile (numpy's default).
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s: Vec<f64> = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let pos = q * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -121,6 +168,20 @@ mod tests {
         assert_eq!(m["loss"], 3.5);
         assert_eq!(m["rewards/accuracies"], 0.5);
         assert!(w.is_empty());
+    }
+
+    #[test]
+    fn noise_statistics_over_the_window() {
+        let mut w = Window::default();
+        w.push(BatchStats { log_gamma: vec![-1.0, 2.0], grad_weight: vec![0.2, 0.8], ..stats(1.0, 2, 1.0) });
+        w.push(BatchStats { log_gamma: vec![0.5, -3.0], grad_weight: vec![0.6, 0.1], ..stats(1.0, 2, 1.0) });
+        let m = w.drain();
+        assert_eq!(m["noise/log_gamma_mean"], -0.375);
+        assert_eq!(m["noise/ref_wrong_fraction"], 0.5);
+        assert_eq!(m["noise/log_gamma_q50"], -0.25);
+        assert!((m["noise/grad_weight_mean_ref_wrong"].as_f64().unwrap() - 0.7).abs() < 1e-12);
+        assert!((m["noise/grad_weight_mean_ref_right"].as_f64().unwrap() - 0.15).abs() < 1e-12);
+        assert_eq!(quantile(&[1.0, 2.0, 3.0, 4.0], 0.1), 1.3);
     }
 
     #[test]

@@ -88,6 +88,8 @@ pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, 
         margin: avg(&margins),
         chosen_logp: avg(&v(&x.policy_chosen)?),
         rejected_logp: avg(&v(&x.policy_rejected)?),
+        log_gamma: v(&out.log_gamma)?,
+        grad_weight: v(&out.grad_weight)?,
     };
     Ok((mean_loss, stats))
 }

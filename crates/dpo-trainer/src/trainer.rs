@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use dpo_loader::{
-    DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
+    DataConfig, DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
     count_batches,
 };
 use dpo_model::{CausalLm, Checkpoint, Policy};
@@ -13,7 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::checkpoint::{self, Fingerprint, TrainerState};
 use crate::config::{Precision, TrainConfig};
-use crate::constraints::Constraints;
+use crate::constraints::{Constraints, ImplicitKl};
+use crate::logprobs::{sequence_logps, token_kl_sum};
 use crate::error::{Result, TrainError};
 use crate::metrics::{BatchStats, Window, eval_metrics};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
@@ -249,6 +250,7 @@ impl Trainer {
         // 5. Save the policy as a Hugging Face model folder, and the run's record.
         let mut constraints = st.constraints.clone();
         constraints.weight_decay.weight_norm_end = Some(self.decayed_weight_norm(&opt)?);
+        constraints.implicit_kl_to_reference = self.implicit_kl()?;
         let final_dir =
             out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
         let summary = json!({
@@ -346,10 +348,7 @@ impl Trainer {
         let Some(eval) = &self.eval else { return Ok(false) };
         let cfg = &self.cfg;
         let policy = self.policy.model.detached();
-        let data_cfg = dpo_loader::DataConfig {
-            shuffle: false,
-            ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size))
-        };
+        let data_cfg = DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
         let mut all: Vec<BatchStats> = Vec::new();
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
             let db = DeviceBatch::new(&batch?, policy.config.sliding_window, &self.device)?;
@@ -368,6 +367,40 @@ impl Trainer {
         observer.on_log(&rec);
         tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec));
         Ok(constraints.record_eval(step, eval_loss))
+    }
+
+    /// Per-token KL and mean log-ratios of the policy against the reference on the eval set.
+    fn implicit_kl(&self) -> Result<Option<ImplicitKl>> {
+        let Some(eval) = &self.eval else { return Ok(None) };
+        let cfg = &self.cfg;
+        let policy = self.policy.model.detached();
+        let (wp, wr) = (policy.lm_head()?, self.reference.lm_head()?);
+        let data_cfg = DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
+        let (mut kl, mut positions) = (0f64, 0usize);
+        let (mut chosen, mut rejected, mut pairs) = (0f64, 0f64, 0usize);
+        for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
+            let db = DeviceBatch::new(&batch?, policy.config.sliding_window, &self.device)?;
+            let (hp, hr) = (policy.hidden_states(&db.ids, &db.mask)?, self.reference.hidden_states(&db.ids, &db.mask)?);
+            let select = |h: &Tensor| -> Result<Tensor> {
+                let (rows, seq, hidden) = h.dims3()?;
+                Ok(h.reshape((rows * seq, hidden))?.index_select(&db.index.positions, 0)?)
+            };
+            kl += token_kl_sum(&select(&hp)?, &wp, &select(&hr)?, &wr, cfg.logprob_chunk)?;
+            positions += db.index.counts.iter().sum::<usize>();
+            let ratio: Vec<f64> = (sequence_logps(&hp, &wp, &db.index, cfg.logprob_chunk)?
+                - sequence_logps(&hr, &wr, &db.index, cfg.logprob_chunk)?)?
+            .to_dtype(DType::F64)?
+            .to_vec1()?;
+            chosen += ratio[..db.pairs].iter().sum::<f64>();
+            rejected += ratio[db.pairs..].iter().sum::<f64>();
+            pairs += db.pairs;
+        }
+        Ok(Some(ImplicitKl {
+            per_token_kl_mean: kl / positions.max(1) as f64,
+            positions,
+            mean_log_ratio_chosen: chosen / pairs.max(1) as f64,
+            mean_log_ratio_rejected: rejected / pairs.max(1) as f64,
+        }))
     }
 
     fn epoch_stream(&self, start: DataPosition, seen: usize) -> Result<EpochStream> {

@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let Ok(source) = std::str::from_utf8(source) else { return };
     let messages: Vec<Message> = serde_json::from_slice(rest).unwrap_or_default();
-    let specials = BTreeMap::from([("bos_token".to_owned(), "<s>".to_owned()), ("eos_token".to_owned(), "</s>".to_owned())]);
+    let specials = BTreeMap::from([
+        ("bos_token".to_owned(), "<s>".to_owned()),
+        ("eos_token".to_owned(), "</s>".to_owned()),
+    ]);
     let Ok(template) = ChatTemplate::new(source, specials) else { return };
     for generation in [false, true] {
         let _ = template.render(&messages, generation, None, &serde_json::Map::new());
