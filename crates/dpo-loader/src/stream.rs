@@ -186,7 +186,7 @@ impl Feed {
     fn next(&mut self, dataset: &PreferenceDataset) -> Result<Option<(usize, LineBytes)>> {
         match self {
             Feed::Indexed { order, next } => {
-                if *next == order.len() {
+                if *next >= order.len() {
                     return Ok(None);
                 }
                 let i = order.get(*next);

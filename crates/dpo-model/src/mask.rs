@@ -6,10 +6,12 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Additive attention bias `[rows, 1, seq, seq]` (f32) for one padded batch.
+/// The layout of one padded batch: the additive attention bias `[rows, 1, seq, seq]` (f32) and,
+/// when they are not `0..seq` on every row, each token's position `[rows, seq]` (u32).
 #[derive(Debug, Clone)]
 pub struct AttentionMask {
     pub bias: Tensor,
+    pub positions: Option<Tensor>,
 }
 
 /// What a masked score becomes before the softmax (f32 softmax: `exp` of it is exactly 0).
@@ -40,6 +42,24 @@ impl AttentionMask {
         let pad = Tensor::from_vec(pad, (rows, 1, 1, seq), device)?;
         // Sum of two large negatives stays finite in f32 (-2e30).
         let bias = causal.broadcast_add(&pad)?.to_dtype(DType::F32)?;
-        Ok(AttentionMask { bias })
+        Ok(AttentionMask { bias, positions: None })
+    }
+
+    /// An arbitrary layout: `allowed[(r * seq + i) * seq + j]` says whether query `i` of row `r`
+    /// sees key `j`; `positions[r * seq + i]` is the token's rotary position.
+    pub fn custom(
+        allowed: &[bool],
+        positions: Vec<u32>,
+        rows: usize,
+        seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        assert_eq!(allowed.len(), rows * seq * seq, "mask has the wrong size");
+        assert_eq!(positions.len(), rows * seq, "positions have the wrong size");
+        let bias: Vec<f32> = allowed.iter().map(|&a| if a { 0.0 } else { MASKED }).collect();
+        Ok(AttentionMask {
+            bias: Tensor::from_vec(bias, (rows, 1, seq, seq), device)?,
+            positions: Some(Tensor::from_vec(positions, (rows, seq), device)?),
+        })
     }
 }

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{D, DType, Device, Result, Tensor, Var};
+use candle_core::{D, DType, Device, Result, Tensor, TensorId, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::mask::AttentionMask;
@@ -54,6 +54,13 @@ pub fn default_fused_ops(device: &Device) -> bool {
 /// The CPU default of the fused-ops switch (the fused path measured faster there).
 pub const FUSED_ON_CPU: bool = true;
 
+fn grad_of(store: &candle_core::backprop::GradStore, v: &Var) -> Result<Tensor> {
+    store
+        .get(v.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the block input".into()))
+}
+
 #[derive(Debug, Clone)]
 struct Block {
     input_norm: Tensor,
@@ -67,6 +74,17 @@ struct Block {
     down: Linear,
 }
 
+impl Block {
+    fn weights(&self) -> Vec<&Tensor> {
+        let mut w = vec![&self.input_norm, &self.post_norm];
+        for l in [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down] {
+            w.push(&l.w);
+            w.extend(l.b.as_ref());
+        }
+        w
+    }
+}
+
 /// A causal LM's weights and forward pass. Weights are whatever tensors it was built from:
 /// the [`Var`]s of a [`Policy`], or plain tensors for a frozen reference.
 #[derive(Debug, Clone)]
@@ -77,6 +95,8 @@ pub struct CausalLm {
     norm: Tensor,
     lm_head: Option<Tensor>,
     compute_dtype: DType,
+    /// The dtype of the LM head's matmul (f32 keeps bf16 runs' log-probs precise).
+    head_dtype: DType,
     fused: bool,
 }
 
@@ -149,6 +169,7 @@ impl CausalLm {
         let embed = get("model.embed_tokens.weight")?;
         Ok(CausalLm {
             fused: default_fused_ops(embed.device()),
+            head_dtype: compute_dtype,
             embed,
             norm: get("model.norm.weight")?,
             blocks,
@@ -192,6 +213,7 @@ impl CausalLm {
             norm: self.norm.detach(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             compute_dtype: self.compute_dtype,
+            head_dtype: self.head_dtype,
             fused: self.fused,
         }
     }
@@ -223,28 +245,132 @@ impl CausalLm {
         self.embed.device()
     }
 
-    /// The LM head `[vocab, hidden]` in the compute dtype (the embedding when tied).
+    /// The LM head `[vocab, hidden]` (the embedding when tied) in the head dtype.
     pub fn lm_head(&self) -> Result<Tensor> {
-        self.lm_head.as_ref().unwrap_or(&self.embed).to_dtype(self.compute_dtype)
+        self.lm_head.as_ref().unwrap_or(&self.embed).to_dtype(self.head_dtype)
+    }
+
+    /// The same model with the LM head computed in `dtype` (e.g. f32 in a bf16 run: bf16
+    /// logits are rounded to ~0.06 at magnitude 10, which is noise in a sum of log-probs).
+    pub fn with_head_dtype(mut self, dtype: DType) -> Self {
+        self.head_dtype = dtype;
+        self
     }
 
     /// Final hidden states `[rows, seq, hidden]` (after the last norm) for `input_ids`
-    /// `[rows, seq]` (u32), positions `0..seq` on every row (right padding).
+    /// `[rows, seq]` (u32); positions are `0..seq` on every row unless `mask` carries its own.
     pub fn hidden_states(&self, input_ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-        let cfg = &self.config;
-        let dt = self.compute_dtype;
-        let (rows, seq) = input_ids.dims2()?;
-        let (cos, sin) = rope::tables(cfg, seq, dt, input_ids.device())?;
-        let mut h = self.embed_tokens(input_ids)?.to_dtype(dt)?.reshape((rows, seq, cfg.hidden_size))?;
+        let (cos, sin) = self.rope_tables(input_ids, mask)?;
+        let mut h = self.embed_input(input_ids)?;
         for b in &self.blocks {
-            let x = self.rms_norm(&h, &b.input_norm)?;
-            h = (h + self.attention(b, &x, &cos, &sin, mask)?)?;
-            let x = self.rms_norm(&h, &b.post_norm)?;
-            let (gate, up) = (b.gate.forward(&x, dt)?, b.up.forward(&x, dt)?);
-            let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
-            h = (h + b.down.forward(&act, dt)?)?;
+            h = self.block(b, &h, &cos, &sin, mask)?;
         }
         self.rms_norm(&h, &self.norm)
+    }
+
+    /// The gradient of `head(hidden_states)` with respect to every weight, with activation
+    /// checkpointing: the forward keeps only each block's input (no graph), and the backward
+    /// recomputes one block at a time, propagating `d head / d h` through it. Costs one more
+    /// forward; memory holds one block's graph instead of all of them.
+    ///
+    /// `head` gets the final hidden states (after the last norm) and returns a scalar; the
+    /// result is that scalar and the gradients keyed by weight tensor id.
+    pub fn checkpointed_grads(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        head: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, HashMap<TensorId, Tensor>)> {
+        let (cos, sin) = self.rope_tables(input_ids, mask)?;
+        let frozen = self.detached();
+        let mut inputs = vec![frozen.embed_input(input_ids)?];
+        for b in &frozen.blocks {
+            let next = frozen.block(b, inputs.last().expect("one input"), &cos, &sin, mask)?;
+            inputs.push(next);
+        }
+        let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
+        let mut collect = |store: &candle_core::backprop::GradStore, weights: Vec<&Tensor>| -> Result<()> {
+            for w in weights {
+                if let Some(g) = store.get(w) {
+                    let sum = match grads.remove(&w.id()) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    grads.insert(w.id(), sum);
+                }
+            }
+            Ok(())
+        };
+        // The head: final norm, LM head, loss.
+        let leaf = Var::from_tensor(&inputs.pop().expect("final hidden"))?;
+        let value = head(&self.rms_norm(leaf.as_tensor(), &self.norm)?)?;
+        let store = value.backward()?;
+        let mut head_weights = vec![&self.norm, &self.embed];
+        head_weights.extend(self.lm_head.as_ref());
+        collect(&store, head_weights)?;
+        let mut upstream = grad_of(&store, &leaf)?;
+        drop(store);
+        // The blocks, last to first, each recomputed with its graph: d(sum(out * g))/d(in).
+        for (l, b) in self.blocks.iter().enumerate().rev() {
+            let leaf = Var::from_tensor(&inputs[l])?;
+            let out = self.block(b, leaf.as_tensor(), &cos, &sin, mask)?;
+            let store = (out * upstream.detach())?.sum_all()?.backward()?;
+            collect(&store, b.weights())?;
+            upstream = grad_of(&store, &leaf)?;
+            inputs.truncate(l);
+        }
+        // The embedding, as an input.
+        let store = (self.embed_input(input_ids)? * upstream)?.sum_all()?.backward()?;
+        collect(&store, vec![&self.embed])?;
+        Ok((value.detach(), grads))
+    }
+
+    /// The embedded tokens `[rows, seq, hidden]` in the compute dtype.
+    fn embed_input(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (rows, seq) = input_ids.dims2()?;
+        let residual = accum_dtype(self.compute_dtype);
+        self.embed_tokens(input_ids)?.to_dtype(residual)?.reshape((rows, seq, self.config.hidden_size))
+    }
+
+    /// `cos`/`sin` for the batch: `[seq, head_dim]`, or `[rows, seq, head_dim]` with positions.
+    fn rope_tables(&self, input_ids: &Tensor, mask: &AttentionMask) -> Result<(Tensor, Tensor)> {
+        let (rows, seq) = input_ids.dims2()?;
+        let dt = self.compute_dtype;
+        match &mask.positions {
+            None => rope::tables(&self.config, seq, dt, input_ids.device()),
+            Some(pos) => {
+                let max = pos.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+                let (cos, sin) = rope::tables(&self.config, max + 1, dt, input_ids.device())?;
+                let flat = pos.flatten_all()?;
+                let d = self.config.head_dim;
+                Ok((
+                    cos.index_select(&flat, 0)?.reshape((rows, seq, d))?,
+                    sin.index_select(&flat, 0)?.reshape((rows, seq, d))?,
+                ))
+            }
+        }
+    }
+
+    /// One decoder block: `h + Attn(RMSNorm(h))`, then `+ MLP(RMSNorm(.))`.
+    ///
+    /// As under PyTorch autocast, the residual stream `h` and the norms stay in f32 when the
+    /// matmuls run in bf16: only the matmul inputs and outputs are bf16.
+    fn block(
+        &self,
+        b: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<Tensor> {
+        let dt = self.compute_dtype;
+        let x = self.rms_norm(h, &b.input_norm)?.to_dtype(dt)?;
+        let h = (h + self.attention(b, &x, cos, sin, mask)?.to_dtype(h.dtype())?)?;
+        let x = self.rms_norm(&h, &b.post_norm)?.to_dtype(dt)?;
+        let (gate, up) = (b.gate.forward(&x, dt)?, b.up.forward(&x, dt)?);
+        let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
+        let residual = h.dtype();
+        h + b.down.forward(&act, dt)?.to_dtype(residual)?
     }
 
     /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.

@@ -84,12 +84,16 @@ fn tables_as<F: num_traits::Float + num_traits::FloatConst + candle_core::WithDT
     Ok((Tensor::from_vec(cos, shape, device)?, Tensor::from_vec(sin, shape, device)?))
 }
 
-/// Applies RoPE to `x` of shape `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim]`.
+/// Applies RoPE to `x` of shape `[batch, heads, seq, head_dim]`; `cos`/`sin` are `[seq, head_dim]`
+/// (or `[batch, seq, head_dim]` for per-row positions).
 /// Built from differentiable ops only (candle's fused `rope` has no backward).
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)?.add(&rotated.broadcast_mul(sin)?)
+    // Per-row tables `[rows, seq, d]` broadcast over the heads axis.
+    let (cos, sin) =
+        if cos.rank() == 3 { (cos.unsqueeze(1)?, sin.unsqueeze(1)?) } else { (cos.clone(), sin.clone()) };
+    x.broadcast_mul(&cos)?.add(&rotated.broadcast_mul(&sin)?)
 }

@@ -104,6 +104,21 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<u64>,
     pub early_stopping_threshold: f64,
 
+    /// Compute the reference's log-probs of every pair once, before training, and keep them on
+    /// disk (keyed by model, tokenizer, data, `max_length`); steps then run the policy only.
+    pub precompute_ref_log_probs: bool,
+    /// Where precomputed reference log-probs are kept (default `output_dir/ref_logps`).
+    pub ref_cache_dir: Option<PathBuf>,
+    /// Keep only each block's input during the forward and recompute the block in the
+    /// backward (activation checkpointing): about one more forward, far less memory.
+    pub gradient_checkpointing: bool,
+    /// Put each pair on one row, `[prompt, chosen, rejected]`, so the prompt is computed once.
+    pub prefix_sharing: bool,
+    /// In a bf16 run, compute the LM head (logits, log-softmax) in f32 (TF32 matmul on CUDA).
+    pub lm_head_f32: bool,
+    /// Use the fused ops with a hand-written backward (RMSNorm, RoPE, masked softmax, SiLU*up).
+    pub fused_ops: bool,
+
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
     pub dtype: Precision,
@@ -154,6 +169,12 @@ impl Default for TrainConfig {
             eval_on_start: false,
             early_stopping_patience: None,
             early_stopping_threshold: 0.0,
+            precompute_ref_log_probs: false,
+            ref_cache_dir: None,
+            gradient_checkpointing: false,
+            prefix_sharing: false,
+            fused_ops: true,
+            lm_head_f32: true,
             device: "cpu".into(),
             dtype: Precision::F32,
             logprob_chunk: crate::logprobs::DEFAULT_CHUNK,

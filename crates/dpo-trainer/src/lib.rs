@@ -18,6 +18,7 @@ pub mod loss;
 pub mod metrics;
 pub mod optim;
 mod outputs;
+pub mod ref_cache;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

@@ -29,6 +29,28 @@ pub struct CompletionIndex {
 }
 
 impl CompletionIndex {
+    /// From scored positions: `(flat position r * seq + t, target token, owning sequence)`, for
+    /// `n_seqs` sequences.
+    pub fn from_parts(
+        parts: &[(u32, u32, usize)],
+        n_seqs: usize,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let n = parts.len();
+        let mut counts = vec![0usize; n_seqs];
+        let mut seg = vec![0f32; n_seqs * n];
+        for (i, &(_, _, owner)) in parts.iter().enumerate() {
+            seg[owner * n + i] = 1.0;
+            counts[owner] += 1;
+        }
+        Ok(CompletionIndex {
+            positions: Tensor::from_vec(parts.iter().map(|p| p.0).collect(), n, device)?,
+            targets: Tensor::from_vec(parts.iter().map(|p| p.1).collect(), n, device)?,
+            segments: Tensor::from_vec(seg, (n_seqs, n), device)?,
+            counts,
+        })
+    }
+
     /// From `input_ids` and `completion_mask`, both `[rows, seq]` row-major.
     pub fn new(
         input_ids: &[u32],
@@ -84,7 +106,7 @@ pub fn sequence_logps(
         return Tensor::zeros(rows, DType::F32, hidden.device());
     }
     let selected = hidden.reshape((rows * seq, h))?.index_select(&index.positions, 0)?;
-    let per_token = token_logps(&selected, lm_head, &index.targets, chunk)?;
+    let per_token = token_logps(&selected.to_dtype(lm_head.dtype())?, lm_head, &index.targets, chunk)?;
     index.segments.to_dtype(per_token.dtype())?.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)
 }
 
@@ -97,6 +119,8 @@ pub fn token_kl_sum(hp: &Tensor, wp: &Tensor, hr: &Tensor, wr: &Tensor, chunk: u
         let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?.to_dtype(acc)?;
         logits.broadcast_sub(&logsumexp(&logits)?.unsqueeze(1)?)
     };
+    let (hp, hr) = (hp.to_dtype(wp.dtype())?, hr.to_dtype(wr.dtype())?);
+    let (hp, hr) = (&hp, &hr);
     let mut total = 0f64;
     let mut start = 0;
     while start < n {

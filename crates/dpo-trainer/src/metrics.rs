@@ -115,7 +115,9 @@ fn insert_noise(out: &mut Map<String, Value>, prefix: &str, batches: &[BatchStat
         return;
     }
     let wrong: Vec<bool> = lg.iter().map(|&g| g > 0.0).collect();
-    let pick = |want: bool| -> Vec<f64> { gw.iter().zip(&wrong).filter(|(_, w)| **w == want).map(|(g, _)| *g).collect() };
+    let pick = |want: bool| -> Vec<f64> {
+        gw.iter().zip(&wrong).filter(|(_, w)| **w == want).map(|(g, _)| *g).collect()
+    };
     let n_wrong = wrong.iter().filter(|&&w| w).count();
     let mut put = |k: &str, v: f64| {
         out.insert(format!("{prefix}noise/{k}"), v.into());

@@ -1,12 +1,14 @@
 //! The training run: setup, then the loop (in [`Trainer::run`], on one screen).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_loader::{
-    DataConfig, DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
-    count_batches,
+    DataConfig, DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts,
+    batches, count_batches,
 };
 use dpo_model::{CausalLm, Checkpoint, Policy};
 use serde_json::{Map, Value, json};
@@ -14,11 +16,12 @@ use serde_json::{Map, Value, json};
 use crate::checkpoint::{self, Fingerprint, TrainerState};
 use crate::config::{Precision, TrainConfig};
 use crate::constraints::{Constraints, ImplicitKl};
-use crate::logprobs::{sequence_logps, token_kl_sum};
 use crate::error::{Result, TrainError};
+use crate::logprobs::{sequence_logps, token_kl_sum};
 use crate::metrics::{BatchStats, Window, eval_metrics};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
 use crate::outputs::Outputs;
+use crate::ref_cache::{self, RefCache};
 use crate::schedule::lr_factor;
 use crate::step::{DeviceBatch, loss_of, pair_logps, score};
 
@@ -56,7 +59,10 @@ pub struct Trainer {
     pub checkpoint_dir: std::path::PathBuf,
     pub stored_dtype: DType,
     pub policy: Policy,
-    pub reference: CausalLm,
+    /// The frozen reference; dropped once its log-probs are precomputed.
+    pub reference: Option<CausalLm>,
+    ref_cache: Option<(RefCache, Option<RefCache>)>,
+    compute_dtype: DType,
     tokenizer: Arc<PreferenceTokenizer>,
     train: Arc<PreferenceDataset>,
     eval: Option<Arc<PreferenceDataset>>,
@@ -103,8 +109,16 @@ impl Trainer {
             Precision::Bf16 => DType::BF16,
         };
         let ck = Checkpoint::open(&cfg.model, cfg.model_weights.as_deref())?;
-        let policy = Policy::load(&ck, DType::F32, compute, &device)?;
-        let reference = CausalLm::load_frozen(&ck, compute, &device)?;
+        let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
+        if head == DType::F32 && compute == DType::BF16 && device.is_cuda() {
+            // f32 head matmuls on tensor cores (TF32); bf16 matmuls keep f32 accumulation.
+            candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        }
+        let mut policy = Policy::load(&ck, DType::F32, compute, &device)?;
+        policy.model = policy.model.with_fused_ops(cfg.fused_ops).with_head_dtype(head);
+        let reference = Some(
+            CausalLm::load_frozen(&ck, compute, &device)?.with_fused_ops(cfg.fused_ops).with_head_dtype(head),
+        );
         let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
         let train = Arc::new(PreferenceDataset::open(&cfg.train_file)?);
         let train_stats = count_batches(&train, &tokenizer, &cfg.data_config(cfg.batch_size))?;
@@ -143,6 +157,8 @@ impl Trainer {
             device,
             policy,
             reference,
+            ref_cache: None,
+            compute_dtype: compute,
             tokenizer,
             train,
             eval,
@@ -171,6 +187,7 @@ impl Trainer {
             None => (fresh, Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?),
             Some(r) => self.restore(r, &mut opt, fresh)?,
         };
+        self.precompute_reference(&st.fingerprint.clone())?;
         let warmup = cfg.warmup_for(self.total_steps);
         let mut data = self.epoch_stream(st.data_position, st.seen_in_epoch)?;
         let (mut stop, started, mut window_start, mut last_log) =
@@ -186,12 +203,26 @@ impl Trainer {
             // 2. Forward both models, backward the policy; each micro-batch weighs 1 / n.
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
             for batch in &micro {
-                let db = DeviceBatch::new(batch, self.policy.model.config.sliding_window, &self.device)?;
-                let ref_logps = db.logps(&self.reference, cfg.logprob_chunk)?;
-                let x = pair_logps(&db.logps(&self.policy.model, cfg.logprob_chunk)?, &ref_logps, &db)?;
-                let (loss, stats) = score(&x, &loss_of(&cfg, &x)?, db.tokens)?;
-                let store = (loss / micro.len() as f64)?.backward()?;
-                accumulate(&mut grads, &store, &self.policy.params)?;
+                let db = self.device_batch(batch)?;
+                let ref_logps = self.reference_logps(batch, &db)?;
+                let policy = &self.policy.model;
+                let mut stats = None;
+                let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
+                    let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
+                    let x = pair_logps(&logps, &ref_logps, &db)?;
+                    let (loss, s) = score(&x, &loss_of(&cfg, &x)?, db.tokens)?;
+                    stats = Some(s);
+                    loss / micro.len() as f64
+                };
+                let micro_grads = if cfg.gradient_checkpointing {
+                    policy.checkpointed_grads(&db.ids, &db.mask, head)?.1
+                } else {
+                    let store = head(&policy.hidden_states(&db.ids, &db.mask)?)?.backward()?;
+                    let params = self.policy.params.iter();
+                    params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
+                };
+                accumulate(&mut grads, &micro_grads, &self.policy.params)?;
+                let stats = stats.expect("the loss was computed");
                 st.tokens_total += stats.tokens;
                 st.window.push(stats);
             }
@@ -348,13 +379,15 @@ impl Trainer {
         let Some(eval) = &self.eval else { return Ok(false) };
         let cfg = &self.cfg;
         let policy = self.policy.model.detached();
-        let data_cfg = DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
+        let data_cfg =
+            DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
         let mut all: Vec<BatchStats> = Vec::new();
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
-            let db = DeviceBatch::new(&batch?, policy.config.sliding_window, &self.device)?;
+            let batch = batch?;
+            let db = self.device_batch(&batch)?;
             let x = pair_logps(
                 &db.logps(&policy, cfg.logprob_chunk)?,
-                &db.logps(&self.reference, cfg.logprob_chunk)?,
+                &self.eval_reference_logps(&batch, &db)?,
                 &db,
             )?;
             all.push(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1);
@@ -374,13 +407,19 @@ impl Trainer {
         let Some(eval) = &self.eval else { return Ok(None) };
         let cfg = &self.cfg;
         let policy = self.policy.model.detached();
-        let (wp, wr) = (policy.lm_head()?, self.reference.lm_head()?);
-        let data_cfg = DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
+        let reference = match &self.reference {
+            Some(r) => r.clone(),
+            None => self.load_reference()?,
+        };
+        let (wp, wr) = (policy.lm_head()?, reference.lm_head()?);
+        let data_cfg =
+            DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
         let (mut kl, mut positions) = (0f64, 0usize);
         let (mut chosen, mut rejected, mut pairs) = (0f64, 0f64, 0usize);
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
             let db = DeviceBatch::new(&batch?, policy.config.sliding_window, &self.device)?;
-            let (hp, hr) = (policy.hidden_states(&db.ids, &db.mask)?, self.reference.hidden_states(&db.ids, &db.mask)?);
+            let (hp, hr) =
+                (policy.hidden_states(&db.ids, &db.mask)?, reference.hidden_states(&db.ids, &db.mask)?);
             let select = |h: &Tensor| -> Result<Tensor> {
                 let (rows, seq, hidden) = h.dims3()?;
                 Ok(h.reshape((rows * seq, hidden))?.index_select(&db.index.positions, 0)?)
@@ -401,6 +440,81 @@ impl Trainer {
             mean_log_ratio_chosen: chosen / pairs.max(1) as f64,
             mean_log_ratio_rejected: rejected / pairs.max(1) as f64,
         }))
+    }
+
+    /// A batch on the device in the configured layout (standard, or prefix-shared).
+    fn device_batch(&self, batch: &dpo_loader::Batch) -> Result<DeviceBatch> {
+        let window = self.policy.model.config.sliding_window;
+        Ok(if self.cfg.prefix_sharing {
+            DeviceBatch::shared_prefix(batch, window, &self.device)?
+        } else {
+            DeviceBatch::new(batch, window, &self.device)?
+        })
+    }
+
+    /// Reference log-probs of a training batch: precomputed, or a forward of the reference.
+    fn reference_logps(&self, batch: &dpo_loader::Batch, db: &DeviceBatch) -> Result<Tensor> {
+        match (&self.ref_cache, &self.reference) {
+            (Some((train, _)), _) => train.lookup(batch, &self.device),
+            (None, Some(r)) => Ok(db.logps(r, self.cfg.logprob_chunk)?),
+            (None, None) => Err(TrainError::Config("no reference model and no precomputed log-probs".into())),
+        }
+    }
+
+    fn eval_reference_logps(&self, batch: &dpo_loader::Batch, db: &DeviceBatch) -> Result<Tensor> {
+        match (&self.ref_cache, &self.reference) {
+            (Some((_, Some(eval))), _) => eval.lookup(batch, &self.device),
+            (_, Some(r)) => Ok(db.logps(r, self.cfg.logprob_chunk)?),
+            _ => Err(TrainError::Config("no reference model and no precomputed eval log-probs".into())),
+        }
+    }
+
+    /// Loads the reference model again (after precomputing dropped it).
+    fn load_reference(&self) -> Result<CausalLm> {
+        let ck = Checkpoint::open(&self.cfg.model, self.cfg.model_weights.as_deref())?;
+        let head = if self.cfg.lm_head_f32 { DType::F32 } else { self.compute_dtype };
+        Ok(CausalLm::load_frozen(&ck, self.compute_dtype, &self.device)?
+            .with_fused_ops(self.cfg.fused_ops)
+            .with_head_dtype(head))
+    }
+
+    /// With `precompute_ref_log_probs`: the reference's log-probs of every train and eval pair,
+    /// from the cache or one pass; then the reference model is freed.
+    fn precompute_reference(&mut self, fingerprint: &Fingerprint) -> Result<()> {
+        let cfg = &self.cfg;
+        if !cfg.precompute_ref_log_probs || self.ref_cache.is_some() {
+            return Ok(());
+        }
+        let reference = self.reference.as_ref().expect("loaded at setup");
+        let dir = cfg.ref_cache_dir.clone().unwrap_or_else(|| cfg.output_dir.join("ref_logps"));
+        let key = ref_cache::cache_key(
+            &fingerprint.model,
+            &fingerprint.train_data,
+            &cfg.model,
+            cfg.max_length,
+            self.compute_dtype,
+        )?;
+        let data_cfg = cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size));
+        let compute = |path: PathBuf, ds: &Arc<PreferenceDataset>| {
+            RefCache::load_or_compute(
+                path,
+                ds,
+                &self.tokenizer,
+                data_cfg.clone(),
+                reference,
+                cfg.prefix_sharing,
+                cfg.logprob_chunk,
+                &self.device,
+            )
+        };
+        let train = compute(dir.join(format!("train-{key}.safetensors")), &self.train)?;
+        let eval = match &self.eval {
+            Some(ds) => Some(compute(dir.join(format!("eval-{key}.safetensors")), ds)?),
+            None => None,
+        };
+        self.ref_cache = Some((train, eval));
+        self.reference = None;
+        Ok(())
     }
 
     fn epoch_stream(&self, start: DataPosition, seen: usize) -> Result<EpochStream> {
@@ -471,11 +585,11 @@ impl EpochStream {
 /// Adds this micro-batch's gradients to the running sums, one per parameter.
 fn accumulate(
     sums: &mut [Option<Tensor>],
-    store: &candle_core::backprop::GradStore,
+    micro: &HashMap<TensorId, Tensor>,
     params: &[(String, candle_core::Var)],
 ) -> Result<()> {
     for (sum, (name, var)) in sums.iter_mut().zip(params) {
-        let g = store.get(var.as_tensor()).ok_or_else(|| {
+        let g = micro.get(&var.as_tensor().id()).ok_or_else(|| {
             TrainError::Numerics(format!("parameter {name} received no gradient (a bug: please report it)"))
         })?;
         *sum = Some(match sum.take() {

@@ -1,0 +1,113 @@
+//! The GPU levers change how the work is done, never the numbers: prefix sharing (prompt once
+//! per pair) and activation checkpointing give the standard layout's log-probs and gradients.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, TensorId};
+use dpo_loader::{DataConfig, DataPosition, PreferenceDataset, PreferenceTokenizer, batches};
+use dpo_model::{Checkpoint, Policy};
+use dpo_trainer::step::DeviceBatch;
+
+fn fixture_batches(max_length: usize) -> Vec<dpo_loader::Batch> {
+    let f = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl");
+    let ds = Arc::new(PreferenceDataset::open(f.join("train.jsonl")).unwrap());
+    let tok = Arc::new(PreferenceTokenizer::from_model_dir(f.join("model")).unwrap());
+    let cfg =
+        DataConfig { max_length: Some(max_length), batch_size: 4, shuffle: false, ..DataConfig::default() };
+    batches(ds, tok, cfg, DataPosition::start_of(0)).unwrap().map(|b| b.unwrap()).collect()
+}
+
+fn policy(dtype: DType, fused: bool) -> Policy {
+    let f = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl/model");
+    let ck = Checkpoint::open(&f, None).unwrap();
+    let mut p = Policy::load(&ck, dtype, dtype, &Device::Cpu).unwrap();
+    p.model.set_fused_ops(fused);
+    p
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap();
+    d.flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// `sum_i c_i logp_i` and its gradients, through the plain backward.
+fn grads_plain(p: &Policy, db: &DeviceBatch) -> (Tensor, HashMap<TensorId, Tensor>) {
+    let logps = db.logps(&p.model, 5).unwrap();
+    let c = Tensor::arange(1u32, logps.dim(0).unwrap() as u32 + 1, &Device::Cpu)
+        .unwrap()
+        .to_dtype(logps.dtype())
+        .unwrap();
+    let obj = (logps.clone() * c).unwrap().sum_all().unwrap();
+    let store = obj.backward().unwrap();
+    let g = p
+        .params
+        .iter()
+        .map(|(_, v)| (v.as_tensor().id(), store.get(v.as_tensor()).unwrap().clone()))
+        .collect();
+    (logps, g)
+}
+
+#[test]
+fn prefix_sharing_gives_the_same_logps_and_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 2e-4)] {
+        for fused in [true, false] {
+            let p = policy(dtype, fused);
+            // max_length 40 truncates some rows: the shared layout must truncate identically.
+            for batch in fixture_batches(40).iter().take(4) {
+                let standard = DeviceBatch::new(batch, None, &Device::Cpu).unwrap();
+                let shared = DeviceBatch::shared_prefix(batch, None, &Device::Cpu).unwrap();
+                assert!(shared.ids.elem_count() < standard.ids.elem_count());
+                let (la, ga) = grads_plain(&p, &standard);
+                let (lb, gb) = grads_plain(&p, &shared);
+                let d = max_diff(&la, &lb);
+                assert!(d < tol * 100.0, "{dtype:?} fused={fused}: log-probs differ by {d}");
+                for (name, v) in &p.params {
+                    let (a, b) = (&ga[&v.as_tensor().id()], &gb[&v.as_tensor().id()]);
+                    let rel = max_diff(a, b) / (max_diff(a, &a.zeros_like().unwrap()) + 1e-30);
+                    assert!(
+                        rel < tol * 10.0,
+                        "{dtype:?} fused={fused}: gradient of {name} differs by {rel} (relative)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn activation_checkpointing_gives_the_same_gradients() {
+    for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
+        let p = policy(dtype, true);
+        let batch = &fixture_batches(40)[1];
+        for db in [
+            DeviceBatch::new(batch, None, &Device::Cpu).unwrap(),
+            DeviceBatch::shared_prefix(batch, None, &Device::Cpu).unwrap(),
+        ] {
+            let (la, ga) = grads_plain(&p, &db);
+            let c = Tensor::arange(1u32, la.dim(0).unwrap() as u32 + 1, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let (value, gb) = p
+                .model
+                .checkpointed_grads(&db.ids, &db.mask, |hidden| {
+                    let logps =
+                        dpo_trainer::logprobs::sequence_logps(hidden, &p.model.lm_head()?, &db.index, 5)?;
+                    (logps * &c)?.sum_all()
+                })
+                .unwrap();
+            let want = (la * &c).unwrap().sum_all().unwrap();
+            assert!(max_diff(&value, &want) < tol * 100.0);
+            for (name, v) in &p.params {
+                let a = &ga[&v.as_tensor().id()];
+                let b = gb
+                    .get(&v.as_tensor().id())
+                    .unwrap_or_else(|| panic!("no checkpointed gradient for {name}"));
+                let rel = max_diff(a, b) / (max_diff(a, &a.zeros_like().unwrap()) + 1e-30);
+                assert!(rel < tol, "{dtype:?}: checkpointed gradient of {name} differs by {rel} (relative)");
+            }
+        }
+    }
+}
