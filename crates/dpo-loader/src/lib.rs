@@ -3,8 +3,13 @@
 //! Implements the conventions of TRL 1.16's `DPOTrainer` exactly, so a trainer on these
 //! batches reproduces TRL's per-step numbers:
 //!
-//! - Rows are `{"prompt": str, "chosen": str, "rejected": str}`, one JSON object per line
-//!   (blank lines ignored, UTF-8 BOM and CRLF accepted).
+//! - Data is JSONL (plain, gzip or zstd), a folder or glob of such shards, or Parquet (feature
+//!   `parquet`); blank lines are ignored, a UTF-8 BOM and CRLF accepted. See `docs/data.md`.
+//! - Rows are `{"prompt": str, "chosen": str, "rejected": str}` (text), or conversational:
+//!   message lists rendered with the model's chat template (`minijinja`, as transformers renders
+//!   it), with an explicit or implicit prompt (TRL's `extract_prompt`); for those, the prompt is
+//!   rendered with the generation prompt, no EOS is appended and the texts are encoded without
+//!   special tokens. The text conventions below apply to text rows.
 //! - The tokenizer's EOS token text is appended to `chosen` and `rejected` unless they already
 //!   end with it.
 //! - `prompt`, `prompt + chosen` and `prompt + rejected` are each encoded with special tokens

@@ -306,3 +306,42 @@ INSTANTIATE(float, f32)
 INSTANTIATE(double, f64)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+// ---------------------------------------------------------------------------------------------
+// AdamW, in place, f32 (PyTorch's formula, decoupled decay):
+//   p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+extern "C" __global__ void dpo_adamw_f32(float *__restrict__ p, float *__restrict__ m, float *__restrict__ v,
+                                         const float *__restrict__ g, long long n, float decay, float b1,
+                                         float one_minus_b1, float b2, float one_minus_b2, float eps,
+                                         float step_size, float bc2_sqrt) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float mi = b1 * m[i] + one_minus_b1 * gi;
+        const float vi = b2 * v[i] + one_minus_b2 * (gi * gi);
+        const float denom = sqrtf(vi) / bc2_sqrt + eps;
+        p[i] = p[i] * decay - (mi / denom) * step_size;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+// Sum of squares of x (f32), accumulated into out[0] (f64) with one atomic per block.
+extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long n, double *out) {
+    __shared__ double part[32];
+    double acc = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const double xi = x[i];
+        acc += xi * xi;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffff, acc, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        acc = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffff, acc, o);
+        if (threadIdx.x == 0) atomicAdd(out, acc);
+    }
+}

@@ -74,7 +74,24 @@ impl AdamW {
         let step_size = lr / (1.0 - beta1.powi(t));
         let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F32)?;
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            let decay = if slot.decay { 1.0 - lr * weight_decay } else { 1.0 };
+            // On CUDA: one fused kernel updates p, m, v in place (the same formula, in f32).
+            let var = slot.var.as_tensor();
+            if var.dtype() == DType::F32
+                && dpo_model::ops::adamw_step_fused(
+                    var,
+                    &slot.m,
+                    &slot.v,
+                    &g,
+                    decay,
+                    (beta1, beta2, eps),
+                    step_size,
+                    bc2_sqrt,
+                )?
+            {
+                continue;
+            }
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = slot.var.as_tensor().to_dtype(DType::F32)?;
@@ -128,6 +145,9 @@ impl AdamW {
 
 /// Global L2 norm of all gradients, `sqrt(sum_i ||g_i||^2)` (computed before clipping).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    if let Some(sq) = dpo_model::ops::sum_squares_fused(grads)? {
+        return Ok(sq.sqrt());
+    }
     let mut sq = 0f64;
     for g in grads {
         sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -62,27 +62,26 @@ impl DeviceBatch {
             let base = i * width;
             ids[base..base + lc].copy_from_slice(chosen);
             ids[base + lc..base + lc + seg_r].copy_from_slice(&rejected[p..]);
+            // Slot t's part: prompt [0, p), chosen [p, lc), rejected [lc, lc + seg_r); a query
+            // sees the prompt and its own branch up to itself (and, with a window, only keys
+            // less than `window` positions back).
+            let pos_of = |t: usize| if t < lc { t } else { p + t - lc };
             for t in 0..lc + seg_r {
-                // position of slot t, and which part it belongs to (0 prompt, 1 chosen, 2 rejected)
-                let (pos, part) = if t < p {
-                    (t, 0)
+                positions[base + t] = pos_of(t) as u32;
+                let row = &mut allowed[(base + t) * width..(base + t + 1) * width];
+                let branch_start = if t < p {
+                    0
                 } else if t < lc {
-                    (t, 1)
+                    p
                 } else {
-                    (p + t - lc, 2)
+                    lc
                 };
-                positions[base + t] = pos as u32;
-                for u in 0..=t {
-                    let (upos, upart) = if u < p {
-                        (u, 0)
-                    } else if u < lc {
-                        (u, 1)
-                    } else {
-                        (p + u - lc, 2)
-                    };
-                    let same_branch = upart == 0 || upart == part;
-                    let in_window = window.is_none_or(|w| pos < upos + w);
-                    allowed[(base + t) * width + u] = same_branch && in_window;
+                row[..p.min(t + 1)].fill(true);
+                row[branch_start.max(p.min(t + 1))..=t].fill(true);
+                if let Some(w) = window {
+                    for (u, a) in row.iter_mut().enumerate().take(t + 1) {
+                        *a = *a && pos_of(t) < pos_of(u) + w;
+                    }
                 }
             }
             for t in lc + seg_r..width {

@@ -77,6 +77,23 @@ fn prefix_sharing_gives_the_same_logps_and_gradients() {
 }
 
 #[test]
+fn prefix_sharing_respects_a_sliding_window() {
+    let p = policy(DType::F64, true);
+    for batch in fixture_batches(40).iter().take(3) {
+        for window in [1, 3, 7] {
+            let standard = DeviceBatch::new(batch, Some(window), &Device::Cpu).unwrap();
+            let shared = DeviceBatch::shared_prefix(batch, Some(window), &Device::Cpu).unwrap();
+            let d = max_diff(&standard.logps(&p.model, 5).unwrap(), &shared.logps(&p.model, 5).unwrap());
+            assert!(d < 1e-9, "window {window}: log-probs differ by {d}");
+        }
+        // The window matters: a window of 3 is not the full causal mask.
+        let full = DeviceBatch::new(batch, None, &Device::Cpu).unwrap().logps(&p.model, 5).unwrap();
+        let w3 = DeviceBatch::new(batch, Some(3), &Device::Cpu).unwrap().logps(&p.model, 5).unwrap();
+        assert!(max_diff(&full, &w3) > 1e-3);
+    }
+}
+
+#[test]
 fn activation_checkpointing_gives_the_same_gradients() {
     for (dtype, tol) in [(DType::F64, 1e-10), (DType::F32, 1e-5)] {
         let p = policy(dtype, true);

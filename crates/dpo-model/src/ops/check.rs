@@ -381,6 +381,28 @@ pub fn self_check(device: &Device) -> Result<String> {
             };
         }
     }
+    // The optimizer's fused kernels (CUDA only): AdamW in place and the sum of squares.
+    if device.is_cuda() {
+        checks += 2;
+        match adamw_and_norm_check(device) {
+            Ok((adam, norm)) => {
+                let (ok_a, ok_n) = (adam <= 1e-6, norm <= 1e-6);
+                failed += usize::from(!ok_a) + usize::from(!ok_n);
+                let verdict = |ok: bool| if ok { "PASS" } else { "FAIL" };
+                let _ = writeln!(
+                    rep,
+                    "\nadamw (fused in place vs tensor ops) rel {adam:9.2e}  {}",
+                    verdict(ok_a)
+                );
+                let _ =
+                    writeln!(rep, "sum of squares (fused vs tensor ops) rel {norm:9.2e}  {}", verdict(ok_n));
+            }
+            Err(e) => {
+                failed += 2;
+                let _ = writeln!(rep, "\nadamw / sum of squares: FAIL: {e}");
+            }
+        }
+    }
     let _ = writeln!(rep, "\nforward+backward timings (mean of {iters}, device synchronized):\n{timings}");
     if failed == 0 {
         let _ = writeln!(rep, "RESULT: PASS ({checks} checks)");
@@ -388,4 +410,34 @@ pub fn self_check(device: &Device) -> Result<String> {
         let _ = writeln!(rep, "RESULT: FAIL ({failed} of {checks} checks)");
     }
     Ok(rep)
+}
+
+/// Relative errors of the fused AdamW step and sum of squares against tensor-op versions.
+fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
+    let n = 1_000_003;
+    let r = |seed: f64| -> Result<Tensor> {
+        Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.affine(0.618_034, seed)?.sin()
+    };
+    let (p, m, g) = (r(0.1)?, (r(0.2)? * 0.01)?, r(0.3)?);
+    let v = (r(0.4)?.sqr()? * 1e-4)?;
+    let (decay, b1, b2, eps, step, bc2) = (0.999, 0.9, 0.999, 1e-8, 1e-3, 0.0447);
+    // The reference, as crates/dpo-trainer/src/optim.rs computes it.
+    let m2 = ((&m * b1)? + (&g * (1.0 - b1))?)?;
+    let v2 = ((&v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let p2 = ((&p * decay)? - ((&m2 / ((v2.sqrt()? / bc2)? + eps)?)? * step)?)?;
+    let (p1, m1, v1) = (p.copy()?, m.copy()?, v.copy()?);
+    if !super::adamw_step_fused(&p1, &m1, &v1, &g, decay, (b1, b2, eps), step, bc2)? {
+        candle_core::bail!("no fused AdamW on {device:?}");
+    }
+    let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-30))
+    };
+    let adam = rel(&p1, &p2)?.max(rel(&m1, &m2)?).max(rel(&v1, &v2)?);
+    let want: f64 = [&p, &g]
+        .iter()
+        .map(|t| t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+        .sum::<Result<f64>>()?;
+    let got = super::sum_squares_fused(&[p.clone(), g.clone()])?.unwrap_or(f64::NAN);
+    Ok((adam, (got - want).abs() / want))
 }

@@ -399,3 +399,95 @@ fn silu_mul_bwd_t<T: Kern>(
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// The raw device address of a contiguous f32 CUDA tensor.
+fn f32_ptr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    if t.dtype() != DType::F32 {
+        candle_core::bail!("{what}: expected f32, got {:?}", t.dtype());
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(s) = &*storage else { candle_core::bail!("{what}: not on a CUDA device") };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{what}: must be contiguous")
+    };
+    let slice: &CudaSlice<f32> = s.as_cuda_slice::<f32>()?;
+    let stream = s.device().cuda_stream();
+    let (ptr, _sync) = slice.device_ptr(&stream);
+    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
+}
+
+/// One AdamW update of `p`, `m`, `v` in place from `g` (all f32, same size, contiguous).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_inplace(
+    p: &candle_core::Tensor,
+    m: &candle_core::Tensor,
+    v: &candle_core::Tensor,
+    g: &candle_core::Tensor,
+    decay: f32,
+    (b1, b2, eps): (f64, f64, f64),
+    step_size: f32,
+    bc2_sqrt: f32,
+) -> Result<()> {
+    let n = p.elem_count();
+    for (t, what) in [(m, "m"), (v, "v"), (g, "g")] {
+        if t.elem_count() != n {
+            candle_core::bail!("adamw: {what} has {} elements, the parameter {n}", t.elem_count());
+        }
+    }
+    let dev = match p.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("adamw: not on a CUDA device"),
+    };
+    let (pp, mp, vp, gp) =
+        (f32_ptr(p, "adamw p")?, f32_ptr(m, "adamw m")?, f32_ptr(v, "adamw v")?, f32_ptr(g, "adamw g")?);
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.get_or_load_custom_func("dpo_adamw_f32", MODULE, PTX)?.into_cuda_function();
+    let stream = dev.cuda_stream();
+    let n64 = n as i64;
+    // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
+    let (b1f, omb1, b2f, omb2, epsf) =
+        (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32);
+    let mut lb = stream.launch_builder(&f);
+    lb.arg(&pp).arg(&mp).arg(&vp).arg(&gp).arg(&n64).arg(&decay).arg(&b1f).arg(&omb1).arg(&b2f).arg(&omb2);
+    lb.arg(&epsf).arg(&step_size).arg(&bc2_sqrt);
+    // SAFETY: the pointers address live, contiguous f32 buffers of n elements owned by the
+    // optimizer and the parameter; the kernel is ordered on the device's stream with every
+    // other op on these buffers.
+    unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    Ok(())
+}
+
+/// `sum_i sum(x_i^2)` over f32 CUDA tensors, in f64, with one device-to-host copy.
+pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
+    let Some(first) = xs.first() else { return Ok(0.0) };
+    let dev = match first.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("sum_squares: not on a CUDA device"),
+    };
+    let stream = dev.cuda_stream();
+    let mut acc = stream.alloc_zeros::<f64>(1).w()?;
+    let f = dev.get_or_load_custom_func("dpo_sumsq_f32", MODULE, PTX)?.into_cuda_function();
+    for x in xs {
+        let n = x.elem_count();
+        if n == 0 {
+            continue;
+        }
+        let ptr = f32_ptr(x, "sum_squares")?;
+        let n64 = n as i64;
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&ptr).arg(&n64).arg(&mut acc);
+        let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+        // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements.
+        unsafe {
+            lb.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+        }
+        .w()?;
+    }
+    let host = stream.clone_dtoh(&acc).w()?;
+    Ok(host[0])
+}

@@ -25,6 +25,38 @@ mod tests;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
 pub use check::self_check;
+
+/// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous): `Ok(false)` when the
+/// tensors are not on a CUDA device (the caller then uses tensor ops).
+#[allow(clippy::too_many_arguments)]
+pub fn adamw_step_fused(
+    p: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    decay: f64,
+    betas_eps: (f64, f64, f64),
+    step_size: f64,
+    bc2_sqrt: f64,
+) -> Result<bool> {
+    #[cfg(feature = "cuda")]
+    if p.device().is_cuda() {
+        cuda::adamw_inplace(p, m, v, g, decay as f32, betas_eps, step_size as f32, bc2_sqrt as f32)?;
+        return Ok(true);
+    }
+    let _ = (p, m, v, g, decay, betas_eps, step_size, bc2_sqrt);
+    Ok(false)
+}
+
+/// `sum_i ||x_i||^2` on CUDA with a single copy to the host; `None` off CUDA.
+pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
+    #[cfg(feature = "cuda")]
+    if xs.first().is_some_and(|x| x.device().is_cuda() && x.dtype() == DType::F32) {
+        return cuda::sum_squares(xs).map(Some);
+    }
+    let _ = xs;
+    Ok(None)
+}
 pub use rms_norm::{rms_norm, rms_norm_slow};
 pub use rope::{rope, rope_slow};
 pub use silu::{silu_mul, silu_mul_slow};

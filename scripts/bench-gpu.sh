@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# GPU benchmark, run ON the GPU machine in one go: dpo-train (carried binary, no build) and TRL
+# 1.16 (carried wheels) on the workload of the GPU issue: random-init Qwen2 with Qwen2.5-0.5B
+# shapes, batch 8 pairs, prompt 256 + completion 256 (8,192 tokens a step), bf16.
+# Also the bf16-vs-f32 learning curve of the bundled default (CUDA bf16 vs CPU f32 reference).
+#
+# Prepared here (CPU machine):
+#   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
+#   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/   # + the CPU f32 curve: .device/curve-f32.jsonl
+#   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
+# Run there (device tool, carry [".device", ".whl"]):  bash scripts/bench-gpu.sh
+# Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
+# (the device tool returns at most 8 files).
+set -u
+FINAL_OUT=${OUT:-/tmp/out}; OUT=/tmp/gpu-bench-out; mkdir -p "$OUT" "$FINAL_OUT"
+STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
+W=/tmp/gpu-bench; mkdir -p $W
+cd "$(dirname "$0")/.."
+[ -x .device/dpo-train ] || { xz -dkf .device/dpo-train.xz && chmod +x .device/dpo-train; }
+source .device/cuda-env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+# 0. The fused kernels against their references on this GPU.
+timeout 120 .device/dpo-train doctor --device cuda > "$OUT/doctor.txt" 2>&1; echo "doctor rc=$?"
+grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20
+
+# Peak device memory of a command, sampled by nvidia-smi every 50 ms (whole process: context,
+# allocator pools and all), in GiB; the command's stdout/stderr go to $W/<name>.log.
+measure() {
+  local name=$1; shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$W/$name.mem" &
+  local smi=$!
+  timeout "${TIMEOUT:-150}" "$@" > "$W/$name.log" 2>&1; local rc=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null
+  local peak; peak=$(sort -n "$W/$name.mem" | tail -1)
+  echo "$name rc=$rc smi_peak_mib=$peak" | tee -a "$OUT/runs.txt"
+  cp "$W/$name.log" "$OUT/$name.log" 2>/dev/null
+  echo "${peak:-0}" > "$W/$name.peak"
+}
+
+# 1. Assets: model (bf16 safetensors), word-level tokenizer, rows of exact length.
+python3 scripts/bench_assets.py $W/assets --preset qwen05b --pairs $((8 * STEPS + 8)) --prompt 256 --completion 256 \
+  | tee "$OUT/assets.json"
+
+# The TRL harness builds the same model at this path unless it exists: reuse ours (same config
+# and seed; only its pad_token_id differs, which does not change the work).
+mkdir -p /tmp/bench-qwen2-0.5b && cp $W/assets/model/config.json $W/assets/model/model.safetensors /tmp/bench-qwen2-0.5b/
+
+# 2. dpo-train, one config per lever.
+run_ours() {
+  local name=$1; shift
+  cat > $W/$name.toml <<TOML
+model = "$W/assets/model"
+train_file = "$W/assets/train.jsonl"
+output_dir = "$W/out-$name"
+overwrite_output_dir = true
+device = "cuda"
+dtype = "bf16"
+batch_size = 8
+max_length = 1024
+max_steps = $STEPS
+logging_steps = 1
+shuffle = false
+learning_rate = 1e-6
+lr_scheduler_type = "constant"
+progress_bar = false
+TOML
+  measure "$name" .device/dpo-train --config $W/$name.toml "$@"
+  cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
+}
+# Where a step's time goes (each phase ends with a device synchronization).
+DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
+DPO_TRAIN_PROFILE=1 run_ours profile-share --set max_steps=5 --set prefix_sharing=true
+grep -h "profile step [345]" "$W/profile-plain.log" "$W/profile-share.log"
+run_ours ours-plain
+run_ours ours-share --set prefix_sharing=true
+run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
+run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
+[ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
+
+# 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
+export BENCH_TOKENIZER_DIR=$W/assets/model
+for mode in trl trl-precompute; do
+  TIMEOUT=200 measure "$mode" python3 .device/bench_trl_gpu.py --mode $mode --steps $STEPS --warmup $WARMUP --out "$OUT"
+done
+
+# 4. The learning curve of the bundled default: CUDA bf16 vs the CPU f32 run in .device/curve-f32.jsonl.
+TIMEOUT=120 measure curve .device/dpo-train --config configs/default.toml --set device=\"cuda\" --set dtype=\"bf16\" \
+  --set max_steps=20 --set logging_steps=1 --set output_dir=\"$W/curve\" --set overwrite_output_dir=true --set progress_bar=false
+cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
+
+# 5. Summary.
+python3 - "$W" "$OUT" "$STEPS" "$WARMUP" <<'PY'
+import glob, json, os, statistics, sys
+W, OUT, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+cfg = dict(vocab=151936, hidden=896, layers=24, inter=4864, heads=14, kv=2)
+hd = cfg["hidden"] // cfg["heads"]
+nonembed = cfg["layers"] * (cfg["hidden"] * (cfg["heads"] + 2 * cfg["kv"]) * hd + (cfg["heads"] + 2 * cfg["kv"]) * hd
+           + cfg["hidden"] * cfg["heads"] * hd + 3 * cfg["hidden"] * cfg["inter"] + 2 * cfg["hidden"]) + cfg["hidden"]
+def flops(seqs, seqlen, with_ref):  # the harness's formula (bench_trl_gpu.py), logical tokens
+    n = nonembed + cfg["vocab"] * cfg["hidden"]; tok = seqs * seqlen
+    attn = 12 * cfg["layers"] * cfg["hidden"] * seqlen * tok // 2
+    f = 6 * n * tok + attn
+    return f + (2 * n * tok + attn // 3 if with_ref else 0)
+peak = lambda name: float(open(f"{W}/{name}.peak").read().strip() or 0) / 1024
+rows = []
+for name in ["ours-plain", "ours-share", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+    try:
+        recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
+        tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
+        step = statistics.median(tok / r["tokens_per_second"] for r in recs[warmup:])
+        f = flops(16, 512, "precompute" not in name)
+        rows.append(dict(run=name, step_s=step, tokens_per_s=tok / step, smi_peak_gib=peak(name),
+                         tflops=f / step / 1e12, mfu_989=f / step / 989e12, mfu_778=f / step / 778e12))
+    except Exception as e:
+        rows.append(dict(run=name, error=str(e)))
+for mode in ["trl", "trl-precompute"]:
+    try:
+        r = json.load(open(f"{OUT}/trl-gpu-{mode}.json"))
+        rows.append(dict(run=mode, step_s=r["step_s_median"], tokens_per_s=r["tokens_per_s"], smi_peak_gib=peak(mode),
+                         torch_peak_gib=r["peak_mem_gib"], tflops=r["tflops_per_s"], mfu_989=r["mfu_vs_989"],
+                         mfu_778=r["mfu_vs_989"] * 989 / 778))
+    except Exception as e:
+        rows.append(dict(run=mode, error=str(e)))
+for r in rows:
+    print("RESULT " + json.dumps(r))
+json.dump(rows, open(f"{OUT}/summary.json", "w"), indent=1)
+try:
+    a = [json.loads(l) for l in open(".device/curve-f32.jsonl") if '"loss"' in l]
+    b = [json.loads(l) for l in open(f"{OUT}/curve-bf16-cuda.jsonl") if '"loss"' in l]
+    d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+    print("CURVE max|loss_bf16_cuda - loss_f32_cpu| over", len(d), "steps:", max(d), [round(x, 4) for x in d])
+except Exception as e:
+    print("CURVE error", e)
+PY
+cp "$OUT/summary.json" "$FINAL_OUT/" 2>/dev/null
+tar czf "$FINAL_OUT/gpu-bench.tgz" -C "$OUT" . && ls -la "$FINAL_OUT"
