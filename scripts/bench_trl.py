@@ -25,7 +25,6 @@ def main():
     a = ap.parse_args()
     import torch
     torch.set_num_threads(a.threads)
-    from datasets import load_dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -37,7 +36,17 @@ def main():
         def on_step_end(self, args, state, control, **kw):
             sync(); times.append(time.perf_counter() - self.t)
     model_dir = os.path.join(a.assets, "model")
-    ds = load_dataset("json", data_files=os.path.join(a.assets, "train.jsonl"), split="train")
+    # Pre-tokenized rows, exactly as dpo-train tokenizes them ("w123" is token 123, EOS 0 ends
+    # each completion): transformers 5 would load this word-level tokenizer.json through the
+    # Qwen2 tokenizer class of the model's config and tokenize differently.
+    from datasets import Dataset
+    ids = lambda text: [int(w[1:]) for w in text.split()]
+    rows = [json.loads(l) for l in open(os.path.join(a.assets, "train.jsonl"))]
+    ds = Dataset.from_list([{"prompt_ids": ids(r["prompt"]), "chosen_ids": ids(r["chosen"]) + [0],
+                             "rejected_ids": ids(r["rejected"]) + [0]} for r in rows])
+    class Pre(DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
     args = DPOConfig(output_dir=tempfile.mkdtemp(), beta=0.1, learning_rate=1e-6, lr_scheduler_type="constant",
                      per_device_train_batch_size=a.batch, max_steps=a.steps, max_length=a.max_length,
                      train_sampling_strategy="sequential", seed=42, logging_steps=1, report_to="none",
@@ -45,18 +54,16 @@ def main():
                      precompute_ref_log_probs=a.precompute, save_strategy="no", disable_tqdm=True,
                      dataloader_num_workers=0, optim="adamw_torch")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    tr = DPOTrainer(model=model_dir, args=args, train_dataset=ds, processing_class=tok)
+    tr = Pre(model=model_dir, args=args, train_dataset=ds, processing_class=tok)
     tr.add_callback(Timer())
     if a.cuda:
         torch.cuda.reset_peak_memory_stats()
     tr.train()
     row = ds[0]
-    step_tokens = None
     meas = times[a.warmup:]
     med = statistics.median(meas)
     # tokens per step: every row of the batch is prompt + completion (+ EOS), all equal here
-    ids = tok(row["prompt"] + row["chosen"] + tok.eos_token)["input_ids"]
-    step_tokens = 2 * a.batch * min(len(ids), a.max_length)
+    step_tokens = 2 * a.batch * min(len(row["prompt_ids"]) + len(row["chosen_ids"]), a.max_length)
     out = {"trainer": "trl", "trl": __import__("trl").__version__, "torch": torch.__version__,
            "device": torch.cuda.get_device_name(0) if a.cuda else "cpu", "threads": a.threads,
            "step_s_median": med, "step_s_min": min(meas), "n_measured": len(meas), "tokens_per_step": step_tokens,

@@ -39,7 +39,8 @@ pub struct InspectArgs {
 
 pub fn run(command: DataCommand) -> Result<()> {
     let DataCommand::Inspect(args) = command;
-    let cfg = config::load(&args.config, &args.overrides)?;
+    let mut cfg = config::load(&args.config, &args.overrides)?;
+    crate::hub::resolve_model(&mut cfg)?;
     let file = if args.eval {
         cfg.eval_file.clone().context("--eval: the config has no `eval_file`")?
     } else {

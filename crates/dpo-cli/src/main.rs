@@ -4,6 +4,7 @@
 mod config;
 mod doctor;
 mod experiment;
+mod hub;
 mod inspect;
 mod progress;
 
@@ -66,6 +67,8 @@ enum Command {
         #[arg(long, default_value_t = doctor::default_device())]
         device: String,
     },
+    /// Upload a model folder (a run's `final/` or a checkpoint) to the Hugging Face Hub.
+    Push(hub::PushArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -76,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::Data { command }) => inspect::run(command),
         Some(Command::Experiment { which }) => experiment::run(which),
         Some(Command::Doctor { device }) => doctor::run(&device),
+        Some(Command::Push(args)) => init_logging("info").and_then(|()| hub::push(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -88,19 +92,19 @@ fn main() -> std::process::ExitCode {
 
 fn train(args: TrainArgs) -> Result<()> {
     let path = args.config.context("--config is required")?;
-    let cfg = config::load(&path, &args.overrides)?;
+    let mut cfg = config::load(&path, &args.overrides)?;
     let mut progress = progress::Progress::new(cfg.progress_bar);
     // With a bar, per-step metric lines go above it instead of through tracing.
-    let default_filter = if progress.is_bar() { "info,dpo_train::metrics=warn" } else { "info" };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(if progress.is_bar() { "info,dpo_train::metrics=warn" } else { "info" })?;
+    hub::resolve_model(&mut cfg)?;
+    // Before training, so that a missing token fails now rather than after the run.
+    let mut pusher = hub::Pusher::from_config(&cfg)?;
     let output_dir = cfg.output_dir.clone();
     let mut trainer = Trainer::new(cfg).context("setting up the run")?;
     let resume =
         args.resume.map(|checkpoint| Resume { checkpoint, allow_changed: args.resume_allow_changed });
-    let summary = trainer.run(&mut progress, resume.as_ref()).context("training")?;
+    let mut observer = hub::HubObserver { inner: &mut progress, pusher: pusher.as_mut() };
+    let summary = trainer.run(&mut observer, resume.as_ref()).context("training")?;
     drop(progress);
     tracing::info!(
         steps = %summary["steps_run"], stopped_because = %summary["stopped_because"],
@@ -111,5 +115,20 @@ fn train(args: TrainArgs) -> Result<()> {
     if skipped.total() > 0 {
         tracing::warn!("training rows skipped or dropped: {skipped}");
     }
+    if let Some(pusher) = pusher.as_mut() {
+        pusher.push_final(&output_dir, &summary)?;
+    }
     Ok(())
+}
+
+/// Log lines to stderr; `RUST_LOG` overrides `default_filter`. hf-hub's per-request lines are
+/// quieted (the Hub module logs its own; hf-hub's "retry exhausted" would show on each attempt).
+fn init_logging(default_filter: &str) -> Result<()> {
+    let filter =
+        format!("{default_filter},hf_hub=warn,hf_hub::retry=off,hf_xet=warn,xet_client=warn,xet_data=warn");
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter)))
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("setting up logging: {e}"))
 }

@@ -36,7 +36,7 @@ pub struct Fingerprint {
     pub hyperparameters: String,
 }
 
-/// Keys a resumed run may change freely: budget, logging and saving, and outputs.
+/// Keys a resumed run may change freely: budget, logging and saving, outputs, and Hub uploads.
 pub const RESUMABLE_KEYS: &[&str] = &[
     "max_steps",
     "num_train_epochs",
@@ -49,6 +49,11 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "early_stopping_patience",
     "progress_bar",
     "device",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private",
+    "hub_revision",
+    "hub_strategy",
 ];
 
 /// The loop's state after an optimizer step: everything needed to continue identically.

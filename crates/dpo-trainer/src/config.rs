@@ -34,10 +34,21 @@ pub enum Precision {
     Bf16,
 }
 
+/// When `push_to_hub` uploads to the Hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HubStrategy {
+    /// `final/` once, at the end of the run.
+    End,
+    /// Each checkpoint as it is saved (into `checkpoint-<step>/` of the repo), and `final/`.
+    EverySave,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// A local Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    /// A local Hugging Face model folder (config.json, safetensors, tokenizer.json); the CLI
+    /// also takes a Hub id (`org/name`, `hub:org/name[@revision]`), downloaded into the cache.
     pub model: PathBuf,
     pub train_file: PathBuf,
     pub eval_file: Option<PathBuf>,
@@ -51,6 +62,15 @@ pub struct TrainConfig {
     pub save_steps: Option<u64>,
     /// Keep at most this many checkpoints (oldest removed once a new one is complete).
     pub save_total_limit: Option<usize>,
+    /// Upload `final/` with a model card to the Hugging Face Hub repo `hub_model_id` (the CLI).
+    pub push_to_hub: bool,
+    /// `org/name` of the Hub repo to push to; created if needed.
+    pub hub_model_id: Option<String>,
+    /// Create the Hub repo private (an existing repo keeps its visibility).
+    pub hub_private: bool,
+    /// The branch to push to (default `main`).
+    pub hub_revision: Option<String>,
+    pub hub_strategy: HubStrategy,
 
     /// The paper's lambda: strength of the tie to the reference.
     pub beta: f64,
@@ -139,6 +159,11 @@ impl Default for TrainConfig {
             model_weights: None,
             save_steps: None,
             save_total_limit: None,
+            push_to_hub: false,
+            hub_model_id: None,
+            hub_private: false,
+            hub_revision: None,
+            hub_strategy: HubStrategy::End,
             beta: 0.1,
             loss_type: LossType::Sigmoid,
             label_smoothing: 0.0,
@@ -215,6 +240,25 @@ impl TrainConfig {
         }
         if self.save_steps == Some(0) || self.save_total_limit == Some(0) {
             return Err("`save_steps` and `save_total_limit` must be at least 1".into());
+        }
+        if self.push_to_hub && self.hub_model_id.is_none() {
+            return Err("`push_to_hub` needs `hub_model_id` (the Hub repo, `org/name`)".into());
+        }
+        if let Some(id) = &self.hub_model_id {
+            let parts: Vec<&str> = id.split('/').collect();
+            let ok =
+                |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            if parts.len() != 2 || !parts.iter().all(|p| ok(p)) {
+                return Err(format!("`hub_model_id` must look like `org/name` (got `{id}`)"));
+            }
+        }
+        if self.hub_revision.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err("`hub_revision` must not be empty (leave it out for `main`)".into());
+        }
+        if self.push_to_hub && self.hub_strategy == HubStrategy::EverySave && self.save_steps.is_none() {
+            return Err(
+                "`hub_strategy = \"every_save\"` needs `save_steps` (it uploads each checkpoint)".into()
+            );
         }
         if !(0.0..0.5).contains(&self.label_smoothing) {
             return Err(format!("`label_smoothing` must be in [0, 0.5) (got {})", self.label_smoothing));
@@ -295,5 +339,35 @@ mod loss_key_tests {
         assert!(with("sigmoid", r#", "label_smoothing": 0.1"#).unwrap_err().contains("robust"));
         assert_eq!(with("ipo", r#", "sft_weight": 0.5"#).unwrap().sft_weight, 0.5);
         assert!(with("sigmoid", r#", "sft_weight": -1.0"#).unwrap_err().contains("sft_weight"));
+    }
+}
+
+#[cfg(test)]
+mod hub_key_tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Result<TrainConfig, String> {
+        let text = format!(r#"{{"model": "m", "train_file": "t.jsonl"{extra}}}"#);
+        let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.validate().map(|()| cfg)
+    }
+
+    #[test]
+    fn hub_keys_default_and_validate() {
+        let c = cfg("").unwrap();
+        assert!(!c.push_to_hub && !c.hub_private && c.hub_model_id.is_none() && c.hub_revision.is_none());
+        assert_eq!(c.hub_strategy, HubStrategy::End);
+        assert!(cfg(r#", "push_to_hub": true"#).unwrap_err().contains("hub_model_id"));
+        let c = cfg(r#", "push_to_hub": true, "hub_model_id": "me/run-1", "hub_strategy": "every_save", "save_steps": 5"#)
+            .unwrap();
+        assert_eq!((c.hub_strategy, c.hub_model_id.as_deref()), (HubStrategy::EverySave, Some("me/run-1")));
+        for bad in ["me", "me/x/y", "/x", "me/ x"] {
+            let e = cfg(&format!(r#", "hub_model_id": "{bad}""#)).unwrap_err();
+            assert!(e.contains("hub_model_id"), "{bad}: {e}");
+        }
+        let e = cfg(r#", "push_to_hub": true, "hub_model_id": "me/x", "hub_strategy": "every_save""#)
+            .unwrap_err();
+        assert!(e.contains("save_steps"), "{e}");
+        assert!(cfg(r#", "hub_strategy": "checkpoint""#).is_err());
     }
 }

@@ -23,6 +23,6 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
-pub use config::{LossType, Precision, TrainConfig};
+pub use config::{HubStrategy, LossType, Precision, TrainConfig};
 pub use error::{Result, TrainError};
 pub use trainer::{Observer, Resume, Silent, StopReason, Trainer, parse_device};

@@ -18,6 +18,10 @@ pub struct BatchStats {
     pub margin: f64,
     pub chosen_logp: f64,
     pub rejected_logp: f64,
+    /// Fraction of pairs whose chosen response the policy / the reference gives the higher
+    /// log-prob (the model's own preference, before any reference is subtracted).
+    pub policy_prefers_chosen: f64,
+    pub reference_prefers_chosen: f64,
     /// Per pair: the reference's "noise" `log gamma = beta (log pi_ref(y_l) - log pi_ref(y_w))`.
     pub log_gamma: Vec<f64>,
     /// Per pair: `|d loss / d margin|`, how hard the pair pulls on the policy.
@@ -26,7 +30,7 @@ pub struct BatchStats {
 
 impl BatchStats {
     /// The TRL-named metrics of this batch, excluding `loss`.
-    fn named(&self) -> [(&'static str, f64); 6] {
+    fn named(&self) -> [(&'static str, f64); 8] {
         [
             ("rewards/chosen", self.chosen_reward),
             ("rewards/rejected", self.rejected_reward),
@@ -34,6 +38,8 @@ impl BatchStats {
             ("rewards/margins", self.margin),
             ("logps/chosen", self.chosen_logp),
             ("logps/rejected", self.rejected_logp),
+            ("preference/policy", self.policy_prefers_chosen),
+            ("preference/reference", self.reference_prefers_chosen),
         ]
     }
 }

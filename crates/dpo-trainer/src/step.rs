@@ -149,6 +149,12 @@ pub fn loss_of(cfg: &TrainConfig, x: &PairLogps) -> Result<LossOutput> {
     if cfg.sft_weight > 0.0 { out.with_sft(x, cfg.sft_weight) } else { Ok(out) }
 }
 
+/// Fraction of pairs with `chosen > rejected`.
+fn prefers(chosen: &Tensor, rejected: &Tensor) -> Result<f64> {
+    let wins = chosen.gt(rejected)?.to_dtype(candle_core::DType::F64)?.mean_all()?;
+    wins.to_scalar::<f64>()
+}
+
 /// The mean loss (differentiable) and the batch's statistics.
 pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, BatchStats)> {
     let mean_loss = out.total()?;
@@ -167,6 +173,8 @@ pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, 
         margin: avg(&margins),
         chosen_logp: avg(&v(&x.policy_chosen)?),
         rejected_logp: avg(&v(&x.policy_rejected)?),
+        policy_prefers_chosen: prefers(&x.policy_chosen, &x.policy_rejected)?,
+        reference_prefers_chosen: prefers(&x.ref_chosen, &x.ref_rejected)?,
         log_gamma: v(&out.log_gamma)?,
         grad_weight: v(&out.grad_weight)?,
     };

@@ -30,6 +30,8 @@ pub trait Observer {
     fn on_start(&mut self, _total_steps: u64) {}
     fn on_step(&mut self, _step: u64, _loss: f64, _tokens_per_second: f64) {}
     fn on_log(&mut self, _record: &Map<String, Value>) {}
+    /// A checkpoint folder was just written (complete, renamed into place).
+    fn on_checkpoint(&mut self, _dir: &std::path::Path) {}
 }
 
 /// An observer that does nothing.
@@ -284,6 +286,7 @@ impl Trainer {
                     cfg.save_total_limit,
                 )?;
                 tracing::info!(step, path = %dir.display(), "checkpoint saved");
+                observer.on_checkpoint(&dir);
             }
             if stop_early {
                 stop = StopReason::EarlyStopping;
