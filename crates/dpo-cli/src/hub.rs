@@ -24,17 +24,7 @@ use hf_hub::{HFClient, HFClientSync, HFError, HFRepositorySync, RepoTypeModel};
 use serde_json::{Map, Value};
 
 /// Files of a model folder a run reads or carries into `final/` (besides the weights).
-const MODEL_FILES: &[&str] = &[
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-];
+const MODEL_FILES: &[&str] = dpo_trainer::MODEL_SIDE_FILES;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 

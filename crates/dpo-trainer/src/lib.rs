@@ -25,4 +25,5 @@ pub mod trainer;
 
 pub use config::{HubStrategy, LossType, Precision, TrainConfig};
 pub use error::{Result, TrainError};
+pub use outputs::MODEL_SIDE_FILES;
 pub use trainer::{Observer, Resume, Silent, StopReason, Trainer, parse_device};

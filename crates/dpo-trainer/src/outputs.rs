@@ -10,8 +10,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Result, TrainError};
 
-/// Files of the model folder that travel with the trained weights (when present).
-const MODEL_SIDE_FILES: &[&str] = &[
+/// Files of a model folder besides the weights: they travel with the trained weights into
+/// `final/` and checkpoints (when present), and are what a Hub download fetches.
+pub const MODEL_SIDE_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
     "tokenizer.json",

@@ -206,34 +206,9 @@ impl Trainer {
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
             let mut prof = Profile::start(&self.device);
             for batch in &micro {
-                let db = self.device_batch(batch)?;
-                prof.mark("batch")?;
-                let ref_logps = self.reference_logps(batch, &db)?;
-                prof.mark("reference")?;
-                let policy = &self.policy.model;
-                let mut stats = None;
-                let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
-                    let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
-                    let x = pair_logps(&logps, &ref_logps, &db)?;
-                    let (loss, s) = score(&x, &loss_of(&cfg, &x)?, db.tokens)?;
-                    stats = Some(s);
-                    loss / micro.len() as f64
-                };
-                let micro_grads = if cfg.gradient_checkpointing {
-                    policy.checkpointed_grads(&db.ids, &db.mask, head)?.1
-                } else {
-                    let hidden = policy.hidden_states(&db.ids, &db.mask)?;
-                    prof.mark("policy_fwd")?;
-                    let loss = head(&hidden)?;
-                    prof.mark("head_loss")?;
-                    let store = loss.backward()?;
-                    let params = self.policy.params.iter();
-                    params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
-                };
-                prof.mark("backward")?;
+                let (micro_grads, stats) = self.micro_step(batch, micro.len(), &mut prof)?;
                 accumulate(&mut grads, &micro_grads, &self.policy.params)?;
                 prof.mark("accumulate")?;
-                let stats = stats.expect("the loss was computed");
                 st.tokens_total += stats.tokens;
                 st.window.push(stats);
             }
@@ -264,13 +239,11 @@ impl Trainer {
                 rec.insert("step".into(), step.into());
                 rec.insert("epoch".into(), data.epoch_progress().into());
                 rec.append(&mut st.window.drain());
-                rec.insert("grad_norm".into(), grad_norm.into());
-                rec.insert("learning_rate".into(), lr.into());
+                for (k, v) in [("grad_norm", grad_norm), ("learning_rate", lr), ("tokens_per_second", tps)] {
+                    rec.insert(k.into(), v.into());
+                }
                 rec.insert("num_tokens".into(), st.tokens_total.into());
-                rec.insert("tokens_per_second".into(), tps.into());
-                out.log(&rec)?;
-                observer.on_log(&rec);
-                tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec.clone()));
+                self.log(&mut out, observer, &rec)?;
                 last_log = Some(rec);
                 window_start = Instant::now();
             }
@@ -299,7 +272,70 @@ impl Trainer {
         constraints.implicit_kl_to_reference = self.implicit_kl()?;
         let final_dir =
             out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
-        let summary = json!({
+        let summary = self.summary(stop, &st, constraints, &final_dir, last_log, started, resume);
+        out.write_json("run_summary.json", &summary)?;
+        Ok(summary)
+    }
+
+    /// One micro-batch: the reference's log-probs, the policy's forward and backward (plain or
+    /// with activation checkpointing); the loss weighs `1 / n_micro`.
+    fn micro_step(
+        &self,
+        batch: &dpo_loader::Batch,
+        n_micro: usize,
+        prof: &mut Profile,
+    ) -> Result<(HashMap<TensorId, Tensor>, BatchStats)> {
+        let cfg = &self.cfg;
+        let db = self.device_batch(batch)?;
+        prof.mark("batch")?;
+        let ref_logps = self.reference_logps(batch, &db)?;
+        prof.mark("reference")?;
+        let policy = &self.policy.model;
+        let mut stats = None;
+        let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
+            let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
+            let x = pair_logps(&logps, &ref_logps, &db)?;
+            let (loss, s) = score(&x, &loss_of(cfg, &x)?, db.tokens)?;
+            stats = Some(s);
+            loss / n_micro as f64
+        };
+        let grads = if cfg.gradient_checkpointing {
+            policy.checkpointed_grads(&db.ids, &db.mask, head)?.1
+        } else {
+            let hidden = policy.hidden_states(&db.ids, &db.mask)?;
+            prof.mark("policy_fwd")?;
+            let loss = head(&hidden)?;
+            prof.mark("head_loss")?;
+            let store = loss.backward()?;
+            let params = self.policy.params.iter();
+            params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
+        };
+        prof.mark("backward")?;
+        Ok((grads, stats.expect("the loss was computed")))
+    }
+
+    /// One record to `metrics.jsonl`, the observer, and the log.
+    fn log(&self, out: &mut Outputs, observer: &mut dyn Observer, rec: &Map<String, Value>) -> Result<()> {
+        out.log(rec)?;
+        observer.on_log(rec);
+        tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec.clone()));
+        Ok(())
+    }
+
+    /// `run_summary.json`: why the run stopped, its constraint record, data counts, the config.
+    #[allow(clippy::too_many_arguments)]
+    fn summary(
+        &self,
+        stop: StopReason,
+        st: &TrainerState,
+        constraints: Constraints,
+        final_dir: &std::path::Path,
+        last_log: Option<Map<String, Value>>,
+        started: Instant,
+        resume: Option<&Resume>,
+    ) -> Value {
+        let cfg = &self.cfg;
+        json!({
             "stopped_because": stop,
             "steps_run": constraints.step_budget.used,
             "total_steps": self.total_steps,
@@ -318,9 +354,7 @@ impl Trainer {
             "fingerprint": st.fingerprint,
             "config": cfg,
             "version": env!("CARGO_PKG_VERSION"),
-        });
-        out.write_json("run_summary.json", &summary)?;
-        Ok(summary)
+        })
     }
 
     /// The state before the first step.
@@ -411,9 +445,7 @@ impl Trainer {
         rec.insert("step".into(), step.into());
         rec.append(&mut eval_metrics(&all));
         let eval_loss = rec["eval_loss"].as_f64().unwrap_or(f64::NAN);
-        out.log(&rec)?;
-        observer.on_log(&rec);
-        tracing::info!(target: "dpo_train::metrics", "{}", serde_json::Value::Object(rec));
+        self.log(out, observer, &rec)?;
         Ok(constraints.record_eval(step, eval_loss))
     }
 
