@@ -95,7 +95,7 @@ impl AdamW {
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = slot.var.as_tensor().to_dtype(DType::F32)?;
-            let p = if slot.decay && weight_decay != 0.0 { (p * (1.0 - lr * weight_decay))? } else { p };
+            let p = if decay != 1.0 { (p * decay)? } else { p };
             let denom = ((slot.v.sqrt()? / bc2_sqrt)? + eps)?;
             let p = (p - ((&slot.m / denom)? * step_size)?)?;
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;

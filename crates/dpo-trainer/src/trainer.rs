@@ -111,16 +111,13 @@ impl Trainer {
             Precision::Bf16 => DType::BF16,
         };
         let ck = Checkpoint::open(&cfg.model, cfg.model_weights.as_deref())?;
-        let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
-        if head == DType::F32 && compute == DType::BF16 && device.is_cuda() {
+        if cfg.lm_head_f32 && compute == DType::BF16 && device.is_cuda() {
             // f32 head matmuls on tensor cores (TF32); bf16 matmuls keep f32 accumulation.
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }
         let mut policy = Policy::load(&ck, DType::F32, compute, &device)?;
-        policy.model = policy.model.with_fused_ops(cfg.fused_ops).with_head_dtype(head);
-        let reference = Some(
-            CausalLm::load_frozen(&ck, compute, &device)?.with_fused_ops(cfg.fused_ops).with_head_dtype(head),
-        );
+        policy.model = configure(policy.model, &cfg, compute);
+        let reference = Some(configure(CausalLm::load_frozen(&ck, compute, &device)?, &cfg, compute));
         let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
         let train = Arc::new(PreferenceDataset::open(&cfg.train_file)?);
         let train_stats = count_batches(&train, &tokenizer, &cfg.data_config(cfg.batch_size))?;
@@ -189,7 +186,7 @@ impl Trainer {
             None => (fresh, Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?),
             Some(r) => self.restore(r, &mut opt, fresh)?,
         };
-        self.precompute_reference(&st.fingerprint.clone())?;
+        self.precompute_reference(&st.fingerprint)?;
         let warmup = cfg.warmup_for(self.total_steps);
         let mut data = self.epoch_stream(st.data_position, st.seen_in_epoch)?;
         let (mut stop, started, mut window_start, mut last_log) =
@@ -519,10 +516,8 @@ impl Trainer {
     /// Loads the reference model again (after precomputing dropped it).
     fn load_reference(&self) -> Result<CausalLm> {
         let ck = Checkpoint::open(&self.cfg.model, self.cfg.model_weights.as_deref())?;
-        let head = if self.cfg.lm_head_f32 { DType::F32 } else { self.compute_dtype };
-        Ok(CausalLm::load_frozen(&ck, self.compute_dtype, &self.device)?
-            .with_fused_ops(self.cfg.fused_ops)
-            .with_head_dtype(head))
+        let model = CausalLm::load_frozen(&ck, self.compute_dtype, &self.device)?;
+        Ok(configure(model, &self.cfg, self.compute_dtype))
     }
 
     /// With `precompute_ref_log_probs`: the reference's log-probs of every train and eval pair,
@@ -667,6 +662,12 @@ impl EpochStream {
     fn epoch_progress(&self) -> f64 {
         self.position.epoch as f64 + self.seen as f64 / self.per_epoch.max(1) as f64
     }
+}
+
+/// The forward options of the config: fused ops, and the LM head's dtype.
+fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> CausalLm {
+    let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
+    model.with_fused_ops(cfg.fused_ops).with_head_dtype(head)
 }
 
 /// Adds this micro-batch's gradients to the running sums, one per parameter.
