@@ -8,9 +8,9 @@
 //! ```
 //! RMSNorm is `w * (x / sqrt(mean(x^2) + eps))`, computed in f32 as transformers does.
 //!
-//! With fused ops on ([`CausalLm::with_fused_ops`]) RMSNorm, RoPE, the masked softmax and the SiLU
-//! gate run as the single-pass ops of [`crate::ops`] (same math, with a fused backward); off, as
-//! compositions of candle ops.
+//! With fused ops on ([`CausalLm::with_fused_ops`]) RMSNorm, RoPE, the SiLU gate and attention
+//! run as the ops of [`crate::ops`] (same math, with a hand-written backward; attention keeps no
+//! `[seq, seq]` tensor for it); off, as compositions of candle ops.
 
 use std::collections::HashMap;
 
@@ -98,6 +98,9 @@ pub struct CausalLm {
     /// The dtype of the LM head's matmul (f32 keeps bf16 runs' log-probs precise).
     head_dtype: DType,
     fused: bool,
+    /// With `fused`: attention through [`ops::attention`] (probabilities recomputed in the
+    /// backward) rather than the fused masked softmax between two autograd matmuls.
+    recompute_attention: bool,
 }
 
 /// The Hugging Face tensor names of a model with `cfg`, in a fixed order, with their shapes.
@@ -169,6 +172,7 @@ impl CausalLm {
         let embed = get("model.embed_tokens.weight")?;
         Ok(CausalLm {
             fused: default_fused_ops(embed.device()),
+            recompute_attention: true,
             head_dtype: compute_dtype,
             embed,
             norm: get("model.norm.weight")?,
@@ -215,6 +219,7 @@ impl CausalLm {
             compute_dtype: self.compute_dtype,
             head_dtype: self.head_dtype,
             fused: self.fused,
+            recompute_attention: self.recompute_attention,
         }
     }
 
@@ -228,6 +233,14 @@ impl CausalLm {
     /// Switches the fused ops on or off in place (see [`CausalLm::with_fused_ops`]).
     pub fn set_fused_ops(&mut self, on: bool) {
         self.fused = on;
+    }
+
+    /// With the fused ops on: whether attention keeps its `[seq, seq]` probabilities for the
+    /// backward (`false`) or recomputes them there ([`ops::attention`], the default, far less
+    /// memory).
+    pub fn with_attention_recompute(mut self, on: bool) -> Self {
+        self.recompute_attention = on;
+        self
     }
 
     /// Whether the forward uses the fused ops.
@@ -417,18 +430,24 @@ impl CausalLm {
         let q = self.rope(&heads(b.q.forward(x, dt)?, nh)?, cos, sin)?;
         let k = self.rope(&heads(b.k.forward(x, dt)?, nkv)?, cos, sin)?;
         let v = heads(b.v.forward(x, dt)?, nkv)?;
-        let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
         let scale = 1.0 / (hd as f64).sqrt();
-        let probs = if self.fused {
-            // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
-            ops::masked_softmax(&q.matmul(&k.t()?.contiguous()?)?, &mask.bias, scale)?
+        let out = if self.fused && self.recompute_attention {
+            // Scores and probabilities are not kept for the backward; it recomputes them.
+            ops::attention(&q, &k, &v, &mask.bias, scale)?
         } else {
-            let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-            let acc = accum_dtype(dt);
-            let scores = scores.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
-            candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
+            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let scores = q.matmul(&k.t()?.contiguous()?)?;
+            let probs = if self.fused {
+                // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
+                ops::masked_softmax(&scores, &mask.bias, scale)?
+            } else {
+                let acc = accum_dtype(dt);
+                let scores = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
+                candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
+            };
+            probs.matmul(&v)?
         };
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((rows, seq, nh * hd))?;
+        let out = out.transpose(1, 2)?.reshape((rows, seq, nh * hd))?;
         b.o.forward(&out, dt)
     }
 }

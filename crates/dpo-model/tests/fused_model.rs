@@ -103,15 +103,23 @@ fn compare(dtype: DType, tol: f64) {
     let model = CausalLm::from_tensors(cfg.clone(), &tensors, dtype).unwrap();
     assert!(model.fused_ops(), "fused ops are the CPU default");
     let b = batch(&cfg, 3, 19);
-    let (h_f, g_f) = run(&model.clone().with_fused_ops(true), &vars, &b);
-    let (h_s, g_s) = run(&model.with_fused_ops(false), &vars, &b);
-    let e = rel_err(&h_f, &h_s);
-    eprintln!("{dtype:?} hidden states: {e:.2e}");
-    assert!(e <= tol, "{dtype:?} hidden states: {e:e}");
-    for ((n, a), (_, b)) in g_f.iter().zip(&g_s) {
-        let e = rel_err(a, b);
-        eprintln!("{dtype:?} gradient of {n}: {e:.2e}");
-        assert!(e <= tol, "{dtype:?} gradient of {n}: relative error {e:e} > {tol:e}");
+    let (h_s, g_s) = run(&model.clone().with_fused_ops(false), &vars, &b);
+    // Fused ops with attention recomputed in the backward (the default), and with it kept.
+    for recompute in [true, false] {
+        let m = model.clone().with_fused_ops(true).with_attention_recompute(recompute);
+        let (h_f, g_f) = run(&m, &vars, &b);
+        let e = rel_err(&h_f, &h_s);
+        eprintln!("{dtype:?} recompute={recompute} hidden states: {e:.2e}");
+        assert!(e <= tol, "{dtype:?} recompute={recompute} hidden states: {e:e}");
+        assert_eq!(g_f.len(), g_s.len());
+        for ((n, a), (_, b)) in g_f.iter().zip(&g_s) {
+            let e = rel_err(a, b);
+            eprintln!("{dtype:?} recompute={recompute} gradient of {n}: {e:.2e}");
+            assert!(
+                e <= tol,
+                "{dtype:?} recompute={recompute} gradient of {n}: relative error {e:e} > {tol:e}"
+            );
+        }
     }
 }
 
@@ -139,15 +147,17 @@ fn fused_vs_slow_cpu_timing() {
         let (tensors, vars) = weights(&cfg, dtype);
         let model = CausalLm::from_tensors(cfg.clone(), &tensors, dtype).unwrap();
         let b = batch(&cfg, 4, 128);
-        for fused in [true, false, true, false] {
-            let m = model.clone().with_fused_ops(fused);
+        for (fused, recompute) in [(true, true), (true, false), (false, false), (true, true), (true, false)] {
+            let m = model.clone().with_fused_ops(fused).with_attention_recompute(recompute);
             let start = Instant::now();
             let iters = 3;
             for _ in 0..iters {
                 run(&m, &vars, &b);
             }
             let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-            eprintln!("{dtype:?} fused={fused}: {ms:.1} ms per forward+backward (4 x 128 tokens, 4 layers)");
+            eprintln!(
+                "{dtype:?} fused={fused} recompute_attention={recompute}: {ms:.1} ms per forward+backward (4 x 128 tokens, 4 layers)"
+            );
         }
     }
 }

@@ -138,6 +138,9 @@ pub struct TrainConfig {
     pub lm_head_f32: bool,
     /// Use the fused ops with a hand-written backward (RMSNorm, RoPE, masked softmax, SiLU*up).
     pub fused_ops: bool,
+    /// With `fused_ops`: recompute attention probabilities in the backward instead of keeping
+    /// them (`rows x heads x seq^2` per layer); off keeps them (one matmul less per layer).
+    pub recompute_attention: bool,
 
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
@@ -199,6 +202,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             prefix_sharing: false,
             fused_ops: true,
+            recompute_attention: true,
             lm_head_f32: true,
             device: "cpu".into(),
             dtype: Precision::F32,

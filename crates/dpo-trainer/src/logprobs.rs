@@ -8,9 +8,9 @@
 //! recomputes each chunk's softmax: the graph keeps `h` and `W`, never `[positions, vocab]`
 //! logits. Gradients: `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use dpo_model::accum_dtype;
+use dpo_model::ops::hand_over;
 
 /// Rows of the LM head computed at once; `chunk x vocab` f32 logits exist at a time.
 pub const DEFAULT_CHUNK: usize = 1024;
@@ -151,18 +151,6 @@ fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) ->
 fn logsumexp(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&max)?.squeeze(D::Minus1)
-}
-
-/// Hands a value computed beforehand with tensor ops over as a custom op's output: candle's
-/// custom-op forward sees raw storage only, the backward sees tensors.
-fn hand_over<S: BackendStorage>(
-    value: &Tensor,
-    pick: impl Fn(&candle_core::Storage) -> Option<&S>,
-) -> Result<(S, Shape)> {
-    let (storage, layout) = value.storage_and_layout();
-    let s =
-        pick(&storage).ok_or_else(|| candle_core::Error::Msg("log-prob value on another device".into()))?;
-    Ok((s.try_clone(layout)?, value.shape().clone()))
 }
 
 struct ChunkedLogProbs {

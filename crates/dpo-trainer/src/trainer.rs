@@ -664,10 +664,11 @@ impl EpochStream {
     }
 }
 
-/// The forward options of the config: fused ops, and the LM head's dtype.
+/// The forward options of the config: fused ops, attention recompute, and the LM head's dtype.
 fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> CausalLm {
     let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
-    model.with_fused_ops(cfg.fused_ops).with_head_dtype(head)
+    let model = model.with_fused_ops(cfg.fused_ops).with_attention_recompute(cfg.recompute_attention);
+    model.with_head_dtype(head)
 }
 
 /// Adds this micro-batch's gradients to the running sums, one per parameter.

@@ -241,6 +241,45 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
             slow: Box::new(move |x| super::masked_softmax_slow(&x[0], &x[1], scale)),
         });
     }
+    // Attention: grouped KV heads (Qwen2-0.5B: 14 query, 2 KV heads) with a causal + padding
+    // mask; then plain multi-head with a broadcast bias, computed a row at a time.
+    let (r, h, kv, s, d) = if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 37, 16) };
+    let small = (2, 3, 3, 29, 8);
+    for ((r, h, kv, s, d), bias, budget) in [
+        ((r, h, kv, s, d), test_mask(r, s)?, super::SCORE_BUDGET),
+        (small, random_bias(small.3, small.3, 8)?, 1),
+    ] {
+        let scale = 1.0 / (d as f64).sqrt();
+        cases.push(Case {
+            op: if budget == 1 { "attention(row-chunks)" } else { "attention" },
+            shape: format!("q [{r}, {h}, {s}, {d}], kv heads {kv}, bias {:?}", bias.dims()),
+            inputs: vec![
+                Input {
+                    name: "q",
+                    value: randn_tensor(&[r, h, s, d], 21, 1.0)?,
+                    grad: true,
+                    keep_f32: false,
+                },
+                Input {
+                    name: "k",
+                    value: randn_tensor(&[r, kv, s, d], 22, 1.0)?,
+                    grad: true,
+                    keep_f32: false,
+                },
+                Input {
+                    name: "v",
+                    value: randn_tensor(&[r, kv, s, d], 23, 1.0)?,
+                    grad: true,
+                    keep_f32: false,
+                },
+                Input { name: "bias", value: bias, grad: false, keep_f32: true },
+            ],
+            fused: Box::new(move |x| {
+                super::attention::attention_in_chunks(&x[0], &x[1], &x[2], &x[3], scale, budget)
+            }),
+            slow: Box::new(move |x| super::attention_slow(&x[0], &x[1], &x[2], &x[3], scale)),
+        });
+    }
     // RMSNorm over hidden 896 (Qwen2-0.5B), some rows far from unit scale.
     let (rows, hidden) = if big { (16 * 512, 896) } else { (2 * 37, 96) };
     let row_scale: Vec<f32> = (0..rows).map(|i| [1.0, 30.0, 0.01][i % 3]).collect();

@@ -1,4 +1,5 @@
-//! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate.
+//! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate, and
+//! an attention that recomputes its probabilities in the backward ([`attention`]).
 //!
 //! candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`, ...) have no backward, so the
 //! model used to spell each of these as a chain of differentiable candle ops. Each op here is one
@@ -12,6 +13,7 @@
 //! Numerics: bf16/f16/f32 inputs are computed in f32, f64 in f64; results are rounded to the
 //! input dtype once. Inputs are made contiguous by the public functions.
 
+mod attention;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -57,10 +59,24 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     let _ = xs;
     Ok(None)
 }
+pub use attention::{SCORE_BUDGET, attention, attention_slow};
 pub use rms_norm::{rms_norm, rms_norm_slow};
 pub use rope::{rope, rope_slow};
 pub use silu::{silu_mul, silu_mul_slow};
 pub use softmax::{masked_softmax, masked_softmax_slow};
+
+/// Hands a value computed beforehand with tensor ops over as a custom op's output (candle's
+/// custom-op forward sees raw storage only, the backward sees tensors): a copy of its storage
+/// on the device `pick` selects.
+pub fn hand_over<S: candle_core::backend::BackendStorage>(
+    value: &Tensor,
+    pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+) -> Result<(S, candle_core::Shape)> {
+    let (storage, layout) = value.storage_and_layout();
+    let s =
+        pick(&storage).ok_or_else(|| candle_core::Error::Msg("custom op value on another device".into()))?;
+    Ok((s.try_clone(layout)?, value.shape().clone()))
+}
 
 /// An element type the fused ops take, with the type they compute in.
 pub(crate) trait Elem: WithDType + Copy + Send + Sync {

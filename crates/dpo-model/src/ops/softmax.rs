@@ -36,13 +36,13 @@ pub fn masked_softmax_slow(scores: &Tensor, bias: &Tensor, scale: f64) -> Result
     candle_nn::ops::softmax(&x, D::Minus1)?.to_dtype(dt)
 }
 
-struct MaskedSoftmax {
-    scale: f64,
+pub(super) struct MaskedSoftmax {
+    pub(super) scale: f64,
 }
 
 /// `(P, dP) -> dS`, the backward of [`MaskedSoftmax`].
-struct MaskedSoftmaxBwd {
-    scale: f64,
+pub(super) struct MaskedSoftmaxBwd {
+    pub(super) scale: f64,
 }
 
 fn bias_row(row: usize, heads_q: usize, q: usize, bias_bcast: bool) -> usize {

@@ -64,6 +64,11 @@ fn masked_softmax_matches_slow_path() {
 }
 
 #[test]
+fn attention_matches_slow_path() {
+    check_op("attention");
+}
+
+#[test]
 fn rms_norm_matches_slow_path() {
     check_op("rms_norm");
 }

@@ -1,0 +1,249 @@
+//! Attention whose graph keeps no `[seq, seq]` tensor:
+//!
+//! ```text
+//! S = Q K^T,  P = softmax(S * scale + bias),  O = P V
+//! ```
+//! The forward keeps only `Q`, `K`, `V` (the op's inputs) for the backward, which recomputes `P`
+//! (one more `Q K^T`, the cheapest matmul of a block) and then, as FlashAttention does:
+//!
+//! ```text
+//! dV = P^T dO,  dP = dO V^T,  dS = scale * P * (dP - rowsum(dP * P)),  dQ = dS K,  dK = dS^T Q
+//! ```
+//! Composed autograd keeps the scores and the probabilities of every layer instead: for 16
+//! rows x 14 heads x 512^2 in bf16 that is 235 MB a layer, 5.6 GB for 24 layers.
+//!
+//! Grouped-query attention without repeating K and V: the `n_rep` query heads that share a KV
+//! head are contiguous, so `Q [rows, kv * n_rep, seq, d]` is viewed as `[rows, kv, n_rep * seq,
+//! d]`, one matmul per KV head serves the whole group, and `dK`, `dV` sum over the group inside
+//! the matmul. The matmuls run in the inputs' dtype (bf16 on tensor cores), the masked softmax
+//! and its backward in f32 ([`super::masked_softmax`]'s kernels). Rows are processed in chunks of
+//! at most [`SCORE_BUDGET`] score elements, so long sequences never hold all scores at once.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+use super::softmax::{MaskedSoftmax, MaskedSoftmaxBwd};
+use super::{check_float, hand_over};
+
+/// Score elements (`rows x heads x seq x seq`) computed at once.
+pub const SCORE_BUDGET: usize = 1 << 27;
+
+/// `softmax(Q K^T * scale + bias) V` for `q` `[rows, heads, seq, d]`, `k` and `v`
+/// `[rows, kv_heads, seq, d]` (`heads` a multiple of `kv_heads`; same float dtype) and an
+/// additive bias `[rows or 1, 1, seq, seq]` (f32; see [`crate::AttentionMask`]). Returns
+/// `[rows, heads, seq, d]` in the inputs' dtype; differentiable in `q`, `k` and `v`.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// // Equal scores (q = 0): query 0 sees key 0 only (causal), query 1 averages both values.
+/// let dev = Device::Cpu;
+/// let q = Tensor::zeros((1, 1, 2, 2), candle_core::DType::F32, &dev)?;
+/// let k = Tensor::new(&[[[[1f32, 0.0], [0.0, 1.0]]]], &dev)?;
+/// let v = Tensor::new(&[[[[2f32, 4.0], [6.0, 8.0]]]], &dev)?;
+/// let bias = Tensor::new(&[[[[0f32, -1e30], [0.0, 0.0]]]], &dev)?;
+/// let out = dpo_model::ops::attention(&q, &k, &v, &bias, 1.0)?;
+/// assert_eq!(out.flatten_all()?.to_vec1::<f32>()?, [2.0, 4.0, 4.0, 6.0]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_in_chunks(q, k, v, bias, scale, SCORE_BUDGET)
+}
+
+/// [`attention`] computing at most `budget` score elements at once (at least one row).
+pub(crate) fn attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    budget: usize,
+) -> Result<Tensor> {
+    check_float(q, "attention")?;
+    let (rows, heads, seq, d) = q.dims4()?;
+    let kv = k.dims4()?;
+    let (rb, one, qb, kb) = bias.dims4()?;
+    let fits = kv.0 == rows
+        && kv.1 > 0
+        && heads % kv.1 == 0
+        && kv.2 == seq
+        && kv.3 == d
+        && v.dims() == k.dims()
+        && k.dtype() == q.dtype()
+        && v.dtype() == q.dtype()
+        && (rb == rows || rb == 1)
+        && one == 1
+        && qb == seq
+        && kb == seq;
+    if !fits {
+        candle_core::bail!(
+            "attention: q {:?} {:?}, k {:?} {:?}, v {:?} {:?}, bias {:?} do not fit",
+            q.shape(),
+            q.dtype(),
+            k.shape(),
+            k.dtype(),
+            v.shape(),
+            v.dtype(),
+            bias.shape()
+        );
+    }
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let value = chunked(&q, &bias, budget, |(start, len), b| {
+        let rows = |x: &Tensor| x.narrow(0, start, len);
+        forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
+    })?;
+    q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
+}
+
+/// The reference: repeated K/V heads and the composed, differentiable candle ops.
+pub fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let n_rep = q.dim(1)? / k.dim(1)?;
+    let repeat = |x: &Tensor| -> Result<Tensor> {
+        let (r, kv, s, d) = x.dims4()?;
+        x.unsqueeze(2)?.broadcast_as((r, kv, n_rep, s, d))?.contiguous()?.reshape((r, kv * n_rep, s, d))
+    };
+    let scores = q.matmul(&repeat(k)?.t()?.contiguous()?)?;
+    super::masked_softmax_slow(&scores, bias, scale)?.matmul(&repeat(v)?)
+}
+
+/// Runs `f` over chunks of rows `(start, len)` of at most `budget` score elements, with
+/// the chunk's rows of `bias` (a broadcast bias whole), and concatenates the results on dim 0.
+fn chunked(
+    q: &Tensor,
+    bias: &Tensor,
+    budget: usize,
+    mut f: impl FnMut((usize, usize), &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (rows, heads, seq, _) = q.dims4()?;
+    let per_row = (heads * seq * seq).max(1);
+    let chunk = (budget / per_row).clamp(1, rows.max(1));
+    let mut parts = Vec::with_capacity(rows.div_ceil(chunk));
+    let mut start = 0;
+    while start < rows {
+        let len = chunk.min(rows - start);
+        let b = if bias.dim(0)? == 1 { bias.clone() } else { bias.narrow(0, start, len)? };
+        parts.push(f((start, len), &b)?);
+        start += len;
+    }
+    cat(parts)
+}
+
+/// `parts` concatenated on dim 0 (the one part itself, without a copy).
+fn cat(mut parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 { Ok(parts.pop().expect("one part")) } else { Tensor::cat(&parts, 0) }
+}
+
+/// `P` `[rows, heads, seq, seq]` in the inputs' dtype, and `Q` viewed per KV head.
+fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (rows, heads, seq, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let qg = q.reshape((rows, kv, heads / kv * seq, d))?;
+    let scores = qg.matmul(&k.t()?)?.reshape((rows, heads, seq, seq))?;
+    let p = scores.apply_op2_no_bwd(bias, &MaskedSoftmax { scale })?;
+    Ok((p, qg))
+}
+
+fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (rows, heads, seq, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let (p, _) = probs(q, k, bias, scale)?;
+    p.reshape((rows, kv, heads / kv * seq, seq))?.matmul(v)?.reshape((rows, heads, seq, d))
+}
+
+/// `(dQ, dK, dV)` of a chunk of rows, from the upstream `dO` `[rows, heads, seq, d]`.
+fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    d_out: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (rows, heads, seq, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let group = heads / kv * seq;
+    let (p, qg) = probs(q, k, bias, scale)?;
+    let dog = d_out.reshape((rows, kv, group, d))?;
+    let pg = p.reshape((rows, kv, group, seq))?;
+    let dv = pg.t()?.matmul(&dog)?;
+    let dp = dog.matmul(&v.t()?)?.reshape((rows, heads, seq, seq))?;
+    let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale })?.reshape((rows, kv, group, seq))?;
+    let dq = ds.matmul(k)?.reshape((rows, heads, seq, d))?;
+    let dk = ds.t()?.matmul(&qg)?;
+    Ok((dq, dk, dv))
+}
+
+struct Attention {
+    /// The output, computed with tensor ops before the op is applied; taken by the forward.
+    value: Mutex<Option<Tensor>>,
+    bias: Tensor,
+    scale: f64,
+    budget: usize,
+}
+
+impl Attention {
+    fn take_value(&self) -> Result<Tensor> {
+        let mut slot = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        slot.take().ok_or_else(|| candle_core::Error::Msg("attention: forward run twice".into()))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "dpo-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        hand_over(&self.take_value()?, |s| match s {
+            candle_core::Storage::Cpu(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        hand_over(&self.take_value()?, |s| match s {
+            candle_core::Storage::Cuda(s) => Some(s),
+            _ => None,
+        })
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let grad = grad.to_dtype(q.dtype())?.contiguous()?;
+        let (mut dk, mut dv) = (Vec::new(), Vec::new());
+        let dq = chunked(&q, &self.bias, self.budget, |(start, len), b| {
+            let rows = |x: &Tensor| x.narrow(0, start, len);
+            let (dq, k_part, v_part) =
+                backward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, &rows(&grad)?, self.scale)?;
+            dk.push(k_part);
+            dv.push(v_part);
+            Ok(dq)
+        })?;
+        Ok((Some(dq), Some(cat(dk)?), Some(cat(dv)?)))
+    }
+}
