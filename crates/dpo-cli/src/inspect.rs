@@ -1,7 +1,8 @@
 //! `dpo-train data inspect --config X [--rows N]`: what the trainer will make of the data. For the
 //! first rows: the rendered prompt and completions, the token ids, where the prompt ends and what
 //! truncation removes; then, over every row: counts, skipped or dropped rows by reason (with the
-//! first example of each), and token length quantiles.
+//! first example of each), token length quantiles, and the padding of an epoch's batches with and
+//! without `group_by_length`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use dpo_loader::{
-    DataConfig, LoaderError, PreferenceDataset, PreferenceTokenizer, SkipCounts, TokenizedPair,
+    DataConfig, DataPosition, LoaderError, PreferenceDataset, PreferenceTokenizer, SkipCounts, TokenizedPair,
 };
 
 use crate::config;
@@ -50,7 +51,8 @@ pub fn run(command: DataCommand) -> Result<()> {
     let tokenizer =
         Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model).context("loading the tokenizer")?);
     let dataset = Arc::new(PreferenceDataset::open(&file).context("opening the data")?);
-    let report = inspect(&dataset, &tokenizer, &data_cfg, args.rows)?;
+    let mut report = inspect(&dataset, &tokenizer, &data_cfg, args.rows)?;
+    padding(&mut report, &dataset, &tokenizer, &data_cfg);
     print!("{report}");
     Ok(())
 }
@@ -186,6 +188,56 @@ fn show_row(
     }
 }
 
+/// Padding of the batches of epoch 0: `(real tokens, padded tokens, batches)`.
+pub fn epoch_padding(
+    dataset: &Arc<PreferenceDataset>,
+    tokenizer: &Arc<PreferenceTokenizer>,
+    cfg: &DataConfig,
+) -> std::result::Result<(usize, usize, usize), LoaderError> {
+    let (mut real, mut padded, mut n) = (0, 0, 0);
+    for batch in
+        dpo_loader::batches(dataset.clone(), tokenizer.clone(), cfg.clone(), DataPosition::start_of(0))?
+    {
+        let batch = batch?;
+        real += batch.n_tokens;
+        padded += batch.n_rows() * batch.seq_len;
+        n += 1;
+    }
+    Ok((real, padded, n))
+}
+
+/// The padding line of the report: epoch 0 batched without and with `group_by_length`.
+fn padding(
+    out: &mut String,
+    dataset: &Arc<PreferenceDataset>,
+    tokenizer: &Arc<PreferenceTokenizer>,
+    cfg: &DataConfig,
+) {
+    let _ = writeln!(
+        out,
+        "padding of epoch 0's batches of {} (share of batch tokens that are padding; the standard layout):",
+        cfg.batch_size
+    );
+    for group in [false, true] {
+        let what = if group {
+            format!("group_by_length = true (windows of {} batches)", cfg.length_group_batches)
+        } else {
+            "group_by_length = false".to_owned()
+        };
+        let mark = if group == cfg.group_by_length { "   <- this config" } else { "" };
+        let c = DataConfig { group_by_length: group, ..cfg.clone() };
+        let line = match epoch_padding(dataset, tokenizer, &c) {
+            Ok((real, padded, n)) => format!(
+                "{:5.1}% ({} padded tokens, {real} real, {n} batches)",
+                100.0 * (padded - real) as f64 / padded.max(1) as f64,
+                padded
+            ),
+            Err(e) => format!("not computed ({e})"),
+        };
+        let _ = writeln!(out, "  {what:<48} {line}{mark}");
+    }
+}
+
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("    | {l}")).collect::<Vec<_>>().join("\n")
 }
@@ -308,5 +360,27 @@ mod tests {
         assert!(report.contains("with on_bad_row = \"error\" training stops at: "), "{report}");
         assert!(report.contains("  prompt           min "), "{report}");
         assert!(report.contains("truncated to max_length 40: "), "{report}");
+    }
+
+    #[test]
+    fn padding_line_compares_grouped_and_ungrouped_batches() {
+        let tok = Arc::new(PreferenceTokenizer::from_model_dir(FIXTURES).unwrap());
+        let data = Arc::new(PreferenceDataset::open(format!("{FIXTURES}/data.jsonl")).unwrap());
+        let cfg = DataConfig {
+            max_length: Some(40),
+            batch_size: 2,
+            on_bad_row: dpo_loader::OnBadRow::Skip,
+            ..DataConfig::default()
+        };
+        let mut report = String::new();
+        padding(&mut report, &data, &tok, &cfg);
+        assert!(report.contains("padding of epoch 0's batches of 2"), "{report}");
+        assert!(report.contains("group_by_length = false"), "{report}");
+        assert!(report.contains("<- this config"), "{report}");
+        let (real, plain, n) = epoch_padding(&data, &tok, &cfg).unwrap();
+        let grouped = DataConfig { group_by_length: true, ..cfg };
+        let (real_g, padded_g, n_g) = epoch_padding(&data, &tok, &grouped).unwrap();
+        assert_eq!((real, n), (real_g, n_g));
+        assert!(padded_g <= plain, "{padded_g} > {plain}");
     }
 }

@@ -11,6 +11,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn write_config(dir: &Path, train: &Path, steps: u64) -> PathBuf {
+    write_config_with(dir, train, steps, "")
+}
+
+/// The test config with `extra` TOML lines appended.
+fn write_config_with(dir: &Path, train: &Path, steps: u64, extra: &str) -> PathBuf {
     let f = fixtures();
     let cfg = format!(
         r#"model = "{m}"
@@ -30,6 +35,7 @@ eval_steps = 4
 save_steps = 2
 save_total_limit = 2
 progress_bar = false
+{extra}
 "#,
         m = f.join("model").display(),
         t = train.display(),
@@ -65,26 +71,29 @@ fn metrics(dir: &Path) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
+/// Runs 12 steps uninterrupted and again killed once `checkpoint-<kill_at>` is written, then
+/// resumed from it; both must match record for record and bit for bit. Returns the killed run's
+/// folder and the trainer state it was resumed from.
+fn kill_and_resume(extra: &str, kill_at: u64) -> (tempfile::TempDir, Value) {
     let train = fixtures().join("train.jsonl");
     let a = tempfile::tempdir().unwrap();
-    run_ok(dpo_train(&write_config(a.path(), &train, 12), &[]));
+    run_ok(dpo_train(&write_config_with(a.path(), &train, 12, extra), &[]));
 
     let b = tempfile::tempdir().unwrap();
-    let cfg_b = write_config(b.path(), &train, 12);
+    let cfg_b = write_config_with(b.path(), &train, 12, extra);
     let mut child = dpo_train(&cfg_b, &[]).env("DPO_TRAIN_TEST_STEP_DELAY_MS", "150").spawn().unwrap();
-    let ckpt = b.path().join("out/checkpoint-6/trainer_state.json");
+    let ckpt = b.path().join(format!("out/checkpoint-{kill_at}/trainer_state.json"));
     let t0 = Instant::now();
     while !ckpt.exists() {
         // A guard against hanging forever, not a speed check.
-        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint-6 appeared");
+        assert!(t0.elapsed() < Duration::from_secs(600), "no checkpoint-{kill_at} appeared");
         assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
         std::thread::sleep(Duration::from_millis(20));
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!b.path().join("out/final").exists(), "the killed run must not have finished");
+    let resumed_from: Value = serde_json::from_str(&std::fs::read_to_string(ckpt).unwrap()).unwrap();
 
     run_ok(dpo_train(&cfg_b, &["--resume", "latest"]));
     let (ma, mb) = (metrics(a.path()), metrics(b.path()));
@@ -95,6 +104,12 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
     let wa = std::fs::read(a.path().join("out/final/model.safetensors")).unwrap();
     let wb = std::fs::read(b.path().join("out/final/model.safetensors")).unwrap();
     assert!(wa == wb, "final weights differ");
+    (b, resumed_from)
+}
+
+#[test]
+fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
+    let (b, _) = kill_and_resume("", 6);
     // save_total_limit = 2: only the two newest checkpoints remain.
     let mut kept: Vec<String> = std::fs::read_dir(b.path().join("out"))
         .unwrap()
@@ -103,6 +118,14 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
         .collect();
     kept.sort();
     assert_eq!(kept, vec!["checkpoint-10", "checkpoint-12"]);
+}
+
+#[test]
+fn sigkill_mid_length_grouping_window_then_resume_reproduces_the_uninterrupted_run() {
+    // Windows of 3 batches and 2 micro-batches a step: step 4 ends after batch 2 of a window.
+    let (_, state) = kill_and_resume("group_by_length = true\nlength_group_batches = 3", 4);
+    assert_eq!(state["step"], 4);
+    assert_eq!(state["data_position"]["batch_in_window"], 2, "{}", state["data_position"]);
 }
 
 #[test]
@@ -128,6 +151,13 @@ fn resume_extends_the_budget_and_refuses_other_data_or_changed_hyperparameters()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("beta"), "{err}");
+    // So is switching length-grouped batching on (it changes the batches from here on).
+    let out =
+        dpo_train(&cfg, &["--resume", "latest", "--set", "max_steps=8", "--set", "group_by_length=true"])
+            .output()
+            .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("group_by_length: false -> true"), "{err}");
     run_ok(dpo_train(
         &cfg,
         &["--resume", "latest", "--set", "max_steps=8", "--set", "beta=0.5", "--resume-allow-changed"],

@@ -10,7 +10,7 @@ pub struct SplitMix64 {
 const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// SplitMix64's output function, a bijection on `u64`.
-fn mix64(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -54,12 +54,26 @@ pub(crate) fn epoch_rng(seed: u64, epoch: u64) -> SplitMix64 {
     SplitMix64::new(mix64(seed ^ mix64(epoch)))
 }
 
-fn fisher_yates<T>(items: &mut [T], seed: u64, epoch: u64) {
-    let mut rng = epoch_rng(seed, epoch);
+/// Added to the seed for the order of length-grouped batches, so it is not correlated with row
+/// shuffles.
+const GROUP_SEED: u64 = 0x4752_4F55_5053_0001;
+
+/// The generator of the batch order of the length-grouping window that starts at row `cursor`
+/// of `epoch`'s order.
+pub(crate) fn window_rng(seed: u64, epoch: u64, cursor: u64) -> SplitMix64 {
+    SplitMix64::new(mix64(mix64(seed.wrapping_add(GROUP_SEED) ^ mix64(epoch)) ^ mix64(!cursor)))
+}
+
+/// Shuffles `items` in place (Fisher-Yates) with `rng`.
+pub(crate) fn shuffle_with<T>(items: &mut [T], rng: &mut SplitMix64) {
     for i in (1..items.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
         items.swap(i, j);
     }
+}
+
+fn fisher_yates<T>(items: &mut [T], seed: u64, epoch: u64) {
+    shuffle_with(items, &mut epoch_rng(seed, epoch));
 }
 
 /// [`epoch_order`] stored compactly: nothing without shuffling, 4 bytes per row below 2^32 rows.

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::collate::{Batch, collate};
 use crate::dataset::{LineBytes, MAX_ROW_BYTES, PreferenceDataset, ShardStream};
 use crate::error::{LoaderError, Result};
-use crate::order::{Order, SplitMix64, epoch_order, epoch_rng};
+use crate::order::{Order, SplitMix64, epoch_order, epoch_rng, shuffle_with, window_rng};
 use crate::row::parse_row;
 use crate::tokenize::{PreferenceTokenizer, TokenizedPair};
 
@@ -50,6 +50,13 @@ pub struct DataConfig {
     pub shuffle_buffer: usize,
     /// Threads that parse, render and tokenize rows; 0 = one per core, at most 8.
     pub tokenizer_threads: usize,
+    /// Length-grouped batching (HF `group_by_length`): batches are cut from windows of
+    /// `batch_size * length_group_batches` pairs sorted by length, so each batch holds pairs of
+    /// similar length and carries less padding; the batches of a window come out in a seeded
+    /// random order. See [`batches`].
+    pub group_by_length: bool,
+    /// Batches per length-grouping window (HF `LengthGroupedSampler`'s mega-batch multiplier).
+    pub length_group_batches: usize,
 }
 
 impl Default for DataConfig {
@@ -65,6 +72,8 @@ impl Default for DataConfig {
             drop_last: false,
             shuffle_buffer: 10_000,
             tokenizer_threads: 0,
+            group_by_length: false,
+            length_group_batches: 50,
         }
     }
 }
@@ -85,21 +94,40 @@ impl DataConfig {
         if self.shuffle_buffer == 0 {
             return bad("shuffle_buffer");
         }
+        if self.length_group_batches == 0 {
+            return bad("length_group_batches");
+        }
         Ok(())
     }
 }
 
 /// Position in the data: the index, in `epoch`'s order, of the next row to read.
+///
+/// With `group_by_length`, a position inside a length-grouping window is the window's first
+/// row (`cursor`) and the number of its batches already taken (`batch_in_window`, 0 at a
+/// window boundary); the window is read and grouped again on resume. Without grouping it is
+/// always 0, and it is left out of the serialized form when 0 (older checkpoints have none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct DataPosition {
     pub epoch: u64,
     pub cursor: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub batch_in_window: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DataPosition {
     /// The start of `epoch`.
     pub fn start_of(epoch: u64) -> Self {
-        Self { epoch, cursor: 0 }
+        Self { epoch, cursor: 0, batch_in_window: 0 }
+    }
+
+    /// Row `cursor` of `epoch`, at a window boundary.
+    pub fn at(epoch: u64, cursor: u64) -> Self {
+        Self { epoch, cursor, batch_in_window: 0 }
     }
 }
 
@@ -382,6 +410,14 @@ pub struct BatchIter {
     cursor: usize,
     skips: SkipCounts,
     done: bool,
+    /// With `group_by_length`: the current window's batches not yet emitted, in emission order.
+    window: VecDeque<Vec<TokenizedPair>>,
+    /// With `group_by_length`: the row the current window starts at, and its batches emitted
+    /// (0 at a window boundary).
+    window_start: usize,
+    in_window: u64,
+    /// Batches of the next window to discard (resuming mid-window).
+    discard: u64,
 }
 
 /// The batches of epoch `start.epoch`, beginning at `start.cursor`.
@@ -391,6 +427,17 @@ pub struct BatchIter {
 /// order streamed through a seeded shuffle buffer of `shuffle_buffer` rows (resuming then
 /// re-reads, without tokenizing, the rows before the cursor). The iterator stops after the
 /// first error.
+///
+/// With `group_by_length`, the kept pairs (after skips and drops, in that order) are taken a
+/// window of `batch_size * length_group_batches` at a time; a window's pairs are sorted by
+/// length, stably (key: the longer of the pair's two rows after `max_length` truncation, then
+/// the pair's tokens on one `[prompt, chosen, rejected]` row as with prefix sharing, then read
+/// order), cut into consecutive batches of `batch_size`, and the batches emitted in an order
+/// drawn from `(seed, epoch, window start)`. Every window but the epoch's last is full, so the
+/// number of batches per epoch is the same as without grouping; the last window's one short
+/// batch (its longest pairs) is the one `drop_last` drops. Only one window of tokenized pairs
+/// is held at a time. A start with `batch_in_window = k > 0` reads the window at `start.cursor`
+/// again and skips its first `k` batches.
 pub fn batches(
     dataset: Arc<PreferenceDataset>,
     tokenizer: Arc<PreferenceTokenizer>,
@@ -406,6 +453,13 @@ pub fn batches(
             dataset.path().display()
         ))
     })?;
+    if start.batch_in_window > 0 && !config.group_by_length {
+        return Err(LoaderError::Config(format!(
+            "start position is batch {} of a length-grouping window, but group_by_length is off \
+             (the position was saved by a run with group_by_length = true)",
+            start.batch_in_window
+        )));
+    }
     let feed = Feed::new(&dataset, &config, start.epoch);
     let mut pipeline = Pipeline::new(feed, config.tokenizer_threads, config.batch_size)?;
     pipeline.skip(&dataset, cursor)?;
@@ -418,13 +472,35 @@ pub fn batches(
         config,
         skips: SkipCounts::default(),
         done: false,
+        window: VecDeque::new(),
+        window_start: cursor,
+        in_window: start.batch_in_window,
+        discard: start.batch_in_window,
     })
 }
 
+/// The length-grouping sort key of a pair: its longer row after `max_length` truncation, then
+/// its tokens on one `[prompt, chosen, rejected]` row (each completion truncated likewise).
+fn length_key(pair: &TokenizedPair, max_length: Option<usize>) -> (usize, usize) {
+    let p = pair.prompt_ids.len();
+    let row = |c: &[u32]| max_length.map_or(p + c.len(), |m| (p + c.len()).min(m));
+    let (chosen, rejected) = (row(&pair.chosen_ids), row(&pair.rejected_ids));
+    (chosen.max(rejected), chosen + rejected - p.min(chosen).min(rejected))
+}
+
 impl BatchIter {
-    /// Position of the next row to read: after batch k, resuming here yields batch k+1 on.
+    /// Position after the last batch emitted: after batch k, resuming here yields batch k+1 on.
+    /// The next row to read, or, inside a length-grouping window, the window's start and the
+    /// number of its batches emitted.
     pub fn position(&self) -> DataPosition {
-        DataPosition { epoch: self.epoch, cursor: self.cursor as u64 }
+        if self.in_window > 0 {
+            return DataPosition {
+                epoch: self.epoch,
+                cursor: self.window_start as u64,
+                batch_in_window: self.in_window,
+            };
+        }
+        DataPosition::at(self.epoch, self.cursor as u64)
     }
 
     /// Rows skipped or dropped so far by this iterator.
@@ -438,6 +514,84 @@ impl BatchIter {
     }
 }
 
+impl BatchIter {
+    /// Reads up to `n` kept pairs (fewer at the end of the epoch).
+    fn read_pairs(&mut self, n: usize) -> Result<Vec<TokenizedPair>> {
+        let mut pairs = Vec::with_capacity(n.min(1 << 16));
+        while pairs.len() < n {
+            let Some(step) = self.pipeline.next(&self.dataset, &self.tokenizer) else { break };
+            let row = match step {
+                Step::Row(row) => row,
+                Step::Fatal(e) => return Err(e),
+            };
+            if let Some(pair) = keep(&self.config, &mut self.skips, row)? {
+                pairs.push(pair);
+            }
+            self.cursor += 1;
+        }
+        Ok(pairs)
+    }
+
+    /// The next batch's pairs, `None` at the end of the epoch.
+    fn next_pairs(&mut self) -> Result<Option<Vec<TokenizedPair>>> {
+        let size = self.config.batch_size;
+        if !self.config.group_by_length {
+            let pairs = self.read_pairs(size)?;
+            let short = pairs.is_empty() || (self.config.drop_last && pairs.len() < size);
+            return Ok((!short).then_some(pairs));
+        }
+        while self.window.is_empty() {
+            self.window_start = self.cursor;
+            let pairs = self.read_pairs(size.saturating_mul(self.config.length_group_batches))?;
+            if pairs.is_empty() && self.discard == 0 {
+                return Ok(None);
+            }
+            self.window = self.group(pairs);
+            let discard = std::mem::take(&mut self.discard);
+            if discard as usize > self.window.len() {
+                return Err(LoaderError::Config(format!(
+                    "start position is batch {discard} of the length-grouping window at row {} of \
+                     epoch {}, which has only {} batches (was the data or batch size changed?)",
+                    self.window_start,
+                    self.epoch,
+                    self.window.len()
+                )));
+            }
+            self.window.drain(..discard as usize);
+            self.in_window = discard;
+            if self.window.is_empty() {
+                self.in_window = 0;
+                if self.cursor == self.window_start {
+                    return Ok(None);
+                }
+            }
+        }
+        let pairs = self.window.pop_front().expect("the window is not empty");
+        self.in_window = if self.window.is_empty() { 0 } else { self.in_window + 1 };
+        Ok(Some(pairs))
+    }
+
+    /// A window's pairs as batches in emission order: sorted by [`length_key`] (stable, so ties
+    /// keep read order), cut into batches of `batch_size` (the short remainder last, dropped
+    /// with `drop_last`), shuffled by the window's generator.
+    fn group(&self, mut pairs: Vec<TokenizedPair>) -> VecDeque<Vec<TokenizedPair>> {
+        let size = self.config.batch_size;
+        pairs.sort_by_cached_key(|p| length_key(p, self.config.max_length));
+        let mut out: Vec<Vec<TokenizedPair>> = Vec::with_capacity(pairs.len().div_ceil(size));
+        let mut rest = pairs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<TokenizedPair> = rest.by_ref().take(size).collect();
+            if batch.len() < size && self.config.drop_last {
+                break;
+            }
+            out.push(batch);
+        }
+        let mut rng = window_rng(self.config.seed, self.epoch, self.window_start as u64);
+        shuffle_with(&mut out, &mut rng);
+        out.into()
+    }
+}
+
 impl Iterator for BatchIter {
     type Item = Result<Batch>;
 
@@ -445,30 +599,17 @@ impl Iterator for BatchIter {
         if self.done {
             return None;
         }
-        let mut pairs = Vec::with_capacity(self.config.batch_size);
-        while pairs.len() < self.config.batch_size {
-            let Some(step) = self.pipeline.next(&self.dataset, &self.tokenizer) else { break };
-            let row = match step {
-                Step::Row(row) => row,
-                Step::Fatal(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-            };
-            match keep(&self.config, &mut self.skips, row) {
-                Ok(Some(pair)) => pairs.push(pair),
-                Ok(None) => {}
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
+        let pairs = match self.next_pairs() {
+            Ok(Some(pairs)) => pairs,
+            Ok(None) => {
+                self.done = true;
+                return None;
             }
-            self.cursor += 1;
-        }
-        if pairs.is_empty() || (self.config.drop_last && pairs.len() < self.config.batch_size) {
-            self.done = true;
-            return None;
-        }
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
         let c = &self.config;
         Some(Ok(collate(&pairs, self.tokenizer.pad_id(), c.max_length, c.pad_to_multiple_of)))
     }

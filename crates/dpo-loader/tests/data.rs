@@ -178,7 +178,7 @@ fn skip_mode_skips_and_counts_each_bad_row() {
     let mut want = expected.to_vec();
     want.sort();
     assert_eq!(got, want);
-    assert_eq!(iter.position(), DataPosition { epoch: 0, cursor: 9 });
+    assert_eq!(iter.position(), DataPosition::at(0, 9));
     let stats = count_batches(&data, &tok, &cfg).unwrap();
     assert_eq!((stats.rows, stats.pairs, stats.batches), (9, 3, 2));
     assert_eq!(&stats.skips, iter.skips());

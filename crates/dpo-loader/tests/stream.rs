@@ -65,7 +65,7 @@ fn batch_layout_and_padding() {
     assert_eq!(b.attention_mask, [1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
     assert_eq!(b.completion_mask, [0, 1, 1, 0, 0, 0, 1, 1, 0, 1, 1, 1, 0, 0, 1, 1]);
     assert_eq!(b.n_tokens, 15);
-    assert_eq!(got[0].1, DataPosition { epoch: 0, cursor: 2 });
+    assert_eq!(got[0].1, DataPosition::at(0, 2));
 }
 
 #[test]
@@ -149,7 +149,7 @@ fn resuming_from_any_position_gives_the_same_remaining_batches() {
     assert_eq!(full.last().unwrap().1.cursor, 12);
     let serialized = serde_json::to_string(&full[1].1).unwrap();
     assert_eq!(serialized, format!("{{\"epoch\":3,\"cursor\":{}}}", full[1].1.cursor));
-    let past_end = DataPosition { epoch: 3, cursor: 13 };
+    let past_end = DataPosition::at(3, 13);
     let e = batches(data, tok, cfg, past_end).unwrap_err();
     assert!(e.to_string().contains("start position 13 is past the end"), "{e}");
 }
@@ -164,7 +164,7 @@ fn prefetch_yields_the_same_batches_positions_and_counts() {
     }
     let data = Arc::new(PreferenceDataset::open(write(dir.path(), "d.jsonl", body)).unwrap());
     let cfg = config(3, true);
-    let start = DataPosition { epoch: 2, cursor: 4 };
+    let start = DataPosition::at(2, 4);
     let plain = all(&data, &tok, &cfg, start);
     for capacity in [0, 1, 4] {
         let iter = batches(data.clone(), tok.clone(), cfg.clone(), start).unwrap();
@@ -172,7 +172,7 @@ fn prefetch_yields_the_same_batches_positions_and_counts() {
         assert_eq!(pre.position(), start);
         let got: Vec<_> = pre.by_ref().map(Result::unwrap).collect();
         assert_eq!(got, plain, "capacity {capacity}");
-        assert_eq!(pre.position(), DataPosition { epoch: 2, cursor: 25 });
+        assert_eq!(pre.position(), DataPosition::at(2, 25));
         let plain_iter = {
             let mut it = batches(data.clone(), tok.clone(), cfg.clone(), start).unwrap();
             it.by_ref().for_each(drop);
@@ -204,4 +204,175 @@ fn prefetch_propagates_errors_and_stops_when_dropped() {
     assert!(pre.next().unwrap().is_ok());
     std::thread::sleep(std::time::Duration::from_millis(20));
     drop(pre);
+}
+
+/// 240 rows whose lengths vary widely (many short, a few long, as in real data: completions
+/// of 1 to ~60 tokens, a pair's two of similar length), with bad rows and prompts too long for
+/// `max_length = 48` mixed in.
+fn varied(dir: &std::path::Path) -> Arc<PreferenceDataset> {
+    let mut body = String::new();
+    for i in 0u64..240 {
+        let h = (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize;
+        let chosen = 1 + (h % 64) * (h % 64) / 70;
+        body += &match i % 37 {
+            5 => "{\"prompt\": 3}\n".to_owned(),
+            11 => row(&"Q!".repeat(30), " good", " bad"),
+            _ => row(&format!("Q{i}"), &" good".repeat(chosen), &" bad".repeat(chosen + (h >> 8) % 4)),
+        };
+    }
+    Arc::new(PreferenceDataset::open(write(dir, "varied.jsonl", body)).unwrap())
+}
+
+fn grouped(batch_size: usize, groups: usize) -> DataConfig {
+    DataConfig {
+        max_length: Some(48),
+        group_by_length: true,
+        length_group_batches: groups,
+        ..config(batch_size, true)
+    }
+}
+
+/// Tokens in the padded batches, `rows * seq_len` summed.
+fn padded(got: &[(Batch, DataPosition)]) -> usize {
+    got.iter().map(|(b, _)| b.n_rows() * b.seq_len).sum()
+}
+
+fn sorted_lines(got: &[(Batch, DataPosition)]) -> Vec<u64> {
+    let mut v = lines(got);
+    v.sort_unstable();
+    v
+}
+
+/// Each pair's longer row (real tokens), per batch.
+fn pair_lengths(b: &Batch) -> Vec<usize> {
+    let row = |r: usize| {
+        b.attention_mask[r * b.seq_len..(r + 1) * b.seq_len].iter().map(|&m| m as usize).sum::<usize>()
+    };
+    (0..b.n_pairs).map(|i| row(i).max(row(b.n_pairs + i))).collect()
+}
+
+#[test]
+fn group_by_length_keeps_the_pairs_and_batch_count_and_cuts_padding() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
+    let plain_cfg = DataConfig { group_by_length: false, ..grouped(4, 5) };
+    for epoch in [0, 1] {
+        let plain = all(&data, &tok, &plain_cfg, DataPosition::start_of(epoch));
+        let stats = count_batches(&data, &tok, &plain_cfg).unwrap();
+        assert_eq!(plain.len(), stats.batches);
+        assert!(
+            stats.skips.total() > 0 && !stats.pairs.is_multiple_of(4),
+            "the data exercises drops and a short batch"
+        );
+        for groups in [1, 2, 5, 1000] {
+            let cfg = grouped(4, groups);
+            let got = all(&data, &tok, &cfg, DataPosition::start_of(epoch));
+            assert_eq!(got.len(), stats.batches, "G={groups}: batches per epoch unchanged");
+            assert_eq!(count_batches(&data, &tok, &cfg).unwrap().batches, stats.batches);
+            assert_eq!(sorted_lines(&got), sorted_lines(&plain), "G={groups}: the same pairs");
+            let real = |g: &[(Batch, DataPosition)]| g.iter().map(|(b, _)| b.n_tokens).sum::<usize>();
+            assert_eq!(real(&got), real(&plain));
+            assert!(padded(&got) <= padded(&plain), "G={groups}: {} > {}", padded(&got), padded(&plain));
+            assert_eq!(got.iter().filter(|(b, _)| b.n_pairs < 4).count(), 1, "one short batch");
+            if groups == 1 {
+                // A window of one batch: the same batches, sorted inside.
+                assert_eq!(padded(&got), padded(&plain));
+            }
+        }
+        // Padding tokens (padded minus real) at least halved on this data, windows of 5 batches.
+        let got = all(&data, &tok, &grouped(4, 5), DataPosition::start_of(epoch));
+        let real: usize = plain.iter().map(|(b, _)| b.n_tokens).sum();
+        let (g, p) = (padded(&got) - real, padded(&plain) - real);
+        eprintln!("epoch {epoch}: {real} real tokens, padding {g} grouped vs {p} ungrouped");
+        assert!(2 * g <= p, "epoch {epoch}: padding {g} grouped vs {p} ungrouped");
+    }
+}
+
+#[test]
+fn group_by_length_sorts_each_window_and_emits_its_batches_in_seeded_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
+    // One window for the whole epoch: the batches' length ranges do not overlap ...
+    let cfg = DataConfig { shuffle: false, ..grouped(4, 1000) };
+    let got = all(&data, &tok, &cfg, DataPosition::default());
+    let mut ranges: Vec<(usize, usize)> = got
+        .iter()
+        .map(|(b, _)| {
+            let l = pair_lengths(b);
+            (*l.iter().min().unwrap(), *l.iter().max().unwrap())
+        })
+        .collect();
+    let emitted: Vec<usize> = ranges.iter().map(|r| r.1).collect();
+    ranges.sort_unstable();
+    assert!(ranges.windows(2).all(|w| w[0].1 <= w[1].0), "{ranges:?}");
+    // ... and they come out neither shortest nor longest first.
+    let (mut up, mut down) = (emitted.clone(), emitted.clone());
+    up.sort_unstable();
+    down.sort_unstable_by(|a, b| b.cmp(a));
+    assert!(emitted != up && emitted != down, "{emitted:?}");
+
+    // A pure function of (seed, epoch): same again, different for another epoch or seed.
+    let cfg = grouped(3, 4);
+    let run = |cfg: &DataConfig, epoch| all(&data, &tok, cfg, DataPosition::start_of(epoch));
+    let e0 = run(&cfg, 0);
+    assert_eq!(e0, run(&cfg, 0));
+    let threads = DataConfig { tokenizer_threads: 1, ..cfg.clone() };
+    assert_eq!(e0, run(&threads, 0), "independent of the thread count");
+    assert_ne!(lines(&e0), lines(&run(&cfg, 1)));
+    assert_ne!(lines(&e0), lines(&run(&DataConfig { seed: 8, ..cfg.clone() }, 0)));
+}
+
+#[test]
+fn group_by_length_resumes_from_every_position_including_mid_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
+    for drop_last in [false, true] {
+        let cfg = DataConfig { drop_last, ..grouped(4, 3) };
+        let start = DataPosition::start_of(2);
+        let full = all(&data, &tok, &cfg, start);
+        let stats = count_batches(&data, &tok, &cfg).unwrap();
+        assert_eq!(full.len(), stats.batches);
+        if drop_last {
+            assert!(full.iter().all(|(b, _)| b.n_pairs == 4));
+            assert_eq!(lines(&full).len(), stats.pairs - stats.pairs % 4, "exactly the short batch dropped");
+        }
+        let mid = full.iter().filter(|(_, p)| p.batch_in_window > 0).count();
+        assert_eq!(mid, full.len() - full.len().div_ceil(3), "positions inside windows");
+        for (k, (_, position)) in full.iter().enumerate() {
+            // Inside a window: its start and the batches taken; after its last batch: the next row.
+            let boundary = (k + 1).is_multiple_of(3) || k + 1 == full.len();
+            assert_eq!(position.batch_in_window, if boundary { 0 } else { (k as u64 + 1) % 3 }, "{k}");
+            let saved: DataPosition =
+                serde_json::from_str(&serde_json::to_string(position).unwrap()).unwrap();
+            assert_eq!(saved, *position);
+            assert_eq!(all(&data, &tok, &cfg, saved), full[k + 1..], "resume after batch {k}");
+        }
+        assert_eq!(full.last().unwrap().1, DataPosition::at(2, 240));
+        // Through the prefetcher, from mid-window.
+        let resumed = batches(data.clone(), tok.clone(), cfg.clone(), full[3].1).unwrap();
+        let mut pre = resumed.prefetch(2).unwrap();
+        assert_eq!(pre.position(), full[3].1);
+        let got: Vec<_> = pre.by_ref().map(Result::unwrap).collect();
+        assert_eq!(got, full[4..]);
+        assert_eq!(pre.position(), DataPosition::at(2, 240));
+    }
+}
+
+#[test]
+fn a_mid_window_position_needs_group_by_length_and_a_window_that_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
+    let mid = DataPosition { epoch: 0, cursor: 0, batch_in_window: 2 };
+    let plain = DataConfig { group_by_length: false, ..grouped(4, 3) };
+    let e = batches(data.clone(), tok.clone(), plain, mid).unwrap_err();
+    assert!(e.to_string().contains("group_by_length is off"), "{e}");
+    // Old positions (no field) load as window boundaries.
+    let old: DataPosition = serde_json::from_str(r#"{"epoch":1,"cursor":5}"#).unwrap();
+    assert_eq!(old, DataPosition::at(1, 5));
+    // A window of 3 batches has no batch 4.
+    let past = DataPosition { batch_in_window: 4, ..mid };
+    let e = batches(data.clone(), tok.clone(), grouped(4, 3), past).unwrap().next().unwrap().unwrap_err();
+    assert!(e.to_string().contains("has only 3 batches"), "{e}");
+    let e = batches(data, tok, DataConfig { length_group_batches: 0, ..grouped(4, 3) }, mid).unwrap_err();
+    assert!(e.to_string().contains("length_group_batches must be at least 1"), "{e}");
 }

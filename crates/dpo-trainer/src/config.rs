@@ -114,6 +114,13 @@ pub struct TrainConfig {
     pub shuffle_buffer: usize,
     /// Threads that parse and tokenize rows; 0 = one per core, at most 8.
     pub tokenizer_threads: usize,
+    /// Length-grouped batching (HF name): each window of `batch_size * length_group_batches`
+    /// pairs is sorted by length (the longer row of the pair after `max_length` truncation, then
+    /// the pair's `[prompt, chosen, rejected]` length) and cut into batches, emitted in a seeded
+    /// random order: less padding, same pairs and batch count per epoch. Eval stays ungrouped.
+    pub group_by_length: bool,
+    /// Batches per length-grouping window (HF `LengthGroupedSampler`'s mega-batch factor, 50).
+    pub length_group_batches: usize,
 
     pub logging_steps: u64,
     /// Evaluate every this many steps (and at the last step); needs `eval_file`.
@@ -192,6 +199,8 @@ impl Default for TrainConfig {
             on_bad_row: OnBadRow::Error,
             shuffle_buffer: 10_000,
             tokenizer_threads: 0,
+            group_by_length: false,
+            length_group_batches: 50,
             logging_steps: 10,
             eval_steps: None,
             eval_on_start: false,
@@ -220,6 +229,7 @@ impl TrainConfig {
             ("gradient_accumulation_steps", self.gradient_accumulation_steps as f64),
             ("logging_steps", self.logging_steps as f64),
             ("logprob_chunk", self.logprob_chunk as f64),
+            ("length_group_batches", self.length_group_batches as f64),
             ("beta", self.beta),
         ];
         for (key, v) in positive {
@@ -305,6 +315,18 @@ impl TrainConfig {
             drop_last: self.dataloader_drop_last,
             shuffle_buffer: self.shuffle_buffer,
             tokenizer_threads: self.tokenizer_threads,
+            group_by_length: self.group_by_length,
+            length_group_batches: self.length_group_batches,
+        }
+    }
+
+    /// The data config of evaluation passes: file order, no length grouping (so eval metrics,
+    /// some of which are means over batches, do not depend on it).
+    pub fn eval_data_config(&self) -> dpo_loader::DataConfig {
+        dpo_loader::DataConfig {
+            shuffle: false,
+            group_by_length: false,
+            ..self.data_config(self.eval_batch_size.unwrap_or(self.batch_size))
         }
     }
 }
@@ -373,5 +395,36 @@ mod hub_key_tests {
             .unwrap_err();
         assert!(e.contains("save_steps"), "{e}");
         assert!(cfg(r#", "hub_strategy": "checkpoint""#).is_err());
+    }
+}
+
+#[cfg(test)]
+mod data_key_tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Result<TrainConfig, String> {
+        let text = format!(r#"{{"model": "m", "train_file": "t.jsonl"{extra}}}"#);
+        let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.validate().map(|()| cfg)
+    }
+
+    #[test]
+    fn group_by_length_keys_default_parse_validate_and_reach_the_loader() {
+        let c = cfg("").unwrap();
+        assert!(!c.group_by_length);
+        assert_eq!(c.length_group_batches, 50);
+        assert!(!c.data_config(8).group_by_length);
+        let c = cfg(r#", "group_by_length": true, "length_group_batches": 2, "batch_size": 3"#).unwrap();
+        let d = c.data_config(c.batch_size);
+        assert!(d.group_by_length);
+        assert_eq!((d.length_group_batches, d.batch_size), (2, 3));
+        d.validate().unwrap();
+        // Evaluation stays in file order and ungrouped.
+        let e = c.eval_data_config();
+        assert!(!e.group_by_length && !e.shuffle);
+        assert_eq!(e.length_group_batches, 2);
+        let e = cfg(r#", "length_group_batches": 0"#).unwrap_err();
+        assert!(e.contains("length_group_batches"), "{e}");
+        assert!(cfg(r#", "group_by_lengths": true"#).unwrap_err().contains("unknown field"));
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_loader::{
-    DataConfig, DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts,
-    batches, count_batches,
+    DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
+    count_batches,
 };
 use dpo_model::{CausalLm, Checkpoint, Policy};
 use serde_json::{Map, Value, json};
@@ -425,8 +425,7 @@ impl Trainer {
         let Some(eval) = &self.eval else { return Ok(false) };
         let cfg = &self.cfg;
         let policy = self.policy.model.detached();
-        let data_cfg =
-            DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
+        let data_cfg = cfg.eval_data_config();
         let mut all: Vec<BatchStats> = Vec::new();
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
             let batch = batch?;
@@ -456,8 +455,7 @@ impl Trainer {
             None => self.load_reference()?,
         };
         let (wp, wr) = (policy.lm_head()?, reference.lm_head()?);
-        let data_cfg =
-            DataConfig { shuffle: false, ..cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)) };
+        let data_cfg = cfg.eval_data_config();
         let (mut kl, mut positions) = (0f64, 0usize);
         let (mut chosen, mut rejected, mut pairs) = (0f64, 0f64, 0usize);
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
