@@ -6,12 +6,22 @@
 #
 # Prepared here (CPU machine):
 #   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
-#   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/   # + the CPU f32 curve: .device/curve-f32.jsonl
+#   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
+#   CURVE=1 scripts/bench-gpu.sh     # on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
 # Run there (device tool, carry [".device", ".whl"]):  bash scripts/bench-gpu.sh
 # Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
 # (the device tool returns at most 8 files).
 set -u
+# The bundled default with a record every step and no evals (which do not change training).
+CURVE_ARGS=(--config configs/default.toml --set logging_steps=1 --set eval_on_start=false --set eval_steps=1000
+  --set overwrite_output_dir=true --set progress_bar=false)
+if [ -n "${CURVE:-}" ]; then
+  cd "$(dirname "$0")/.." && mkdir -p .device
+  "${DPO_TRAIN:-target/release/dpo-train}" "${CURVE_ARGS[@]}" --set output_dir=\"/tmp/curve-f32\" >/dev/null 2>/tmp/curve-f32.log \
+    && cp /tmp/curve-f32/metrics.jsonl .device/curve-f32.jsonl && echo "wrote .device/curve-f32.jsonl"
+  exit
+fi
 FINAL_OUT=${OUT:-/tmp/out}; OUT=/tmp/gpu-bench-out; mkdir -p "$OUT" "$FINAL_OUT"
 STEPS=${STEPS:-10}; WARMUP=${WARMUP:-3}
 W=/tmp/gpu-bench; mkdir -p $W
@@ -76,6 +86,7 @@ DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
 DPO_TRAIN_PROFILE=1 run_ours profile-share --set max_steps=5 --set prefix_sharing=true
 grep -h "profile step [345]" "$W/profile-plain.log" "$W/profile-share.log"
 run_ours ours-plain
+run_ours ours-plain-keep-attn --set recompute_attention=false
 run_ours ours-share --set prefix_sharing=true
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
@@ -88,8 +99,8 @@ for mode in trl trl-precompute; do
 done
 
 # 4. The learning curve of the bundled default: CUDA bf16 vs the CPU f32 run in .device/curve-f32.jsonl.
-TIMEOUT=120 measure curve .device/dpo-train --config configs/default.toml --set device=\"cuda\" --set dtype=\"bf16\" \
-  --set max_steps=20 --set logging_steps=1 --set output_dir=\"$W/curve\" --set overwrite_output_dir=true --set progress_bar=false
+TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
+  --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
 
 # 5. Summary.
@@ -107,7 +118,7 @@ def flops(seqs, seqlen, with_ref):  # the harness's formula (bench_trl_gpu.py), 
     return f + (2 * n * tok + attn // 3 if with_ref else 0)
 peak = lambda name: float(open(f"{W}/{name}.peak").read().strip() or 0) / 1024
 rows = []
-for name in ["ours-plain", "ours-share", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-share", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -132,7 +143,8 @@ try:
     a = [json.loads(l) for l in open(".device/curve-f32.jsonl") if '"loss"' in l]
     b = [json.loads(l) for l in open(f"{OUT}/curve-bf16-cuda.jsonl") if '"loss"' in l]
     d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
-    print("CURVE max|loss_bf16_cuda - loss_f32_cpu| over", len(d), "steps:", max(d), [round(x, 4) for x in d])
+    print("CURVE max|loss_bf16_cuda - loss_f32_cpu| over the first 20 steps:", max(d[:20]), [round(x, 4) for x in d[:20]])
+    print("CURVE over all", len(d), "steps:", max(d))
 except Exception as e:
     print("CURVE error", e)
 PY

@@ -38,7 +38,7 @@ def parse():
     ap.add_argument("--train-file", default=os.path.join(ROOT, "data/train.jsonl"))
     ap.add_argument("--eval-file", default=os.path.join(ROOT, "data/eval.jsonl"))
     ap.add_argument("--beta", type=float, default=0.5)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--scheduler", default="linear", choices=["linear", "constant", "cosine"])
     ap.add_argument("--warmup-steps", type=int, default=10)
     ap.add_argument("--weight-decay", type=float, default=0.0)

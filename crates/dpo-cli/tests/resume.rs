@@ -123,9 +123,22 @@ fn sigkill_then_resume_reproduces_the_uninterrupted_run() {
 #[test]
 fn sigkill_mid_length_grouping_window_then_resume_reproduces_the_uninterrupted_run() {
     // Windows of 3 batches and 2 micro-batches a step: step 4 ends after batch 2 of a window.
-    let (_, state) = kill_and_resume("group_by_length = true\nlength_group_batches = 3", 4);
+    let (dir, state) = kill_and_resume("group_by_length = true\nlength_group_batches = 3", 4);
     assert_eq!(state["step"], 4);
     assert_eq!(state["data_position"]["batch_in_window"], 2, "{}", state["data_position"]);
+
+    // checkpoint-10 is also inside a window (batch 20 = 2 of the window at batch 18): other
+    // windows would not rebuild it, so this is refused even with --resume-allow-changed.
+    let ckpt = dir.path().join("out/checkpoint-10");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(saved["data_position"]["batch_in_window"], 2);
+    let cfg = dir.path().join("run.toml");
+    let resume = ckpt.to_str().unwrap();
+    let changed = ["--resume", resume, "--set", "max_steps=14", "--set", "length_group_batches=2"];
+    let out = dpo_train(&cfg, &[&changed[..], &["--resume-allow-changed"]].concat()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("inside a length-grouping window"), "{err}");
 }
 
 #[test]

@@ -79,6 +79,11 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
+    /// The same config with `tokenizer_threads` set (it changes speed, never the batches).
+    pub fn with_tokenizer_threads(self, tokenizer_threads: usize) -> Self {
+        Self { tokenizer_threads, ..self }
+    }
+
     /// Checks that sizes are positive.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(LoaderError::Config(format!("{what} must be at least 1")));

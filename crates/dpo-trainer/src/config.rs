@@ -369,7 +369,7 @@ mod loss_key_tests {
 }
 
 #[cfg(test)]
-mod hub_key_tests {
+mod key_tests {
     use super::*;
 
     fn cfg(extra: &str) -> Result<TrainConfig, String> {
@@ -395,17 +395,6 @@ mod hub_key_tests {
             .unwrap_err();
         assert!(e.contains("save_steps"), "{e}");
         assert!(cfg(r#", "hub_strategy": "checkpoint""#).is_err());
-    }
-}
-
-#[cfg(test)]
-mod data_key_tests {
-    use super::*;
-
-    fn cfg(extra: &str) -> Result<TrainConfig, String> {
-        let text = format!(r#"{{"model": "m", "train_file": "t.jsonl"{extra}}}"#);
-        let cfg: TrainConfig = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-        cfg.validate().map(|()| cfg)
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use dpo_model::accum_dtype;
-use dpo_model::ops::hand_over;
+use dpo_model::ops;
 
 /// Rows of the LM head computed at once; `chunk x vocab` f32 logits exist at a time.
 pub const DEFAULT_CHUNK: usize = 1024;
@@ -165,10 +165,7 @@ impl CustomOp2 for ChunkedLogProbs {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        hand_over(&self.value, |s| match s {
-            candle_core::Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        ops::hand_over(&self.value)
     }
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
@@ -178,10 +175,7 @@ impl CustomOp2 for ChunkedLogProbs {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over(&self.value, |s| match s {
-            candle_core::Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        ops::hand_over(&self.value)
     }
     #[cfg(feature = "metal")]
     fn metal_fwd(
@@ -191,10 +185,7 @@ impl CustomOp2 for ChunkedLogProbs {
         _: &candle_core::MetalStorage,
         _: &Layout,
     ) -> Result<(candle_core::MetalStorage, Shape)> {
-        hand_over(&self.value, |s| match s {
-            candle_core::Storage::Metal(s) => Some(s),
-            _ => None,
-        })
+        ops::hand_over(&self.value)
     }
 
     fn bwd(

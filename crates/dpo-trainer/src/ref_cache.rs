@@ -40,7 +40,8 @@ pub fn cache_key(
     dtype: DType,
 ) -> Result<String> {
     let mut h = Sha256::new();
-    for part in [model_fingerprint, data_fingerprint, &format!("{max_length:?}/{dtype:?}")] {
+    // "v2": caches written before they held every pair (with `dataloader_drop_last`) are not reused.
+    for part in [model_fingerprint, data_fingerprint, &format!("v2/{max_length:?}/{dtype:?}")] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -81,7 +82,8 @@ impl RefCache {
             return Ok(RefCache { by_row, path, computed: false });
         }
         let started = std::time::Instant::now();
-        let cfg = DataConfig { shuffle: false, ..data_cfg };
+        // Every kept pair, the last short batch included: a shuffled epoch may use any of them.
+        let cfg = DataConfig { shuffle: false, drop_last: false, ..data_cfg };
         let (mut lines, mut chosen, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
         for batch in batches(dataset.clone(), tokenizer.clone(), cfg, DataPosition::start_of(0))? {
             let batch = batch?;

@@ -392,6 +392,17 @@ impl Trainer {
         let (saved, weights, moments) = checkpoint::load(&dir, &self.device)?;
         checkpoint::check_compatible(&saved.fingerprint, &fresh.fingerprint, r.allow_changed)
             .map_err(|msg| TrainError::Config(format!("cannot resume from {}: {msg}", dir.display())))?;
+        // Mid-window, the position means "batch k of this window": only the same batching
+        // rebuilds the same window, whatever `--resume-allow-changed` says.
+        let batching = |c: &TrainConfig| c.data_config(c.batch_size).with_tokenizer_threads(0);
+        if saved.data_position.batch_in_window > 0 && batching(&saved.config) != batching(&self.cfg) {
+            return Err(TrainError::Config(format!(
+                "cannot resume from {}: it stopped inside a length-grouping window, and the batching \
+                 settings (batch_size, group_by_length, length_group_batches, shuffle, seed, max_length, ...) \
+                 changed since; resume from a checkpoint at a window boundary or keep them",
+                dir.display()
+            )));
+        }
         if saved.step >= self.total_steps {
             return Err(TrainError::Config(format!(
                 "cannot resume from {}: it is at step {}, the run's budget is {} steps (raise max_steps to extend it)",

@@ -23,8 +23,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+use super::check_float;
 use super::softmax::{MaskedSoftmax, MaskedSoftmaxBwd};
-use super::{check_float, hand_over};
 
 /// Score elements (`rows x heads x seq x seq`) computed at once.
 pub const SCORE_BUDGET: usize = 1 << 27;
@@ -203,10 +203,7 @@ impl CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        hand_over(&self.take_value()?, |s| match s {
-            candle_core::Storage::Cpu(s) => Some(s),
-            _ => None,
-        })
+        super::hand_over(&self.take_value()?)
     }
 
     #[cfg(feature = "cuda")]
@@ -219,10 +216,7 @@ impl CustomOp3 for Attention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        hand_over(&self.take_value()?, |s| match s {
-            candle_core::Storage::Cuda(s) => Some(s),
-            _ => None,
-        })
+        super::hand_over(&self.take_value()?)
     }
 
     fn bwd(

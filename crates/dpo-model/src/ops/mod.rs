@@ -65,16 +65,37 @@ pub use rope::{rope, rope_slow};
 pub use silu::{silu_mul, silu_mul_slow};
 pub use softmax::{masked_softmax, masked_softmax_slow};
 
+/// A device's storage inside a [`candle_core::Storage`].
+pub trait DeviceStorage: candle_core::backend::BackendStorage + Sized {
+    fn pick(s: &candle_core::Storage) -> Option<&Self>;
+}
+
+impl DeviceStorage for CpuStorage {
+    fn pick(s: &candle_core::Storage) -> Option<&Self> {
+        if let candle_core::Storage::Cpu(s) = s { Some(s) } else { None }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceStorage for candle_core::CudaStorage {
+    fn pick(s: &candle_core::Storage) -> Option<&Self> {
+        if let candle_core::Storage::Cuda(s) = s { Some(s) } else { None }
+    }
+}
+
+#[cfg(feature = "metal")]
+impl DeviceStorage for candle_core::MetalStorage {
+    fn pick(s: &candle_core::Storage) -> Option<&Self> {
+        if let candle_core::Storage::Metal(s) = s { Some(s) } else { None }
+    }
+}
+
 /// Hands a value computed beforehand with tensor ops over as a custom op's output (candle's
-/// custom-op forward sees raw storage only, the backward sees tensors): a copy of its storage
-/// on the device `pick` selects.
-pub fn hand_over<S: candle_core::backend::BackendStorage>(
-    value: &Tensor,
-    pick: impl Fn(&candle_core::Storage) -> Option<&S>,
-) -> Result<(S, candle_core::Shape)> {
+/// custom-op forward sees raw storage only, the backward sees tensors): a copy of its storage.
+pub fn hand_over<S: DeviceStorage>(value: &Tensor) -> Result<(S, candle_core::Shape)> {
     let (storage, layout) = value.storage_and_layout();
-    let s =
-        pick(&storage).ok_or_else(|| candle_core::Error::Msg("custom op value on another device".into()))?;
+    let s = S::pick(&storage)
+        .ok_or_else(|| candle_core::Error::Msg("custom op value on another device".into()))?;
     Ok((s.try_clone(layout)?, value.shape().clone()))
 }
 
