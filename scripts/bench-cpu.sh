@@ -27,7 +27,7 @@ lr_scheduler_type = "constant"
 progress_bar = false
 TOML
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
-/usr/bin/time -v target/release/dpo-train --config "$W/run.toml" 2> "$W/ours.err" >/dev/null
+/usr/bin/time -v "${CARGO_TARGET_DIR:-target}/release/dpo-train" --config "$W/run.toml" 2> "$W/ours.err" >/dev/null
 ours_rss=$(awk -F': ' '/Maximum resident/ {printf "%.2f", $2/1048576}' "$W/ours.err")
 ours=$(python3 - "$W/out/metrics.jsonl" "$WARMUP" <<'PY'
 import json, statistics, sys

@@ -7,7 +7,7 @@
 # Prepared here (CPU machine):
 #   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
-#   CURVE=1 scripts/bench-gpu.sh     # on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
+#   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
 # Run there (device tool, carry [".device", ".whl"]):  bash scripts/bench-gpu.sh
 # Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
@@ -18,7 +18,7 @@ CURVE_ARGS=(--config configs/default.toml --set logging_steps=1 --set eval_on_st
   --set overwrite_output_dir=true --set progress_bar=false)
 if [ -n "${CURVE:-}" ]; then
   cd "$(dirname "$0")/.." && mkdir -p .device
-  "${DPO_TRAIN:-target/release/dpo-train}" "${CURVE_ARGS[@]}" --set output_dir=\"/tmp/curve-f32\" >/dev/null 2>/tmp/curve-f32.log \
+  "${CARGO_TARGET_DIR:-target}/release/dpo-train" "${CURVE_ARGS[@]}" --set output_dir=\"/tmp/curve-f32\" >/dev/null 2>/tmp/curve-f32.log \
     && cp /tmp/curve-f32/metrics.jsonl .device/curve-f32.jsonl && echo "wrote .device/curve-f32.jsonl"
   exit
 fi
