@@ -9,7 +9,8 @@
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
 #   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
-# Run there (device tool, carry [".device", ".whl"]):  bash scripts/bench-gpu.sh
+# Run there (device tool, carry [".device", ".whl"], timeout_s 560):  bash scripts/bench-gpu.sh
+# Runs that would start after BUDGET_S (default 470) seconds are skipped; the summary still comes.
 # Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
 # (the device tool returns at most 8 files).
 set -u
@@ -39,8 +40,11 @@ grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20
 
 # Peak device memory of a command, sampled by nvidia-smi every 50 ms (whole process: context,
 # allocator pools and all), in GiB; the command's stdout/stderr go to $W/<name>.log.
+# Runs past BUDGET_S seconds of the script are skipped, so that the summary always comes back
+# within one device call (most important runs first).
 measure() {
   local name=$1; shift
+  if [ "$SECONDS" -gt "${BUDGET_S:-470}" ]; then echo "$name skipped (time budget)" | tee -a "$OUT/runs.txt"; return; fi
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$W/$name.mem" &
   local smi=$!
   timeout "${TIMEOUT:-150}" "$@" > "$W/$name.log" 2>&1; local rc=$?
@@ -81,16 +85,10 @@ TOML
   measure "$name" .device/dpo-train --config $W/$name.toml "$@"
   cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
-# Where a step's time goes (each phase ends with a device synchronization).
-DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
-DPO_TRAIN_PROFILE=1 run_ours profile-share --set max_steps=5 --set prefix_sharing=true
-grep -h "profile step [345]" "$W/profile-plain.log" "$W/profile-share.log"
 run_ours ours-plain
-run_ours ours-plain-keep-attn --set recompute_attention=false
+run_ours ours-plain-manual --set manual_backward=true
 run_ours ours-share --set prefix_sharing=true
-run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
-run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
-[ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
+run_ours ours-share-manual --set prefix_sharing=true --set manual_backward=true
 
 # 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
 export BENCH_TOKENIZER_DIR=$W/assets/model
@@ -102,6 +100,16 @@ done
 TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
+
+# More levers, then where a step's time goes (each phase ends with a device synchronization).
+run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
+run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
+run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
+run_ours ours-plain-keep-attn --set recompute_attention=false
+DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
+DPO_TRAIN_PROFILE=1 run_ours profile-manual --set max_steps=5 --set manual_backward=true
+grep -h "profile step [345]" "$W/profile-plain.log" "$W/profile-manual.log" 2>/dev/null
+[ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
 
 # 5. Summary.
 python3 - "$W" "$OUT" "$STEPS" "$WARMUP" <<'PY'
@@ -118,7 +126,7 @@ def flops(seqs, seqlen, with_ref):  # the harness's formula (bench_trl_gpu.py), 
     return f + (2 * n * tok + attn // 3 if with_ref else 0)
 peak = lambda name: float(open(f"{W}/{name}.peak").read().strip() or 0) / 1024
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-share", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -138,6 +146,16 @@ for mode in ["trl", "trl-precompute"]:
         rows.append(dict(run=mode, error=str(e)))
 for r in rows:
     print("RESULT " + json.dumps(r))
+# The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
+def losses(name):
+    return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
+for name in ["ours-plain-keep-attn", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
+             "ours-share-gc-manual"]:
+    try:
+        d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))
+        print(f"SAME-NUMBERS {name} vs ours-plain: max |loss difference| {d:.2e}")
+    except Exception as e:
+        print(f"SAME-NUMBERS {name}: error {e}")
 json.dump(rows, open(f"{OUT}/summary.json", "w"), indent=1)
 try:
     a = [json.loads(l) for l in open(".device/curve-f32.jsonl") if '"loss"' in l]

@@ -20,6 +20,8 @@ use crate::checkpoint::Checkpoint;
 use crate::mask::AttentionMask;
 use crate::{ModelConfig, ModelError, ops, rope};
 
+mod backward;
+
 /// `y = x @ w.t() + b`.
 #[derive(Debug, Clone)]
 struct Linear {
@@ -294,22 +296,61 @@ impl CausalLm {
         mask: &AttentionMask,
         head: impl FnOnce(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, HashMap<TensorId, Tensor>)> {
+        self.grads_by_block(input_ids, mask, head, false, true)
+    }
+
+    /// As [`CausalLm::checkpointed_grads`], with the blocks' hand-written backward
+    /// ([`backward`](self::backward)) instead of autograd: the forward keeps the few tensors
+    /// each block's backward needs (no graph), or with `checkpoint` only each block's input,
+    /// recomputing those tensors block by block in the backward. Needs the fused ops.
+    pub fn manual_grads(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        head: impl FnOnce(&Tensor) -> Result<Tensor>,
+        checkpoint: bool,
+    ) -> Result<(Tensor, HashMap<TensorId, Tensor>)> {
+        if !self.fused {
+            candle_core::bail!("the manual backward needs the fused ops (fused_ops = true)");
+        }
+        self.grads_by_block(input_ids, mask, head, true, checkpoint)
+    }
+
+    /// The blocks' forward without a graph, then the head's gradient through autograd, each
+    /// block's backward last to first (`manual` or with autograd; from saved tensors or, with
+    /// `checkpoint`, recomputed from the block's input), then the embedding's.
+    fn grads_by_block(
+        &self,
+        input_ids: &Tensor,
+        mask: &AttentionMask,
+        head: impl FnOnce(&Tensor) -> Result<Tensor>,
+        manual: bool,
+        checkpoint: bool,
+    ) -> Result<(Tensor, HashMap<TensorId, Tensor>)> {
+        debug_assert!(manual || checkpoint, "autograd without checkpointing is hidden_states + backward");
         let (cos, sin) = self.rope_tables(input_ids, mask)?;
         let frozen = self.detached();
         let mut inputs = vec![frozen.embed_input(input_ids)?];
+        let mut saved = Vec::with_capacity(if checkpoint { 0 } else { frozen.blocks.len() });
         for b in &frozen.blocks {
-            let next = frozen.block(b, inputs.last().expect("one input"), &cos, &sin, mask)?;
+            let h = inputs.last().expect("one input");
+            let next = if !checkpoint {
+                let (out, s) = frozen.block_saving(b, h, &cos, &sin, mask)?;
+                saved.push(s);
+                out
+            } else {
+                frozen.block(b, h, &cos, &sin, mask)?
+            };
             inputs.push(next);
         }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
-        let mut collect = |store: &candle_core::backprop::GradStore, weights: Vec<&Tensor>| -> Result<()> {
+        let collect = |grads: &mut HashMap<TensorId, Tensor>,
+                       store: &candle_core::backprop::GradStore,
+                       weights: Vec<&Tensor>|
+         -> Result<()> {
             for w in weights {
                 if let Some(g) = store.get(w) {
-                    let sum = match grads.remove(&w.id()) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    grads.insert(w.id(), sum);
+                    backward::add_grad(grads, w, g)?;
                 }
             }
             Ok(())
@@ -320,21 +361,30 @@ impl CausalLm {
         let store = value.backward()?;
         let mut head_weights = vec![&self.norm, &self.embed];
         head_weights.extend(self.lm_head.as_ref());
-        collect(&store, head_weights)?;
+        collect(&mut grads, &store, head_weights)?;
         let mut upstream = grad_of(&store, &leaf)?;
         drop(store);
-        // The blocks, last to first, each recomputed with its graph: d(sum(out * g))/d(in).
         for (l, b) in self.blocks.iter().enumerate().rev() {
-            let leaf = Var::from_tensor(&inputs[l])?;
-            let out = self.block(b, leaf.as_tensor(), &cos, &sin, mask)?;
-            let store = (out * upstream.detach())?.sum_all()?.backward()?;
-            collect(&store, b.weights())?;
-            upstream = grad_of(&store, &leaf)?;
+            upstream = if manual {
+                let fb = &frozen.blocks[l];
+                let s = match saved.pop() {
+                    Some(s) => s,
+                    None => frozen.block_saving(fb, &inputs[l], &cos, &sin, mask)?.1,
+                };
+                frozen.block_backward(fb, b, s, &upstream, &cos, &sin, mask, &mut grads)?
+            } else {
+                // Recomputed with its graph: d(sum(out * g))/d(in).
+                let leaf = Var::from_tensor(&inputs[l])?;
+                let out = self.block(b, leaf.as_tensor(), &cos, &sin, mask)?;
+                let store = (out * upstream.detach())?.sum_all()?.backward()?;
+                collect(&mut grads, &store, b.weights())?;
+                grad_of(&store, &leaf)?
+            };
             inputs.truncate(l);
         }
         // The embedding, as an input.
         let store = (self.embed_input(input_ids)? * upstream)?.sum_all()?.backward()?;
-        collect(&store, vec![&self.embed])?;
+        collect(&mut grads, &store, vec![&self.embed])?;
         Ok((value.detach(), grads))
     }
 
@@ -414,6 +464,25 @@ impl CausalLm {
         }
     }
 
+    /// `1 / sqrt(head_dim)`.
+    fn attention_scale(&self) -> f64 {
+        1.0 / (self.config.head_dim as f64).sqrt()
+    }
+
+    /// The rotated queries and keys and the values, `[rows, heads, seq, head_dim]` each (KV
+    /// heads not repeated).
+    fn qkv(&self, b: &Block, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let cfg = &self.config;
+        let dt = self.compute_dtype;
+        let (rows, seq, _) = x.dims3()?;
+        let hd = cfg.head_dim;
+        let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
+        let q = self.rope(&heads(b.q.forward(x, dt)?, cfg.num_attention_heads)?, cos, sin)?;
+        let k = self.rope(&heads(b.k.forward(x, dt)?, cfg.num_key_value_heads)?, cos, sin)?;
+        let v = heads(b.v.forward(x, dt)?, cfg.num_key_value_heads)?;
+        Ok((q, k, v))
+    }
+
     fn attention(
         &self,
         b: &Block,
@@ -422,20 +491,15 @@ impl CausalLm {
         sin: &Tensor,
         mask: &AttentionMask,
     ) -> Result<Tensor> {
-        let cfg = &self.config;
         let dt = self.compute_dtype;
-        let (rows, seq, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
-        let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = self.rope(&heads(b.q.forward(x, dt)?, nh)?, cos, sin)?;
-        let k = self.rope(&heads(b.k.forward(x, dt)?, nkv)?, cos, sin)?;
-        let v = heads(b.v.forward(x, dt)?, nkv)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let n_rep = self.config.num_attention_heads / self.config.num_key_value_heads;
+        let (q, k, v) = self.qkv(b, x, cos, sin)?;
+        let scale = self.attention_scale();
         let out = if self.fused && self.recompute_attention {
             // Scores and probabilities are not kept for the backward; it recomputes them.
             ops::attention(&q, &k, &v, &mask.bias, scale)?
         } else {
-            let (k, v) = (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?);
+            let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?);
             let scores = q.matmul(&k.t()?.contiguous()?)?;
             let probs = if self.fused {
                 // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
@@ -447,9 +511,14 @@ impl CausalLm {
             };
             probs.matmul(&v)?
         };
-        let out = out.transpose(1, 2)?.reshape((rows, seq, nh * hd))?;
-        b.o.forward(&out, dt)
+        b.o.forward(&merge_heads(&out)?, dt)
     }
+}
+
+/// `[rows, heads, seq, d]` -> `[rows, seq, heads * d]` (contiguous).
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (r, n, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((r, s, n * d))
 }
 
 /// `[rows, kv, seq, d]` -> `[rows, kv * n_rep, seq, d]`, each KV head serving `n_rep` query heads.

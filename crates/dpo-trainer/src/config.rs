@@ -139,6 +139,11 @@ pub struct TrainConfig {
     /// Keep only each block's input during the forward and recompute the block in the
     /// backward (activation checkpointing): about one more forward, far less memory.
     pub gradient_checkpointing: bool,
+    /// Backward the decoder blocks by hand (`dpo_model::CausalLm::manual_grads`): the forward
+    /// keeps only the tensors each block's backward needs (candle's autograd keeps every
+    /// intermediate); with `gradient_checkpointing`, only each block's input, and the backward
+    /// recomputes a block's tensors without a graph. Needs `fused_ops`.
+    pub manual_backward: bool,
     /// Put each pair on one row, `[prompt, chosen, rejected]`, so the prompt is computed once.
     pub prefix_sharing: bool,
     /// In a bf16 run, compute the LM head (logits, log-softmax) in f32 (TF32 matmul on CUDA).
@@ -209,6 +214,7 @@ impl Default for TrainConfig {
             precompute_ref_log_probs: false,
             ref_cache_dir: None,
             gradient_checkpointing: false,
+            manual_backward: false,
             prefix_sharing: false,
             fused_ops: true,
             recompute_attention: true,
@@ -254,6 +260,9 @@ impl TrainConfig {
         }
         if self.save_steps == Some(0) || self.save_total_limit == Some(0) {
             return Err("`save_steps` and `save_total_limit` must be at least 1".into());
+        }
+        if self.manual_backward && !self.fused_ops {
+            return Err("`manual_backward` needs `fused_ops = true` (it uses their backward kernels)".into());
         }
         if self.push_to_hub && self.hub_model_id.is_none() {
             return Err("`push_to_hub` needs `hub_model_id` (the Hub repo, `org/name`)".into());
@@ -395,6 +404,14 @@ mod key_tests {
             .unwrap_err();
         assert!(e.contains("save_steps"), "{e}");
         assert!(cfg(r#", "hub_strategy": "checkpoint""#).is_err());
+    }
+
+    #[test]
+    fn manual_backward_needs_fused_ops() {
+        assert!(!cfg("").unwrap().manual_backward);
+        assert!(cfg(r#", "manual_backward": true, "gradient_checkpointing": true"#).unwrap().manual_backward);
+        let e = cfg(r#", "manual_backward": true, "fused_ops": false"#).unwrap_err();
+        assert!(e.contains("manual_backward"), "{e}");
     }
 
     #[test]

@@ -274,8 +274,8 @@ impl Trainer {
         Ok(summary)
     }
 
-    /// One micro-batch: the reference's log-probs, the policy's forward and backward (plain or
-    /// with activation checkpointing); the loss weighs `1 / n_micro`.
+    /// One micro-batch: the reference's log-probs, the policy's forward and backward (autograd,
+    /// activation checkpointing or the manual block backward); the loss weighs `1 / n_micro`.
     fn micro_step(
         &self,
         batch: &dpo_loader::Batch,
@@ -296,7 +296,9 @@ impl Trainer {
             stats = Some(s);
             loss / n_micro as f64
         };
-        let grads = if cfg.gradient_checkpointing {
+        let grads = if cfg.manual_backward {
+            policy.manual_grads(&db.ids, &db.mask, head, cfg.gradient_checkpointing)?.1
+        } else if cfg.gradient_checkpointing {
             policy.checkpointed_grads(&db.ids, &db.mask, head)?.1
         } else {
             let hidden = policy.hidden_states(&db.ids, &db.mask)?;

@@ -50,8 +50,30 @@ fn trl_config(output_dir: &Path) -> TrainConfig {
 
 #[test]
 fn reproduces_trl_per_step_metrics() {
+    reproduces_trl_with(|_| {});
+}
+
+/// The GPU levers do the same work another way: the same per-step numbers as TRL.
+#[test]
+fn reproduces_trl_with_the_manual_backward_checkpointing_or_prefix_sharing() {
+    reproduces_trl_with(|c| c.manual_backward = true);
+    reproduces_trl_with(|c| c.gradient_checkpointing = true);
+    reproduces_trl_with(|c| c.prefix_sharing = true);
+    reproduces_trl_with(|c| {
+        c.prefix_sharing = true;
+        c.manual_backward = true;
+    });
+    reproduces_trl_with(|c| {
+        c.manual_backward = true;
+        c.gradient_checkpointing = true;
+    });
+}
+
+fn reproduces_trl_with(edit: impl Fn(&mut TrainConfig)) {
     let tmp = tempfile::tempdir().unwrap();
-    let mut trainer = Trainer::new(trl_config(tmp.path())).unwrap();
+    let mut cfg = trl_config(tmp.path());
+    edit(&mut cfg);
+    let mut trainer = Trainer::new(cfg).unwrap();
     assert_eq!(trainer.train_stats.pairs, 41, "TRL keeps 41 of 42 train rows");
     assert_eq!(trainer.steps_per_epoch, 6);
     trainer.run(&mut Silent, None).unwrap();

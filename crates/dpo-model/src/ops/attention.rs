@@ -96,6 +96,43 @@ pub(crate) fn attention_in_chunks(
     q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
 }
 
+/// The backward of [`attention`]: `(dq, dk, dv)` for the upstream `dy` `[rows, heads, seq, d]`
+/// (no graph; recomputes the probabilities). `bias` as for [`attention`].
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    backward_in_chunks(&q, &k, &v, &bias, scale, dy, SCORE_BUDGET)
+}
+
+fn backward_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    dy: &Tensor,
+    budget: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = (q.detach(), k.detach(), v.detach());
+    let dy = dy.to_dtype(q.dtype())?.contiguous()?;
+    let (mut dk, mut dv) = (Vec::new(), Vec::new());
+    let dq = chunked(&q, bias, budget, |(start, len), b| {
+        let rows = |x: &Tensor| x.narrow(0, start, len);
+        let (dq, k_part, v_part) = backward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, &rows(&dy)?, scale)?;
+        dk.push(k_part);
+        dv.push(v_part);
+        Ok(dq)
+    })?;
+    Ok((dq, cat(dk)?, cat(dv)?))
+}
+
 /// The reference: repeated K/V heads and the composed, differentiable candle ops.
 pub fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let n_rep = q.dim(1)? / k.dim(1)?;
@@ -227,17 +264,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
-        let grad = grad.to_dtype(q.dtype())?.contiguous()?;
-        let (mut dk, mut dv) = (Vec::new(), Vec::new());
-        let dq = chunked(&q, &self.bias, self.budget, |(start, len), b| {
-            let rows = |x: &Tensor| x.narrow(0, start, len);
-            let (dq, k_part, v_part) =
-                backward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, &rows(&grad)?, self.scale)?;
-            dk.push(k_part);
-            dv.push(v_part);
-            Ok(dq)
-        })?;
-        Ok((Some(dq), Some(cat(dk)?), Some(cat(dv)?)))
+        let (dq, dk, dv) = backward_in_chunks(q, k, v, &self.bias, self.scale, grad, self.budget)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -21,6 +21,15 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w, RmsNorm { eps })
 }
 
+/// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
+/// `x`'s dtype, as in the forward, and so is `dw`.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (x, w) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?);
+    let (n, d) = (x.elem_count(), w.elem_count());
+    let packed = x.apply_op3_no_bwd(&w, &dy.to_dtype(x.dtype())?.contiguous()?, &RmsNormBwd { eps })?;
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, d)?.reshape(w.shape())?))
+}
+
 /// The reference: `w * (x / sqrt(mean(x^2) + eps))` from differentiable candle ops.
 pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -154,11 +163,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = x.elem_count();
-        let d = w.elem_count();
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &RmsNormBwd { eps: self.eps })?;
-        let dx = packed.narrow(0, 0, n)?.reshape(x.shape())?;
-        let dw = packed.narrow(0, n, d)?.reshape(w.shape())?;
+        let (dx, dw) = rms_norm_backward(x, w, self.eps, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }

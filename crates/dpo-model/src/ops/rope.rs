@@ -31,6 +31,13 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&cos, &sin, Rope { bwd: false })
 }
 
+/// The backward of [`rope`] (the inverse rotation) applied to the upstream `dy` (no graph).
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let cos = cos.to_dtype(dy.dtype())?.detach().contiguous()?;
+    let sin = sin.to_dtype(dy.dtype())?.detach().contiguous()?;
+    dy.contiguous()?.apply_op3_no_bwd(&cos, &sin, &Rope { bwd: true })
+}
+
 /// The reference: [`crate::rope::apply`] (differentiable candle ops), with `[rows, seq, d]`
 /// tables broadcast over heads.
 pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

@@ -27,6 +27,13 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 
+/// The backward of [`silu_mul`]: `(d gate, d up)` for the upstream `dy` (no graph).
+pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (g, u) = (gate.contiguous()?, up.contiguous()?);
+    let packed = g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd)?;
+    Ok((packed.get(0)?.reshape(g.shape())?, packed.get(1)?.reshape(u.shape())?))
+}
+
 struct SiluMul;
 
 /// `(g, u, dy) -> [dg, du]` packed in one `[2, n]` tensor.
@@ -111,9 +118,7 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let packed = g.apply_op3_no_bwd(u, &grad.contiguous()?, &SiluMulBwd)?;
-        let dg = packed.get(0)?.reshape(g.shape())?;
-        let du = packed.get(1)?.reshape(u.shape())?;
+        let (dg, du) = silu_mul_backward(g, u, grad)?;
         Ok((Some(dg), Some(du)))
     }
 }

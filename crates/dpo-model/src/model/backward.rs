@@ -1,0 +1,147 @@
+//! The hand-written backward of a decoder block ([`CausalLm::manual_grads`]).
+//!
+//! candle's autograd keeps every intermediate tensor of the forward alive until the backward
+//! (each graph node holds its inputs), and runs one generic rule per op. Here the forward keeps
+//! what the backward needs, as PyTorch's saved tensors do, and the backward is written out:
+//!
+//! ```text
+//! forward                                  backward, from dout = d loss / d out
+//! x1 = T(RMSNorm(h, g1))                   dact = T(dout) Wd          dWd = T(dout)^T act
+//! q, k, v = rope(x1 Wq^T + bq), ...        dgate, dup = silu_mul'(gate, up) dact
+//! a = Attn(q, k, v)                        dx2 = dgate Wg + dup Wu    dWg = dgate^T x2, ...
+//! h2 = h + a Wo^T                          dh2 = dout + RMSNorm'(h2, g2) dx2
+//! x2 = T(RMSNorm(h2, g2))                  da = T(dh2) Wo             dWo = T(dh2)^T a
+//! gate, up = x2 Wg^T, x2 Wu^T              dq, dk, dv = rope'(Attn'(q, k, v) da)
+//! act = silu(gate) * up                    dx1 = dq Wq + dk Wk + dv Wv, dWq = dq^T x1, ...
+//! out = h2 + act Wd^T                      dh = dh2 + RMSNorm'(h, g1) dx1
+//! ```
+//! `T` is the cast to the compute dtype (bf16 in bf16 runs; the residual stream and the norms
+//! stay in f32). Kept per block: `h` and `h2` (the residual stream), `q`, `k`, `v`, `a`, `gate`
+//! and `up`; `x1`, `x2` and `act` are recomputed, one elementwise pass each. The weight
+//! gradients come out in the dtype of the weights (f32 master weights). The ops are those of
+//! [`crate::ops`] (fused RMSNorm, RoPE, SiLU gate and attention) and matmuls.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Result, Tensor, TensorId};
+
+use super::{Block, CausalLm, Linear, merge_heads};
+use crate::{AttentionMask, accum_dtype, ops};
+
+/// What a block's backward needs from its forward.
+pub(super) struct Saved {
+    h: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a: Tensor,
+    h2: Tensor,
+    gate: Tensor,
+    up: Tensor,
+}
+
+/// Adds `g` (cast to `key`'s dtype) to the gradient of `key`.
+pub(super) fn add_grad(grads: &mut HashMap<TensorId, Tensor>, key: &Tensor, g: &Tensor) -> Result<()> {
+    let g = g.to_dtype(key.dtype())?;
+    let sum = match grads.remove(&key.id()) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    grads.insert(key.id(), sum);
+    Ok(())
+}
+
+impl Linear {
+    /// `dx` of `y = x W^T + b` for `x` `[rows, seq, in]` and `dy` `[rows, seq, out]` (compute
+    /// dtype `dt`); adds `dW = dy^T x` and `db = sum dy` to `grads` under `keys`' ids.
+    fn backward(
+        &self,
+        keys: &Linear,
+        x: &Tensor,
+        dy: &Tensor,
+        dt: DType,
+        grads: &mut HashMap<TensorId, Tensor>,
+    ) -> Result<Tensor> {
+        let (r, t, i) = x.dims3()?;
+        let dy = dy.reshape((r * t, dy.dim(2)?))?;
+        add_grad(grads, &keys.w, &dy.t()?.matmul(&x.reshape((r * t, i))?)?)?;
+        if let Some(key) = &keys.b {
+            add_grad(grads, key, &dy.to_dtype(accum_dtype(dt))?.sum(0)?)?;
+        }
+        dy.matmul(&self.w.to_dtype(dt)?)?.reshape((r, t, i))
+    }
+}
+
+/// `[rows, seq, n * d]` -> `[rows, n, seq, d]`, contiguous.
+fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (r, s, nd) = x.dims3()?;
+    x.reshape((r, s, n, nd / n))?.transpose(1, 2)?.contiguous()
+}
+
+impl CausalLm {
+    /// [`CausalLm::block`] (fused ops) keeping what [`CausalLm::block_backward`] needs.
+    pub(super) fn block_saving(
+        &self,
+        b: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<(Tensor, Saved)> {
+        let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
+        let x1 = ops::rms_norm(h, &b.input_norm, eps)?.to_dtype(dt)?;
+        let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
+        let a = merge_heads(&ops::attention(&q, &k, &v, &mask.bias, self.attention_scale())?)?;
+        let h2 = (h + b.o.forward(&a, dt)?.to_dtype(h.dtype())?)?;
+        let x2 = ops::rms_norm(&h2, &b.post_norm, eps)?.to_dtype(dt)?;
+        let (gate, up) = (b.gate.forward(&x2, dt)?, b.up.forward(&x2, dt)?);
+        let out = (&h2 + b.down.forward(&ops::silu_mul(&gate, &up)?, dt)?.to_dtype(h2.dtype())?)?;
+        Ok((out, Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
+    }
+
+    /// `d loss / d h` of a block from `dout = d loss / d out`; adds the gradients of its weights
+    /// to `grads`, keyed by the ids of `keys`' weights (the trainable tensors; `b` holds the same
+    /// values without a graph).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn block_backward(
+        &self,
+        b: &Block,
+        keys: &Block,
+        s: Saved,
+        dout: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+        grads: &mut HashMap<TensorId, Tensor>,
+    ) -> Result<Tensor> {
+        let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
+        let residual = s.h.dtype();
+        // MLP.
+        let act = ops::silu_mul(&s.gate, &s.up)?;
+        let dact = b.down.backward(&keys.down, &act, &dout.to_dtype(dt)?, dt, grads)?;
+        drop(act);
+        let (dgate, dup) = ops::silu_mul_backward(&s.gate, &s.up, &dact)?;
+        let x2 = ops::rms_norm(&s.h2, &b.post_norm, eps)?.to_dtype(dt)?;
+        let dx2 = (b.gate.backward(&keys.gate, &x2, &dgate, dt, grads)?
+            + b.up.backward(&keys.up, &x2, &dup, dt, grads)?)?;
+        let (dn, dg2) = ops::rms_norm_backward(&s.h2, &b.post_norm, eps, &dx2.to_dtype(residual)?)?;
+        add_grad(grads, &keys.post_norm, &dg2)?;
+        let dh2 = (dout + dn)?;
+        // Attention.
+        let (nh, nkv) = (self.config.num_attention_heads, self.config.num_key_value_heads);
+        let da = split_heads(&b.o.backward(&keys.o, &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
+        let (dq, dk, dv) =
+            ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
+        let dq = merge_heads(&ops::rope_backward(&dq, cos, sin)?)?;
+        let dk = merge_heads(&ops::rope_backward(&dk, cos, sin)?)?;
+        let dv = merge_heads(&dv)?;
+        debug_assert_eq!(dk.dim(2)?, nkv * self.config.head_dim);
+        let x1 = ops::rms_norm(&s.h, &b.input_norm, eps)?.to_dtype(dt)?;
+        let dx1 = ((b.q.backward(&keys.q, &x1, &dq, dt, grads)?
+            + b.k.backward(&keys.k, &x1, &dk, dt, grads)?)?
+            + b.v.backward(&keys.v, &x1, &dv, dt, grads)?)?;
+        let (dn, dg1) = ops::rms_norm_backward(&s.h, &b.input_norm, eps, &dx1.to_dtype(residual)?)?;
+        add_grad(grads, &keys.input_norm, &dg1)?;
+        dh2 + dn
+    }
+}
