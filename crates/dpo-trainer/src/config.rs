@@ -142,7 +142,8 @@ pub struct TrainConfig {
     /// Backward the decoder blocks by hand (`dpo_model::CausalLm::manual_grads`): the forward
     /// keeps only the tensors each block's backward needs (candle's autograd keeps every
     /// intermediate); with `gradient_checkpointing`, only each block's input, and the backward
-    /// recomputes a block's tensors without a graph. Needs `fused_ops`.
+    /// recomputes a block's tensors without a graph. Needs `fused_ops`; attention probabilities
+    /// are recomputed whatever `recompute_attention` says.
     pub manual_backward: bool,
     /// Put each pair on one row, `[prompt, chosen, rejected]`, so the prompt is computed once.
     pub prefix_sharing: bool,
