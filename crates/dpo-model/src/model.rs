@@ -197,32 +197,46 @@ impl CausalLm {
 
     /// The same model on the same storage, with gradient tracking cut (for evaluation).
     pub fn detached(&self) -> Self {
-        let lin = |l: &Linear| Linear { w: l.w.detach(), b: l.b.as_ref().map(Tensor::detach) };
-        CausalLm {
+        self.detached_with(|l| Ok(Linear { w: l.w.detach(), b: l.b.as_ref().map(Tensor::detach) }))
+            .expect("detaching cannot fail")
+    }
+
+    /// [`CausalLm::detached`] with the projections' weights cast to the compute dtype once (for
+    /// a whole forward and backward without a graph; norms and embeddings keep their dtype).
+    fn detached_for_compute(&self) -> Result<Self> {
+        let dt = self.compute_dtype;
+        let cast = |t: &Tensor| t.detach().to_dtype(dt);
+        self.detached_with(|l| Ok(Linear { w: cast(&l.w)?, b: l.b.as_ref().map(cast).transpose()? }))
+    }
+
+    fn detached_with(&self, lin: impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {
+        Ok(CausalLm {
             config: self.config.clone(),
             embed: self.embed.detach(),
             blocks: self
                 .blocks
                 .iter()
-                .map(|b| Block {
-                    input_norm: b.input_norm.detach(),
-                    q: lin(&b.q),
-                    k: lin(&b.k),
-                    v: lin(&b.v),
-                    o: lin(&b.o),
-                    post_norm: b.post_norm.detach(),
-                    gate: lin(&b.gate),
-                    up: lin(&b.up),
-                    down: lin(&b.down),
+                .map(|b| {
+                    Ok(Block {
+                        input_norm: b.input_norm.detach(),
+                        q: lin(&b.q)?,
+                        k: lin(&b.k)?,
+                        v: lin(&b.v)?,
+                        o: lin(&b.o)?,
+                        post_norm: b.post_norm.detach(),
+                        gate: lin(&b.gate)?,
+                        up: lin(&b.up)?,
+                        down: lin(&b.down)?,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
             norm: self.norm.detach(),
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             compute_dtype: self.compute_dtype,
             head_dtype: self.head_dtype,
             fused: self.fused,
             recompute_attention: self.recompute_attention,
-        }
+        })
     }
 
     /// The same model with the fused ops of [`crate::ops`] switched on or off (the default is
@@ -329,7 +343,8 @@ impl CausalLm {
     ) -> Result<(Tensor, HashMap<TensorId, Tensor>)> {
         debug_assert!(manual || checkpoint, "autograd without checkpointing is hidden_states + backward");
         let (cos, sin) = self.rope_tables(input_ids, mask)?;
-        let frozen = self.detached();
+        // The manual backward uses the cast weights again: cast them once.
+        let frozen = if manual { self.detached_for_compute()? } else { self.detached() };
         let mut inputs = vec![frozen.embed_input(input_ids)?];
         let mut saved = Vec::with_capacity(if checkpoint { 0 } else { frozen.blocks.len() });
         for b in &frozen.blocks {
