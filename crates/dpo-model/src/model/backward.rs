@@ -128,14 +128,13 @@ impl CausalLm {
         add_grad(grads, &keys.post_norm, &dg2)?;
         let dh2 = (dout + dn)?;
         // Attention.
-        let (nh, nkv) = (self.config.num_attention_heads, self.config.num_key_value_heads);
+        let nh = self.config.num_attention_heads;
         let da = split_heads(&b.o.backward(&keys.o, &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
         let (dq, dk, dv) =
             ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
         let dq = merge_heads(&ops::rope_backward(&dq, cos, sin)?)?;
         let dk = merge_heads(&ops::rope_backward(&dk, cos, sin)?)?;
         let dv = merge_heads(&dv)?;
-        debug_assert_eq!(dk.dim(2)?, nkv * self.config.head_dim);
         let x1 = ops::rms_norm(&s.h, &b.input_norm, eps)?.to_dtype(dt)?;
         let dx1 = ((b.q.backward(&keys.q, &x1, &dq, dt, grads)?
             + b.k.backward(&keys.k, &x1, &dk, dt, grads)?)?
