@@ -7,10 +7,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{row, tokenizer, write};
-use dpo_loader::{
-    Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, PreferenceTokenizer, batches, count_batches,
-};
+use common::{all, row, tokenizer, write};
+use dpo_loader::{Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, batches, count_batches};
 
 fn gz(bytes: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -42,20 +40,6 @@ fn config(batch_size: usize, shuffle: bool) -> DataConfig {
         on_bad_row: OnBadRow::Skip,
         ..DataConfig::default()
     }
-}
-
-fn all(
-    data: &Arc<PreferenceDataset>,
-    tok: &Arc<PreferenceTokenizer>,
-    cfg: &DataConfig,
-    start: DataPosition,
-) -> Vec<(Batch, DataPosition)> {
-    let mut iter = batches(data.clone(), tok.clone(), cfg.clone(), start).unwrap();
-    let mut out = Vec::new();
-    while let Some(b) = iter.next() {
-        out.push((b.unwrap(), iter.position()));
-    }
-    out
 }
 
 /// A batch without its sources' file names (they differ between encodings): input ids,

@@ -4,10 +4,8 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{dataset, id, row, tokenizer, write};
-use dpo_loader::{
-    Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, PreferenceTokenizer, batches, count_batches,
-};
+use common::{all, dataset, id, row, tokenizer, write};
+use dpo_loader::{Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, batches, count_batches};
 
 fn config(batch_size: usize, shuffle: bool) -> DataConfig {
     DataConfig {
@@ -20,20 +18,6 @@ fn config(batch_size: usize, shuffle: bool) -> DataConfig {
         drop_last: false,
         ..DataConfig::default()
     }
-}
-
-fn all(
-    data: &Arc<PreferenceDataset>,
-    tok: &Arc<PreferenceTokenizer>,
-    cfg: &DataConfig,
-    start: DataPosition,
-) -> Vec<(Batch, DataPosition)> {
-    let mut iter = batches(data.clone(), tok.clone(), cfg.clone(), start).unwrap();
-    let mut out = Vec::new();
-    while let Some(batch) = iter.next() {
-        out.push((batch.unwrap(), iter.position()));
-    }
-    out
 }
 
 fn lines(batches: &[(Batch, DataPosition)]) -> Vec<u64> {

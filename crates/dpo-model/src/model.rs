@@ -348,14 +348,10 @@ impl CausalLm {
         let mut inputs = vec![frozen.embed_input(input_ids)?];
         let mut saved = Vec::with_capacity(if checkpoint { 0 } else { frozen.blocks.len() });
         for b in &frozen.blocks {
-            let h = inputs.last().expect("one input");
-            let next = if !checkpoint {
-                let (out, s) = frozen.block_saving(b, h, &cos, &sin, mask)?;
+            let (next, s) = frozen.block_saving(b, inputs.last().expect("one input"), &cos, &sin, mask)?;
+            if !checkpoint {
                 saved.push(s);
-                out
-            } else {
-                frozen.block(b, h, &cos, &sin, mask)?
-            };
+            }
             inputs.push(next);
         }
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
@@ -441,14 +437,29 @@ impl CausalLm {
         sin: &Tensor,
         mask: &AttentionMask,
     ) -> Result<Tensor> {
+        Ok(self.block_saving(b, h, cos, sin, mask)?.0)
+    }
+
+    /// [`CausalLm::block`], also returning the tensors the manual backward needs
+    /// ([`backward::Saved`]: handles on tensors the forward makes anyway).
+    fn block_saving(
+        &self,
+        b: &Block,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<(Tensor, backward::Saved)> {
         let dt = self.compute_dtype;
-        let x = self.rms_norm(h, &b.input_norm)?.to_dtype(dt)?;
-        let h = (h + self.attention(b, &x, cos, sin, mask)?.to_dtype(h.dtype())?)?;
-        let x = self.rms_norm(&h, &b.post_norm)?.to_dtype(dt)?;
-        let (gate, up) = (b.gate.forward(&x, dt)?, b.up.forward(&x, dt)?);
-        let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * up)? };
-        let residual = h.dtype();
-        h + b.down.forward(&act, dt)?.to_dtype(residual)?
+        let x1 = self.rms_norm(h, &b.input_norm)?.to_dtype(dt)?;
+        let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
+        let a = merge_heads(&self.attend(&q, &k, &v, mask)?)?;
+        let h2 = (h + b.o.forward(&a, dt)?.to_dtype(h.dtype())?)?;
+        let x2 = self.rms_norm(&h2, &b.post_norm)?.to_dtype(dt)?;
+        let (gate, up) = (b.gate.forward(&x2, dt)?, b.up.forward(&x2, dt)?);
+        let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * &up)? };
+        let out = (&h2 + b.down.forward(&act, dt)?.to_dtype(h2.dtype())?)?;
+        Ok((out, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
     }
 
     /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
@@ -498,35 +509,26 @@ impl CausalLm {
         Ok((q, k, v))
     }
 
-    fn attention(
-        &self,
-        b: &Block,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
-    ) -> Result<Tensor> {
+    /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         let dt = self.compute_dtype;
         let n_rep = self.config.num_attention_heads / self.config.num_key_value_heads;
-        let (q, k, v) = self.qkv(b, x, cos, sin)?;
         let scale = self.attention_scale();
-        let out = if self.fused && self.recompute_attention {
+        if self.fused && self.recompute_attention {
             // Scores and probabilities are not kept for the backward; it recomputes them.
-            ops::attention(&q, &k, &v, &mask.bias, scale)?
+            return ops::attention(q, k, v, &mask.bias, scale);
+        }
+        let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = if self.fused {
+            // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
+            ops::masked_softmax(&scores, &mask.bias, scale)?
         } else {
-            let (k, v) = (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?);
-            let scores = q.matmul(&k.t()?.contiguous()?)?;
-            let probs = if self.fused {
-                // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
-                ops::masked_softmax(&scores, &mask.bias, scale)?
-            } else {
-                let acc = accum_dtype(dt);
-                let scores = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
-                candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
-            };
-            probs.matmul(&v)?
+            let acc = accum_dtype(dt);
+            let scores = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
+            candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
         };
-        b.o.forward(&merge_heads(&out)?, dt)
+        probs.matmul(&v)
     }
 }
 

@@ -91,6 +91,9 @@ impl CompletionIndex {
 /// and `w: [vocab, hidden]` (same dtype), differentiable in `h` and `w`.
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
     let value = token_logps_nograd(&h.detach(), &w.detach(), targets, chunk)?;
+    if !(h.track_op() || w.track_op()) {
+        return Ok(value); // the reference: no graph to record, no copy
+    }
     h.apply_op2(w, ChunkedLogProbs { value, targets: targets.clone(), chunk })
 }
 

@@ -90,3 +90,18 @@ pub fn dataset(dir: &Path, name: &str, n: usize) -> Arc<PreferenceDataset> {
         (0..n).map(|i| row(&format!("Q{i}{}", "?".repeat(i % 4)), &format!(" good {i}"), " bad")).collect();
     Arc::new(PreferenceDataset::open(write(dir, name, text)).unwrap())
 }
+
+/// Every batch from `start` to the end of its epoch, each with the position after it.
+pub fn all(
+    data: &Arc<PreferenceDataset>,
+    tok: &Arc<PreferenceTokenizer>,
+    cfg: &dpo_loader::DataConfig,
+    start: dpo_loader::DataPosition,
+) -> Vec<(dpo_loader::Batch, dpo_loader::DataPosition)> {
+    let mut iter = dpo_loader::batches(data.clone(), tok.clone(), cfg.clone(), start).unwrap();
+    let mut out = Vec::new();
+    while let Some(batch) = iter.next() {
+        out.push((batch.unwrap(), iter.position()));
+    }
+    out
+}

@@ -28,16 +28,18 @@ use candle_core::{DType, Result, Tensor, TensorId};
 use super::{Block, CausalLm, Linear, merge_heads};
 use crate::{AttentionMask, accum_dtype, ops};
 
-/// What a block's backward needs from its forward.
+/// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`,
+/// the rotated `q`, `k` and the values `v` (KV heads not repeated), the attention output `a`
+/// (heads merged), the residual `h2` after attention, and the MLP's `gate` and `up`.
 pub(super) struct Saved {
-    h: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: Tensor,
-    h2: Tensor,
-    gate: Tensor,
-    up: Tensor,
+    pub(super) h: Tensor,
+    pub(super) q: Tensor,
+    pub(super) k: Tensor,
+    pub(super) v: Tensor,
+    pub(super) a: Tensor,
+    pub(super) h2: Tensor,
+    pub(super) gate: Tensor,
+    pub(super) up: Tensor,
 }
 
 /// Adds `g` (cast to `key`'s dtype) to the gradient of `key`.
@@ -79,26 +81,6 @@ fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
 }
 
 impl CausalLm {
-    /// [`CausalLm::block`] (fused ops) keeping what [`CausalLm::block_backward`] needs.
-    pub(super) fn block_saving(
-        &self,
-        b: &Block,
-        h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &AttentionMask,
-    ) -> Result<(Tensor, Saved)> {
-        let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
-        let x1 = ops::rms_norm(h, &b.input_norm, eps)?.to_dtype(dt)?;
-        let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
-        let a = merge_heads(&ops::attention(&q, &k, &v, &mask.bias, self.attention_scale())?)?;
-        let h2 = (h + b.o.forward(&a, dt)?.to_dtype(h.dtype())?)?;
-        let x2 = ops::rms_norm(&h2, &b.post_norm, eps)?.to_dtype(dt)?;
-        let (gate, up) = (b.gate.forward(&x2, dt)?, b.up.forward(&x2, dt)?);
-        let out = (&h2 + b.down.forward(&ops::silu_mul(&gate, &up)?, dt)?.to_dtype(h2.dtype())?)?;
-        Ok((out, Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
-    }
-
     /// `d loss / d h` of a block from `dout = d loss / d out`; adds the gradients of its weights
     /// to `grads`, keyed by the ids of `keys`' weights (the trainable tensors; `b` holds the same
     /// values without a graph).

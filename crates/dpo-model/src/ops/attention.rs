@@ -93,6 +93,9 @@ pub(crate) fn attention_in_chunks(
         let rows = |x: &Tensor| x.narrow(0, start, len);
         forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
     })?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(value); // no graph to record (a frozen model): no op, no copy
+    }
     q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
 }
 

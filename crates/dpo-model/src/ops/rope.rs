@@ -26,16 +26,18 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             sin.shape()
         );
     }
-    let cos = cos.to_dtype(x.dtype())?.detach().contiguous()?;
-    let sin = sin.to_dtype(x.dtype())?.detach().contiguous()?;
+    let (cos, sin) = (table(cos, x)?, table(sin, x)?);
     x.contiguous()?.apply_op3(&cos, &sin, Rope { bwd: false })
+}
+
+/// A cos/sin table in `x`'s dtype, contiguous, without gradient.
+fn table(t: &Tensor, x: &Tensor) -> Result<Tensor> {
+    t.to_dtype(x.dtype())?.detach().contiguous()
 }
 
 /// The backward of [`rope`] (the inverse rotation) applied to the upstream `dy` (no graph).
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let cos = cos.to_dtype(dy.dtype())?.detach().contiguous()?;
-    let sin = sin.to_dtype(dy.dtype())?.detach().contiguous()?;
-    dy.contiguous()?.apply_op3_no_bwd(&cos, &sin, &Rope { bwd: true })
+    dy.contiguous()?.apply_op3_no_bwd(&table(cos, dy)?, &table(sin, dy)?, &Rope { bwd: true })
 }
 
 /// The reference: [`crate::rope::apply`] (differentiable candle ops), with `[rows, seq, d]`
