@@ -440,7 +440,8 @@ pub struct BatchIter {
 /// order), cut into consecutive batches of `batch_size`, and the batches emitted in an order
 /// drawn from `(seed, epoch, window start)`. Every window but the epoch's last is full, so the
 /// number of batches per epoch is the same as without grouping; the last window's one short
-/// batch (its longest pairs) is the one `drop_last` drops. Only one window of tokenized pairs
+/// batch holds its last pairs in read order, and is emitted last or, with `drop_last`, dropped
+/// (the same pairs as without grouping). Only one window of tokenized pairs
 /// is held at a time. A start with `batch_in_window = k > 0` reads the window at `start.cursor`
 /// again and skips its first `k` batches.
 pub fn batches(
@@ -577,22 +578,25 @@ impl BatchIter {
     }
 
     /// A window's pairs as batches in emission order: sorted by [`length_key`] (stable, so ties
-    /// keep read order), cut into batches of `batch_size` (the short remainder last, dropped
-    /// with `drop_last`), shuffled by the window's generator.
+    /// keep read order), cut into batches of `batch_size`, shuffled by the window's generator.
+    /// Only the epoch's last window can leave a short batch; it takes that window's last pairs
+    /// in read order, set aside before the sort, so that `drop_last` drops the very pairs it
+    /// drops without grouping (not the window's longest, which would bias every epoch against
+    /// long pairs), and without `drop_last` it comes last.
     fn group(&self, mut pairs: Vec<TokenizedPair>) -> VecDeque<Vec<TokenizedPair>> {
         let size = self.config.batch_size;
+        let short = pairs.split_off(pairs.len() - pairs.len() % size);
         pairs.sort_by_cached_key(|p| length_key(p, self.config.max_length));
-        let mut out: Vec<Vec<TokenizedPair>> = Vec::with_capacity(pairs.len().div_ceil(size));
+        let mut out: Vec<Vec<TokenizedPair>> = Vec::with_capacity(pairs.len() / size + 1);
         let mut rest = pairs.into_iter().peekable();
         while rest.peek().is_some() {
-            let batch: Vec<TokenizedPair> = rest.by_ref().take(size).collect();
-            if batch.len() < size && self.config.drop_last {
-                break;
-            }
-            out.push(batch);
+            out.push(rest.by_ref().take(size).collect());
         }
         let mut rng = window_rng(self.config.seed, self.epoch, self.window_start as u64);
         shuffle_with(&mut out, &mut rng);
+        if !short.is_empty() && !self.config.drop_last {
+            out.push(short);
+        }
         out.into()
     }
 }

@@ -276,9 +276,12 @@ fn group_by_length_keeps_the_pairs_and_batch_count_and_cuts_padding() {
 fn group_by_length_sorts_each_window_and_emits_its_batches_in_seeded_order() {
     let dir = tempfile::tempdir().unwrap();
     let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
-    // One window for the whole epoch: the batches' length ranges do not overlap ...
+    // One window for the whole epoch: the full batches' length ranges do not overlap (the
+    // short batch, last, holds the last pairs read, of any length) ...
     let cfg = DataConfig { shuffle: false, ..grouped(4, 1000) };
-    let got = all(&data, &tok, &cfg, DataPosition::default());
+    let mut got = all(&data, &tok, &cfg, DataPosition::default());
+    let short = got.pop().unwrap();
+    assert!(short.0.n_pairs < 4 && got.iter().all(|(b, _)| b.n_pairs == 4));
     let mut ranges: Vec<(usize, usize)> = got
         .iter()
         .map(|(b, _)| {
@@ -319,6 +322,15 @@ fn group_by_length_resumes_from_every_position_including_mid_window() {
         if drop_last {
             assert!(full.iter().all(|(b, _)| b.n_pairs == 4));
             assert_eq!(lines(&full).len(), stats.pairs - stats.pairs % 4, "exactly the short batch dropped");
+            // The same pairs as batching without grouping drops: the last read, not the longest.
+            let plain = DataConfig { group_by_length: false, ..cfg.clone() };
+            assert_eq!(sorted_lines(&full), sorted_lines(&all(&data, &tok, &plain, start)));
+        } else {
+            // The short batch comes last and holds the last pairs read.
+            let plain = DataConfig { group_by_length: false, ..cfg.clone() };
+            let (grouped_last, plain_last) = (&full.last().unwrap().0, &all(&data, &tok, &plain, start));
+            assert_eq!(grouped_last.n_pairs, stats.pairs % 4);
+            assert_eq!(grouped_last, &plain_last.last().unwrap().0);
         }
         let mid = full.iter().filter(|(_, p)| p.batch_in_window > 0).count();
         assert_eq!(mid, full.len() - full.len().div_ceil(3), "positions inside windows");
