@@ -101,14 +101,18 @@ TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cu
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
 
-# More levers, then where a step's time goes (each phase ends with a device synchronization).
+# More levers, then where a step's time goes: phases (each ends with a device synchronization),
+# then each phase split into the model's ops (a synchronization around every op: read shares).
 run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-plain-keep-attn --set recompute_attention=false
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
-DPO_TRAIN_PROFILE=1 run_ours profile-manual --set max_steps=5 --set manual_backward=true
-grep -h "profile step [345]" "$W/profile-plain.log" "$W/profile-manual.log" 2>/dev/null
+DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
+DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true
+for p in profile-plain profile-plain-ops profile-manual-ops; do
+  echo "== $p"; grep -h "profile step 4" "$W/$p.log" 2>/dev/null
+done
 [ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
 
 # 5. Summary.

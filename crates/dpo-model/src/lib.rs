@@ -17,6 +17,7 @@ mod error;
 mod mask;
 mod model;
 pub mod ops;
+pub mod profile;
 pub mod rope;
 
 pub use checkpoint::{Checkpoint, save_safetensors_atomic};

@@ -31,6 +31,7 @@ struct Linear {
 
 impl Linear {
     fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let _timed = crate::profile::op(x.device(), "linear");
         let (r, t, h) = x.dims3()?;
         let w = self.w.to_dtype(dtype)?;
         let y = x.reshape((r * t, h))?.matmul(&w.t()?)?;
@@ -354,6 +355,7 @@ impl CausalLm {
             }
             inputs.push(next);
         }
+        crate::profile::phase(input_ids.device(), "policy_fwd")?;
         let mut grads: HashMap<TensorId, Tensor> = HashMap::new();
         let collect = |grads: &mut HashMap<TensorId, Tensor>,
                        store: &candle_core::backprop::GradStore,
@@ -375,6 +377,7 @@ impl CausalLm {
         collect(&mut grads, &store, head_weights)?;
         let mut upstream = grad_of(&store, &leaf)?;
         drop(store);
+        crate::profile::phase(input_ids.device(), "head_loss")?;
         for (l, b) in self.blocks.iter().enumerate().rev() {
             upstream = if manual {
                 let fb = &frozen.blocks[l];

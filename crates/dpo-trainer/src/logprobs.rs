@@ -90,6 +90,7 @@ impl CompletionIndex {
 /// Per-token log-probs `[n]` (f32, or f64 for f64 inputs) of `targets` under `softmax(h @ w^T)`, for `h: [n, hidden]`
 /// and `w: [vocab, hidden]` (same dtype), differentiable in `h` and `w`.
 pub fn token_logps(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+    let _timed = dpo_model::profile::op(h.device(), "log_probs");
     let value = token_logps_nograd(&h.detach(), &w.detach(), targets, chunk)?;
     if !(h.track_op() || w.track_op()) {
         return Ok(value); // the reference: no graph to record, no copy
@@ -198,6 +199,7 @@ impl CustomOp2 for ChunkedLogProbs {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timed = dpo_model::profile::op(h.device(), "log_probs_bwd");
         let (h, w) = (h.detach(), w.detach());
         let dtype = h.dtype();
         let acc = accum_dtype(dtype);

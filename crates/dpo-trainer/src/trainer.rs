@@ -10,7 +10,7 @@ use dpo_loader::{
     DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
     count_batches,
 };
-use dpo_model::{CausalLm, Checkpoint, Policy};
+use dpo_model::{CausalLm, Checkpoint, Policy, profile};
 use serde_json::{Map, Value, json};
 
 use crate::checkpoint::{self, Fingerprint, TrainerState};
@@ -201,11 +201,11 @@ impl Trainer {
             let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, step - 1, warmup, self.total_steps);
             // 2. Forward both models, backward the policy; each micro-batch weighs 1 / n.
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
-            let mut prof = Profile::start(&self.device);
+            profile::start(&self.device)?;
             for batch in &micro {
-                let (micro_grads, stats) = self.micro_step(batch, micro.len(), &mut prof)?;
+                let (micro_grads, stats) = self.micro_step(batch, micro.len())?;
                 accumulate(&mut grads, &micro_grads, &self.policy.params)?;
-                prof.mark("accumulate")?;
+                profile::phase(&self.device, "accumulate")?;
                 st.tokens_total += stats.tokens;
                 st.window.push(stats);
             }
@@ -218,13 +218,15 @@ impl Trainer {
             } else {
                 (global_norm(&grads)?, false)
             };
-            prof.mark("clip")?;
+            profile::phase(&self.device, "clip")?;
             if !grad_norm.is_finite() {
                 return Err(TrainError::Numerics(format!("step {step}: gradient norm is {grad_norm}")));
             }
             opt.step(&grads, lr)?;
-            prof.mark("adamw")?;
-            prof.report(step);
+            profile::phase(&self.device, "adamw")?;
+            if let Some(report) = profile::report(step) {
+                eprintln!("{report}");
+            }
             (st.step, st.optimizer_steps, st.data_position, st.seen_in_epoch) =
                 (step, opt.steps(), data.position, data.seen);
             st.constraints.record_step(grad_norm, clipped);
@@ -280,13 +282,12 @@ impl Trainer {
         &self,
         batch: &dpo_loader::Batch,
         n_micro: usize,
-        prof: &mut Profile,
     ) -> Result<(HashMap<TensorId, Tensor>, BatchStats)> {
         let cfg = &self.cfg;
         let db = self.device_batch(batch)?;
-        prof.mark("batch")?;
+        profile::phase(&self.device, "batch")?;
         let ref_logps = self.reference_logps(batch, &db)?;
-        prof.mark("reference")?;
+        profile::phase(&self.device, "reference")?;
         let policy = &self.policy.model;
         let mut stats = None;
         let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
@@ -302,14 +303,14 @@ impl Trainer {
             policy.checkpointed_grads(&db.ids, &db.mask, head)?.1
         } else {
             let hidden = policy.hidden_states(&db.ids, &db.mask)?;
-            prof.mark("policy_fwd")?;
+            profile::phase(&self.device, "policy_fwd")?;
             let loss = head(&hidden)?;
-            prof.mark("head_loss")?;
+            profile::phase(&self.device, "head_loss")?;
             let store = loss.backward()?;
             let params = self.policy.params.iter();
             params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
         };
-        prof.mark("backward")?;
+        profile::phase(&self.device, "backward")?;
         Ok((grads, stats.expect("the loss was computed")))
     }
 
@@ -616,46 +617,6 @@ impl Trainer {
     /// Rows skipped or dropped in the training data (counted when the run was set up).
     pub fn skips(&self) -> &SkipCounts {
         &self.train_stats.skips
-    }
-}
-
-/// Per-phase step timings when `DPO_TRAIN_PROFILE` is set (each phase ends with a device
-/// synchronization, so the numbers are the device's, at the cost of the overlap).
-struct Profile<'a> {
-    device: &'a Device,
-    on: bool,
-    last: Instant,
-    phases: Vec<(&'static str, f64)>,
-}
-
-impl<'a> Profile<'a> {
-    fn start(device: &'a Device) -> Self {
-        let on = std::env::var_os("DPO_TRAIN_PROFILE").is_some();
-        if on {
-            let _ = device.synchronize();
-        }
-        Profile { device, on, last: Instant::now(), phases: Vec::new() }
-    }
-
-    fn mark(&mut self, phase: &'static str) -> Result<()> {
-        if self.on {
-            self.device.synchronize()?;
-            let dt = self.last.elapsed().as_secs_f64();
-            match self.phases.iter_mut().find(|(p, _)| *p == phase) {
-                Some((_, t)) => *t += dt,
-                None => self.phases.push((phase, dt)),
-            }
-            self.last = Instant::now();
-        }
-        Ok(())
-    }
-
-    fn report(&self, step: u64) {
-        if self.on {
-            let parts: Vec<String> =
-                self.phases.iter().map(|(p, t)| format!("{p}={:.1}ms", t * 1e3)).collect();
-            eprintln!("profile step {step}: {}", parts.join(" "));
-        }
     }
 }
 

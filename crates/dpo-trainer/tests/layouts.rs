@@ -193,3 +193,49 @@ fn manual_backward_in_bf16_over_f32_weights_matches_autograd() {
         }
     }
 }
+
+/// `DPO_TRAIN_PROFILE=ops` on the manual backward: each phase is split into the model's ops
+/// (every linear layer of every block counted), the ops add up to their phase, and the
+/// gradients are those of the unprofiled run.
+#[test]
+fn the_op_profile_splits_each_phase_into_the_model_s_ops() {
+    use dpo_model::profile::{self, Level};
+    let p = policy(DType::F32, true);
+    let db = DeviceBatch::new(&fixture_batches(40)[1], None, &Device::Cpu).unwrap();
+    let c = Tensor::ones(db.index.counts.len(), DType::F32, &Device::Cpu).unwrap();
+    let (_, plain) = grads_by_block(&p, &db, &c, Mode::Manual);
+    profile::set_level(Level::Ops);
+    profile::start(&Device::Cpu).unwrap();
+    let (_, profiled) = grads_by_block(&p, &db, &c, Mode::Manual);
+    profile::phase(&Device::Cpu, "backward").unwrap();
+    profile::set_level(Level::Off);
+    for (id, g) in &plain {
+        assert_eq!(max_diff(g, &profiled[id]), 0.0);
+    }
+    let phases = profile::take();
+    let names: Vec<_> = phases.iter().map(|p| p.name).collect();
+    assert_eq!(names, ["policy_fwd", "head_loss", "backward"]);
+    let layers = p.model.config.num_hidden_layers as u32;
+    let count =
+        |phase: usize, op: &str| phases[phase].ops.iter().find(|o| o.name == op).map_or(0, |o| o.count);
+    // q, k, v, o, gate, up, down per block.
+    assert_eq!(count(0, "linear"), 7 * layers);
+    assert_eq!(count(2, "linear_bwd"), 7 * layers);
+    for (phase, op, per_layer) in [
+        (0, "attention", 1),
+        (0, "rms_norm", 2),
+        (0, "rope", 2),
+        (0, "silu_mul", 1),
+        (1, "log_probs", 0),
+        (2, "attention_bwd", 1),
+        (2, "rms_norm_bwd", 2),
+        (2, "rope_bwd", 2),
+        (2, "silu_mul_bwd", 1),
+    ] {
+        assert!(count(phase, op) >= (per_layer * layers).max(1), "{op}: {:?}", phases[phase]);
+    }
+    for ph in &phases {
+        let sum: f64 = ph.ops.iter().map(|o| o.seconds).sum();
+        assert!((sum - ph.seconds).abs() < 1e-3 + 1e-2 * ph.seconds, "{ph:?}");
+    }
+}

@@ -64,6 +64,7 @@ impl Linear {
         dt: DType,
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<Tensor> {
+        let _timed = crate::profile::op(x.device(), "linear_bwd");
         let (r, t, i) = x.dims3()?;
         let dy = dy.reshape((r * t, dy.dim(2)?))?;
         add_grad(grads, &keys.w, &dy.t()?.matmul(&x.reshape((r * t, i))?)?)?;

@@ -47,6 +47,7 @@ pub const SCORE_BUDGET: usize = 1 << 27;
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let _timed = crate::profile::op(q.device(), "attention");
     attention_in_chunks(q, k, v, bias, scale, SCORE_BUDGET)
 }
 
@@ -109,6 +110,7 @@ pub fn attention_backward(
     scale: f64,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let _timed = crate::profile::op(q.device(), "attention_bwd");
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     backward_in_chunks(&q, &k, &v, &bias, scale, dy, SCORE_BUDGET)
@@ -267,6 +269,7 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::op(q.device(), "attention_bwd");
         let (dq, dk, dv) = backward_in_chunks(q, k, v, &self.bias, self.scale, grad, self.budget)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }

@@ -12,6 +12,7 @@ use crate::accum_dtype;
 /// `w * (x / sqrt(mean(x^2) + eps))` over the last axis of `x` `[..., hidden]`, `w` `[hidden]`
 /// (cast to x's dtype, as transformers does). Differentiable in `x` and `w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let _timed = crate::profile::op(x.device(), "rms_norm");
     check_float(x, "rms_norm")?;
     let d = x.dim(D::Minus1)?;
     if w.dims() != [d] {
@@ -24,6 +25,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 /// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
 /// `x`'s dtype, as in the forward, and so is `dw`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _timed = crate::profile::op(x.device(), "rms_norm_bwd");
     let (x, w) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?);
     let (n, d) = (x.elem_count(), w.elem_count());
     let packed = x.apply_op3_no_bwd(&w, &dy.to_dtype(x.dtype())?.contiguous()?, &RmsNormBwd { eps })?;

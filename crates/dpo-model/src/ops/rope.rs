@@ -11,6 +11,7 @@ use super::{Elem, check_float, cpu_dispatch, cpu_slice};
 /// positions on every row) or `[rows, seq, head_dim]` (per-row positions), cast to x's dtype.
 /// Computed in f32 (f64 for f64). Differentiable in `x`; the tables take no gradient.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let _timed = crate::profile::op(x.device(), "rope");
     check_float(x, "rope")?;
     let (r, _, s, d) = x.dims4()?;
     let fits = |t: &Tensor| match t.dims() {
@@ -37,6 +38,7 @@ fn table(t: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// The backward of [`rope`] (the inverse rotation) applied to the upstream `dy` (no graph).
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let _timed = crate::profile::op(dy.device(), "rope_bwd");
     dy.contiguous()?.apply_op3_no_bwd(&table(cos, dy)?, &table(sin, dy)?, &Rope { bwd: true })
 }
 
@@ -131,6 +133,7 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::op(grad.device(), "rope_bwd");
         let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { bwd: !self.bwd })?;
         Ok((Some(dx), None, None))
     }

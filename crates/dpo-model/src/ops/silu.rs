@@ -9,6 +9,7 @@ use super::{CPU_CHUNK, Elem, check_float, cpu_dispatch, cpu_slice};
 
 /// `silu(gate) * up` (same shape and dtype), computed in f32 (f64 for f64). Differentiable in both.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let _timed = crate::profile::op(gate.device(), "silu_mul");
     check_float(gate, "silu_mul")?;
     if gate.shape() != up.shape() || gate.dtype() != up.dtype() {
         candle_core::bail!(
@@ -29,6 +30,7 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The backward of [`silu_mul`]: `(d gate, d up)` for the upstream `dy` (no graph).
 pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _timed = crate::profile::op(gate.device(), "silu_mul_bwd");
     let (g, u) = (gate.contiguous()?, up.contiguous()?);
     let packed = g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd)?;
     Ok((packed.get(0)?.reshape(g.shape())?, packed.get(1)?.reshape(u.shape())?))

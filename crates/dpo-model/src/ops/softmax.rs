@@ -14,6 +14,7 @@ use crate::accum_dtype;
 /// scores), returned in the scores' dtype. A fully masked row gives a uniform distribution.
 /// Differentiable in `scores`; the bias takes no gradient.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let _timed = crate::profile::op(scores.device(), "softmax");
     check_float(scores, "masked_softmax")?;
     let (r, _, q, k) = scores.dims4()?;
     let (rb, one, qb, kb) = bias.dims4()?;
@@ -145,6 +146,7 @@ impl CustomOp2 for MaskedSoftmax {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _timed = crate::profile::op(grad.device(), "softmax_bwd");
         let ds = res
             .contiguous()?
             .apply_op2_no_bwd(&grad.contiguous()?, &MaskedSoftmaxBwd { scale: self.scale })?;
