@@ -114,32 +114,29 @@ pub fn set_level(level: Level) {
     LAPS.with(|l| l.borrow_mut().level = level);
 }
 
-/// Starts a step: synchronizes the device and forgets what was booked.
-pub fn start(device: &Device) -> Result<()> {
-    if level() == Level::Off {
+/// At `at` or above: synchronizes `device`, then runs `f` on this thread's recorder and the time.
+fn synced(device: &Device, at: Level, f: impl FnOnce(&mut Laps, Instant)) -> Result<()> {
+    if level() < at {
         return Ok(());
     }
     device.synchronize()?;
-    LAPS.with(|l| {
-        let mut l = l.borrow_mut();
-        let now = Instant::now();
+    LAPS.with(|l| f(&mut l.borrow_mut(), Instant::now()));
+    Ok(())
+}
+
+/// Starts a step: synchronizes the device and forgets what was booked.
+pub fn start(device: &Device) -> Result<()> {
+    synced(device, Level::Phases, |l, now| {
         (l.last_phase, l.last_op, l.depth) = (now, now, 0);
         l.pending.clear();
         l.booked.clear();
-    });
-    Ok(())
+    })
 }
 
 /// Ends the phase `name`: synchronizes, books the time since the previous phase mark and the
 /// ops timed since then (the time after the last of them as `other`).
 pub fn phase(device: &Device, name: &'static str) -> Result<()> {
-    if level() == Level::Off {
-        return Ok(());
-    }
-    device.synchronize()?;
-    LAPS.with(|l| {
-        let mut l = l.borrow_mut();
-        let now = Instant::now();
+    synced(device, Level::Phases, |l, now| {
         let (seconds, tail) = ((now - l.last_phase).as_secs_f64(), (now - l.last_op).as_secs_f64());
         let mut ops = std::mem::take(&mut l.pending);
         if l.level == Level::Ops && !ops.is_empty() {
@@ -156,8 +153,14 @@ pub fn phase(device: &Device, name: &'static str) -> Result<()> {
             }
             None => l.booked.push(Phase { name, seconds, count: 1, ops }),
         }
-    });
-    Ok(())
+    })
+}
+
+/// Books the time since the last op mark under `name` in the current phase.
+fn lap(l: &mut Laps, now: Instant, name: &'static str) {
+    let seconds = (now - l.last_op).as_secs_f64();
+    add(&mut l.pending, name, seconds, 1);
+    l.last_op = now;
 }
 
 /// Times the op `name` until the guard drops, at [`Level::Ops`]. A failed synchronization is
@@ -174,14 +177,7 @@ pub fn op(device: &Device, name: &'static str) -> OpGuard {
     if !outermost {
         return OpGuard { timed: None, counted };
     }
-    let _ = device.synchronize();
-    LAPS.with(|l| {
-        let mut l = l.borrow_mut();
-        let now = Instant::now();
-        let before = (now - l.last_op).as_secs_f64();
-        add(&mut l.pending, "other", before, 1);
-        l.last_op = now;
-    });
+    let _ = synced(device, Level::Ops, |l, now| lap(l, now, "other"));
     OpGuard { timed: Some((device.clone(), name)), counted }
 }
 
@@ -195,21 +191,15 @@ pub struct OpGuard {
 
 impl Drop for OpGuard {
     fn drop(&mut self) {
-        if let Some((device, _)) = &self.timed {
-            let _ = device.synchronize();
+        if let Some((device, name)) = &self.timed {
+            let _ = synced(device, Level::Ops, |l, now| lap(l, now, name));
         }
-        LAPS.with(|l| {
-            let mut l = l.borrow_mut();
-            if self.counted {
+        if self.counted {
+            LAPS.with(|l| {
+                let mut l = l.borrow_mut();
                 l.depth = l.depth.saturating_sub(1);
-            }
-            if let Some((_, name)) = self.timed {
-                let now = Instant::now();
-                let seconds = (now - l.last_op).as_secs_f64();
-                add(&mut l.pending, name, seconds, 1);
-                l.last_op = now;
-            }
-        });
+            });
+        }
     }
 }
 
