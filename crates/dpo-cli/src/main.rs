@@ -84,10 +84,24 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `context: error: cause` down the chain, without a cause that its parent's message already
+/// ends with (the library errors print their I/O source themselves: `{path}: {source}`).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if out.is_empty() {
+            out = cause;
+        } else if !out.ends_with(&cause) {
+            out = format!("{out}: {cause}");
+        }
+    }
+    out
 }
 
 fn train(args: TrainArgs) -> Result<()> {

@@ -74,6 +74,10 @@ fn empty_file_missing_model_file_and_unknown_architecture_are_clear_errors() {
     let (ok, err, out) = run(dir.path(), &fixtures().join("model"), &empty, &[]);
     assert!(!ok && err.contains("empty.jsonl") && err.contains("empty"), "{err}");
     assert!(!out.exists());
+    // A missing file: named, with the OS's reason said once (not again by the error chain).
+    let (ok, err, _) = run(dir.path(), &fixtures().join("model"), &dir.path().join("missing.jsonl"), &[]);
+    assert!(!ok && err.contains("missing.jsonl"), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
 
     let train = dir.path().join("train.jsonl");
     std::fs::write(&train, rows(&[GOOD, GOOD])).unwrap();

@@ -14,6 +14,11 @@ fn fixtures() -> PathBuf {
 /// different 2 pairs; 25 steps cover two and a half epochs.
 fn run(dir: &Path, cache: &Path, extra: &str) -> (Vec<Value>, String) {
     let f = fixtures();
+    run_on(dir, cache, &f.join("train.jsonl"), &f.join("eval.jsonl"), extra)
+}
+
+fn run_on(dir: &Path, cache: &Path, train: &Path, eval: &Path, extra: &str) -> (Vec<Value>, String) {
+    let f = fixtures();
     let cfg = format!(
         r#"model = "{m}"
 train_file = "{t}"
@@ -32,8 +37,8 @@ progress_bar = false
 {extra}
 "#,
         m = f.join("model").display(),
-        t = f.join("train.jsonl").display(),
-        e = f.join("eval.jsonl").display(),
+        t = train.display(),
+        e = eval.display(),
         o = dir.join("out").display(),
         c = cache.display(),
     );
@@ -90,4 +95,56 @@ fn precomputed_reference_trains_as_the_online_one_over_shuffled_epochs_and_is_re
     assert!(log.contains("reference log-probs loaded"), "{log}");
     assert!(!log.contains("reference log-probs computed"), "{log}");
     assert_eq!(m_first, m_second);
+}
+
+/// The lines of `log` that say a cache of `split` was `what` ("computed" or "loaded").
+fn cache_lines(log: &str, what: &str, split: &str) -> usize {
+    log.lines().filter(|l| l.contains(&format!("reference log-probs {what}")) && l.contains(split)).count()
+}
+
+#[test]
+fn each_dataset_has_its_own_cache_and_a_data_folder_or_pattern_trains() {
+    let data = tempfile::tempdir().unwrap();
+    let folder = data.path().join("train");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::copy(fixtures().join("train.jsonl"), folder.join("part-0.jsonl")).unwrap();
+    let eval = data.path().join("eval.jsonl");
+    std::fs::copy(fixtures().join("eval.jsonl"), &eval).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let pre = "precompute_ref_log_probs = true";
+    let first = tempfile::tempdir().unwrap();
+    let (_, log) = run_on(first.path(), cache.path(), &folder, &eval, pre);
+    assert_eq!(
+        (cache_lines(&log, "computed", "train-"), cache_lines(&log, "computed", "eval-")),
+        (1, 1),
+        "{log}"
+    );
+
+    // The same lines with chosen and rejected swapped: the eval cache must not be reused (its
+    // numbers would be the old texts'), the training cache is (through a pattern this time).
+    let swapped: String = std::fs::read_to_string(&eval)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut row: serde_json::Map<String, Value> = serde_json::from_str(l).unwrap();
+            let (c, r) = (row.remove("chosen").unwrap(), row.remove("rejected").unwrap());
+            row.insert("chosen".into(), r);
+            row.insert("rejected".into(), c);
+            serde_json::to_string(&row).unwrap() + "\n"
+        })
+        .collect();
+    std::fs::write(&eval, swapped).unwrap();
+    let pattern = folder.join("part-*.jsonl");
+    let second = tempfile::tempdir().unwrap();
+    let (m_cached, log) = run_on(second.path(), cache.path(), &pattern, &eval, pre);
+    assert_eq!(cache_lines(&log, "loaded", "train-"), 1, "{log}");
+    assert_eq!(cache_lines(&log, "computed", "eval-"), 1, "{log}");
+    // ... and evaluates as the online reference does on the edited file.
+    let online = tempfile::tempdir().unwrap();
+    let (m_online, _) = run_on(online.path(), cache.path(), &pattern, &eval, "");
+    let (a, b) = (losses(&m_online, "eval_loss"), losses(&m_cached, "eval_loss"));
+    assert!(!a.is_empty() && a.len() == b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-4, "eval_loss: online {x} vs precomputed {y}");
+    }
 }

@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use dpo_loader::DataPosition;
+use dpo_loader::{DataPosition, PreferenceDataset};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -75,6 +75,11 @@ pub struct TrainerState {
     pub config: TrainConfig,
 }
 
+/// sha256 of a dataset's shard files' bytes, in row order (for one file, of the file).
+pub fn data_fingerprint(data: &PreferenceDataset) -> Result<String> {
+    sha256_files(&data.shard_paths().map(Path::to_path_buf).collect::<Vec<_>>())
+}
+
 fn sha256_files(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -92,7 +97,9 @@ fn sha256_files(files: &[PathBuf]) -> Result<String> {
 }
 
 impl Fingerprint {
-    pub fn new(cfg: &TrainConfig) -> Result<Self> {
+    /// The model files, the training data's shard files (`train`, opened from `cfg.train_file`:
+    /// a file, folder or pattern) and the non-resumable hyperparameters of `cfg`.
+    pub fn new(cfg: &TrainConfig, train: &PreferenceDataset) -> Result<Self> {
         let mut model_files = vec![cfg.model.join("config.json")];
         let mut weights: Vec<PathBuf> = fs::read_dir(&cfg.model)
             .map_err(|e| TrainError::io(&cfg.model, e))?
@@ -103,7 +110,7 @@ impl Fingerprint {
         model_files.extend(weights);
         Ok(Fingerprint {
             model: sha256_files(&model_files)?,
-            train_data: sha256_files(std::slice::from_ref(&cfg.train_file))?,
+            train_data: data_fingerprint(train)?,
             hyperparameters: hyperparameters(cfg),
         })
     }

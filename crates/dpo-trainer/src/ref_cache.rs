@@ -31,17 +31,24 @@ pub struct RefCache {
     pub computed: bool,
 }
 
-/// What the cached numbers depend on.
+/// What the cached numbers of `data` depend on: the model, the data's bytes
+/// (`data_fingerprint`) and its shard paths (pairs are looked up by file and line), the
+/// tokenizer, `max_length` and the compute dtype.
 pub fn cache_key(
     model_fingerprint: &str,
     data_fingerprint: &str,
+    data: &PreferenceDataset,
     model_dir: &Path,
     max_length: Option<usize>,
     dtype: DType,
 ) -> Result<String> {
     let mut h = Sha256::new();
-    // "v2": caches written before they held every pair (with `dataloader_drop_last`) are not reused.
-    for part in [model_fingerprint, data_fingerprint, &format!("v2/{max_length:?}/{dtype:?}")] {
+    // "v3": v1 caches lack the pairs `dataloader_drop_last` leaves out, and v2 ones were keyed by
+    // the training data for the eval set too: neither is reused.
+    let shards = data.shard_paths().map(|p| p.to_string_lossy().into_owned());
+    let parts =
+        [model_fingerprint.to_owned(), data_fingerprint.to_owned(), format!("v3/{max_length:?}/{dtype:?}")];
+    for part in parts.into_iter().chain(shards) {
         h.update(part.as_bytes());
         h.update([0]);
     }

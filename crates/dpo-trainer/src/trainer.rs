@@ -1,7 +1,6 @@
 //! The training run: setup, then the loop (in [`Trainer::run`], on one screen).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -378,7 +377,7 @@ impl Trainer {
             window: Window::default(),
             constraints,
             total_steps: self.total_steps,
-            fingerprint: Fingerprint::new(cfg)?,
+            fingerprint: Fingerprint::new(cfg, &self.train)?,
             config: cfg.clone(),
         })
     }
@@ -541,17 +540,14 @@ impl Trainer {
         }
         let reference = self.reference.as_ref().expect("loaded at setup");
         let dir = cfg.ref_cache_dir.clone().unwrap_or_else(|| cfg.output_dir.join("ref_logps"));
-        let key = ref_cache::cache_key(
-            &fingerprint.model,
-            &fingerprint.train_data,
-            &cfg.model,
-            cfg.max_length,
-            self.compute_dtype,
-        )?;
         let data_cfg = cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size));
-        let compute = |path: PathBuf, ds: &Arc<PreferenceDataset>| {
+        // Each dataset is keyed by its own bytes (the training data's were hashed for the
+        // checkpoint fingerprint already).
+        let compute = |split: &str, ds: &Arc<PreferenceDataset>, data_fingerprint: &str| {
+            let (model, dtype) = (&fingerprint.model, self.compute_dtype);
+            let key = ref_cache::cache_key(model, data_fingerprint, ds, &cfg.model, cfg.max_length, dtype)?;
             RefCache::load_or_compute(
-                path,
+                dir.join(format!("{split}-{key}.safetensors")),
                 ds,
                 &self.tokenizer,
                 data_cfg.clone(),
@@ -561,9 +557,9 @@ impl Trainer {
                 &self.device,
             )
         };
-        let train = compute(dir.join(format!("train-{key}.safetensors")), &self.train)?;
+        let train = compute("train", &self.train, &fingerprint.train_data)?;
         let eval = match &self.eval {
-            Some(ds) => Some(compute(dir.join(format!("eval-{key}.safetensors")), ds)?),
+            Some(ds) => Some(compute("eval", ds, &checkpoint::data_fingerprint(ds)?)?),
             None => None,
         };
         self.ref_cache = Some((train, eval));
