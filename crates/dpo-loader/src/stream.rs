@@ -441,9 +441,9 @@ pub struct BatchIter {
 /// drawn from `(seed, epoch, window start)`. Every window but the epoch's last is full, so the
 /// number of batches per epoch is the same as without grouping; the last window's one short
 /// batch holds its last pairs in read order, and is emitted last or, with `drop_last`, dropped
-/// (the same pairs as without grouping). Only one window of tokenized pairs
-/// is held at a time. A start with `batch_in_window = k > 0` reads the window at `start.cursor`
-/// again and skips its first `k` batches.
+/// (the same pairs as without grouping). Only one window of tokenized pairs is held at a time.
+/// A start with `batch_in_window = k > 0` reads the window at `start.cursor` again and skips
+/// its first `k` batches.
 pub fn batches(
     dataset: Arc<PreferenceDataset>,
     tokenizer: Arc<PreferenceTokenizer>,
