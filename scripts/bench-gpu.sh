@@ -39,20 +39,25 @@ timeout 120 .device/dpo-train doctor --device cuda > "$OUT/doctor.txt" 2>&1; ech
 grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20
 
 # Peak device memory of a command, sampled by nvidia-smi every 50 ms (whole process: context,
-# allocator pools and all), in GiB; the command's stdout/stderr go to $W/<name>.log.
+# allocator pools and all), in GiB; the command's stdout/stderr go to $W/<name>.log. Also the
+# mean GPU utilization (share of time a kernel ran) over the samples above half the peak memory,
+# i.e. while training: well under 100% means the GPU waits for the CPU to launch work.
 # Runs past BUDGET_S seconds of the script are skipped, so that the summary always comes back
 # within one device call (most important runs first).
 measure() {
   local name=$1; shift
   if [ "$SECONDS" -gt "${BUDGET_S:-470}" ]; then echo "$name skipped (time budget)" | tee -a "$OUT/runs.txt"; return; fi
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$W/$name.mem" &
+  nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 50 > "$W/$name.mem" &
   local smi=$!
   timeout "${TIMEOUT:-150}" "$@" > "$W/$name.log" 2>&1; local rc=$?
   kill $smi 2>/dev/null; wait $smi 2>/dev/null
-  local peak; peak=$(sort -n "$W/$name.mem" | tail -1)
-  echo "$name rc=$rc smi_peak_mib=$peak" | tee -a "$OUT/runs.txt"
+  local peak util
+  peak=$(cut -d, -f1 "$W/$name.mem" | sort -n | tail -1)
+  util=$(awk -F', *' -v p="${peak:-0}" '$1 > p / 2 { s += $2; n++ } END { if (n) printf "%.0f", s / n }' "$W/$name.mem")
+  echo "$name rc=$rc smi_peak_mib=$peak gpu_util_pct=$util" | tee -a "$OUT/runs.txt"
   cp "$W/$name.log" "$OUT/$name.log" 2>/dev/null
   echo "${peak:-0}" > "$W/$name.peak"
+  echo "${util:-}" > "$W/$name.util"
 }
 
 # 1. Assets: model (bf16 safetensors), word-level tokenizer, rows of exact length.
@@ -129,6 +134,11 @@ def flops(seqs, seqlen, with_ref):  # the harness's formula (bench_trl_gpu.py), 
     f = 6 * n * tok + attn
     return f + (2 * n * tok + attn // 3 if with_ref else 0)
 peak = lambda name: float(open(f"{W}/{name}.peak").read().strip() or 0) / 1024
+def util(name):
+    try:
+        return float(open(f"{W}/{name}.util").read().strip())
+    except (OSError, ValueError):
+        return None
 rows = []
 for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
@@ -137,14 +147,14 @@ for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-manual", "ours-sh
         step = statistics.median(tok / r["tokens_per_second"] for r in recs[warmup:])
         f = flops(16, 512, "precompute" not in name)
         rows.append(dict(run=name, step_s=step, tokens_per_s=tok / step, smi_peak_gib=peak(name),
-                         tflops=f / step / 1e12, mfu_989=f / step / 989e12, mfu_778=f / step / 778e12))
+                         gpu_util_pct=util(name), tflops=f / step / 1e12, mfu_989=f / step / 989e12, mfu_778=f / step / 778e12))
     except Exception as e:
         rows.append(dict(run=name, error=str(e)))
 for mode in ["trl", "trl-precompute"]:
     try:
         r = json.load(open(f"{OUT}/trl-gpu-{mode}.json"))
         rows.append(dict(run=mode, step_s=r["step_s_median"], tokens_per_s=r["tokens_per_s"], smi_peak_gib=peak(mode),
-                         torch_peak_gib=r["peak_mem_gib"], tflops=r["tflops_per_s"], mfu_989=r["mfu_vs_989"],
+                         gpu_util_pct=util(mode), torch_peak_gib=r["peak_mem_gib"], tflops=r["tflops_per_s"], mfu_989=r["mfu_vs_989"],
                          mfu_778=r["mfu_vs_989"] * 989 / 778))
     except Exception as e:
         rows.append(dict(run=mode, error=str(e)))
