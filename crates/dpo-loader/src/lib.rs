@@ -42,7 +42,7 @@ pub use error::{LoaderError, Result, RowRef};
 pub use order::{SplitMix64, epoch_order};
 pub use row::{Message, RawRow, parse_row};
 pub use stream::{
-    BatchIter, DataConfig, DataPosition, EpochStats, OnBadRow, Prefetch, SkipCounts, batches, count_batches,
-    scan_rows,
+    BatchIter, DataConfig, DataPosition, EpochStats, LongestPairs, OnBadRow, Prefetch, SkipCounts, batches,
+    count_batches, scan_rows,
 };
 pub use tokenize::{PreferenceTokenizer, RenderedRow, TokenizedPair, common_prefix_length};

@@ -634,6 +634,20 @@ pub struct EpochStats {
     /// Batches per epoch (the same for every epoch).
     pub batches: usize,
     pub skips: SkipCounts,
+    /// The pairs that make the epoch's largest batches (`None` without pairs).
+    pub longest: Option<LongestPairs>,
+}
+
+/// The kept pairs of an epoch whose batches are the largest (first kept in read order among
+/// equals): a batch is as long as its longest row, one `[prompt, completion]` row per
+/// completion in the standard layout, one `[prompt, chosen, rejected]` row per pair with prefix
+/// sharing (lengths after `max_length` truncation, as [`length_key`] measures them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LongestPairs {
+    /// With the longest `[prompt, completion]` row.
+    pub standard: TokenizedPair,
+    /// With the longest `[prompt, chosen, rejected]` row.
+    pub shared: TokenizedPair,
 }
 
 /// Every row's outcome in file order, tokenized on `threads` threads (0 = one per core):
@@ -666,15 +680,29 @@ pub fn count_batches(
     config.validate()?;
     let mut skips = SkipCounts::default();
     let mut pairs = 0;
+    // (length, pair) of the longest standard and shared rows so far.
+    let mut longest: Option<((usize, TokenizedPair), (usize, TokenizedPair))> = None;
     scan_rows(dataset, tokenizer, config.tokenizer_threads, |_, row| {
-        if keep(config, &mut skips, row)?.is_some() {
-            pairs += 1;
+        let Some(pair) = keep(config, &mut skips, row)? else { return Ok(()) };
+        pairs += 1;
+        let (standard, shared) = length_key(&pair, config.max_length);
+        match &mut longest {
+            None => longest = Some(((standard, pair.clone()), (shared, pair))),
+            Some((a, b)) => {
+                if standard > a.0 {
+                    *a = (standard, pair.clone());
+                }
+                if shared > b.0 {
+                    *b = (shared, pair);
+                }
+            }
         }
         Ok(())
     })?;
     let batches =
         if config.drop_last { pairs / config.batch_size } else { pairs.div_ceil(config.batch_size) };
-    Ok(EpochStats { rows: dataset.len(), pairs, batches, skips })
+    let longest = longest.map(|((_, standard), (_, shared))| LongestPairs { standard, shared });
+    Ok(EpochStats { rows: dataset.len(), pairs, batches, skips, longest })
 }
 
 enum Message {

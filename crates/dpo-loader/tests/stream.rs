@@ -5,7 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use common::{all, dataset, id, row, tokenizer, write};
-use dpo_loader::{Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, batches, count_batches};
+use dpo_loader::{
+    Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, TokenizedPair, batches, count_batches,
+    scan_rows,
+};
 
 fn config(batch_size: usize, shuffle: bool) -> DataConfig {
     DataConfig {
@@ -89,6 +92,34 @@ fn batch_counts_and_drop_last() {
         assert_eq!(got.iter().map(|(b, _)| b.n_pairs).collect::<Vec<_>>(), sizes);
         assert_eq!(count_batches(&data, &tok, &cfg).unwrap().batches, sizes.len());
     }
+}
+
+#[test]
+fn count_batches_names_the_pairs_of_the_largest_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, tok) = (varied(dir.path()), tokenizer(dir.path()));
+    let m = 40;
+    let cfg = DataConfig { max_length: Some(m), ..config(4, true) };
+    let longest = count_batches(&data, &tok, &cfg).unwrap().longest.unwrap();
+    // The standard layout: no batch of the epoch is longer than the pair's longer row.
+    let got = all(&data, &tok, &cfg, DataPosition::default());
+    let row = |p: &TokenizedPair| (p.prompt_ids.len() + p.chosen_ids.len().max(p.rejected_ids.len())).min(m);
+    assert_eq!(row(&longest.standard), got.iter().map(|(b, _)| b.seq_len).max().unwrap());
+    // Prefix sharing: the longest prompt + chosen + rejected, each completion truncated with
+    // the prompt to max_length, over every kept pair.
+    let shared = |p: &TokenizedPair| {
+        let c = |ids: &[u32]| ids.len().min(m - p.prompt_ids.len());
+        p.prompt_ids.len() + c(&p.chosen_ids) + c(&p.rejected_ids)
+    };
+    let mut want = 0;
+    scan_rows(&data, &tok, 1, |_, pair| {
+        if let Some(p) = pair.ok().filter(|p| p.prompt_ids.len() < m) {
+            want = want.max(shared(&p));
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(shared(&longest.shared), want);
 }
 
 #[test]

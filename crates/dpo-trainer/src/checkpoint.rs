@@ -48,6 +48,7 @@ pub const RESUMABLE_KEYS: &[&str] = &[
     "save_total_limit",
     "early_stopping_patience",
     "progress_bar",
+    "probe_largest_batch",
     "device",
     "push_to_hub",
     "hub_model_id",

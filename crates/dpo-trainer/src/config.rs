@@ -154,6 +154,10 @@ pub struct TrainConfig {
     /// With `fused_ops`: recompute attention probabilities in the backward instead of keeping
     /// them (`rows x heads x seq^2` per layer); off keeps them (one matmul less per layer).
     pub recompute_attention: bool,
+    /// Before the first step, run the largest batch the data can make (its longest pair
+    /// `batch_size` times; the eval data's through the eval forward) and discard the result,
+    /// so that a batch too large for the device fails at once instead of hours into the run.
+    pub probe_largest_batch: bool,
 
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
@@ -219,6 +223,7 @@ impl Default for TrainConfig {
             prefix_sharing: false,
             fused_ops: true,
             recompute_attention: true,
+            probe_largest_batch: true,
             lm_head_f32: true,
             device: "cpu".into(),
             dtype: Precision::F32,

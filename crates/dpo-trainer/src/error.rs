@@ -15,6 +15,12 @@ pub enum TrainError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Numerics(String),
+    #[error(
+        "the largest batch of the data ({rows} rows x {seq} tokens), run before the first step, failed: \
+         {source}; lower batch_size or max_length, or turn on gradient_checkpointing, prefix_sharing or \
+         precompute_ref_log_probs"
+    )]
+    LargestBatch { rows: usize, seq: usize, source: Box<TrainError> },
 }
 
 impl TrainError {

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_loader::{
-    DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches,
+    DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches, collate,
     count_batches,
 };
 use dpo_model::{CausalLm, Checkpoint, Policy, profile};
@@ -186,6 +186,7 @@ impl Trainer {
             Some(r) => self.restore(r, &mut opt, fresh)?,
         };
         self.precompute_reference(&st.fingerprint)?;
+        let largest_batch = if cfg.probe_largest_batch { self.probe_largest_batch()? } else { None };
         let warmup = cfg.warmup_for(self.total_steps);
         let mut data = self.epoch_stream(st.data_position, st.seen_in_epoch)?;
         let (mut stop, started, mut window_start, mut last_log) =
@@ -270,7 +271,8 @@ impl Trainer {
         constraints.implicit_kl_to_reference = self.implicit_kl()?;
         let final_dir =
             out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
-        let summary = self.summary(stop, &st, constraints, &final_dir, last_log, started, resume);
+        let mut summary = self.summary(stop, &st, constraints, &final_dir, last_log, started, resume);
+        summary["data"]["train"]["largest_batch_probed"] = json!(largest_batch);
         out.write_json("run_summary.json", &summary)?;
         Ok(summary)
     }
@@ -441,14 +443,7 @@ impl Trainer {
         let data_cfg = cfg.eval_data_config();
         let mut all: Vec<BatchStats> = Vec::new();
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
-            let batch = batch?;
-            let db = self.device_batch(&batch)?;
-            let x = pair_logps(
-                &db.logps(&policy, cfg.logprob_chunk)?,
-                &self.eval_reference_logps(&batch, &db)?,
-                &db,
-            )?;
-            all.push(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1);
+            all.push(self.eval_batch(&policy, &batch?)?);
         }
         let mut rec = Map::new();
         rec.insert("step".into(), step.into());
@@ -456,6 +451,50 @@ impl Trainer {
         let eval_loss = rec["eval_loss"].as_f64().unwrap_or(f64::NAN);
         self.log(out, observer, &rec)?;
         Ok(constraints.record_eval(step, eval_loss))
+    }
+
+    /// The metrics of one eval batch under `policy` (detached).
+    fn eval_batch(&self, policy: &CausalLm, batch: &dpo_loader::Batch) -> Result<BatchStats> {
+        let cfg = &self.cfg;
+        let db = self.device_batch(batch)?;
+        let x =
+            pair_logps(&db.logps(policy, cfg.logprob_chunk)?, &self.eval_reference_logps(batch, &db)?, &db)?;
+        Ok(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1)
+    }
+
+    /// With `probe_largest_batch`: the largest training batch (the longest pair of the run's
+    /// layout, `batch_size` times) forward and backward, and the largest eval batch through
+    /// the eval forward, results discarded (nothing of the run's state changes). Returns the
+    /// training batch's shape on the device, `[rows, seq]`.
+    pub fn probe_largest_batch(&self) -> Result<Option<(usize, usize)>> {
+        let cfg = &self.cfg;
+        let largest = |stats: &EpochStats, n: usize| {
+            stats.longest.as_ref().map(|l| {
+                let pair = if cfg.prefix_sharing { &l.shared } else { &l.standard };
+                collate(
+                    &vec![pair.clone(); n],
+                    self.tokenizer.pad_id(),
+                    cfg.max_length,
+                    cfg.pad_to_multiple_of,
+                )
+            })
+        };
+        let Some(batch) = largest(&self.train_stats, cfg.batch_size) else { return Ok(None) };
+        // Runs `f` on `batch`; its failure names the batch's shape on the device.
+        let probe = |batch: &dpo_loader::Batch, f: &dyn Fn(&dpo_loader::Batch) -> Result<()>| {
+            let (rows, seq) = self.device_batch(batch)?.ids.dims2()?;
+            f(batch).map_err(|e| TrainError::LargestBatch { rows, seq, source: Box::new(e) })?;
+            Ok::<_, TrainError>((rows, seq))
+        };
+        let started = Instant::now();
+        let (rows, seq) = probe(&batch, &|b| self.micro_step(b, 1).map(drop))?;
+        let eval_size = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
+        if let Some(batch) = self.eval_stats.as_ref().and_then(|s| largest(s, eval_size)) {
+            let policy = self.policy.model.detached();
+            probe(&batch, &|b| self.eval_batch(&policy, b).map(drop))?;
+        }
+        tracing::info!(rows, seq, seconds = started.elapsed().as_secs_f64(), "the largest batch fits");
+        Ok(Some((rows, seq)))
     }
 
     /// Per-token KL and mean log-ratios of the policy against the reference on the eval set.

@@ -153,3 +153,49 @@ fn reproduces_trl_with(edit: impl Fn(&mut TrainConfig)) {
     let clip = &summary["constraints"]["gradient_clipping"];
     assert_eq!(clip["clipped_steps"], 4, "TRL clipped steps 1, 3, 4 and 6");
 }
+
+/// `probe_largest_batch` (on by default, so the runs above include it) changes nothing of the
+/// run, and probes the epoch's largest batch in either layout.
+#[test]
+fn the_largest_batch_probe_changes_nothing_and_is_the_epoch_s_largest() {
+    use dpo_loader::{DataPosition, PreferenceDataset, PreferenceTokenizer, batches};
+    use dpo_trainer::step::DeviceBatch;
+    use std::sync::Arc;
+    for prefix_sharing in [false, true] {
+        let run = |probe: bool| {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut cfg = trl_config(tmp.path());
+            (cfg.prefix_sharing, cfg.probe_largest_batch) = (prefix_sharing, probe);
+            let summary = Trainer::new(cfg).unwrap().run(&mut Silent, None).unwrap();
+            let mut metrics = read_jsonl(&tmp.path().join("metrics.jsonl"));
+            for m in &mut metrics {
+                m.as_object_mut().unwrap().remove("tokens_per_second");
+            }
+            (metrics, summary["data"]["train"]["largest_batch_probed"].clone())
+        };
+        let (with_probe, shape) = run(true);
+        let (without, no_shape) = run(false);
+        assert_eq!(with_probe, without, "prefix_sharing = {prefix_sharing}");
+        assert!(no_shape.is_null());
+
+        let cfg = trl_config(Path::new("unused"));
+        let ds = Arc::new(PreferenceDataset::open(&cfg.train_file).unwrap());
+        let tok = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model).unwrap());
+        let data_cfg = cfg.data_config(cfg.batch_size);
+        let longest = batches(ds, tok, data_cfg, DataPosition::start_of(0))
+            .unwrap()
+            .map(|b| {
+                let b = b.unwrap();
+                let db = if prefix_sharing {
+                    DeviceBatch::shared_prefix(&b, None, &Device::Cpu)
+                } else {
+                    DeviceBatch::new(&b, None, &Device::Cpu)
+                };
+                db.unwrap().ids.dims2().unwrap().1
+            })
+            .max()
+            .unwrap();
+        let rows = if prefix_sharing { cfg.batch_size } else { 2 * cfg.batch_size };
+        assert_eq!(shape, serde_json::json!([rows, longest]), "prefix_sharing = {prefix_sharing}");
+    }
+}
