@@ -7,13 +7,20 @@ use anyhow::{Context, Result, bail};
 use dpo_trainer::TrainConfig;
 
 /// Reads `path`, applies `overrides` (`key=value`, the value parsed as TOML, else taken as a
-/// string), and deserializes; unknown keys are errors naming the key.
+/// string; `key=` with nothing after it removes the key, so its default applies, as TOML has
+/// no null: `--set max_steps=` trains by `num_train_epochs`), and deserializes; unknown keys
+/// are errors naming the key.
 pub fn load(path: &Path, overrides: &[String]) -> Result<TrainConfig> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
     let mut table: toml::Table = text.parse().with_context(|| format!("{}: invalid TOML", path.display()))?;
     for o in overrides {
         let (key, value) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
-        table.insert(key.trim().to_string(), parse_value(value.trim()));
+        let (key, value) = (key.trim().to_string(), value.trim());
+        if value.is_empty() {
+            table.remove(&key);
+        } else {
+            table.insert(key, parse_value(value));
+        }
     }
     from_table(table).with_context(|| format!("{}: invalid config", path.display()))
 }
@@ -70,5 +77,7 @@ mod tests {
         assert_eq!(cfg.output_dir, std::path::PathBuf::from("runs/x"));
         let err = load(&path, &["max_steps=-1".into()]).unwrap_err();
         assert!(format!("{err:#}").contains("max_steps"), "{err:#}");
+        // `key=` unsets a key of the file: its default applies.
+        assert_eq!(load(&path, &["max_steps=".into()]).unwrap().max_steps, None);
     }
 }
