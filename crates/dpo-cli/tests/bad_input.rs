@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl")
-}
+use common::fixtures;
+
+mod common;
 
 /// Runs dpo-train on `train` (and `model`) and returns (success, stderr, output_dir).
 fn run(dir: &Path, model: &Path, train: &Path, extra: &[&str]) -> (bool, String, PathBuf) {

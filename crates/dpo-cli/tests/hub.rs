@@ -13,6 +13,10 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use serde_json::{Value, json};
 
+use common::fixtures;
+
+mod common;
+
 /// The commit every served model is at.
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -300,10 +304,6 @@ fn route(
         }
         _ => unreachable!(),
     }
-}
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl")
 }
 
 /// A 2-step run of the TRL fixture model on its data, plus `extra` TOML lines.

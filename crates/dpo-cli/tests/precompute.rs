@@ -1,14 +1,13 @@
 //! `precompute_ref_log_probs`: the cached reference log-probs train exactly as the online
 //! reference does, over several shuffled epochs, and a later run reuses the cache.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
+use common::fixtures;
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl")
-}
+mod common;
 
 /// 42 pairs in batches of 4 with `dataloader_drop_last`: each shuffled epoch leaves out a
 /// different 2 pairs; 25 steps cover two and a half epochs.
@@ -18,13 +17,8 @@ fn run(dir: &Path, cache: &Path, extra: &str) -> (Vec<Value>, String) {
 }
 
 fn run_on(dir: &Path, cache: &Path, train: &Path, eval: &Path, extra: &str) -> (Vec<Value>, String) {
-    let f = fixtures();
-    let cfg = format!(
-        r#"model = "{m}"
-train_file = "{t}"
-eval_file = "{e}"
-output_dir = "{o}"
-ref_cache_dir = "{c}"
+    let rest = format!(
+        r#"ref_cache_dir = "{c}"
 learning_rate = 5e-3
 batch_size = 4
 max_length = 40
@@ -34,16 +28,10 @@ max_steps = 25
 logging_steps = 1
 eval_steps = 25
 progress_bar = false
-{extra}
-"#,
-        m = f.join("model").display(),
-        t = train.display(),
-        e = eval.display(),
-        o = dir.join("out").display(),
+{extra}"#,
         c = cache.display(),
     );
-    let path = dir.join("run.toml");
-    std::fs::write(&path, cfg).unwrap();
+    let path = common::write_config(dir, train, eval, &rest);
     let out = Command::new(env!("CARGO_BIN_EXE_dpo-train"))
         .arg("--config")
         .arg(&path)

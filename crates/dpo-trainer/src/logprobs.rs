@@ -213,6 +213,7 @@ impl CustomOp2 for ChunkedLogProbs {
             let hc = h.narrow(0, start, len)?;
             let g = grad.narrow(0, start, len)?.to_dtype(acc)?.unsqueeze(1)?;
             let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
+            // Values only (detached inputs, no graph): this backward is the gradient itself.
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
             let tgt = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
             let onehot_g = Tensor::zeros((len, vocab), acc, h.device())?.scatter_add(&tgt, &g, 1)?;
