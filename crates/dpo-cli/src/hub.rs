@@ -523,6 +523,10 @@ impl Observer for HubObserver<'_> {
         self.inner.on_log(record);
     }
 
+    fn stop_requested(&mut self) -> bool {
+        self.inner.stop_requested()
+    }
+
     fn on_checkpoint(&mut self, dir: &Path) {
         self.inner.on_checkpoint(dir);
         if let Some(p) = self.pusher.as_deref_mut()

@@ -6,9 +6,11 @@ mod doctor;
 mod experiment;
 mod hub;
 mod inspect;
+mod interrupt;
 mod progress;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -71,23 +73,21 @@ enum Command {
     Push(hub::PushArgs),
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
         None => train(cli.train),
         Some(Command::Train(args)) => train(args),
-        Some(Command::Data { command }) => inspect::run(command),
-        Some(Command::Experiment { which }) => experiment::run(which),
-        Some(Command::Doctor { device }) => doctor::run(&device),
-        Some(Command::Push(args)) => init_logging("info").and_then(|()| hub::push(args)),
+        Some(Command::Data { command }) => done(inspect::run(command)),
+        Some(Command::Experiment { which }) => done(experiment::run(which)),
+        Some(Command::Doctor { device }) => done(doctor::run(&device)),
+        Some(Command::Push(args)) => done(init_logging("info").and_then(|()| hub::push(args))),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", message(&e));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {}", message(&e));
+        ExitCode::FAILURE
+    })
 }
 
 /// `context: error: cause` down the chain, without a cause that its parent's message already
@@ -104,7 +104,8 @@ fn message(e: &anyhow::Error) -> String {
     out
 }
 
-fn train(args: TrainArgs) -> Result<()> {
+/// Trains; a run stopped by SIGINT or SIGTERM (with a checkpoint) exits with `128 + signal`.
+fn train(args: TrainArgs) -> Result<ExitCode> {
     let path = args.config.context("--config is required")?;
     let mut cfg = config::load(&path, &args.overrides)?;
     let mut progress = progress::Progress::new(cfg.progress_bar);
@@ -119,7 +120,17 @@ fn train(args: TrainArgs) -> Result<()> {
         args.resume.map(|checkpoint| Resume { checkpoint, allow_changed: args.resume_allow_changed });
     let mut observer = hub::HubObserver { inner: &mut progress, pusher: pusher.as_mut() };
     let summary = trainer.run(&mut observer, resume.as_ref()).context("training")?;
+    progress.interrupt.disarm();
+    let interrupt = progress.interrupt.clone();
     drop(progress);
+    if summary["stopped_because"] == "interrupted" {
+        tracing::warn!(
+            "stopped by {} after step {} with a checkpoint of it; continue with `--resume latest`",
+            interrupt.signal_name().unwrap_or_default(),
+            summary["steps_run"]
+        );
+        return Ok(ExitCode::from(interrupt.exit_code().unwrap_or(1)));
+    }
     tracing::info!(
         steps = %summary["steps_run"], stopped_because = %summary["stopped_because"],
         seconds = %format!("{:.1}", summary["wall_time_seconds"].as_f64().unwrap_or(0.0)),
@@ -132,7 +143,7 @@ fn train(args: TrainArgs) -> Result<()> {
     if let Some(pusher) = pusher.as_mut() {
         pusher.push_final(&output_dir, &summary)?;
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Log lines to stderr; `RUST_LOG` overrides `default_filter`. hf-hub's per-request lines are

@@ -3,6 +3,8 @@
 use std::io::IsTerminal;
 
 use dpo_trainer::Observer;
+
+use crate::interrupt::Interrupt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
 
@@ -11,6 +13,8 @@ pub struct Progress {
     /// Test hook: `DPO_TRAIN_TEST_STEP_DELAY_MS` slows each step so a test can kill a run
     /// mid-training at a known point.
     step_delay: Option<std::time::Duration>,
+    /// SIGINT / SIGTERM, listened to from the loop's start.
+    pub interrupt: Interrupt,
 }
 
 impl Progress {
@@ -20,7 +24,8 @@ impl Progress {
             .ok()
             .and_then(|v| v.parse().ok())
             .map(std::time::Duration::from_millis);
-        Progress { bar: (wanted && std::io::stderr().is_terminal()).then(ProgressBar::hidden), step_delay }
+        let bar = (wanted && std::io::stderr().is_terminal()).then(ProgressBar::hidden);
+        Progress { bar, step_delay, interrupt: Interrupt::default() }
     }
 
     pub fn is_bar(&self) -> bool {
@@ -42,6 +47,12 @@ fn compact(rec: &Map<String, Value>) -> String {
 
 impl Observer for Progress {
     fn on_start(&mut self, total_steps: u64) {
+        match Interrupt::listen() {
+            Ok(i) => self.interrupt = i,
+            Err(e) => tracing::warn!(
+                "cannot listen for SIGINT/SIGTERM ({e}): they stop the run without a checkpoint"
+            ),
+        }
         if let Some(bar) = &self.bar {
             bar.set_length(total_steps);
             bar.set_style(
@@ -66,6 +77,10 @@ impl Observer for Progress {
         if let Some(bar) = &self.bar {
             bar.println(compact(rec));
         }
+    }
+
+    fn stop_requested(&mut self) -> bool {
+        self.interrupt.signal().is_some()
     }
 }
 

@@ -126,6 +126,66 @@ fn sigkill_mid_length_grouping_window_then_resume_reproduces_the_uninterrupted_r
     assert!(!out.status.success() && err.contains("inside a length-grouping window"), "{err}");
 }
 
+/// A stop signal mid-run (SIGTERM from a scheduler, SIGINT from Ctrl-C): the run ends after its
+/// step with a checkpoint of it although `save_steps` is unset, writes no final model, exits with
+/// `128 + signal`, and resuming from that checkpoint gives the uninterrupted run, bit for bit.
+#[cfg(unix)]
+fn signal_then_resume(signal: i32) {
+    let train = fixtures().join("train.jsonl");
+    let no_saves = ["--set", "save_steps="];
+    let a = tempfile::tempdir().unwrap();
+    run_ok(dpo_train(&write_config(a.path(), &train, 12), &no_saves));
+
+    let b = tempfile::tempdir().unwrap();
+    let cfg_b = write_config(b.path(), &train, 12);
+    let mut child = dpo_train(&cfg_b, &no_saves).env("DPO_TRAIN_TEST_STEP_DELAY_MS", "150").spawn().unwrap();
+    let log = b.path().join("out/metrics.jsonl");
+    while !std::fs::read_to_string(&log).is_ok_and(|t| t.contains("\"step\":3,")) {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before the signal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) on our own child, which has not been waited for.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + signal), "{err}");
+    assert!(err.contains("--resume latest"), "{err}");
+
+    let out_b = b.path().join("out");
+    let checkpoints: Vec<String> = std::fs::read_dir(&out_b)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    let step: u64 = checkpoints[0]["checkpoint-".len()..].parse().unwrap();
+    assert!((3..12).contains(&step), "stopped at step {step}");
+    assert!(!out_b.join("final").exists(), "an interrupted run writes no final model");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_b.join("run_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["stopped_because"], "interrupted");
+    assert_eq!(summary["final_model"], Value::Null);
+
+    run_ok(dpo_train(&cfg_b, &[&["--resume", "latest"][..], &no_saves].concat()));
+    assert_eq!(metrics(a.path()), metrics(b.path()), "resumed run differs from the uninterrupted one");
+    let wa = std::fs::read(a.path().join("out/final/model.safetensors")).unwrap();
+    let wb = std::fs::read(out_b.join("final/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[cfg(unix)]
+#[test]
+fn sigterm_stops_with_a_checkpoint_and_resume_reproduces_the_uninterrupted_run() {
+    signal_then_resume(libc::SIGTERM);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_with_a_checkpoint_and_resume_reproduces_the_uninterrupted_run() {
+    signal_then_resume(libc::SIGINT);
+}
+
 #[test]
 fn resume_extends_the_budget_and_refuses_other_data_or_changed_hyperparameters() {
     let dir = tempfile::tempdir().unwrap();

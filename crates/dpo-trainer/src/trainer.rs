@@ -31,6 +31,12 @@ pub trait Observer {
     fn on_log(&mut self, _record: &Map<String, Value>) {}
     /// A checkpoint folder was just written (complete, renamed into place).
     fn on_checkpoint(&mut self, _dir: &std::path::Path) {}
+    /// Asked after every optimizer step: `true` ends the run there with a checkpoint of that
+    /// step (written even without `save_steps`) and no final model
+    /// ([`StopReason::Interrupted`]; a front end's answer to SIGINT or SIGTERM).
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
 }
 
 /// An observer that does nothing.
@@ -51,6 +57,8 @@ pub struct Resume {
 pub enum StopReason {
     StepBudget,
     EarlyStopping,
+    /// The front end asked to stop ([`Observer::stop_requested`]); resume from the checkpoint.
+    Interrupted,
 }
 
 /// Everything loaded and checked before anything is written.
@@ -93,7 +101,17 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .strip_prefix("cuda:")
                 .map_or(Ok(0), |n| n.parse::<usize>())
                 .map_err(|_| TrainError::Config(format!("device `{s}`: expected cuda:<ordinal>")))?;
-            Ok(Device::new_cuda(ordinal)?)
+            let device = Device::new_cuda(ordinal)?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(cuda) = &device {
+                // cudarc gives every allocation two CUDA events (four driver calls per tensor,
+                // thousands of tensors a step) to order its uses across streams. candle runs
+                // all work on one stream and dpo-train touches the device from one thread, so
+                // stream order already orders every use: the events order nothing here.
+                // SAFETY: one stream (candle's), used from the thread that created the device.
+                unsafe { cuda.disable_event_tracking() };
+            }
+            Ok(device)
         }
         other => Err(TrainError::Config(format!("unknown device `{other}` (cpu, cuda, cuda:N, metal)"))),
     }
@@ -248,7 +266,8 @@ impl Trainer {
             }
             let eval_now = cfg.eval_steps.is_some_and(|e| step % e == 0 || step == self.total_steps);
             let stop_early = eval_now && self.evaluate(step, &mut out, observer, &mut st.constraints)?;
-            if cfg.save_steps.is_some_and(|s| step % s == 0) {
+            let interrupted = step < self.total_steps && !stop_early && observer.stop_requested();
+            if cfg.save_steps.is_some_and(|s| step % s == 0) || interrupted {
                 let dir = checkpoint::save(
                     &out,
                     &self.checkpoint_dir,
@@ -260,18 +279,27 @@ impl Trainer {
                 tracing::info!(step, path = %dir.display(), "checkpoint saved");
                 observer.on_checkpoint(&dir);
             }
-            if stop_early {
-                stop = StopReason::EarlyStopping;
+            if stop_early || interrupted {
+                stop = if interrupted { StopReason::Interrupted } else { StopReason::EarlyStopping };
                 break;
             }
         }
-        // 5. Save the policy as a Hugging Face model folder, and the run's record.
+        // 5. Save the policy as a Hugging Face model folder (not when interrupted: the last
+        //    checkpoint is the run's state), and the run's record.
         let mut constraints = st.constraints.clone();
-        constraints.weight_decay.weight_norm_end = Some(self.decayed_weight_norm(&opt)?);
-        constraints.implicit_kl_to_reference = self.implicit_kl()?;
-        let final_dir =
-            out.save_model("final", &self.checkpoint_dir, &self.policy.named_tensors(self.stored_dtype)?)?;
-        let mut summary = self.summary(stop, &st, constraints, &final_dir, last_log, started, resume);
+        let final_dir = if stop == StopReason::Interrupted {
+            None
+        } else {
+            constraints.weight_decay.weight_norm_end = Some(self.decayed_weight_norm(&opt)?);
+            constraints.implicit_kl_to_reference = self.implicit_kl()?;
+            Some(out.save_model(
+                "final",
+                &self.checkpoint_dir,
+                &self.policy.named_tensors(self.stored_dtype)?,
+            )?)
+        };
+        let mut summary =
+            self.summary(stop, &st, constraints, final_dir.as_deref(), last_log, started, resume);
         summary["data"]["train"]["largest_batch_probed"] = json!(largest_batch);
         out.write_json("run_summary.json", &summary)?;
         Ok(summary)
@@ -330,7 +358,7 @@ impl Trainer {
         stop: StopReason,
         st: &TrainerState,
         constraints: Constraints,
-        final_dir: &std::path::Path,
+        final_dir: Option<&std::path::Path>,
         last_log: Option<Map<String, Value>>,
         started: Instant,
         resume: Option<&Resume>,
