@@ -674,7 +674,10 @@ pub fn model_card(c: &CardInput) -> String {
     }
     s.push_str("\n## Training data\n\n");
     match (&c.train_file, &c.train_sha256) {
-        (Some(f), Some(h)) => s.push_str(&format!("- `{f}` (sha256 `{h}`)\n")),
+        // The checkpoint fingerprint's hash: of the file, or of a folder's / pattern's shards.
+        (Some(f), Some(h)) => {
+            s.push_str(&format!("- `{f}` (sha256 `{h}` of its bytes, shard files in row order)\n"))
+        }
         (Some(f), None) => s.push_str(&format!("- `{f}`\n")),
         _ => s.push_str("- unknown (no run record next to the uploaded folder)\n"),
     }
@@ -803,7 +806,7 @@ mod tests {
         for text in [
             "# tiny-dpo",
             "[org/tiny](https://huggingface.co/org/tiny)",
-            "`train.jsonl` (sha256 `ab12`)",
+            "`train.jsonl` (sha256 `ab12` of its bytes, shard files in row order)",
             "| loss | 0.250000 |",
             "| eval_loss | 0.500000 |",
             "\"allowed\": 4",
