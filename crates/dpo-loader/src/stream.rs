@@ -625,7 +625,7 @@ impl Iterator for BatchIter {
 }
 
 /// What one epoch yields, from [`count_batches`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochStats {
     /// Rows in the file.
     pub rows: usize,
@@ -642,7 +642,7 @@ pub struct EpochStats {
 /// equals): a batch is as long as its longest row, one `[prompt, completion]` row per
 /// completion in the standard layout, one `[prompt, chosen, rejected]` row per pair with prefix
 /// sharing (lengths after `max_length` truncation, as [`length_key`] measures them).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LongestPairs {
     /// With the longest `[prompt, completion]` row.
     pub standard: TokenizedPair,

@@ -27,7 +27,7 @@ pub struct RenderedRow {
 }
 
 /// A tokenized preference pair: the shared prompt and the two completions.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenizedPair {
     pub prompt_ids: Vec<u32>,
     pub chosen_ids: Vec<u32>,
@@ -92,6 +92,16 @@ impl PreferenceTokenizer {
         }
         tracing::debug!(dir = %dir.display(), eos_token, pad_token, "loaded tokenizer");
         Ok(Self { tokenizer, eos_token, eos_id, pad_id, chat_template, warned_split: AtomicBool::new(false) })
+    }
+
+    /// The files of `dir` that [`Self::from_model_dir`] reads (those that exist, in this order):
+    /// what a cache of tokenized data must be keyed by.
+    pub fn definition_files(dir: impl AsRef<Path>) -> Vec<PathBuf> {
+        ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
+            .iter()
+            .map(|f| dir.as_ref().join(f))
+            .filter(|p| p.is_file())
+            .collect()
     }
 
     /// The chat template, or why there is none usable.

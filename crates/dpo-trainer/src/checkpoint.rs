@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use dpo_loader::{DataPosition, PreferenceDataset};
+use dpo_loader::{DataPosition, PreferenceDataset, PreferenceTokenizer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -32,6 +32,10 @@ pub struct Fingerprint {
     pub model: String,
     /// sha256 of the training data file(s).
     pub train_data: String,
+    /// sha256 of the tokenizer's files ([`PreferenceTokenizer::definition_files`]); absent in
+    /// checkpoints of earlier versions, which are resumed without this check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// The config with the keys that may change on resume blanked (see [`resumable_keys`]).
     pub hyperparameters: String,
 }
@@ -81,7 +85,8 @@ pub fn data_fingerprint(data: &PreferenceDataset) -> Result<String> {
     sha256_files(&data.shard_paths().map(Path::to_path_buf).collect::<Vec<_>>())
 }
 
-fn sha256_files(files: &[PathBuf]) -> Result<String> {
+/// sha256 of the files' bytes, one after the other.
+pub(crate) fn sha256_files(files: &[PathBuf]) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
@@ -98,9 +103,9 @@ fn sha256_files(files: &[PathBuf]) -> Result<String> {
 }
 
 impl Fingerprint {
-    /// The model files, the training data's shard files (`train`, opened from `cfg.train_file`:
-    /// a file, folder or pattern) and the non-resumable hyperparameters of `cfg`.
-    pub fn new(cfg: &TrainConfig, train: &PreferenceDataset) -> Result<Self> {
+    /// The model files, the tokenizer files, the training data (`train_data`: its
+    /// [`data_fingerprint`]) and the non-resumable hyperparameters of `cfg`.
+    pub fn new(cfg: &TrainConfig, train_data: String) -> Result<Self> {
         let mut model_files = vec![cfg.model.join("config.json")];
         let mut weights: Vec<PathBuf> = fs::read_dir(&cfg.model)
             .map_err(|e| TrainError::io(&cfg.model, e))?
@@ -111,7 +116,8 @@ impl Fingerprint {
         model_files.extend(weights);
         Ok(Fingerprint {
             model: sha256_files(&model_files)?,
-            train_data: data_fingerprint(train)?,
+            train_data,
+            tokenizer: Some(sha256_files(&PreferenceTokenizer::definition_files(&cfg.model))?),
             hyperparameters: hyperparameters(cfg),
         })
     }
@@ -142,6 +148,13 @@ pub fn check_compatible(
     }
     if saved.train_data != now.train_data {
         return Err("the checkpoint was trained on a different train_file (contents differ)".into());
+    }
+    if let (Some(a), Some(b)) = (&saved.tokenizer, &now.tokenizer)
+        && a != b
+    {
+        return Err("the checkpoint was trained with a different tokenizer or chat template \
+                    (tokenizer.json, tokenizer_config.json or chat_template.jinja differ)"
+            .into());
     }
     if saved.hyperparameters != now.hyperparameters && !allow_changed {
         let (a, b): (serde_json::Value, serde_json::Value) = (

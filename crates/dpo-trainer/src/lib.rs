@@ -11,6 +11,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod constraints;
+pub mod data_counts;
 mod error;
 pub mod gap;
 pub mod logprobs;

@@ -52,11 +52,9 @@ pub fn cache_key(
         h.update(part.as_bytes());
         h.update([0]);
     }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        let p = model_dir.join(f);
-        if let Ok(bytes) = std::fs::read(&p) {
-            h.update(&bytes);
-        }
+    // The files tokenization reads (keys of models without chat_template.jinja as before).
+    for p in PreferenceTokenizer::definition_files(model_dir) {
+        h.update(std::fs::read(&p).map_err(|e| TrainError::io(&p, e))?);
     }
     Ok(format!("{:x}", h.finalize())[..16].to_string())
 }

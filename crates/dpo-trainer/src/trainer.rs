@@ -7,7 +7,6 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_loader::{
     DataPosition, EpochStats, PreferenceDataset, PreferenceTokenizer, Prefetch, SkipCounts, batches, collate,
-    count_batches,
 };
 use dpo_model::{CausalLm, Checkpoint, Policy, profile};
 use serde_json::{Map, Value, json};
@@ -15,6 +14,7 @@ use serde_json::{Map, Value, json};
 use crate::checkpoint::{self, Fingerprint, TrainerState};
 use crate::config::{Precision, TrainConfig};
 use crate::constraints::{Constraints, ImplicitKl};
+use crate::data_counts::DataCounts;
 use crate::error::{Result, TrainError};
 use crate::logprobs::{sequence_logps, token_kl_sum};
 use crate::metrics::{BatchStats, Window, eval_metrics};
@@ -75,8 +75,8 @@ pub struct Trainer {
     tokenizer: Arc<PreferenceTokenizer>,
     train: Arc<PreferenceDataset>,
     eval: Option<Arc<PreferenceDataset>>,
-    pub train_stats: EpochStats,
-    pub eval_stats: Option<EpochStats>,
+    /// The data's epoch counts (`counts.train`, `counts.eval`) and the training data's hash.
+    pub counts: DataCounts,
     pub total_steps: u64,
     pub steps_per_epoch: u64,
 }
@@ -137,7 +137,9 @@ impl Trainer {
         let reference = Some(configure(CausalLm::load_frozen(&ck, compute, &device)?, &cfg, compute));
         let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
         let train = Arc::new(PreferenceDataset::open(&cfg.train_file)?);
-        let train_stats = count_batches(&train, &tokenizer, &cfg.data_config(cfg.batch_size))?;
+        let eval = cfg.eval_file.as_ref().map(PreferenceDataset::open).transpose()?.map(Arc::new);
+        let counts = DataCounts::load_or_count(&cfg, &tokenizer, &train, eval.as_deref())?;
+        let train_stats = &counts.train;
         if train_stats.batches == 0 {
             return Err(TrainError::Config(format!(
                 "{}: no usable pairs ({} rows; skipped: {})",
@@ -146,18 +148,6 @@ impl Trainer {
                 train_stats.skips
             )));
         }
-        let (eval, eval_stats) = match &cfg.eval_file {
-            Some(path) => {
-                let ds = Arc::new(PreferenceDataset::open(path)?);
-                let stats = count_batches(
-                    &ds,
-                    &tokenizer,
-                    &cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size)),
-                )?;
-                (Some(ds), Some(stats))
-            }
-            None => (None, None),
-        };
         let ga = cfg.gradient_accumulation_steps as u64;
         let steps_per_epoch = (train_stats.batches as u64).div_ceil(ga).max(1);
         let total_steps =
@@ -178,8 +168,7 @@ impl Trainer {
             tokenizer,
             train,
             eval,
-            train_stats,
-            eval_stats,
+            counts,
             total_steps,
             steps_per_epoch,
         })
@@ -203,6 +192,7 @@ impl Trainer {
             None => (fresh, Outputs::create(&cfg.output_dir, cfg.overwrite_output_dir)?),
             Some(r) => self.restore(r, &mut opt, fresh)?,
         };
+        self.counts.save(&cfg.output_dir)?;
         self.precompute_reference(&st.fingerprint)?;
         let largest_batch = if cfg.probe_largest_batch { self.probe_largest_batch()? } else { None };
         let warmup = cfg.warmup_for(self.total_steps);
@@ -375,9 +365,9 @@ impl Trainer {
             "final_model": final_dir,
             "last_log": last_log,
             "data": {
-                "train": {"rows": self.train_stats.rows, "pairs": self.train_stats.pairs,
-                          "batches_per_epoch": self.train_stats.batches, "skipped": self.train_stats.skips},
-                "eval": self.eval_stats.as_ref().map(|s| json!({"rows": s.rows, "pairs": s.pairs, "skipped": s.skips})),
+                "train": {"rows": self.counts.train.rows, "pairs": self.counts.train.pairs,
+                          "batches_per_epoch": self.counts.train.batches, "skipped": self.counts.train.skips},
+                "eval": self.counts.eval.as_ref().map(|s| json!({"rows": s.rows, "pairs": s.pairs, "skipped": s.skips})),
             },
             "model": {"arch": self.policy.model.config.arch, "parameters": self.policy.num_parameters()},
             "fingerprint": st.fingerprint,
@@ -407,7 +397,7 @@ impl Trainer {
             window: Window::default(),
             constraints,
             total_steps: self.total_steps,
-            fingerprint: Fingerprint::new(cfg, &self.train)?,
+            fingerprint: Fingerprint::new(cfg, self.counts.train_hash.clone())?,
             config: cfg.clone(),
         })
     }
@@ -507,7 +497,7 @@ impl Trainer {
                 )
             })
         };
-        let Some(batch) = largest(&self.train_stats, cfg.batch_size) else { return Ok(None) };
+        let Some(batch) = largest(&self.counts.train, cfg.batch_size) else { return Ok(None) };
         // Runs `f` on `batch`; its failure names the batch's shape on the device.
         let probe = |batch: &dpo_loader::Batch, f: &dyn Fn(&dpo_loader::Batch) -> Result<()>| {
             let (rows, seq) = self.device_batch(batch)?.ids.dims2()?;
@@ -517,7 +507,7 @@ impl Trainer {
         let started = Instant::now();
         let (rows, seq) = probe(&batch, &|b| self.micro_step(b, 1).map(drop))?;
         let eval_size = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
-        if let Some(batch) = self.eval_stats.as_ref().and_then(|s| largest(s, eval_size)) {
+        if let Some(batch) = self.counts.eval.as_ref().and_then(|s| largest(s, eval_size)) {
             let policy = self.policy.model.detached();
             probe(&batch, &|b| self.eval_batch(&policy, b).map(drop))?;
         }
@@ -626,7 +616,7 @@ impl Trainer {
         };
         let train = compute("train", &self.train, &fingerprint.train_data)?;
         let eval = match &self.eval {
-            Some(ds) => Some(compute("eval", ds, &checkpoint::data_fingerprint(ds)?)?),
+            Some(ds) => Some(compute("eval", ds, self.counts.eval_hash.as_deref().unwrap_or_default())?),
             None => None,
         };
         self.ref_cache = Some((train, eval));
@@ -641,7 +631,7 @@ impl Trainer {
             batches: iter.prefetch(4)?,
             position: start,
             seen,
-            per_epoch: self.train_stats.batches,
+            per_epoch: self.counts.train.batches,
         })
     }
 
@@ -679,7 +669,7 @@ impl Trainer {
 
     /// Rows skipped or dropped in the training data (counted when the run was set up).
     pub fn skips(&self) -> &SkipCounts {
-        &self.train_stats.skips
+        &self.counts.train.skips
     }
 }
 

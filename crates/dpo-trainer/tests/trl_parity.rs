@@ -74,7 +74,7 @@ fn reproduces_trl_with(edit: impl Fn(&mut TrainConfig)) {
     let mut cfg = trl_config(tmp.path());
     edit(&mut cfg);
     let mut trainer = Trainer::new(cfg).unwrap();
-    assert_eq!(trainer.train_stats.pairs, 41, "TRL keeps 41 of 42 train rows");
+    assert_eq!(trainer.counts.train.pairs, 41, "TRL keeps 41 of 42 train rows");
     assert_eq!(trainer.steps_per_epoch, 6);
     trainer.run(&mut Silent, None).unwrap();
 
