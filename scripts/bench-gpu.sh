@@ -112,6 +112,7 @@ run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_lo
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-plain-keep-attn --set recompute_attention=false
+DPO_TRAIN_CUDA_EVENTS=1 run_ours ours-plain-cuda-events
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
 DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
 DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true
@@ -140,7 +141,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -163,7 +164,7 @@ for r in rows:
 # The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
-for name in ["ours-plain-keep-attn", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
+for name in ["ours-plain-keep-attn", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
              "ours-share-gc-manual"]:
     try:
         d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))

@@ -108,8 +108,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 // thousands of tensors a step) to order its uses across streams. candle runs
                 // all work on one stream and dpo-train touches the device from one thread, so
                 // stream order already orders every use: the events order nothing here.
-                // SAFETY: one stream (candle's), used from the thread that created the device.
-                unsafe { cuda.disable_event_tracking() };
+                // `DPO_TRAIN_CUDA_EVENTS=1` keeps them (to measure the difference).
+                if std::env::var_os("DPO_TRAIN_CUDA_EVENTS").is_none() {
+                    // SAFETY: one stream (candle's), used from the thread that created the device.
+                    unsafe { cuda.disable_event_tracking() };
+                }
             }
             Ok(device)
         }
