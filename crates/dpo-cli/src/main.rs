@@ -106,6 +106,7 @@ fn message(e: &anyhow::Error) -> String {
 
 /// Trains; a run stopped by SIGINT or SIGTERM (with a checkpoint) exits with `128 + signal`.
 fn train(args: TrainArgs) -> Result<ExitCode> {
+    keep_freed_memory();
     let path = args.config.context("--config is required")?;
     let mut cfg = config::load(&path, &args.overrides)?;
     let mut progress = progress::Progress::new(cfg.progress_bar);
@@ -144,6 +145,24 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
         pusher.push_final(&output_dir, &summary)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A CPU training step allocates and frees tensors of up to hundreds of MB. glibc's malloc
+/// serves blocks above its mmap threshold (adaptive, at most 32 MiB) with fresh mappings and
+/// hands a freed heap top above 128 KiB back to the kernel, so every step's tensors arrive as new
+/// pages and their page faults cost 6-10% of a step (`scripts/bench-cpu.sh`, BENCHMARKS.md).
+/// Freed memory stays in the heap for the next step instead; the peak is the same.
+/// `DPO_TRAIN_MALLOC=default` keeps glibc's settings (to measure the difference).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var("DPO_TRAIN_MALLOC").as_deref() != Ok("default") {
+        // SAFETY: mallopt only sets malloc parameters (glibc serializes it with allocation).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+        }
+    }
 }
 
 /// Log lines to stderr; `RUST_LOG` overrides `default_filter`. hf-hub's per-request lines are
