@@ -105,6 +105,8 @@ done
 TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
+# The device memory pool as cudarc leaves it (freed memory handed back at every synchronization).
+DPO_TRAIN_CUDA_POOL=default run_ours ours-plain-cuda-pool-default
 
 # More levers, then where a step's time goes: phases (each ends with a device synchronization),
 # then each phase split into the model's ops (a synchronization around every op: read shares).
@@ -141,7 +143,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -164,7 +166,7 @@ for r in rows:
 # The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
-for name in ["ours-plain-keep-attn", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
+for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
              "ours-share-gc-manual"]:
     try:
         d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))

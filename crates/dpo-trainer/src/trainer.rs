@@ -104,19 +104,48 @@ pub fn parse_device(s: &str) -> Result<Device> {
             let device = Device::new_cuda(ordinal)?;
             #[cfg(feature = "cuda")]
             if let Device::Cuda(cuda) = &device {
-                // cudarc gives every allocation two CUDA events (four driver calls per tensor,
-                // thousands of tensors a step) to order its uses across streams. candle runs
-                // all work on one stream and dpo-train touches the device from one thread, so
-                // stream order already orders every use: the events order nothing here.
-                // `DPO_TRAIN_CUDA_EVENTS=1` keeps them (to measure the difference).
-                if std::env::var_os("DPO_TRAIN_CUDA_EVENTS").is_none() {
-                    // SAFETY: one stream (candle's), used from the thread that created the device.
-                    unsafe { cuda.disable_event_tracking() };
-                }
+                tune_cuda(cuda);
             }
             Ok(device)
         }
         other => Err(TrainError::Config(format!("unknown device `{other}` (cpu, cuda, cuda:N, metal)"))),
+    }
+}
+
+/// Two settings of cudarc's defaults that cost time on a training step; each can be kept as it
+/// was (`DPO_TRAIN_CUDA_EVENTS=1`, `DPO_TRAIN_CUDA_POOL=default`) to measure the difference.
+///
+/// * Per-allocation events: cudarc gives every allocation two CUDA events (four driver calls per
+///   tensor, thousands of tensors a step) to order its uses across streams. candle runs all
+///   work on one stream and dpo-train touches the device from one thread, so stream order
+///   already orders every use: the events order nothing here.
+/// * The memory pool's release threshold: candle allocates with `cuMemAllocAsync` from the
+///   device's pool, whose default threshold of 0 hands all freed memory back to the driver at
+///   every synchronization (each step has several: the loss, the gradient norm), so the next
+///   forward maps its activations anew. Keeping it holds the pool at the step's peak.
+#[cfg(feature = "cuda")]
+fn tune_cuda(cuda: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    if std::env::var_os("DPO_TRAIN_CUDA_EVENTS").is_none() {
+        // SAFETY: one stream (candle's), used from the thread that created the device.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    if std::env::var("DPO_TRAIN_CUDA_POOL").as_deref() != Ok("default") {
+        let device = cuda.cuda_stream().context().cu_device();
+        let mut keep = u64::MAX;
+        // SAFETY: `device` is a valid CUdevice; the attribute takes a u64 (cuuint64_t).
+        let set = unsafe {
+            result::device::get_mem_pool(device).and_then(|pool| {
+                result::mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut keep as *mut u64).cast(),
+                )
+            })
+        };
+        if let Err(e) = set {
+            tracing::warn!("could not keep freed device memory in the pool ({e:?}); training goes on");
+        }
     }
 }
 
