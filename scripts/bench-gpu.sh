@@ -108,16 +108,17 @@ cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
 # The device memory pool as cudarc leaves it (freed memory handed back at every synchronization).
 DPO_TRAIN_CUDA_POOL=default run_ours ours-plain-cuda-pool-default
 
-# More levers, then where a step's time goes: phases (each ends with a device synchronization),
-# then each phase split into the model's ops (a synchronization around every op: read shares).
+# The precomputed reference, then where a step's time goes: each phase split into the model's
+# ops (a synchronization around every op: read shares), then phases alone (each ends with a
+# device synchronization); then the levers measured before (in order of what they decide).
 run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
-run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
-run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
-run_ours ours-plain-keep-attn --set recompute_attention=false
-DPO_TRAIN_CUDA_EVENTS=1 run_ours ours-plain-cuda-events
-DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
 DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
 DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true
+DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
+run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
+DPO_TRAIN_CUDA_EVENTS=1 run_ours ours-plain-cuda-events
+run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
+run_ours ours-plain-keep-attn --set recompute_attention=false
 for p in profile-plain profile-plain-ops profile-manual-ops; do
   echo "== $p"; grep -h "profile step 4" "$W/$p.log" 2>/dev/null
 done
