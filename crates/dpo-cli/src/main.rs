@@ -150,7 +150,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
 /// A CPU training step allocates and frees tensors of up to hundreds of MB. glibc's malloc
 /// serves blocks above its mmap threshold (adaptive, at most 32 MiB) with fresh mappings and
 /// hands a freed heap top above 128 KiB back to the kernel, so every step's tensors arrive as new
-/// pages and their page faults cost 6-10% of a step (`scripts/bench-cpu.sh`, BENCHMARKS.md).
+/// pages and their page faults cost 10-15% of a step (`scripts/bench-cpu.sh`, BENCHMARKS.md).
 /// Freed memory stays in the heap for the next step instead; the peak is the same.
 /// `DPO_TRAIN_MALLOC=default` keeps glibc's settings (to measure the difference).
 fn keep_freed_memory() {

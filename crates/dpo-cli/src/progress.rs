@@ -1,12 +1,13 @@
-//! A progress bar with loss and tokens/s on a terminal; plain `tracing` lines otherwise.
+//! A progress bar with loss and tokens/s on a terminal; plain `tracing` lines otherwise. It also
+//! answers the trainer's `stop_requested` from SIGINT / SIGTERM ([`Interrupt`]).
 
 use std::io::IsTerminal;
 
 use dpo_trainer::Observer;
-
-use crate::interrupt::Interrupt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value};
+
+use crate::interrupt::Interrupt;
 
 pub struct Progress {
     bar: Option<ProgressBar>,
