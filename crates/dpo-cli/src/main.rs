@@ -74,6 +74,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let done = |r: Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match cli.command {
@@ -106,7 +107,6 @@ fn message(e: &anyhow::Error) -> String {
 
 /// Trains; a run stopped by SIGINT or SIGTERM (with a checkpoint) exits with `128 + signal`.
 fn train(args: TrainArgs) -> Result<ExitCode> {
-    keep_freed_memory();
     let path = args.config.context("--config is required")?;
     let mut cfg = config::load(&path, &args.overrides)?;
     let mut progress = progress::Progress::new(cfg.progress_bar);
@@ -147,7 +147,7 @@ fn train(args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A CPU training step allocates and frees tensors of up to hundreds of MB. glibc's malloc
+/// A CPU training step (`train`, `experiment`) allocates and frees tensors of up to hundreds of MB. glibc's malloc
 /// serves blocks above its mmap threshold (adaptive, at most 32 MiB) with fresh mappings and
 /// hands a freed heap top above 128 KiB back to the kernel, so every step's tensors arrive as new
 /// pages and their page faults cost 10-15% of a step (`scripts/bench-cpu.sh`, BENCHMARKS.md).

@@ -243,7 +243,9 @@ impl Trainer {
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
             profile::start(&self.device)?;
             for batch in &micro {
-                let (micro_grads, stats) = self.micro_step(batch, micro.len())?;
+                let db = self.device_batch(batch)?;
+                profile::phase(&self.device, "batch")?;
+                let (micro_grads, stats) = self.micro_step(batch, &db, micro.len())?;
                 accumulate(&mut grads, &micro_grads, &self.policy.params)?;
                 profile::phase(&self.device, "accumulate")?;
                 st.tokens_total += stats.tokens;
@@ -327,23 +329,23 @@ impl Trainer {
         Ok(summary)
     }
 
-    /// One micro-batch: the reference's log-probs, the policy's forward and backward (autograd,
-    /// activation checkpointing or the manual block backward); the loss weighs `1 / n_micro`.
+    /// One micro-batch (`db`: `batch` on the device): the reference's log-probs, the policy's
+    /// forward and backward (autograd, activation checkpointing or the manual block backward);
+    /// the loss weighs `1 / n_micro`.
     fn micro_step(
         &self,
         batch: &dpo_loader::Batch,
+        db: &DeviceBatch,
         n_micro: usize,
     ) -> Result<(HashMap<TensorId, Tensor>, BatchStats)> {
         let cfg = &self.cfg;
-        let db = self.device_batch(batch)?;
-        profile::phase(&self.device, "batch")?;
-        let ref_logps = self.reference_logps(batch, &db)?;
+        let ref_logps = self.reference_logps(batch, db)?;
         profile::phase(&self.device, "reference")?;
         let policy = &self.policy.model;
         let mut stats = None;
         let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
             let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
-            let x = pair_logps(&logps, &ref_logps, &db)?;
+            let x = pair_logps(&logps, &ref_logps, db)?;
             let (loss, s) = score(&x, &loss_of(cfg, &x)?, db.tokens)?;
             stats = Some(s);
             loss / n_micro as f64
@@ -493,7 +495,8 @@ impl Trainer {
         let data_cfg = cfg.eval_data_config();
         let mut all: Vec<BatchStats> = Vec::new();
         for batch in batches(eval.clone(), self.tokenizer.clone(), data_cfg, DataPosition::start_of(0))? {
-            all.push(self.eval_batch(&policy, &batch?)?);
+            let batch = batch?;
+            all.push(self.eval_batch(&policy, &batch, &self.device_batch(&batch)?)?);
         }
         let mut rec = Map::new();
         rec.insert("step".into(), step.into());
@@ -503,12 +506,16 @@ impl Trainer {
         Ok(constraints.record_eval(step, eval_loss))
     }
 
-    /// The metrics of one eval batch under `policy` (detached).
-    fn eval_batch(&self, policy: &CausalLm, batch: &dpo_loader::Batch) -> Result<BatchStats> {
+    /// The metrics of one eval batch (`db`: `batch` on the device) under `policy` (detached).
+    fn eval_batch(
+        &self,
+        policy: &CausalLm,
+        batch: &dpo_loader::Batch,
+        db: &DeviceBatch,
+    ) -> Result<BatchStats> {
         let cfg = &self.cfg;
-        let db = self.device_batch(batch)?;
         let x =
-            pair_logps(&db.logps(policy, cfg.logprob_chunk)?, &self.eval_reference_logps(batch, &db)?, &db)?;
+            pair_logps(&db.logps(policy, cfg.logprob_chunk)?, &self.eval_reference_logps(batch, db)?, db)?;
         Ok(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1)
     }
 
@@ -530,18 +537,20 @@ impl Trainer {
             })
         };
         let Some(batch) = largest(&self.counts.train, cfg.batch_size) else { return Ok(None) };
-        // Runs `f` on `batch`; its failure names the batch's shape on the device.
-        let probe = |batch: &dpo_loader::Batch, f: &dyn Fn(&dpo_loader::Batch) -> Result<()>| {
-            let (rows, seq) = self.device_batch(batch)?.ids.dims2()?;
-            f(batch).map_err(|e| TrainError::LargestBatch { rows, seq, source: Box::new(e) })?;
+        // Runs `f` on `batch` and its upload; a failure names the batch's shape on the device.
+        type Probed<'a> = &'a dyn Fn(&dpo_loader::Batch, &DeviceBatch) -> Result<()>;
+        let probe = |batch: &dpo_loader::Batch, f: Probed| {
+            let db = self.device_batch(batch)?;
+            let (rows, seq) = db.ids.dims2()?;
+            f(batch, &db).map_err(|e| TrainError::LargestBatch { rows, seq, source: Box::new(e) })?;
             Ok::<_, TrainError>((rows, seq))
         };
         let started = Instant::now();
-        let (rows, seq) = probe(&batch, &|b| self.micro_step(b, 1).map(drop))?;
+        let (rows, seq) = probe(&batch, &|b, db| self.micro_step(b, db, 1).map(drop))?;
         let eval_size = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
         if let Some(batch) = self.counts.eval.as_ref().and_then(|s| largest(s, eval_size)) {
             let policy = self.policy.model.detached();
-            probe(&batch, &|b| self.eval_batch(&policy, b).map(drop))?;
+            probe(&batch, &|b, db| self.eval_batch(&policy, b, db).map(drop))?;
         }
         tracing::info!(rows, seq, seconds = started.elapsed().as_secs_f64(), "the largest batch fits");
         Ok(Some((rows, seq)))
@@ -630,8 +639,7 @@ impl Trainer {
         let reference = self.reference.as_ref().expect("loaded at setup");
         let dir = cfg.ref_cache_dir.clone().unwrap_or_else(|| cfg.output_dir.join("ref_logps"));
         let data_cfg = cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size));
-        // Each dataset is keyed by its own bytes (the training data's were hashed for the
-        // checkpoint fingerprint already).
+        // Each dataset is keyed by its own bytes (hashed once at setup, see `DataCounts`).
         let compute = |split: &str, ds: &Arc<PreferenceDataset>, data_fingerprint: &str| {
             let (model, dtype) = (&fingerprint.model, self.compute_dtype);
             let key = ref_cache::cache_key(model, data_fingerprint, ds, &cfg.model, cfg.max_length, dtype)?;
