@@ -117,6 +117,8 @@ DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 DPO_TRAIN_CUDA_EVENTS=1 run_ours ours-plain-cuda-events
+# Separate projections (the frozen reference and the manual backward stack q, k, v and gate, up).
+DPO_TRAIN_STACK_PROJECTIONS=0 run_ours ours-plain-manual-unstacked --set manual_backward=true
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-plain-keep-attn --set recompute_attention=false
 for p in profile-plain profile-plain-ops profile-manual-ops; do
@@ -144,7 +146,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -167,7 +169,7 @@ for r in rows:
 # The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
-for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-share", "ours-share-manual", "ours-share-gc",
+for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc",
              "ours-share-gc-manual"]:
     try:
         d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))

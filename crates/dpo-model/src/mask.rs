@@ -12,6 +12,9 @@ use candle_core::{DType, Device, Result, Tensor};
 pub struct AttentionMask {
     pub bias: Tensor,
     pub positions: Option<Tensor>,
+    /// The largest of `positions`, known on the host (sizing the rotary tables without reading
+    /// the device back).
+    pub max_position: Option<u32>,
 }
 
 /// What a masked score becomes before the softmax (f32 softmax: `exp` of it is exactly 0).
@@ -42,7 +45,7 @@ impl AttentionMask {
         let pad = Tensor::from_vec(pad, (rows, 1, 1, seq), device)?;
         // Sum of two large negatives stays finite in f32 (-2e30).
         let bias = causal.broadcast_add(&pad)?.to_dtype(DType::F32)?;
-        Ok(AttentionMask { bias, positions: None })
+        Ok(AttentionMask { bias, positions: None, max_position: None })
     }
 
     /// An arbitrary layout: `allowed[(r * seq + i) * seq + j]` says whether query `i` of row `r`
@@ -59,6 +62,7 @@ impl AttentionMask {
         let bias: Vec<f32> = allowed.iter().map(|&a| if a { 0.0 } else { MASKED }).collect();
         Ok(AttentionMask {
             bias: Tensor::from_vec(bias, (rows, 1, seq, seq), device)?,
+            max_position: positions.iter().copied().max(),
             positions: Some(Tensor::from_vec(positions, (rows, seq), device)?),
         })
     }

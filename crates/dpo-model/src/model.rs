@@ -30,16 +30,52 @@ struct Linear {
 }
 
 impl Linear {
+    /// `x` `[rows, seq, in]` -> `[rows, seq, out]`.
     fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
-        let _timed = crate::profile::op(x.device(), "linear");
         let (r, t, h) = x.dims3()?;
-        let w = self.w.to_dtype(dtype)?;
-        let y = x.reshape((r * t, h))?.matmul(&w.t()?)?;
-        let y = match &self.b {
-            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?)?,
-            None => y,
+        self.forward_2d(&x.reshape((r * t, h))?, dtype)?.reshape((r, t, ()))
+    }
+
+    /// `x` `[n, in]` (any strides a matmul takes, e.g. a transposed view) -> `[n, out]`.
+    fn forward_2d(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let _timed = crate::profile::op(x.device(), "linear");
+        let y = x.matmul(&self.w.to_dtype(dtype)?.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
+            None => Ok(y),
+        }
+    }
+
+    /// The transposed output `y^T = W x^T + b`, `[out, n]`, for `x` `[n, in]`: with stacked
+    /// layers ([`Linear::stack`]) each layer's output is then a contiguous block of rows.
+    fn forward_t(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let _timed = crate::profile::op(x.device(), "linear");
+        let y = self.w.to_dtype(dtype)?.matmul(&x.t()?)?;
+        match &self.b {
+            Some(b) => y.broadcast_add(&b.to_dtype(dtype)?.unsqueeze(1)?),
+            None => Ok(y),
+        }
+    }
+
+    /// `layers` stacked by output rows (`[Wq; Wk; Wv]`): one matmul computes their outputs side
+    /// by side. The layers must all have a bias or none.
+    fn stack(layers: &[&Linear]) -> Result<Linear> {
+        let w = Tensor::cat(&layers.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
+        let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.b.as_ref()).collect();
+        let b = match biases.len() {
+            0 => None,
+            n if n == layers.len() => Some(Tensor::cat(&biases, 0)?),
+            _ => candle_core::bail!("cannot stack layers with and without a bias"),
         };
-        y.reshape((r, t, ()))
+        Ok(Linear { w, b })
+    }
+
+    /// Output rows `start..start + n` of the layer, as a view of its weights.
+    fn rows(&self, start: usize, n: usize) -> Result<Linear> {
+        Ok(Linear {
+            w: self.w.narrow(0, start, n)?,
+            b: self.b.as_ref().map(|b| b.narrow(0, start, n)).transpose()?,
+        })
     }
 }
 
@@ -75,9 +111,45 @@ struct Block {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// `q`, `k` and `v` stacked ([`Linear::stack`]; the three are then views of it): one matmul
+    /// for the three projections, forward and backward. Only for weights without a graph
+    /// (a frozen reference, the manual backward's cast copy).
+    qkv: Option<Linear>,
+    /// `gate` and `up` stacked likewise, run transposed ([`Linear::forward_t`]) so that the two
+    /// outputs are contiguous halves of one matmul's output.
+    gate_up: Option<Linear>,
 }
 
 impl Block {
+    /// The block with `q`, `k`, `v` and `gate`, `up` stacked ([`Block::qkv`], [`Block::gate_up`];
+    /// a copy of their weights, the layers then views of it).
+    fn stacked(&self) -> Result<Block> {
+        let mut b = self.clone();
+        if b.qkv.is_none() {
+            b.qkv = Some(Linear::stack(&[&b.q, &b.k, &b.v])?);
+        }
+        if b.gate_up.is_none() {
+            b.gate_up = Some(Linear::stack(&[&b.gate, &b.up])?);
+        }
+        b.with_views()
+    }
+
+    /// Points the stacked layers at their rows of [`Block::qkv`] and [`Block::gate_up`].
+    fn with_views(mut self) -> Result<Block> {
+        if let Some(qkv) = &self.qkv {
+            let (nq, nk, nv) = (self.q.w.dim(0)?, self.k.w.dim(0)?, self.v.w.dim(0)?);
+            self.q = qkv.rows(0, nq)?;
+            self.k = qkv.rows(nq, nk)?;
+            self.v = qkv.rows(nq + nk, nv)?;
+        }
+        if let Some(gate_up) = &self.gate_up {
+            let (ng, nu) = (self.gate.w.dim(0)?, self.up.w.dim(0)?);
+            self.gate = gate_up.rows(0, ng)?;
+            self.up = gate_up.rows(ng, nu)?;
+        }
+        Ok(self)
+    }
+
     fn weights(&self) -> Vec<&Tensor> {
         let mut w = vec![&self.input_norm, &self.post_norm];
         for l in [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down] {
@@ -104,6 +176,9 @@ pub struct CausalLm {
     /// With `fused`: attention through [`ops::attention`] (probabilities recomputed in the
     /// backward) rather than the fused masked softmax between two autograd matmuls.
     recompute_attention: bool,
+    /// Whether weights without a graph get their projections stacked ([`Block::qkv`],
+    /// [`Block::gate_up`]).
+    stack_projections: bool,
 }
 
 /// The Hugging Face tensor names of a model with `cfg`, in a fixed order, with their shapes.
@@ -168,6 +243,8 @@ impl CausalLm {
                     gate: lin(&format!("{p}.mlp.gate_proj"), config.mlp_bias)?,
                     up: lin(&format!("{p}.mlp.up_proj"), config.mlp_bias)?,
                     down: lin(&format!("{p}.mlp.down_proj"), config.mlp_bias)?,
+                    qkv: None,
+                    gate_up: None,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -176,6 +253,7 @@ impl CausalLm {
         Ok(CausalLm {
             fused: default_fused_ops(embed.device()),
             recompute_attention: true,
+            stack_projections: true,
             head_dtype: compute_dtype,
             embed,
             norm: get("model.norm.weight")?,
@@ -193,7 +271,29 @@ impl CausalLm {
         device: &Device,
     ) -> std::result::Result<Self, ModelError> {
         let tensors = load_named(ck, dtype, device)?;
-        Ok(Self::from_tensors(ck.config.clone(), &tensors, dtype)?)
+        Ok(Self::from_tensors(ck.config.clone(), &tensors, dtype)?.with_stacked_projections(true)?)
+    }
+
+    /// The same model with `q`, `k`, `v` stacked into one projection, and `gate`, `up` into
+    /// another (`on`, the default), wherever its weights carry no graph: at once for a frozen
+    /// model, and for the cast copy of the manual backward ([`CausalLm::manual_grads`]). One
+    /// matmul instead of three (two) in the forward, and in the backward one for the input's
+    /// gradient and one for the weights'; same math. Weights that are trainable tensors in a
+    /// graph are never stacked. Stacking copies the weights: a frozen model keeps only the copy;
+    /// the manual backward stacks its per-step copy of the weights, which costs memory only where
+    /// that copy would otherwise share the weights' storage (compute in the weights' dtype).
+    pub fn with_stacked_projections(mut self, on: bool) -> Result<Self> {
+        self.stack_projections = on;
+        let frozen = !self.trainable();
+        for b in &mut self.blocks {
+            *b = match (on, frozen) {
+                (true, true) => b.stacked()?,
+                (true, false) => b.clone(),
+                // The layers stay views of the stacked weights: separate layers again.
+                (false, _) => Block { qkv: None, gate_up: None, ..b.clone() },
+            };
+        }
+        Ok(self)
     }
 
     /// The same model on the same storage, with gradient tracking cut (for evaluation).
@@ -207,7 +307,9 @@ impl CausalLm {
     fn detached_for_compute(&self) -> Result<Self> {
         let dt = self.compute_dtype;
         let cast = |t: &Tensor| t.detach().to_dtype(dt);
-        self.detached_with(|l| Ok(Linear { w: cast(&l.w)?, b: l.b.as_ref().map(cast).transpose()? }))
+        let model =
+            self.detached_with(|l| Ok(Linear { w: cast(&l.w)?, b: l.b.as_ref().map(cast).transpose()? }))?;
+        model.with_stacked_projections(self.stack_projections)
     }
 
     fn detached_with(&self, lin: impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {
@@ -218,17 +320,24 @@ impl CausalLm {
                 .blocks
                 .iter()
                 .map(|b| {
-                    Ok(Block {
+                    // Stacked layers are mapped once, the layers views of the result.
+                    let qkv = b.qkv.as_ref().map(&lin).transpose()?;
+                    let gate_up = b.gate_up.as_ref().map(&lin).transpose()?;
+                    let part = |l: &Linear, stacked: bool| if stacked { Ok(l.clone()) } else { lin(l) };
+                    Block {
                         input_norm: b.input_norm.detach(),
-                        q: lin(&b.q)?,
-                        k: lin(&b.k)?,
-                        v: lin(&b.v)?,
+                        q: part(&b.q, qkv.is_some())?,
+                        k: part(&b.k, qkv.is_some())?,
+                        v: part(&b.v, qkv.is_some())?,
                         o: lin(&b.o)?,
                         post_norm: b.post_norm.detach(),
-                        gate: lin(&b.gate)?,
-                        up: lin(&b.up)?,
+                        gate: part(&b.gate, gate_up.is_some())?,
+                        up: part(&b.up, gate_up.is_some())?,
                         down: lin(&b.down)?,
-                    })
+                        qkv,
+                        gate_up,
+                    }
+                    .with_views()
                 })
                 .collect::<Result<_>>()?,
             norm: self.norm.detach(),
@@ -237,7 +346,13 @@ impl CausalLm {
             head_dtype: self.head_dtype,
             fused: self.fused,
             recompute_attention: self.recompute_attention,
+            stack_projections: self.stack_projections,
         })
+    }
+
+    /// Whether the weights are trainable tensors (a [`Policy`]'s vars) rather than frozen ones.
+    pub fn trainable(&self) -> bool {
+        self.embed.track_op()
     }
 
     /// The same model with the fused ops of [`crate::ops`] switched on or off (the default is
@@ -416,7 +531,10 @@ impl CausalLm {
         match &mask.positions {
             None => rope::tables(&self.config, seq, dt, input_ids.device()),
             Some(pos) => {
-                let max = pos.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+                let max = match mask.max_position {
+                    Some(max) => max as usize,
+                    None => pos.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize,
+                };
                 let (cos, sin) = rope::tables(&self.config, max + 1, dt, input_ids.device())?;
                 let flat = pos.flatten_all()?;
                 let d = self.config.head_dim;
@@ -459,9 +577,24 @@ impl CausalLm {
         let a = merge_heads(&self.attend(&q, &k, &v, mask)?)?;
         let h2 = (h + b.o.forward(&a, dt)?.to_dtype(h.dtype())?)?;
         let x2 = self.rms_norm(&h2, &b.post_norm)?.to_dtype(dt)?;
-        let (gate, up) = (b.gate.forward(&x2, dt)?, b.up.forward(&x2, dt)?);
-        let act = if self.fused { ops::silu_mul(&gate, &up)? } else { (gate.silu()? * &up)? };
-        let out = (&h2 + b.down.forward(&act, dt)?.to_dtype(h2.dtype())?)?;
+        let silu_mul = |g: &Tensor, u: &Tensor| if self.fused { ops::silu_mul(g, u) } else { g.silu()? * u };
+        let (gate, up, mlp) = match &b.gate_up {
+            // Stacked: gate^T and up^T are the halves of one [2 * inter, tokens] output.
+            Some(gate_up) => {
+                let (rows, seq, hidden) = x2.dims3()?;
+                let y = gate_up.forward_t(&x2.reshape((rows * seq, hidden))?, dt)?;
+                let inter = y.dim(0)? / 2;
+                let (gate, up) = (y.narrow(0, 0, inter)?, y.narrow(0, inter, inter)?);
+                let mlp = b.down.forward_2d(&silu_mul(&gate, &up)?.t()?, dt)?.reshape((rows, seq, hidden))?;
+                (gate, up, mlp)
+            }
+            None => {
+                let (gate, up) = (b.gate.forward(&x2, dt)?, b.up.forward(&x2, dt)?);
+                let mlp = b.down.forward(&silu_mul(&gate, &up)?, dt)?;
+                (gate, up, mlp)
+            }
+        };
+        let out = (&h2 + mlp.to_dtype(h2.dtype())?)?;
         Ok((out, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
     }
 
@@ -505,11 +638,26 @@ impl CausalLm {
         let dt = self.compute_dtype;
         let (rows, seq, _) = x.dims3()?;
         let hd = cfg.head_dim;
-        let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = self.rope(&heads(b.q.forward(x, dt)?, cfg.num_attention_heads)?, cos, sin)?;
-        let k = self.rope(&heads(b.k.forward(x, dt)?, cfg.num_key_value_heads)?, cos, sin)?;
-        let v = heads(b.v.forward(x, dt)?, cfg.num_key_value_heads)?;
-        Ok((q, k, v))
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (q, k, v) = match &b.qkv {
+            Some(qkv) => {
+                // [rows, seq, (nq + 2 nkv) * hd] -> heads [rows, nq + 2 nkv, seq, hd], then
+                // each part made contiguous (one copy each, as for separate projections).
+                let y = qkv.forward(x, dt)?.reshape((rows, seq, nq + 2 * nkv, hd))?.transpose(1, 2)?;
+                let part = |start: usize, n: usize| y.narrow(1, start, n)?.contiguous();
+                (part(0, nq)?, part(nq, nkv)?, part(nq + nkv, nkv)?)
+            }
+            None => {
+                let heads =
+                    |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
+                (
+                    heads(b.q.forward(x, dt)?, nq)?,
+                    heads(b.k.forward(x, dt)?, nkv)?,
+                    heads(b.v.forward(x, dt)?, nkv)?,
+                )
+            }
+        };
+        Ok((self.rope(&q, cos, sin)?, self.rope(&k, cos, sin)?, v))
     }
 
     /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.

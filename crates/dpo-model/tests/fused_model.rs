@@ -138,6 +138,54 @@ fn fused_model_matches_slow_path_bf16() {
     compare(DType::BF16, 5e-2);
 }
 
+/// The hidden states, checking that the forward ran `per_block` projections (matmuls) a block.
+fn linear_ops(model: &CausalLm, b: &Batch, per_block: u32) -> Tensor {
+    use dpo_model::profile::{self, Level};
+    profile::set_level(Level::Ops);
+    profile::start(&Device::Cpu).unwrap();
+    let h = model.hidden_states(&b.ids, &b.mask).unwrap();
+    profile::phase(&Device::Cpu, "forward").unwrap();
+    profile::set_level(Level::Off);
+    let phases = profile::take();
+    let linear = phases[0].ops.iter().find(|o| o.name == "linear").map_or(0, |o| o.count);
+    assert_eq!(linear, per_block * model.config.num_hidden_layers as u32);
+    h
+}
+
+/// q, k and v stacked into one projection (frozen weights) give the hidden states of three
+/// projections, with biases (Qwen2) and without (Llama); trainable weights are never stacked,
+/// so every one of them still gets its gradient.
+#[test]
+fn stacked_qkv_gives_the_same_hidden_states() {
+    let llama = ModelConfig::from_json(
+        r#"{"architectures": ["LlamaForCausalLM"], "vocab_size": 101, "hidden_size": 64,
+            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": false}"#,
+    )
+    .unwrap();
+    for cfg in [config(64, 2, 4, 2, 96), llama] {
+        assert_eq!(cfg.qkv_bias, cfg.arch == dpo_model::Arch::Qwen2);
+        let (tensors, mut vars) = weights(&cfg, DType::F64);
+        vars.retain(|(n, _)| n != "lm_head.weight"); // not a part of the hidden states
+        let frozen: HashMap<String, Tensor> = tensors.iter().map(|(n, t)| (n.clone(), t.detach())).collect();
+        let b = batch(&cfg, 3, 19);
+        let model = CausalLm::from_tensors(cfg.clone(), &frozen, DType::F64).unwrap();
+        let three = model.clone().with_stacked_projections(false).unwrap();
+        let stacked = model.with_stacked_projections(true).unwrap();
+        let (h3, h1) = (three.hidden_states(&b.ids, &b.mask).unwrap(), linear_ops(&stacked, &b, 4));
+        let e = rel_err(&h1, &h3);
+        assert!(e < 1e-13, "{:?}: stacked vs three projections {e:e}", cfg.arch);
+        // Trainable weights: the graph reaches q, k and v themselves.
+        let trainable = CausalLm::from_tensors(cfg.clone(), &tensors, DType::F64).unwrap();
+        let trainable = trainable.with_stacked_projections(true).unwrap();
+        linear_ops(&trainable, &b, 7);
+        let (h, g) = run(&trainable, &vars, &b);
+        assert!(rel_err(&h, &h3) < 1e-13);
+        assert!(g.iter().any(|(n, _)| n.ends_with("k_proj.weight")));
+    }
+}
+
 /// `cargo test -p dpo-model --test fused_model -- --ignored --nocapture`
 #[test]
 #[ignore]

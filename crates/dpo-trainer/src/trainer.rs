@@ -165,8 +165,8 @@ impl Trainer {
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }
         let mut policy = Policy::load(&ck, DType::F32, compute, &device)?;
-        policy.model = configure(policy.model, &cfg, compute);
-        let reference = Some(configure(CausalLm::load_frozen(&ck, compute, &device)?, &cfg, compute));
+        policy.model = configure(policy.model, &cfg, compute)?;
+        let reference = Some(configure(CausalLm::load_frozen(&ck, compute, &device)?, &cfg, compute)?);
         let tokenizer = Arc::new(PreferenceTokenizer::from_model_dir(&cfg.model)?);
         let train = Arc::new(PreferenceDataset::open(&cfg.train_file)?);
         let eval = cfg.eval_file.as_ref().map(PreferenceDataset::open).transpose()?.map(Arc::new);
@@ -626,7 +626,7 @@ impl Trainer {
     fn load_reference(&self) -> Result<CausalLm> {
         let ck = Checkpoint::open(&self.cfg.model, self.cfg.model_weights.as_deref())?;
         let model = CausalLm::load_frozen(&ck, self.compute_dtype, &self.device)?;
-        Ok(configure(model, &self.cfg, self.compute_dtype))
+        configure(model, &self.cfg, self.compute_dtype)
     }
 
     /// With `precompute_ref_log_probs`: the reference's log-probs of every train and eval pair,
@@ -730,10 +730,17 @@ impl EpochStream {
 }
 
 /// The forward options of the config: fused ops, attention recompute, and the LM head's dtype.
-fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> CausalLm {
+///
+/// Stacked projections ([`CausalLm::with_stacked_projections`]) copy the weights they stack. The
+/// copy replaces a frozen model's weights, and the bf16 cast the manual backward makes of the
+/// policy's; with f32 compute there is no cast to replace, so the policy stays unstacked there.
+/// `DPO_TRAIN_STACK_PROJECTIONS=0` keeps every model unstacked (same math), to measure.
+fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> Result<CausalLm> {
     let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
+    let stack = std::env::var("DPO_TRAIN_STACK_PROJECTIONS").as_deref() != Ok("0")
+        && (!model.trainable() || compute != DType::F32);
     let model = model.with_fused_ops(cfg.fused_ops).with_attention_recompute(cfg.recompute_attention);
-    model.with_head_dtype(head)
+    Ok(model.with_head_dtype(head).with_stacked_projections(stack)?)
 }
 
 /// Adds this micro-batch's gradients to the running sums, one per parameter.

@@ -218,9 +218,9 @@ fn the_op_profile_splits_each_phase_into_the_model_s_ops() {
     let layers = p.model.config.num_hidden_layers as u32;
     let count =
         |phase: usize, op: &str| phases[phase].ops.iter().find(|o| o.name == op).map_or(0, |o| o.count);
-    // q, k, v, o, gate, up, down per block.
-    assert_eq!(count(0, "linear"), 7 * layers);
-    assert_eq!(count(2, "linear_bwd"), 7 * layers);
+    // Per block: q, k and v stacked into one projection, o, gate and up stacked, down.
+    assert_eq!(count(0, "linear"), 4 * layers);
+    assert_eq!(count(2, "linear_bwd"), 4 * layers);
     for (phase, op, per_layer) in [
         (0, "attention", 1),
         (0, "rms_norm", 2),

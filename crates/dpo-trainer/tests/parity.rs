@@ -3,12 +3,13 @@
 //! untied, with and without biases, Llama-3 rope scaling), Qwen2 (tied and untied) and Mistral.
 //! References are float64; the f64 run must agree to ~1e-9, the f32 run to 1e-4 (log-probs) and
 //! 1e-3 relative (gradients). A parameter without a gradient fails the test. Each model runs with
-//! the fused ops (`dpo_model::ops`, the default) and with the slow path of plain candle ops.
+//! the fused ops (`dpo_model::ops`, the default) and with the slow path of plain candle ops, and
+//! with the blocks' hand-written backward (`manual_backward`, stacked projections included).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_model::{AttentionMask, Checkpoint, Policy};
 use dpo_trainer::logprobs::{CompletionIndex, sequence_logps};
 
@@ -43,7 +44,19 @@ fn max_abs(t: &Tensor) -> f64 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
 }
 
+/// How the gradients are computed: candle's autograd through the whole model, or the blocks'
+/// hand-written backward ([`dpo_model::CausalLm::manual_grads`], stacked projections included).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Backward {
+    Autograd,
+    Manual,
+}
+
 fn check(name: &str, dtype: DType, fused: bool, logp_tol: f64, grad_rel_tol: f64) {
+    check_with(name, dtype, fused, Backward::Autograd, logp_tol, grad_rel_tol);
+}
+
+fn check_with(name: &str, dtype: DType, fused: bool, backward: Backward, logp_tol: f64, grad_rel_tol: f64) {
     let dir = fixture(name);
     let dev = Device::Cpu;
     let expected: HashMap<String, Tensor> =
@@ -53,7 +66,7 @@ fn check(name: &str, dtype: DType, fused: bool, logp_tol: f64, grad_rel_tol: f64
     let mut policy = Policy::load(&ck, dtype, dtype, &dev).unwrap();
     assert!(policy.model.fused_ops() == dpo_model::default_fused_ops(&dev));
     policy.model.set_fused_ops(fused);
-    let name = &format!("{name} (fused ops {})", if fused { "on" } else { "off" });
+    let name = &format!("{name} (fused ops {}, {backward:?})", if fused { "on" } else { "off" });
 
     let ids = Tensor::from_vec(batch.ids.clone(), (batch.rows, batch.seq), &dev).unwrap();
     let mask = AttentionMask::causal(&batch.attention, batch.rows, batch.seq, None, &dev).unwrap();
@@ -70,14 +83,28 @@ fn check(name: &str, dtype: DType, fused: bool, logp_tol: f64, grad_rel_tol: f64
     assert_eq!(index.counts.iter().map(|&c| c as f64).collect::<Vec<_>>(), counts);
 
     let coeffs = expected["objective_coeffs"].to_dtype(dtype).unwrap();
-    let objective = (logps.to_dtype(dtype).unwrap() * coeffs).unwrap().sum_all().unwrap();
-    let grads = objective.backward().unwrap();
+    let objective = |logps: Tensor| (logps.to_dtype(dtype)? * &coeffs)?.sum_all();
+    let grads: HashMap<TensorId, Tensor> = match backward {
+        Backward::Autograd => {
+            let store = objective(logps).unwrap().backward().unwrap();
+            policy
+                .params
+                .iter()
+                .filter_map(|(_, v)| Some((v.id(), store.get(v.as_tensor())?.clone())))
+                .collect()
+        }
+        Backward::Manual => {
+            let head = policy.model.lm_head().unwrap();
+            let m = &policy.model;
+            m.manual_grads(&ids, &mask, |h| objective(sequence_logps(h, &head, &index, 7)?), false).unwrap().1
+        }
+    };
     for (pname, var) in &policy.params {
         let want = expected
             .get(&format!("grad.{pname}"))
             .unwrap_or_else(|| panic!("{name}: no reference gradient for {pname}"));
         let got = grads
-            .get(var.as_tensor())
+            .get(&var.id())
             .unwrap_or_else(|| panic!("{name} {dtype:?}: parameter {pname} received no gradient"))
             .to_dtype(DType::F64)
             .unwrap();
@@ -100,6 +127,8 @@ macro_rules! parity {
                 check($name, DType::F64, fused, 1e-9, 1e-8);
                 check($name, DType::F32, fused, 1e-4, 1e-3);
             }
+            check_with($name, DType::F64, true, Backward::Manual, 1e-9, 1e-8);
+            check_with($name, DType::F32, true, Backward::Manual, 1e-4, 1e-3);
         }
     )*};
 }

@@ -20,6 +20,12 @@
 //! and `up`; `x1`, `x2` and `act` are recomputed, one elementwise pass each. The weight
 //! gradients come out in the dtype of the weights (f32 master weights). The ops are those of
 //! [`crate::ops`] (fused RMSNorm, RoPE, SiLU gate and attention) and matmuls.
+//!
+//! With stacked projections ([`Block::qkv`], [`Block::gate_up`], the default here) `q`, `k`, `v`
+//! are one layer `[Wq; Wk; Wv]`: `dx1 = [dq dk dv] [Wq; Wk; Wv]` is one matmul (its sum runs in
+//! the matmul's f32 accumulator rather than over three rounded products) and `[dWq; dWk; dWv]`
+//! another; likewise `gate`, `up`, which run transposed (`[gate^T; up^T] = [Wg; Wu] x2^T`), so
+//! that their gradients `[dgate^T; dup^T]` come out of the SiLU gate's backward already stacked.
 
 use std::collections::HashMap;
 
@@ -30,7 +36,8 @@ use crate::{AttentionMask, accum_dtype, ops};
 
 /// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`,
 /// the rotated `q`, `k` and the values `v` (KV heads not repeated), the attention output `a`
-/// (heads merged), the residual `h2` after attention, and the MLP's `gate` and `up`.
+/// (heads merged), the residual `h2` after attention, and the MLP's `gate` and `up` (`[rows,
+/// seq, inter]`; with [`Block::gate_up`] transposed, `[inter, rows * seq]`).
 pub(super) struct Saved {
     pub(super) h: Tensor,
     pub(super) q: Tensor,
@@ -55,10 +62,10 @@ pub(super) fn add_grad(grads: &mut HashMap<TensorId, Tensor>, key: &Tensor, g: &
 
 impl Linear {
     /// `dx` of `y = x W^T + b` for `x` `[rows, seq, in]` and `dy` `[rows, seq, out]` (compute
-    /// dtype `dt`); adds `dW = dy^T x` and `db = sum dy` to `grads` under `keys`' ids.
+    /// dtype `dt`); adds the weights' gradients ([`Linear::add_weight_grads`]).
     fn backward(
         &self,
-        keys: &Linear,
+        keys: &[&Linear],
         x: &Tensor,
         dy: &Tensor,
         dt: DType,
@@ -67,11 +74,35 @@ impl Linear {
         let _timed = crate::profile::op(x.device(), "linear_bwd");
         let (r, t, i) = x.dims3()?;
         let dy = dy.reshape((r * t, dy.dim(2)?))?;
-        add_grad(grads, &keys.w, &dy.t()?.matmul(&x.reshape((r * t, i))?)?)?;
-        if let Some(key) = &keys.b {
-            add_grad(grads, key, &dy.to_dtype(accum_dtype(dt))?.sum(0)?)?;
-        }
+        Self::add_weight_grads(keys, &x.reshape((r * t, i))?, &dy, dt, grads)?;
         dy.matmul(&self.w.to_dtype(dt)?)?.reshape((r, t, i))
+    }
+
+    /// Adds `dW = dy^T x` and `db = sum dy` to `grads` for `x` `[n, in]` and `dy` `[n, out]`
+    /// (any strides a matmul takes), split by output rows over `keys` (one layer, or the layers
+    /// [`Linear::stack`] stacked), under their ids.
+    fn add_weight_grads(
+        keys: &[&Linear],
+        x: &Tensor,
+        dy: &Tensor,
+        dt: DType,
+        grads: &mut HashMap<TensorId, Tensor>,
+    ) -> Result<()> {
+        let dw = dy.t()?.matmul(x)?;
+        let db = match keys.iter().any(|k| k.b.is_some()) {
+            true => Some(dy.to_dtype(accum_dtype(dt))?.sum(0)?),
+            false => None,
+        };
+        let mut start = 0;
+        for key in keys {
+            let n = key.w.dim(0)?;
+            add_grad(grads, &key.w, &dw.narrow(0, start, n)?)?;
+            if let (Some(key), Some(db)) = (&key.b, &db) {
+                add_grad(grads, key, &db.narrow(0, start, n)?)?;
+            }
+            start += n;
+        }
+        Ok(())
     }
 }
 
@@ -101,27 +132,54 @@ impl CausalLm {
         let residual = s.h.dtype();
         // MLP.
         let act = ops::silu_mul(&s.gate, &s.up)?;
-        let dact = b.down.backward(&keys.down, &act, &dout.to_dtype(dt)?, dt, grads)?;
-        drop(act);
-        let (dgate, dup) = ops::silu_mul_backward(&s.gate, &s.up, &dact)?;
         let x2 = ops::rms_norm(&s.h2, &b.post_norm, eps)?.to_dtype(dt)?;
-        let dx2 = (b.gate.backward(&keys.gate, &x2, &dgate, dt, grads)?
-            + b.up.backward(&keys.up, &x2, &dup, dt, grads)?)?;
+        let dx2 = match &b.gate_up {
+            // Stacked, transposed (see `block_saving`): gate^T, up^T and act^T are [inter, n].
+            Some(gate_up) => {
+                let (rows, seq, hidden) = dout.dims3()?;
+                let dy = dout.to_dtype(dt)?.reshape((rows * seq, hidden))?;
+                let dact_t = {
+                    let _timed = crate::profile::op(dy.device(), "linear_bwd");
+                    Linear::add_weight_grads(&[&keys.down], &act.t()?, &dy, dt, grads)?;
+                    b.down.w.to_dtype(dt)?.t()?.matmul(&dy.t()?)? // (dy Wd)^T
+                };
+                drop(act);
+                let dgu_t = ops::silu_mul_backward_stacked(&s.gate, &s.up, &dact_t)?;
+                let _timed = crate::profile::op(dy.device(), "linear_bwd");
+                let x2 = x2.reshape((rows * seq, hidden))?;
+                Linear::add_weight_grads(&[&keys.gate, &keys.up], &x2, &dgu_t.t()?, dt, grads)?;
+                dgu_t.t()?.matmul(&gate_up.w.to_dtype(dt)?)?.reshape((rows, seq, hidden))?
+            }
+            None => {
+                let dact = b.down.backward(&[&keys.down], &act, &dout.to_dtype(dt)?, dt, grads)?;
+                drop(act);
+                let (dgate, dup) = ops::silu_mul_backward(&s.gate, &s.up, &dact)?;
+                (b.gate.backward(&[&keys.gate], &x2, &dgate, dt, grads)?
+                    + b.up.backward(&[&keys.up], &x2, &dup, dt, grads)?)?
+            }
+        };
         let (dn, dg2) = ops::rms_norm_backward(&s.h2, &b.post_norm, eps, &dx2.to_dtype(residual)?)?;
         add_grad(grads, &keys.post_norm, &dg2)?;
         let dh2 = (dout + dn)?;
         // Attention.
         let nh = self.config.num_attention_heads;
-        let da = split_heads(&b.o.backward(&keys.o, &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
+        let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
         let (dq, dk, dv) =
             ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
-        let dq = merge_heads(&ops::rope_backward(&dq, cos, sin)?)?;
-        let dk = merge_heads(&ops::rope_backward(&dk, cos, sin)?)?;
-        let dv = merge_heads(&dv)?;
+        let (dq, dk) = (ops::rope_backward(&dq, cos, sin)?, ops::rope_backward(&dk, cos, sin)?);
         let x1 = ops::rms_norm(&s.h, &b.input_norm, eps)?.to_dtype(dt)?;
-        let dx1 = ((b.q.backward(&keys.q, &x1, &dq, dt, grads)?
-            + b.k.backward(&keys.k, &x1, &dk, dt, grads)?)?
-            + b.v.backward(&keys.v, &x1, &dv, dt, grads)?)?;
+        let dx1 = match &b.qkv {
+            // Stacked: the heads side by side as the forward's output, one backward.
+            Some(qkv) => {
+                let dy = merge_heads(&Tensor::cat(&[&dq, &dk, &dv], 1)?)?;
+                qkv.backward(&[&keys.q, &keys.k, &keys.v], &x1, &dy, dt, grads)?
+            }
+            None => {
+                ((b.q.backward(&[&keys.q], &x1, &merge_heads(&dq)?, dt, grads)?
+                    + b.k.backward(&[&keys.k], &x1, &merge_heads(&dk)?, dt, grads)?)?
+                    + b.v.backward(&[&keys.v], &x1, &merge_heads(&dv)?, dt, grads)?)?
+            }
+        };
         let (dn, dg1) = ops::rms_norm_backward(&s.h, &b.input_norm, eps, &dx1.to_dtype(residual)?)?;
         add_grad(grads, &keys.input_norm, &dg1)?;
         dh2 + dn

@@ -30,10 +30,22 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The backward of [`silu_mul`]: `(d gate, d up)` for the upstream `dy` (no graph).
 pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let packed = backward_packed(gate, up, dy)?;
+    Ok((packed.get(0)?.reshape(gate.shape())?, packed.get(1)?.reshape(up.shape())?))
+}
+
+/// [`silu_mul_backward`] for `gate`, `up` `[r, c]`, as one `[2r, c]` tensor: `d gate` stacked
+/// on `d up` (the layout of the stacked projection's transposed output).
+pub fn silu_mul_backward_stacked(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let (r, c) = gate.dims2()?;
+    backward_packed(gate, up, dy)?.reshape((2 * r, c))
+}
+
+/// `[d gate, d up]` as one `[2, n]` tensor.
+fn backward_packed(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let _timed = crate::profile::op(gate.device(), "silu_mul_bwd");
     let (g, u) = (gate.contiguous()?, up.contiguous()?);
-    let packed = g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd)?;
-    Ok((packed.get(0)?.reshape(g.shape())?, packed.get(1)?.reshape(u.shape())?))
+    g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd)
 }
 
 struct SiluMul;
