@@ -126,9 +126,10 @@ __device__ void softmax_bwd(const T *__restrict__ p, const T *__restrict__ dp, T
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMSNorm: y = T(T(x * r) * w), r = 1 / sqrt(sum(x^2) * (1/D) + eps), rows of length D.
-template <typename T>
-__device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, T *__restrict__ y, int D,
+// RMSNorm: y = O(T(x * r) * w), r = 1 / sqrt(sum(x^2) * (1/D) + eps), rows of length D; the
+// output type O is T, or bf16/f16 for f32 inputs (the norm and the cast to the matmul dtype).
+template <typename T, typename O = T>
+__device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, O *__restrict__ y, int D,
                             double eps) {
     typedef ACC(T) A;
     __shared__ A shm[32];
@@ -141,7 +142,16 @@ __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, T 
     ss = block_sum(ss, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
     for (int j = threadIdx.x; j < D; j += blockDim.x)
-        y[off + j] = from_acc<T>(round_t<T>(to_acc(x[off + j]) * r) * to_acc(w[j]));
+        y[off + j] = from_acc<O>(round_t<T>(to_acc(x[off + j]) * r) * to_acc(w[j]));
+}
+
+// The residual add with the branch cast to f32: out = h + float(y).
+template <typename T>
+__device__ void add_cast(const float *__restrict__ h, const T *__restrict__ y, float *__restrict__ out,
+                         long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = h[i] + to_acc(y[i]);
 }
 
 // dx = r * (g - n * sum(g * n) / D), with n = x * r and g = dy * w; stores r per row in `rs`.
@@ -306,6 +316,19 @@ INSTANTIATE(float, f32)
 INSTANTIATE(double, f64)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
+
+// f32 residual stream, bf16/f16 matmuls: the norm that feeds a matmul, the add that leaves one.
+#define INSTANTIATE_MIXED(T, SUF)                                                                    \
+    extern "C" __global__ void dpo_rmsnorm_fwd_f32_to_##SUF(const float *x, const float *w, T *y, int D, \
+                                                          double eps) {                             \
+        rmsnorm_fwd<float, T>(x, w, y, D, eps);                                                      \
+    }                                                                                                \
+    extern "C" __global__ void dpo_add_cast_##SUF(const float *h, const T *y, float *out, long long n) { \
+        add_cast<T>(h, y, out, n);                                                                   \
+    }
+
+INSTANTIATE_MIXED(__nv_bfloat16, bf16)
+INSTANTIATE_MIXED(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
 // AdamW, in place, f32 (PyTorch's formula, decoupled decay):

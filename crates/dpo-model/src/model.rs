@@ -572,11 +572,11 @@ impl CausalLm {
         mask: &AttentionMask,
     ) -> Result<(Tensor, backward::Saved)> {
         let dt = self.compute_dtype;
-        let x1 = self.rms_norm(h, &b.input_norm)?.to_dtype(dt)?;
+        let x1 = self.rms_norm_to(h, &b.input_norm, dt)?;
         let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
         let a = merge_heads(&self.attend(&q, &k, &v, mask)?)?;
-        let h2 = (h + b.o.forward(&a, dt)?.to_dtype(h.dtype())?)?;
-        let x2 = self.rms_norm(&h2, &b.post_norm)?.to_dtype(dt)?;
+        let h2 = self.add_residual(h, &b.o.forward(&a, dt)?)?;
+        let x2 = self.rms_norm_to(&h2, &b.post_norm, dt)?;
         let silu_mul = |g: &Tensor, u: &Tensor| if self.fused { ops::silu_mul(g, u) } else { g.silu()? * u };
         let (gate, up, mlp) = match &b.gate_up {
             // Stacked: gate^T and up^T are the halves of one [2 * inter, tokens] output.
@@ -594,7 +594,7 @@ impl CausalLm {
                 (gate, up, mlp)
             }
         };
-        let out = (&h2 + mlp.to_dtype(h2.dtype())?)?;
+        let out = self.add_residual(&h2, &mlp)?;
         Ok((out, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
     }
 
@@ -605,6 +605,22 @@ impl CausalLm {
         } else {
             ops::rms_norm_slow(x, w, self.config.rms_norm_eps)
         }
+    }
+
+    /// `T(RMSNorm(x, w))`: the norm that feeds a matmul in the compute dtype `T` (one pass with
+    /// the fused ops).
+    fn rms_norm_to(&self, x: &Tensor, w: &Tensor, dtype: DType) -> Result<Tensor> {
+        if self.fused {
+            ops::rms_norm_to(x, w, self.config.rms_norm_eps, dtype)
+        } else {
+            ops::rms_norm_slow(x, w, self.config.rms_norm_eps)?.to_dtype(dtype)
+        }
+    }
+
+    /// `h + y` for the residual stream `h` and a branch's output `y` in the compute dtype (one
+    /// pass with the fused ops).
+    fn add_residual(&self, h: &Tensor, y: &Tensor) -> Result<Tensor> {
+        if self.fused { ops::add_cast(h, y) } else { h + y.to_dtype(h.dtype())? }
     }
 
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

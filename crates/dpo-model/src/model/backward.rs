@@ -132,7 +132,7 @@ impl CausalLm {
         let residual = s.h.dtype();
         // MLP.
         let act = ops::silu_mul(&s.gate, &s.up)?;
-        let x2 = ops::rms_norm(&s.h2, &b.post_norm, eps)?.to_dtype(dt)?;
+        let x2 = ops::rms_norm_to(&s.h2, &b.post_norm, eps, dt)?;
         let dx2 = match &b.gate_up {
             // Stacked, transposed (see `block_saving`): gate^T, up^T and act^T are [inter, n].
             Some(gate_up) => {
@@ -167,7 +167,7 @@ impl CausalLm {
         let (dq, dk, dv) =
             ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
         let (dq, dk) = (ops::rope_backward(&dq, cos, sin)?, ops::rope_backward(&dk, cos, sin)?);
-        let x1 = ops::rms_norm(&s.h, &b.input_norm, eps)?.to_dtype(dt)?;
+        let x1 = ops::rms_norm_to(&s.h, &b.input_norm, eps, dt)?;
         let dx1 = match &b.qkv {
             // Stacked: the heads side by side as the forward's output, one backward.
             Some(qkv) => {

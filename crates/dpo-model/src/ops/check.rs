@@ -299,6 +299,42 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         fused: Box::new(|x| super::rms_norm(&x[0], &x[1], 1e-6)),
         slow: Box::new(|x| super::rms_norm_slow(&x[0], &x[1], 1e-6)),
     });
+    // The same norm on the f32 residual stream, its result in the dtype under test (the one
+    // pass that feeds a matmul); `like` carries that dtype. Then the residual add of a branch
+    // computed in that dtype.
+    let like = Input {
+        name: "like",
+        value: Tensor::zeros(1, DType::F32, &Device::Cpu)?,
+        grad: false,
+        keep_f32: false,
+    };
+    cases.push(Case {
+        op: "rms_norm_to",
+        shape: format!("[{rows}, {hidden}]"),
+        inputs: vec![
+            Input {
+                name: "x",
+                value: cases.last().expect("rms_norm").inputs[0].value.clone(),
+                grad: true,
+                keep_f32: true,
+            },
+            Input { name: "w", value: (randn_tensor(&[hidden], 3, 0.1)? + 1.0)?, grad: true, keep_f32: true },
+            like,
+        ],
+        fused: Box::new(|x| super::rms_norm_to(&x[0], &x[1], 1e-6, x[2].dtype())),
+        // The two ops it fuses (rms_norm is checked against its slow path above).
+        slow: Box::new(|x| super::rms_norm(&x[0], &x[1], 1e-6)?.to_dtype(x[2].dtype())),
+    });
+    cases.push(Case {
+        op: "add_cast",
+        shape: format!("[{rows}, {hidden}]"),
+        inputs: vec![
+            Input { name: "h", value: randn_tensor(&[rows, hidden], 9, 10.0)?, grad: true, keep_f32: true },
+            Input { name: "y", value: randn_tensor(&[rows, hidden], 10, 1.0)?, grad: true, keep_f32: false },
+        ],
+        fused: Box::new(|x| super::add_cast(&x[0], &x[1])),
+        slow: Box::new(|x| &x[0] + x[1].to_dtype(x[0].dtype())?),
+    });
     // RoPE with shared and with per-row positions.
     let (r, h, s, d) = if big { (16, 14, 512, 64) } else { (2, 3, 37, 16) };
     let offsets: Vec<usize> = (0..r).map(|i| 7 * i).collect();

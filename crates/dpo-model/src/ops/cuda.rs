@@ -195,6 +195,68 @@ fn rms_norm_fwd_t<T: Kern>(
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
+/// [`rms_norm_fwd`] of an f32 `x` and `w` with the output in `out` (bf16 or f16).
+pub(super) fn rms_norm_fwd_to(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+    out: DType,
+) -> Result<CudaStorage> {
+    dispatch!(out, rms_norm_fwd_to_t(x, xl, w, wl, eps))
+}
+
+fn rms_norm_fwd_to_t<O: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    let dev = x.device().clone();
+    let xv = view::<f32>(x, xl, "rms_norm")?;
+    let wv = view::<f32>(w, wl, "rms_norm weight")?;
+    let n = xl.shape().elem_count();
+    let d = wl.shape().elem_count().max(1);
+    let d32 = int(d, "rms_norm")?;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<O>(n)? };
+    if n > 0 {
+        let f = func::<O>(&dev, "dpo_rmsnorm_fwd_f32_to")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }.w()?;
+    }
+    Ok(O::wrap_cuda_slice(out, dev))
+}
+
+/// `h + f32(y)` for an f32 `h` and a bf16 or f16 `y` of the same shape.
+pub(super) fn add_cast(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layout) -> Result<CudaStorage> {
+    dispatch!(y.dtype(), add_cast_t(h, hl, y, yl))
+}
+
+fn add_cast_t<T: Kern>(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layout) -> Result<CudaStorage> {
+    let dev = h.device().clone();
+    let hv = view::<f32>(h, hl, "add_cast")?;
+    let yv = view::<T>(y, yl, "add_cast")?;
+    let n = hl.shape().elem_count();
+    let n64 = n as i64;
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_add_cast")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&hv).arg(&yv).arg(&mut out).arg(&n64);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(f32::wrap_cuda_slice(out, dev))
+}
+
 pub(super) fn rms_norm_bwd(
     x: &CudaStorage,
     xl: &Layout,

@@ -1,5 +1,7 @@
-//! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate, and
-//! an attention that recomputes its probabilities in the backward ([`attention`]).
+//! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate, an
+//! attention that recomputes its probabilities in the backward ([`attention`]), and the two
+//! places mixed precision changes dtype: the norm that feeds a matmul ([`rms_norm_to`]) and the
+//! residual add of a matmul's output ([`add_cast`]).
 //!
 //! candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`, ...) have no backward, so the
 //! model used to spell each of these as a chain of differentiable candle ops. Each op here is one
@@ -17,6 +19,7 @@ mod attention;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod residual;
 mod rms_norm;
 mod rope;
 mod silu;
@@ -60,7 +63,8 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     Ok(None)
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
-pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_slow};
+pub use residual::add_cast;
+pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_slow, rms_norm_to};
 pub use rope::{rope, rope_backward, rope_slow};
 pub use silu::{silu_mul, silu_mul_backward, silu_mul_backward_stacked, silu_mul_slow};
 pub use softmax::{masked_softmax, masked_softmax_slow};

@@ -2,7 +2,7 @@
 //! in f32 (f64 for f64). Backward with `n = x * r`, `g = dy * w`:
 //! `dx = r * (g - n * mean(g * n))`, `dw = sum_rows dy * T(n)` (f32 accumulation, in row blocks).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float as _;
 use rayon::prelude::*;
 
@@ -20,6 +20,23 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
     let w = w.to_dtype(x.dtype())?.contiguous()?;
     x.contiguous()?.apply_op2(&w, RmsNorm { eps })
+}
+
+/// `T(rms_norm(x, w, eps))` for `T = dtype`: the norm that feeds a matmul. For an f32 `x` and a
+/// bf16/f16 result (the residual stream and the matmul dtype of mixed precision) one pass that
+/// writes the result in `dtype` directly; otherwise [`rms_norm`] then a cast. Same values either
+/// way; differentiable in `x` and `w` (their gradients in f32).
+pub fn rms_norm_to(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Tensor> {
+    if !(x.dtype() == DType::F32 && matches!(dtype, DType::BF16 | DType::F16)) {
+        return rms_norm(x, w, eps)?.to_dtype(dtype);
+    }
+    let _timed = crate::profile::op(x.device(), "rms_norm");
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] {
+        candle_core::bail!("rms_norm: weight {:?} does not fit input {:?}", w.shape(), x.shape());
+    }
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    x.contiguous()?.apply_op2(&w, RmsNormTo { eps, out: dtype })
 }
 
 /// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
@@ -44,6 +61,12 @@ struct RmsNorm {
     eps: f64,
 }
 
+/// [`RmsNorm`] of f32 inputs with the output in `out` (bf16 or f16).
+struct RmsNormTo {
+    eps: f64,
+    out: DType,
+}
+
 /// `(x, w, dy) -> [dx (flattened), dw]` packed in one `[rows * hidden + hidden]` tensor.
 struct RmsNormBwd {
     eps: f64,
@@ -65,18 +88,29 @@ fn fwd_cpu<T: Elem>(
     wl: &Layout,
     eps: f64,
 ) -> Result<CpuStorage> {
+    fwd_cpu_to::<T, T>(x, xl, w, wl, eps)
+}
+
+/// The forward with the output rounded to `O` (computed as for `T`).
+fn fwd_cpu_to<T: Elem, O: Elem<A = T::A>>(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CpuStorage> {
     let x = cpu_slice::<T>(x, xl, "rms_norm")?;
     let w = cpu_slice::<T>(w, wl, "rms_norm weight")?;
     let d = w.len().max(1);
     let eps = T::cst(eps);
-    let mut out = vec![T::from_acc(T::cst(0.0)); x.len()];
+    let mut out = vec![O::from_acc(T::cst(0.0)); x.len()];
     out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(y, x)| {
         let r = inv_rms(x, eps);
         for ((y, &x), &w) in y.iter_mut().zip(x).zip(w) {
-            *y = T::from_acc(T::round(x.acc() * r) * w.acc());
+            *y = O::from_acc(T::round(x.acc() * r) * w.acc());
         }
     });
-    Ok(T::to_cpu_storage_owned(out))
+    Ok(O::to_cpu_storage_owned(out))
 }
 
 fn bwd_cpu<T: Elem>(
@@ -156,6 +190,49 @@ impl CustomOp2 for RmsNorm {
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         Ok((super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps)?, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = rms_norm_backward(x, w, self.eps, grad)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp2 for RmsNormTo {
+    fn name(&self) -> &'static str {
+        "dpo-rms-norm-to"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match self.out {
+            DType::BF16 => fwd_cpu_to::<f32, half::bf16>(x, xl, w, wl, self.eps),
+            DType::F16 => fwd_cpu_to::<f32, half::f16>(x, xl, w, wl, self.eps),
+            dt => candle_core::bail!("rms_norm_to: no fused path to {dt:?}"),
+        }?;
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((super::cuda::rms_norm_fwd_to(x, xl, w, wl, self.eps, self.out)?, xl.shape().clone()))
     }
 
     fn bwd(

@@ -42,7 +42,11 @@ fn assert_close_floor(case: &Case, dt: DType, tol: f64, round: bool, floor: f64)
 }
 
 fn cases_named(op: &str) -> Vec<Case> {
-    let v: Vec<Case> = cases(false).unwrap().into_iter().filter(|c| c.op.starts_with(op)).collect();
+    let v: Vec<Case> = cases(false)
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.op == op || c.op.starts_with(&format!("{op}(")))
+        .collect();
     assert!(!v.is_empty());
     v
 }
@@ -71,6 +75,27 @@ fn attention_matches_slow_path() {
 #[test]
 fn rms_norm_matches_slow_path() {
     check_op("rms_norm");
+}
+
+/// The mixed-precision ops give exactly what the ops they fuse give (the norm then the cast; the
+/// cast then the add), output and gradients, for every dtype of the branch.
+#[test]
+fn rms_norm_to_and_add_cast_equal_the_ops_they_fuse() {
+    for case in cases_named("rms_norm_to").into_iter().chain(cases_named("add_cast")) {
+        let up = case.upstream(11).unwrap();
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            let (fused, parts) =
+                (case.run(true, &CPU, dt, &up, None).unwrap(), case.run(false, &CPU, dt, &up, None).unwrap());
+            assert_eq!(fused.out.dtype(), parts.out.dtype(), "{} {dt:?}", case.op);
+            let pairs = std::iter::once((&fused.out, &parts.out))
+                .chain(fused.grads.iter().zip(&parts.grads).map(|((_, g), (_, w))| (g, w)));
+            for (got, want) in pairs {
+                assert_eq!(got.dtype(), want.dtype(), "{} {dt:?}", case.op);
+                let (d, _, finite) = compare(got, want).unwrap();
+                assert!(finite && d == 0.0, "{} {dt:?}: differs by {d:e}", case.op);
+            }
+        }
+    }
 }
 
 #[test]
