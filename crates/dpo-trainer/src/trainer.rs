@@ -159,6 +159,18 @@ impl Trainer {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         };
+        if cfg.fused_ops && !device.is_cpu() && std::env::var_os("DPO_TRAIN_SKIP_KERNEL_CHECK").is_none() {
+            // Before the TF32 switch below, which the f32 checks must not see.
+            let started = std::time::Instant::now();
+            dpo_model::ops::verify(&device).map_err(|e| {
+                TrainError::Numerics(format!(
+                    "the fused kernels disagree with their CPU reference on {}: {e}; train without them \
+                     with `fused_ops = false`, or skip this check with DPO_TRAIN_SKIP_KERNEL_CHECK=1",
+                    cfg.device
+                ))
+            })?;
+            tracing::info!(seconds = started.elapsed().as_secs_f64(), "fused kernels agree with the CPU's");
+        }
         let ck = Checkpoint::open(&cfg.model, cfg.model_weights.as_deref())?;
         if cfg.lm_head_f32 && compute == DType::BF16 && device.is_cuda() {
             // f32 head matmuls on tensor cores (TF32); bf16 matmuls keep f32 accumulation.

@@ -487,6 +487,58 @@ pub fn self_check(device: &Device) -> Result<String> {
     Ok(rep)
 }
 
+/// The fused kernels on `device` against the same ops on the CPU, forward and every gradient,
+/// in f32 and bf16, on small shapes (no timing; a fraction of a second): what a trainer runs
+/// before it trusts a device's kernels (a GPU architecture or a build the kernels were never
+/// checked on), so that a wrong kernel stops a run instead of training it silently wrong.
+/// `Err` lists every disagreement; [`self_check`] gives the full report.
+pub fn verify(device: &Device) -> Result<()> {
+    if device.is_cpu() {
+        return Ok(()); // the CPU kernels are the reference
+    }
+    let failures = disagreements(device)?;
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        candle_core::bail!("{} (see `dpo-train doctor --device ...`)", failures.join("; "))
+    }
+}
+
+/// [`verify`]'s comparisons, one line per disagreement (on the CPU: the CPU against itself).
+pub(crate) fn disagreements(device: &Device) -> Result<Vec<String>> {
+    let mut failures = Vec::new();
+    for case in cases(false)? {
+        let upstream = case.upstream(11)?;
+        for dt in [DType::F32, DType::BF16] {
+            let got = case.run(true, device, dt, &upstream, None);
+            let want = case.run(true, &Device::Cpu, dt, &upstream, None)?;
+            let got = match got {
+                Ok(got) => got,
+                Err(e) => {
+                    failures.push(format!("{} {dt:?}: {e}", case.op));
+                    continue;
+                }
+            };
+            for ((what, g), (_, w)) in parts(&got).into_iter().zip(parts(&want)) {
+                let (d, scale, finite) = compare(g, w)?;
+                let rel = d / scale.max(1e-30);
+                if !finite || rel > tolerance(dt, true) {
+                    failures.push(format!("{} {dt:?} {what}: relative error {rel:.2e}", case.op));
+                }
+            }
+        }
+    }
+    if device.is_cuda() {
+        let (adam, norm) = adamw_and_norm_check(device)?;
+        for (what, rel) in [("adamw", adam), ("sum of squares", norm)] {
+            if rel.is_nan() || rel > 1e-6 {
+                failures.push(format!("{what}: relative error {rel:.2e}"));
+            }
+        }
+    }
+    Ok(failures)
+}
+
 /// Relative errors of the fused AdamW step and sum of squares against tensor-op versions.
 fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
     let n = 1_000_003;

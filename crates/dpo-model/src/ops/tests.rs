@@ -98,6 +98,13 @@ fn rms_norm_to_and_add_cast_equal_the_ops_they_fuse() {
     }
 }
 
+/// The trainer's kernel check compares every case, output and gradients (here the CPU with
+/// itself: no disagreement, and no case that fails to run).
+#[test]
+fn the_kernel_check_runs_every_case() {
+    assert_eq!(super::check::disagreements(&CPU).unwrap(), Vec::<String>::new());
+}
+
 #[test]
 fn rope_matches_slow_path() {
     check_op("rope");
