@@ -160,7 +160,6 @@ impl Trainer {
             Precision::Bf16 => DType::BF16,
         };
         if cfg.fused_ops && !device.is_cpu() && std::env::var_os("DPO_TRAIN_SKIP_KERNEL_CHECK").is_none() {
-            // Before the TF32 switch below, which the f32 checks must not see.
             let started = std::time::Instant::now();
             dpo_model::ops::verify(&device).map_err(|e| {
                 TrainError::Numerics(format!(

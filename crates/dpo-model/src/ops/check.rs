@@ -496,7 +496,12 @@ pub fn verify(device: &Device) -> Result<()> {
     if device.is_cpu() {
         return Ok(()); // the CPU kernels are the reference
     }
-    let failures = disagreements(device)?;
+    // Full-precision f32 matmuls for the f32 checks, whatever an earlier run switched on (TF32).
+    let tf32 = candle_core::cuda::gemm_reduced_precision_f32();
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    let failures = disagreements(device);
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    let failures = failures?;
     if failures.is_empty() {
         Ok(())
     } else {
