@@ -166,33 +166,7 @@ pub(super) fn rms_norm_fwd(
     wl: &Layout,
     eps: f64,
 ) -> Result<CudaStorage> {
-    dispatch!(x.dtype(), rms_norm_fwd_t(x, xl, w, wl, eps))
-}
-
-fn rms_norm_fwd_t<T: Kern>(
-    x: &CudaStorage,
-    xl: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-    eps: f64,
-) -> Result<CudaStorage> {
-    let dev = x.device().clone();
-    let xv = view::<T>(x, xl, "rms_norm")?;
-    let wv = view::<T>(w, wl, "rms_norm weight")?;
-    let n = xl.shape().elem_count();
-    let d = wl.shape().elem_count().max(1);
-    let d32 = int(d, "rms_norm")?;
-    // SAFETY: every element is written by the kernel.
-    let mut out = unsafe { dev.alloc::<T>(n)? };
-    if n > 0 {
-        let f = func::<T>(&dev, "dpo_rmsnorm_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
-        lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);
-        // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }.w()?;
-    }
-    Ok(T::wrap_cuda_slice(out, dev))
+    dispatch!(x.dtype(), rms_norm_fwd_same(x, xl, w, wl, eps))
 }
 
 /// [`rms_norm_fwd`] of an f32 `x` and `w` with the output in `out` (bf16 or f16).
@@ -204,26 +178,48 @@ pub(super) fn rms_norm_fwd_to(
     eps: f64,
     out: DType,
 ) -> Result<CudaStorage> {
-    dispatch!(out, rms_norm_fwd_to_t(x, xl, w, wl, eps))
+    dispatch!(out, rms_norm_fwd_from_f32(x, xl, w, wl, eps))
 }
 
-fn rms_norm_fwd_to_t<O: Kern>(
+fn rms_norm_fwd_same<T: Kern>(
     x: &CudaStorage,
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
     eps: f64,
 ) -> Result<CudaStorage> {
+    rms_norm_fwd_t::<T, T>(x, xl, w, wl, eps, "dpo_rmsnorm_fwd")
+}
+
+fn rms_norm_fwd_from_f32<O: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<CudaStorage> {
+    rms_norm_fwd_t::<f32, O>(x, xl, w, wl, eps, "dpo_rmsnorm_fwd_f32_to")
+}
+
+/// Inputs in `T`, output in `O`; the kernel is `<kernel>_<O>`.
+fn rms_norm_fwd_t<T: Kern, O: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+    kernel: &str,
+) -> Result<CudaStorage> {
     let dev = x.device().clone();
-    let xv = view::<f32>(x, xl, "rms_norm")?;
-    let wv = view::<f32>(w, wl, "rms_norm weight")?;
+    let xv = view::<T>(x, xl, "rms_norm")?;
+    let wv = view::<T>(w, wl, "rms_norm weight")?;
     let n = xl.shape().elem_count();
     let d = wl.shape().elem_count().max(1);
     let d32 = int(d, "rms_norm")?;
     // SAFETY: every element is written by the kernel.
     let mut out = unsafe { dev.alloc::<O>(n)? };
     if n > 0 {
-        let f = func::<O>(&dev, "dpo_rmsnorm_fwd_f32_to")?;
+        let f = func::<O>(&dev, kernel)?;
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);

@@ -19,7 +19,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         candle_core::bail!("rms_norm: weight {:?} does not fit input {:?}", w.shape(), x.shape());
     }
     let w = w.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op2(&w, RmsNorm { eps })
+    x.contiguous()?.apply_op2(&w, RmsNorm { eps, out: None })
 }
 
 /// `T(rms_norm(x, w, eps))` for `T = dtype`: the norm that feeds a matmul. For an f32 `x` and a
@@ -36,7 +36,7 @@ pub fn rms_norm_to(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Ten
         candle_core::bail!("rms_norm: weight {:?} does not fit input {:?}", w.shape(), x.shape());
     }
     let w = w.to_dtype(DType::F32)?.contiguous()?;
-    x.contiguous()?.apply_op2(&w, RmsNormTo { eps, out: dtype })
+    x.contiguous()?.apply_op2(&w, RmsNorm { eps, out: Some(dtype) })
 }
 
 /// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
@@ -59,12 +59,8 @@ pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct RmsNorm {
     eps: f64,
-}
-
-/// [`RmsNorm`] of f32 inputs with the output in `out` (bf16 or f16).
-struct RmsNormTo {
-    eps: f64,
-    out: DType,
+    /// The output dtype when it is not the input's: bf16 or f16, for f32 inputs.
+    out: Option<DType>,
 }
 
 /// `(x, w, dy) -> [dx (flattened), dw]` packed in one `[rows * hidden + hidden]` tensor.
@@ -177,49 +173,11 @@ impl CustomOp2 for RmsNorm {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_dispatch!(x, fwd_cpu(x, xl, w, wl, self.eps))?;
-        Ok((out, xl.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps)?, xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = rms_norm_backward(x, w, self.eps, grad)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-impl CustomOp2 for RmsNormTo {
-    fn name(&self) -> &'static str {
-        "dpo-rms-norm-to"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
         let out = match self.out {
-            DType::BF16 => fwd_cpu_to::<f32, half::bf16>(x, xl, w, wl, self.eps),
-            DType::F16 => fwd_cpu_to::<f32, half::f16>(x, xl, w, wl, self.eps),
-            dt => candle_core::bail!("rms_norm_to: no fused path to {dt:?}"),
+            None => cpu_dispatch!(x, fwd_cpu(x, xl, w, wl, self.eps)),
+            Some(DType::BF16) => fwd_cpu_to::<f32, half::bf16>(x, xl, w, wl, self.eps),
+            Some(DType::F16) => fwd_cpu_to::<f32, half::f16>(x, xl, w, wl, self.eps),
+            Some(dt) => candle_core::bail!("rms_norm: no fused path to {dt:?}"),
         }?;
         Ok((out, xl.shape().clone()))
     }
@@ -232,7 +190,11 @@ impl CustomOp2 for RmsNormTo {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::rms_norm_fwd_to(x, xl, w, wl, self.eps, self.out)?, xl.shape().clone()))
+        let out = match self.out {
+            None => super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps)?,
+            Some(dt) => super::cuda::rms_norm_fwd_to(x, xl, w, wl, self.eps, dt)?,
+        };
+        Ok((out, xl.shape().clone()))
     }
 
     fn bwd(
