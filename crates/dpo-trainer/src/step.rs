@@ -149,36 +149,67 @@ pub fn loss_of(cfg: &TrainConfig, x: &PairLogps) -> Result<LossOutput> {
     if cfg.sft_weight > 0.0 { out.with_sft(x, cfg.sft_weight) } else { Ok(out) }
 }
 
-/// Fraction of pairs with `chosen > rejected`.
-fn prefers(chosen: &Tensor, rejected: &Tensor) -> Result<f64> {
-    let wins = chosen.gt(rejected)?.to_dtype(candle_core::DType::F64)?.mean_all()?;
-    wins.to_scalar::<f64>()
+/// The mean loss (differentiable) and the batch's statistics, still on the device
+/// ([`Scored::read`] brings them to the host).
+pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, Scored)> {
+    let mean_loss = out.total()?;
+    let per_pair = [
+        &out.chosen_rewards,
+        &out.rejected_rewards,
+        &x.policy_chosen,
+        &x.policy_rejected,
+        &x.ref_chosen,
+        &x.ref_rejected,
+        &out.log_gamma,
+        &out.grad_weight,
+    ]
+    .map(|t| t.detach().to_dtype(candle_core::DType::F64));
+    let rows = Tensor::stack(&per_pair.into_iter().collect::<Result<Vec<_>>>()?, 0)?;
+    let loss = mean_loss.detach().to_dtype(candle_core::DType::F64)?.reshape(1)?;
+    let packed = Tensor::cat(&[rows.flatten_all()?, loss], 0)?;
+    Ok((mean_loss, Scored { packed, pairs: x.policy_chosen.elem_count(), tokens }))
 }
 
-/// The mean loss (differentiable) and the batch's statistics.
-pub fn score(x: &PairLogps, out: &LossOutput, tokens: usize) -> Result<(Tensor, BatchStats)> {
-    let mean_loss = out.total()?;
-    let v = |t: &Tensor| -> Result<Vec<f64>> { t.to_dtype(candle_core::DType::F64)?.to_vec1() };
-    let (rw, rl) = (v(&out.chosen_rewards)?, v(&out.rejected_rewards)?);
-    let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
-    let margins: Vec<f64> = rw.iter().zip(&rl).map(|(a, b)| a - b).collect();
-    let wins: Vec<f64> = rw.iter().zip(&rl).map(|(a, b)| if a > b { 1.0 } else { 0.0 }).collect();
-    let stats = BatchStats {
-        loss: mean_loss.to_dtype(candle_core::DType::F64)?.to_scalar()?,
-        pairs: rw.len(),
-        tokens,
-        chosen_reward: avg(&rw),
-        rejected_reward: avg(&rl),
-        accuracy: avg(&wins),
-        margin: avg(&margins),
-        chosen_logp: avg(&v(&x.policy_chosen)?),
-        rejected_logp: avg(&v(&x.policy_rejected)?),
-        policy_prefers_chosen: prefers(&x.policy_chosen, &x.policy_rejected)?,
-        reference_prefers_chosen: prefers(&x.ref_chosen, &x.ref_rejected)?,
-        log_gamma: v(&out.log_gamma)?,
-        grad_weight: v(&out.grad_weight)?,
-    };
-    Ok((mean_loss, stats))
+/// A batch's statistics on the device, packed into one tensor so that reading them costs one
+/// synchronization, after the backward is queued (reading them between the loss and its
+/// backward would leave the GPU idle while the backward is launched).
+pub struct Scored {
+    /// `[chosen reward, rejected reward, policy chosen, policy rejected, reference chosen,
+    /// reference rejected, log gamma, grad weight]` per pair, then the mean loss; f64.
+    packed: Tensor,
+    pairs: usize,
+    tokens: usize,
+}
+
+impl Scored {
+    /// The statistics on the host.
+    pub fn read(&self) -> Result<BatchStats> {
+        let v: Vec<f64> = self.packed.to_vec1()?;
+        let n = self.pairs;
+        let row = |i: usize| &v[i * n..(i + 1) * n];
+        let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+        // Fraction of pairs with `a > b` (a tie is not a win, as in TRL).
+        let wins = |a: &[f64], b: &[f64]| {
+            avg(&a.iter().zip(b).map(|(a, b)| f64::from(u8::from(a > b))).collect::<Vec<_>>())
+        };
+        let (rw, rl) = (row(0), row(1));
+        let margins: Vec<f64> = rw.iter().zip(rl).map(|(a, b)| a - b).collect();
+        Ok(BatchStats {
+            loss: v[8 * n],
+            pairs: n,
+            tokens: self.tokens,
+            chosen_reward: avg(rw),
+            rejected_reward: avg(rl),
+            accuracy: wins(rw, rl),
+            margin: avg(&margins),
+            chosen_logp: avg(row(2)),
+            rejected_logp: avg(row(3)),
+            policy_prefers_chosen: wins(row(2), row(3)),
+            reference_prefers_chosen: wins(row(4), row(5)),
+            log_gamma: row(6).to_vec(),
+            grad_weight: row(7).to_vec(),
+        })
+    }
 }
 
 #[cfg(test)]

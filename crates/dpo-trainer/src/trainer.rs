@@ -353,12 +353,12 @@ impl Trainer {
         let ref_logps = self.reference_logps(batch, db)?;
         profile::phase(&self.device, "reference")?;
         let policy = &self.policy.model;
-        let mut stats = None;
+        let mut scored = None;
         let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
             let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
             let x = pair_logps(&logps, &ref_logps, db)?;
             let (loss, s) = score(&x, &loss_of(cfg, &x)?, db.tokens)?;
-            stats = Some(s);
+            scored = Some(s);
             loss / n_micro as f64
         };
         let grads = if cfg.manual_backward {
@@ -375,7 +375,7 @@ impl Trainer {
             params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
         };
         profile::phase(&self.device, "backward")?;
-        Ok((grads, stats.expect("the loss was computed")))
+        Ok((grads, scored.expect("the loss was computed").read()?))
     }
 
     /// One record to `metrics.jsonl`, the observer, and the log.
@@ -527,7 +527,7 @@ impl Trainer {
         let cfg = &self.cfg;
         let x =
             pair_logps(&db.logps(policy, cfg.logprob_chunk)?, &self.eval_reference_logps(batch, db)?, db)?;
-        Ok(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1)
+        Ok(score(&x, &loss_of(cfg, &x)?, db.tokens)?.1.read()?)
     }
 
     /// With `probe_largest_batch`: the largest training batch (the longest pair of the run's
