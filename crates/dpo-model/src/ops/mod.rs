@@ -10,10 +10,13 @@
 //! is another such op, so forward and backward are each one fused pass.
 //!
 //! Every op has its slow reference next to it (`*_slow`: the composition of candle ops the model
-//! used before), and [`self_check`] compares the two, and the device against the CPU.
+//! used before; for `rms_norm_to` and `add_cast`, the two ops each fuses), and [`self_check`]
+//! compares the two, and the device against the CPU; [`verify`] is its short form, which a
+//! training run on a GPU passes before it starts.
 //!
 //! Numerics: bf16/f16/f32 inputs are computed in f32, f64 in f64; results are rounded to the
-//! input dtype once. Inputs are made contiguous by the public functions.
+//! input dtype once (`rms_norm_to`: to its output dtype). Inputs are made contiguous by the
+//! public functions.
 
 mod attention;
 mod check;
