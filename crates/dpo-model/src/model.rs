@@ -430,7 +430,7 @@ impl CausalLm {
     }
 
     /// As [`CausalLm::checkpointed_grads`], with the blocks' hand-written backward
-    /// ([`backward`](self::backward)) instead of autograd: the forward keeps the few tensors
+    /// (`model/backward.rs`) instead of autograd: the forward keeps the few tensors
     /// each block's backward needs (no graph), or with `checkpoint` only each block's input,
     /// recomputing those tensors block by block in the backward. Needs the fused ops.
     pub fn manual_grads(
