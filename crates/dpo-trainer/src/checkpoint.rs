@@ -36,7 +36,7 @@ pub struct Fingerprint {
     /// checkpoints of earlier versions, which are resumed without this check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
-    /// The config with the keys that may change on resume blanked (see [`resumable_keys`]).
+    /// The config with the keys that may change on resume blanked (see [`RESUMABLE_KEYS`]).
     pub hyperparameters: String,
 }
 
