@@ -641,7 +641,7 @@ pub struct EpochStats {
 /// The kept pairs of an epoch whose batches are the largest (first kept in read order among
 /// equals): a batch is as long as its longest row, one `[prompt, completion]` row per
 /// completion in the standard layout, one `[prompt, chosen, rejected]` row per pair with prefix
-/// sharing (lengths after `max_length` truncation, as [`length_key`] measures them).
+/// sharing (lengths after `max_length` truncation, as the batching measures them).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LongestPairs {
     /// With the longest `[prompt, completion]` row.
