@@ -15,7 +15,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use dpo_loader::{DataPosition, PreferenceDataset, PreferenceTokenizer};
+use dpo_loader::{DataPosition, PreferenceDataset};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -32,7 +32,7 @@ pub struct Fingerprint {
     pub model: String,
     /// sha256 of the training data file(s).
     pub train_data: String,
-    /// sha256 of the tokenizer's files ([`PreferenceTokenizer::definition_files`]); absent in
+    /// sha256 of the tokenizer's files ([`dpo_loader::PreferenceTokenizer::definition_files`]); absent in
     /// checkpoints of earlier versions, which are resumed without this check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokenizer: Option<String>,
@@ -103,9 +103,10 @@ pub(crate) fn sha256_files(files: &[PathBuf]) -> Result<String> {
 }
 
 impl Fingerprint {
-    /// The model files, the tokenizer files, the training data (`train_data`: its
+    /// The model files, the tokenizer files (`tokenizer`: the sha256 of its
+    /// [`dpo_loader::PreferenceTokenizer::definition_files`]), the training data (`train_data`: its
     /// [`data_fingerprint`]) and the non-resumable hyperparameters of `cfg`.
-    pub fn new(cfg: &TrainConfig, train_data: String) -> Result<Self> {
+    pub fn new(cfg: &TrainConfig, train_data: String, tokenizer: String) -> Result<Self> {
         let mut model_files = vec![cfg.model.join("config.json")];
         let mut weights: Vec<PathBuf> = fs::read_dir(&cfg.model)
             .map_err(|e| TrainError::io(&cfg.model, e))?
@@ -117,7 +118,7 @@ impl Fingerprint {
         Ok(Fingerprint {
             model: sha256_files(&model_files)?,
             train_data,
-            tokenizer: Some(sha256_files(&PreferenceTokenizer::definition_files(&cfg.model))?),
+            tokenizer: Some(tokenizer),
             hyperparameters: hyperparameters(cfg),
         })
     }

@@ -33,6 +33,9 @@ pub struct DataCounts {
     pub train_hash: String,
     #[serde(skip)]
     pub eval_hash: Option<String>,
+    /// sha256 of the tokenizer's files ([`PreferenceTokenizer::definition_files`]).
+    #[serde(skip)]
+    pub tokenizer_hash: String,
     /// Read from `data_counts.json` rather than counted.
     #[serde(skip)]
     pub reused: bool,
@@ -48,11 +51,12 @@ impl DataCounts {
     ) -> Result<Self> {
         let train_hash = data_fingerprint(train)?;
         let eval_hash = eval.map(data_fingerprint).transpose()?;
-        let key = key(cfg, &train_hash, eval_hash.as_deref())?;
+        let tokenizer_hash = sha256_files(&PreferenceTokenizer::definition_files(&cfg.model))?;
+        let key = key(cfg, &train_hash, eval_hash.as_deref(), &tokenizer_hash);
         let path = cfg.output_dir.join(FILE);
         if let Some(saved) = read(&path).filter(|saved| key.as_ref() == Some(&saved.key)) {
             tracing::info!(path = %path.display(), "data counts reused (same data, tokenizer, settings and binary)");
-            return Ok(DataCounts { train_hash, eval_hash, reused: true, ..saved });
+            return Ok(DataCounts { train_hash, eval_hash, tokenizer_hash, reused: true, ..saved });
         }
         let train_stats = count_batches(train, tokenizer, &cfg.data_config(cfg.batch_size))?;
         let eval_batch = cfg.eval_batch_size.unwrap_or(cfg.batch_size);
@@ -64,6 +68,7 @@ impl DataCounts {
             eval: eval_stats,
             train_hash,
             eval_hash,
+            tokenizer_hash,
             reused: false,
         })
     }
@@ -89,8 +94,8 @@ fn read(path: &Path) -> Option<DataCounts> {
 }
 
 /// What the counts depend on (see the module docs); `None` when this binary cannot be identified.
-fn key(cfg: &TrainConfig, train_hash: &str, eval_hash: Option<&str>) -> Result<Option<String>> {
-    let Some(binary) = binary_identity() else { return Ok(None) };
+fn key(cfg: &TrainConfig, train_hash: &str, eval_hash: Option<&str>, tokenizer_hash: &str) -> Option<String> {
+    let binary = binary_identity()?;
     let settings = serde_json::json!({
         "max_length": cfg.max_length,
         "on_bad_row": cfg.on_bad_row,
@@ -98,19 +103,15 @@ fn key(cfg: &TrainConfig, train_hash: &str, eval_hash: Option<&str>) -> Result<O
         "batch_size": cfg.batch_size,
         "eval_batch_size": cfg.eval_batch_size.unwrap_or(cfg.batch_size),
     });
-    let parts = [
-        format!("v1 {} {binary}", env!("CARGO_PKG_VERSION")),
-        train_hash.to_owned(),
-        eval_hash.unwrap_or_default().to_owned(),
-        sha256_files(&PreferenceTokenizer::definition_files(&cfg.model))?,
-        settings.to_string(),
-    ];
+    let (version, settings) = (format!("v1 {} {binary}", env!("CARGO_PKG_VERSION")), settings.to_string());
+    let parts =
+        [version.as_str(), train_hash, eval_hash.unwrap_or_default(), tokenizer_hash, settings.as_str()];
     let mut h = Sha256::new();
     for part in parts {
         h.update(part.as_bytes());
         h.update([0]);
     }
-    Ok(Some(format!("{:x}", h.finalize())))
+    Some(format!("{:x}", h.finalize()))
 }
 
 /// The running executable's path, size and modification time.

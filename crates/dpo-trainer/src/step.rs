@@ -189,9 +189,7 @@ impl Scored {
         let row = |i: usize| &v[i * n..(i + 1) * n];
         let avg = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
         // Fraction of pairs with `a > b` (a tie is not a win, as in TRL).
-        let wins = |a: &[f64], b: &[f64]| {
-            avg(&a.iter().zip(b).map(|(a, b)| f64::from(u8::from(a > b))).collect::<Vec<_>>())
-        };
+        let wins = |a: &[f64], b: &[f64]| a.iter().zip(b).filter(|(a, b)| a > b).count() as f64 / n as f64;
         let (rw, rl) = (row(0), row(1));
         let margins: Vec<f64> = rw.iter().zip(rl).map(|(a, b)| a - b).collect();
         Ok(BatchStats {

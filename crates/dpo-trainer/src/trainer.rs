@@ -442,7 +442,11 @@ impl Trainer {
             window: Window::default(),
             constraints,
             total_steps: self.total_steps,
-            fingerprint: Fingerprint::new(cfg, self.counts.train_hash.clone())?,
+            fingerprint: Fingerprint::new(
+                cfg,
+                self.counts.train_hash.clone(),
+                self.counts.tokenizer_hash.clone(),
+            )?,
             config: cfg.clone(),
         })
     }

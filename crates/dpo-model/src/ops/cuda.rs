@@ -235,22 +235,35 @@ pub(super) fn add_cast(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layou
 }
 
 fn add_cast_t<T: Kern>(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layout) -> Result<CudaStorage> {
-    let dev = h.device().clone();
-    let hv = view::<f32>(h, hl, "add_cast")?;
-    let yv = view::<T>(y, yl, "add_cast")?;
-    let n = hl.shape().elem_count();
+    elementwise2::<f32, T, f32>(h, hl, y, yl, "dpo_add_cast", "add_cast")
+}
+
+/// `<kernel>_<B>(a, b, out, n)`: one output element of `O` per element of `a` (`A`) and `b` (`B`),
+/// both contiguous with `a`'s element count.
+fn elementwise2<A: Kern, B: Kern, O: Kern>(
+    a: &CudaStorage,
+    al: &Layout,
+    b: &CudaStorage,
+    bl: &Layout,
+    kernel: &str,
+    what: &str,
+) -> Result<CudaStorage> {
+    let dev = a.device().clone();
+    let av = view::<A>(a, al, what)?;
+    let bv = view::<B>(b, bl, what)?;
+    let n = al.shape().elem_count();
     let n64 = n as i64;
     // SAFETY: every element is written by the kernel.
-    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    let mut out = unsafe { dev.alloc::<O>(n)? };
     if n > 0 {
-        let f = func::<T>(&dev, "dpo_add_cast")?;
+        let f = func::<B>(&dev, kernel)?;
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&hv).arg(&yv).arg(&mut out).arg(&n64);
+        lb.arg(&av).arg(&bv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
     }
-    Ok(f32::wrap_cuda_slice(out, dev))
+    Ok(O::wrap_cuda_slice(out, dev))
 }
 
 pub(super) fn rms_norm_bwd(
@@ -402,22 +415,7 @@ fn silu_mul_fwd_t<T: Kern>(
     u: &CudaStorage,
     ul: &Layout,
 ) -> Result<CudaStorage> {
-    let dev = g.device().clone();
-    let gv = view::<T>(g, gl, "silu_mul")?;
-    let uv = view::<T>(u, ul, "silu_mul")?;
-    let n = gl.shape().elem_count();
-    let n64 = n as i64;
-    // SAFETY: every element is written by the kernel.
-    let mut out = unsafe { dev.alloc::<T>(n)? };
-    if n > 0 {
-        let f = func::<T>(&dev, "dpo_silu_mul_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
-        lb.arg(&gv).arg(&uv).arg(&mut out).arg(&n64);
-        // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
-    }
-    Ok(T::wrap_cuda_slice(out, dev))
+    elementwise2::<T, T, T>(g, gl, u, ul, "dpo_silu_mul_fwd", "silu_mul")
 }
 
 pub(super) fn silu_mul_bwd(
