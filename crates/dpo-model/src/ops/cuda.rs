@@ -159,26 +159,19 @@ fn softmax_bwd_t<T: Kern>(
 
 // ---------------------------------------------------------------------------------------------
 
+/// The norm of `x` (in `x`'s dtype, or from f32 into `out`: bf16 or f16).
 pub(super) fn rms_norm_fwd(
     x: &CudaStorage,
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
     eps: f64,
+    out: Option<DType>,
 ) -> Result<CudaStorage> {
-    dispatch!(x.dtype(), rms_norm_fwd_same(x, xl, w, wl, eps))
-}
-
-/// [`rms_norm_fwd`] of an f32 `x` and `w` with the output in `out` (bf16 or f16).
-pub(super) fn rms_norm_fwd_to(
-    x: &CudaStorage,
-    xl: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-    eps: f64,
-    out: DType,
-) -> Result<CudaStorage> {
-    dispatch!(out, rms_norm_fwd_from_f32(x, xl, w, wl, eps))
+    match out {
+        None => dispatch!(x.dtype(), rms_norm_fwd_same(x, xl, w, wl, eps)),
+        Some(out) => dispatch!(out, rms_norm_fwd_from_f32(x, xl, w, wl, eps)),
+    }
 }
 
 fn rms_norm_fwd_same<T: Kern>(

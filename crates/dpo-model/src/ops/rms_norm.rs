@@ -190,11 +190,7 @@ impl CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = match self.out {
-            None => super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps)?,
-            Some(dt) => super::cuda::rms_norm_fwd_to(x, xl, w, wl, self.eps, dt)?,
-        };
-        Ok((out, xl.shape().clone()))
+        Ok((super::cuda::rms_norm_fwd(x, xl, w, wl, self.eps, self.out)?, xl.shape().clone()))
     }
 
     fn bwd(
