@@ -15,6 +15,7 @@ mod checkpoint;
 mod config;
 mod error;
 mod mask;
+mod matmul;
 mod model;
 pub mod ops;
 pub mod profile;
@@ -24,6 +25,7 @@ pub use checkpoint::{Checkpoint, save_safetensors_atomic};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use mask::AttentionMask;
+pub use matmul::{cublas_takes, matmul};
 pub use model::{CausalLm, FUSED_ON_CPU, Policy, accum_dtype, default_fused_ops, parameter_shapes};
 
 /// Parses `"f32"`, `"bf16"`, `"f16"` (also `"float32"`, `"bfloat16"`, `"float16"`).

@@ -39,7 +39,7 @@ impl Linear {
     /// `x` `[n, in]` (any strides a matmul takes, e.g. a transposed view) -> `[n, out]`.
     fn forward_2d(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let _timed = crate::profile::op(x.device(), "linear");
-        let y = x.matmul(&self.w.to_dtype(dtype)?.t()?)?;
+        let y = crate::matmul(x, &self.w.to_dtype(dtype)?.t()?)?;
         match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(dtype)?),
             None => Ok(y),
@@ -50,7 +50,7 @@ impl Linear {
     /// layers ([`Linear::stack`]) each layer's output is then a contiguous block of rows.
     fn forward_t(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let _timed = crate::profile::op(x.device(), "linear");
-        let y = self.w.to_dtype(dtype)?.matmul(&x.t()?)?;
+        let y = crate::matmul(&self.w.to_dtype(dtype)?, &x.t()?)?;
         match &self.b {
             Some(b) => y.broadcast_add(&b.to_dtype(dtype)?.unsqueeze(1)?),
             None => Ok(y),
@@ -686,7 +686,7 @@ impl CausalLm {
             return ops::attention(q, k, v, &mask.bias, scale);
         }
         let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let scores = crate::matmul(q, &k.t()?.contiguous()?)?;
         let probs = if self.fused {
             // Scores stay in the compute dtype; scale, mask and softmax run in f32 inside the op.
             ops::masked_softmax(&scores, &mask.bias, scale)?
@@ -695,7 +695,7 @@ impl CausalLm {
             let scores = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
             candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
         };
-        probs.matmul(&v)
+        crate::matmul(&probs, &v)
     }
 }
 

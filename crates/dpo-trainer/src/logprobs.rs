@@ -9,8 +9,8 @@
 //! logits. Gradients: `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`.
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
-use dpo_model::accum_dtype;
 use dpo_model::ops;
+use dpo_model::{accum_dtype, matmul};
 
 /// Rows of the LM head computed at once; `chunk x vocab` f32 logits exist at a time.
 pub const DEFAULT_CHUNK: usize = 1024;
@@ -111,7 +111,7 @@ pub fn sequence_logps(
     }
     let selected = hidden.reshape((rows * seq, h))?.index_select(&index.positions, 0)?;
     let per_token = token_logps(&selected.to_dtype(lm_head.dtype())?, lm_head, &index.targets, chunk)?;
-    index.segments.to_dtype(per_token.dtype())?.matmul(&per_token.unsqueeze(1)?)?.squeeze(1)
+    matmul(&index.segments.to_dtype(per_token.dtype())?, &per_token.unsqueeze(1)?)?.squeeze(1)
 }
 
 /// `sum_t KL(softmax(hp_t Wp^T) || softmax(hr_t Wr^T))` over the rows of `hp`/`hr` (`[n, hidden]`,
@@ -120,7 +120,7 @@ pub fn token_kl_sum(hp: &Tensor, wp: &Tensor, hr: &Tensor, wr: &Tensor, chunk: u
     let n = hp.dim(0)?;
     let acc = accum_dtype(hp.dtype());
     let log_softmax = |h: &Tensor, w: &Tensor, start: usize, len: usize| -> Result<Tensor> {
-        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?.to_dtype(acc)?;
+        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(acc)?;
         logits.broadcast_sub(&logsumexp(&logits)?.unsqueeze(1)?)
     };
     let (hp, hr) = (hp.to_dtype(wp.dtype())?, hr.to_dtype(wr.dtype())?);
@@ -143,7 +143,7 @@ fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) ->
     let mut start = 0;
     while start < n {
         let len = chunk.min(n - start);
-        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?.to_dtype(accum_dtype(h.dtype()))?;
+        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(accum_dtype(h.dtype()))?;
         let tgt = targets.narrow(0, start, len)?.unsqueeze(1)?;
         let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
         parts.push((picked - logsumexp(&logits)?)?);
@@ -212,14 +212,14 @@ impl CustomOp2 for ChunkedLogProbs {
             let len = self.chunk.min(n - start);
             let hc = h.narrow(0, start, len)?;
             let g = grad.narrow(0, start, len)?.to_dtype(acc)?.unsqueeze(1)?;
-            let logits = hc.matmul(&w.t()?)?.to_dtype(acc)?;
+            let logits = matmul(&hc, &w.t()?)?.to_dtype(acc)?;
             // Values only (detached inputs, no graph): this backward is the gradient itself.
             let probs = candle_nn::ops::softmax_last_dim(&logits)?;
             let tgt = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
             let onehot_g = Tensor::zeros((len, vocab), acc, h.device())?.scatter_add(&tgt, &g, 1)?;
             let dz = (onehot_g - probs.broadcast_mul(&g)?)?.to_dtype(dtype)?;
-            grad_h.push(dz.matmul(&w)?);
-            grad_w = (grad_w + dz.t()?.matmul(&hc)?.to_dtype(acc)?)?;
+            grad_h.push(matmul(&dz, &w)?);
+            grad_w = (grad_w + matmul(&dz.t()?, &hc)?.to_dtype(acc)?)?;
             start += len;
         }
         Ok((Some(Tensor::cat(&grad_h, 0)?), Some(grad_w.to_dtype(dtype)?)))

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor, TensorId};
 
 use super::{Block, CausalLm, Linear, merge_heads};
-use crate::{AttentionMask, accum_dtype, ops};
+use crate::{AttentionMask, accum_dtype, matmul, ops};
 
 /// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`,
 /// the rotated `q`, `k` and the values `v` (KV heads not repeated), the attention output `a`
@@ -75,7 +75,7 @@ impl Linear {
         let (r, t, i) = x.dims3()?;
         let dy = dy.reshape((r * t, dy.dim(2)?))?;
         Self::add_weight_grads(keys, &x.reshape((r * t, i))?, &dy, dt, grads)?;
-        dy.matmul(&self.w.to_dtype(dt)?)?.reshape((r, t, i))
+        matmul(&dy, &self.w.to_dtype(dt)?)?.reshape((r, t, i))
     }
 
     /// Adds `dW = dy^T x` and `db = sum dy` to `grads` for `x` `[n, in]` and `dy` `[n, out]`
@@ -88,7 +88,7 @@ impl Linear {
         dt: DType,
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<()> {
-        let dw = dy.t()?.matmul(x)?;
+        let dw = matmul(&dy.t()?, x)?;
         let db = match keys.iter().any(|k| k.b.is_some()) {
             true => Some(dy.to_dtype(accum_dtype(dt))?.sum(0)?),
             false => None,
@@ -141,14 +141,14 @@ impl CausalLm {
                 let dact_t = {
                     let _timed = crate::profile::op(dy.device(), "linear_bwd");
                     Linear::add_weight_grads(&[&keys.down], &act.t()?, &dy, dt, grads)?;
-                    b.down.w.to_dtype(dt)?.t()?.matmul(&dy.t()?)? // (dy Wd)^T
+                    matmul(&b.down.w.to_dtype(dt)?.t()?, &dy.t()?)? // (dy Wd)^T
                 };
                 drop(act);
                 let dgu_t = ops::silu_mul_backward_stacked(&s.gate, &s.up, &dact_t)?;
                 let _timed = crate::profile::op(dy.device(), "linear_bwd");
                 let x2 = x2.reshape((rows * seq, hidden))?;
                 Linear::add_weight_grads(&[&keys.gate, &keys.up], &x2, &dgu_t.t()?, dt, grads)?;
-                dgu_t.t()?.matmul(&gate_up.w.to_dtype(dt)?)?.reshape((rows, seq, hidden))?
+                matmul(&dgu_t.t()?, &gate_up.w.to_dtype(dt)?)?.reshape((rows, seq, hidden))?
             }
             None => {
                 let dact = b.down.backward(&[&keys.down], &act, &dout.to_dtype(dt)?, dt, grads)?;

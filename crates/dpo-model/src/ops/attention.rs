@@ -25,6 +25,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::check_float;
 use super::softmax::{MaskedSoftmax, MaskedSoftmaxBwd};
+use crate::matmul;
 
 /// Score elements (`rows x heads x seq x seq`) computed at once.
 pub const SCORE_BUDGET: usize = 1 << 27;
@@ -145,8 +146,8 @@ pub fn attention_slow(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: 
         let (r, kv, s, d) = x.dims4()?;
         x.unsqueeze(2)?.broadcast_as((r, kv, n_rep, s, d))?.contiguous()?.reshape((r, kv * n_rep, s, d))
     };
-    let scores = q.matmul(&repeat(k)?.t()?.contiguous()?)?;
-    super::masked_softmax_slow(&scores, bias, scale)?.matmul(&repeat(v)?)
+    let scores = matmul(q, &repeat(k)?.t()?.contiguous()?)?;
+    matmul(&super::masked_softmax_slow(&scores, bias, scale)?, &repeat(v)?)
 }
 
 /// Runs `f` over chunks of rows `(start, len)` of at most `budget` score elements, with
@@ -181,7 +182,7 @@ fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<(Tensor, T
     let (rows, heads, seq, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let qg = q.reshape((rows, kv, heads / kv * seq, d))?;
-    let scores = qg.matmul(&k.t()?)?.reshape((rows, heads, seq, seq))?;
+    let scores = matmul(&qg, &k.t()?)?.reshape((rows, heads, seq, seq))?;
     let p = scores.apply_op2_no_bwd(bias, &MaskedSoftmax { scale })?;
     Ok((p, qg))
 }
@@ -190,7 +191,7 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Res
     let (rows, heads, seq, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let (p, _) = probs(q, k, bias, scale)?;
-    p.reshape((rows, kv, heads / kv * seq, seq))?.matmul(v)?.reshape((rows, heads, seq, d))
+    matmul(&p.reshape((rows, kv, heads / kv * seq, seq))?, v)?.reshape((rows, heads, seq, d))
 }
 
 /// `(dQ, dK, dV)` of a chunk of rows, from the upstream `dO` `[rows, heads, seq, d]`.
@@ -208,11 +209,11 @@ fn backward(
     let (p, qg) = probs(q, k, bias, scale)?;
     let dog = d_out.reshape((rows, kv, group, d))?;
     let pg = p.reshape((rows, kv, group, seq))?;
-    let dv = pg.t()?.matmul(&dog)?;
-    let dp = dog.matmul(&v.t()?)?.reshape((rows, heads, seq, seq))?;
+    let dv = matmul(&pg.t()?, &dog)?;
+    let dp = matmul(&dog, &v.t()?)?.reshape((rows, heads, seq, seq))?;
     let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale })?.reshape((rows, kv, group, seq))?;
-    let dq = ds.matmul(k)?.reshape((rows, heads, seq, d))?;
-    let dk = ds.t()?.matmul(&qg)?;
+    let dq = matmul(&ds, k)?.reshape((rows, heads, seq, d))?;
+    let dk = matmul(&ds.t()?, &qg)?;
     Ok((dq, dk, dv))
 }
 
