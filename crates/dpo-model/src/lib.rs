@@ -26,7 +26,9 @@ pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use mask::AttentionMask;
 pub use matmul::{cublas_takes, matmul};
-pub use model::{CausalLm, FUSED_ON_CPU, Policy, accum_dtype, default_fused_ops, parameter_shapes};
+pub use model::{
+    CausalLm, FUSED_ON_CPU, Policy, accum_dtype, default_fused_ops, has_fused_kernels, parameter_shapes,
+};
 
 /// Parses `"f32"`, `"bf16"`, `"f16"` (also `"float32"`, `"bfloat16"`, `"float16"`).
 pub fn parse_dtype(s: &str) -> Option<candle_core::DType> {

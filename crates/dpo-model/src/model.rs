@@ -90,6 +90,11 @@ pub fn default_fused_ops(device: &Device) -> bool {
     device.is_cuda() || (device.is_cpu() && FUSED_ON_CPU)
 }
 
+/// Whether [`crate::ops`] has kernels for `device`: the CPU and CUDA (not Metal).
+pub fn has_fused_kernels(device: &Device) -> bool {
+    device.is_cpu() || device.is_cuda()
+}
+
 /// The CPU default of the fused-ops switch (the fused path measured faster there).
 pub const FUSED_ON_CPU: bool = true;
 

@@ -159,7 +159,8 @@ impl Trainer {
             Precision::F32 => DType::F32,
             Precision::Bf16 => DType::BF16,
         };
-        if cfg.fused_ops && !device.is_cpu() && std::env::var_os("DPO_TRAIN_SKIP_KERNEL_CHECK").is_none() {
+        let fused = fused_ops(&cfg, dpo_model::has_fused_kernels(&device)).map_err(TrainError::Config)?;
+        if fused && device.is_cuda() && std::env::var_os("DPO_TRAIN_SKIP_KERNEL_CHECK").is_none() {
             let started = std::time::Instant::now();
             dpo_model::ops::verify(&device).map_err(|e| {
                 TrainError::Numerics(format!(
@@ -744,6 +745,23 @@ impl EpochStream {
     }
 }
 
+/// Whether the model runs the fused ops: as the config asks where the device has their kernels
+/// (`has_kernels`); elsewhere (Metal) the composed candle ops (same math) with a warning, unless
+/// the manual backward, which has no composed form, needs them.
+fn fused_ops(cfg: &TrainConfig, has_kernels: bool) -> std::result::Result<bool, String> {
+    match (cfg.fused_ops, has_kernels) {
+        (true, false) if cfg.manual_backward => Err(format!(
+            "`manual_backward` needs the fused kernels, which exist for the CPU and CUDA only, not `{}`",
+            cfg.device
+        )),
+        (true, false) => {
+            tracing::warn!(device = %cfg.device, "no fused kernels for this device: composed candle ops run instead");
+            Ok(false)
+        }
+        (on, _) => Ok(on),
+    }
+}
+
 /// The forward options of the config: fused ops, attention recompute, and the LM head's dtype.
 ///
 /// Stacked projections ([`CausalLm::with_stacked_projections`]) copy the weights they stack. The
@@ -754,7 +772,8 @@ fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> Result<Causa
     let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
     let stack = std::env::var("DPO_TRAIN_STACK_PROJECTIONS").as_deref() != Ok("0")
         && (!model.trainable() || compute != DType::F32);
-    let model = model.with_fused_ops(cfg.fused_ops).with_attention_recompute(cfg.recompute_attention);
+    let fused = cfg.fused_ops && dpo_model::has_fused_kernels(model.device());
+    let model = model.with_fused_ops(fused).with_attention_recompute(cfg.recompute_attention);
     Ok(model.with_head_dtype(head).with_stacked_projections(stack)?)
 }
 
@@ -774,4 +793,27 @@ fn accumulate(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metal has no fused kernels: the composed ops run there, unless the manual backward (which
+    /// has no composed form) asks for them; elsewhere the config decides.
+    #[test]
+    fn fused_ops_fall_back_where_the_device_has_no_kernels() {
+        let cfg = |fused_ops, manual_backward| TrainConfig {
+            fused_ops,
+            manual_backward,
+            device: "metal".into(),
+            ..TrainConfig::default()
+        };
+        assert_eq!(fused_ops(&cfg(true, false), true), Ok(true));
+        assert_eq!(fused_ops(&cfg(false, false), true), Ok(false));
+        assert_eq!(fused_ops(&cfg(true, false), false), Ok(false));
+        assert_eq!(fused_ops(&cfg(false, false), false), Ok(false));
+        let e = fused_ops(&cfg(true, true), false).unwrap_err();
+        assert!(e.contains("manual_backward") && e.contains("`metal`"), "{e}");
+    }
 }
