@@ -221,12 +221,14 @@ __device__ void rmsnorm_bwd_dw_final(const ACC(T) *__restrict__ partial, T *__re
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rotate-half RoPE on x [R, H, S, Dh] with cos/sin [S, Dh] (per_row = 0) or [R, S, Dh].
+// Rotate-half RoPE on x [R, H, S, Dh] with cos/sin [S, Dh] (per_row = 0) or [R, S, Dh]; x is read
+// through its element strides sr, sh, sp over R, H, S (head rows contiguous), y is contiguous.
 // forward:  y_j = x_j c_j + (j < h ? -x_{j+h} : x_{j-h}) s_j
 // backward: dx_j = dy_j c_j + (j < h ? dy_{j+h} s_{j+h} : -dy_{j-h} s_{j-h})
 template <typename T>
 __device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, const T *__restrict__ sn,
-                            T *__restrict__ y, long long n, int H, int S, int Dh, int per_row, int bwd) {
+                            T *__restrict__ y, long long n, int H, int S, int Dh, long long sr, long long sh,
+                            long long sp, int per_row, int bwd) {
     typedef ACC(T) A;
     const int h = Dh / 2;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -234,17 +236,18 @@ __device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, c
         const int j = (int)(i % Dh);
         const long long t = i / Dh;  // (r * H + head) * S + s
         const int s = (int)(t % S);
+        const int head = (int)((t / S) % H);
         const long long r = t / ((long long)H * S);
         const long long c = (per_row ? r * S + s : (long long)s) * Dh;
+        const T *xr = x + r * sr + head * sh + s * sp;  // this head row of x (strided view)
         const int pj = j < h ? j + h : j - h;
-        const long long pi = i - j + pj;
         A v;
         if (!bwd) {
-            const A rot = j < h ? -to_acc(x[pi]) : to_acc(x[pi]);
-            v = to_acc(x[i]) * to_acc(cs[c + j]) + rot * to_acc(sn[c + j]);
+            const A rot = j < h ? -to_acc(xr[pj]) : to_acc(xr[pj]);
+            v = to_acc(xr[j]) * to_acc(cs[c + j]) + rot * to_acc(sn[c + j]);
         } else {
-            const A ps = to_acc(x[pi]) * to_acc(sn[c + pj]);
-            v = to_acc(x[i]) * to_acc(cs[c + j]) + (j < h ? ps : -ps);
+            const A ps = to_acc(xr[pj]) * to_acc(sn[c + pj]);
+            v = to_acc(xr[j]) * to_acc(cs[c + j]) + (j < h ? ps : -ps);
         }
         y[i] = from_acc<T>(v);
     }
@@ -301,8 +304,9 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
         rmsnorm_bwd_dw_final<T>(partial, out, offset, G, D);                                         \
     }                                                                                                \
     extern "C" __global__ void dpo_rope_##SUF(const T *x, const T *cs, const T *sn, T *y, long long n,  \
-                                              int H, int S, int Dh, int per_row, int bwd) {          \
-        rope_kernel<T>(x, cs, sn, y, n, H, S, Dh, per_row, bwd);                                     \
+                                              int H, int S, int Dh, long long sr, long long sh,      \
+                                              long long sp, int per_row, int bwd) {                  \
+        rope_kernel<T>(x, cs, sn, y, n, H, S, Dh, sr, sh, sp, per_row, bwd);                         \
     }                                                                                                \
     extern "C" __global__ void dpo_silu_mul_fwd_##SUF(const T *g, const T *u, T *y, long long n) {    \
         silu_mul_fwd<T>(g, u, y, n);                                                                 \

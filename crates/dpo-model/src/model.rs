@@ -662,15 +662,12 @@ impl CausalLm {
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q, k, v) = match &b.qkv {
             Some(qkv) => {
-                // [rows, seq, (nq + 2 nkv) * hd] -> heads [rows, nq + 2 nkv, seq, hd], then
-                // each part made contiguous (one copy each, as for separate projections).
+                // [rows, seq, (nq + 2 nkv) * hd] -> heads [rows, nq + 2 nkv, seq, hd]: views.
                 let y = qkv.forward(x, dt)?.reshape((rows, seq, nq + 2 * nkv, hd))?.transpose(1, 2)?;
-                let part = |start: usize, n: usize| y.narrow(1, start, n)?.contiguous();
-                (part(0, nq)?, part(nq, nkv)?, part(nq + nkv, nkv)?)
+                (y.narrow(1, 0, nq)?, y.narrow(1, nq, nkv)?, y.narrow(1, nq + nkv, nkv)?)
             }
             None => {
-                let heads =
-                    |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2)?.contiguous();
+                let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2);
                 (
                     heads(b.q.forward(x, dt)?, nq)?,
                     heads(b.k.forward(x, dt)?, nkv)?,
@@ -678,7 +675,8 @@ impl CausalLm {
                 )
             }
         };
-        Ok((self.rope(&q, cos, sin)?, self.rope(&k, cos, sin)?, v))
+        // The fused RoPE reads the head views in place and writes contiguous heads; V is copied.
+        Ok((self.rope(&q, cos, sin)?, self.rope(&k, cos, sin)?, v.contiguous()?))
     }
 
     /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.

@@ -345,11 +345,35 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
             shape: format!("[{r}, {h}, {s}, {d}] / {:?}", cos.dims()),
             inputs: vec![
                 Input { name: "x", value: randn_tensor(&[r, h, s, d], 4, 1.0)?, grad: true, keep_f32: false },
-                Input { name: "cos", value: cos, grad: false, keep_f32: false },
-                Input { name: "sin", value: sin, grad: false, keep_f32: false },
+                Input { name: "cos", value: cos.clone(), grad: false, keep_f32: false },
+                Input { name: "sin", value: sin.clone(), grad: false, keep_f32: false },
             ],
             fused: Box::new(|x| super::rope(&x[0], &x[1], &x[2])),
             slow: Box::new(|x| super::rope_slow(&x[0], &x[1], &x[2])),
+        });
+        // The heads of a stacked projection's output, read in place: x [rows, seq, heads + 2,
+        // d] viewed as [rows, heads, seq, d] from head 1 (strided, with an offset); the result
+        // goes back between the two heads left alone (the output has x's shape).
+        type Rope = fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+        let heads = move |rope: Rope, x: &[Tensor]| -> Result<Tensor> {
+            let y = rope(&x[0].transpose(1, 2)?.narrow(1, 1, h)?, &x[1], &x[2])?.transpose(1, 2)?;
+            Tensor::cat(&[&x[0].narrow(2, 0, 1)?, &y, &x[0].narrow(2, h + 1, 1)?], 2)
+        };
+        cases.push(Case {
+            op: if per_row { "rope(per-row, head view)" } else { "rope(head view)" },
+            shape: format!("[{r}, {s}, {}, {d}] / {:?}", h + 2, cos.dims()),
+            inputs: vec![
+                Input {
+                    name: "x",
+                    value: randn_tensor(&[r, s, h + 2, d], 5, 1.0)?,
+                    grad: true,
+                    keep_f32: false,
+                },
+                Input { name: "cos", value: cos, grad: false, keep_f32: false },
+                Input { name: "sin", value: sin, grad: false, keep_f32: false },
+            ],
+            fused: Box::new(move |x| heads(super::rope, x)),
+            slow: Box::new(move |x| heads(super::rope_slow, x)),
         });
     }
     // SiLU gate over intermediate 4864 (Qwen2-0.5B).

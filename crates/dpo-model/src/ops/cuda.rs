@@ -57,6 +57,17 @@ fn view<'a, T: CudaDType + DeviceRepr>(
     }
 }
 
+/// The elements `x` `[rows, heads, seq, d]` spans from its first (contiguous head rows, any
+/// other strides; see [`super::rope::head_strides`]).
+fn head_rows_view<'a, T: CudaDType + DeviceRepr>(s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    let [offset, ..] = super::rope::head_strides(l)?;
+    let span = match l.shape().elem_count() {
+        0 => 0,
+        _ => 1 + l.dims().iter().zip(l.stride()).map(|(n, s)| (n - 1) * s).sum::<usize>(),
+    };
+    Ok(s.as_cuda_slice::<T>()?.slice(offset..offset + span))
+}
+
 fn int(n: usize, what: &str) -> Result<i32> {
     i32::try_from(n)
         .map_err(|_| candle_core::Error::Msg(format!("{what}: size {n} too large for the kernel")))
@@ -362,12 +373,13 @@ fn rope_t<T: Kern>(
     bwd: bool,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
-    let xv = view::<T>(x, xl, "rope")?;
+    let xv = head_rows_view::<T>(x, xl)?;
     let cv = view::<T>(c, cl, "rope cos")?;
     let sv = view::<T>(s, sl, "rope sin")?;
     let (_, h, seq, d) = xl.shape().dims4()?;
     let n = xl.shape().elem_count();
     let (n64, h32, s32, d32) = (n as i64, int(h, "rope")?, int(seq, "rope")?, int(d, "rope")?);
+    let [_, sr, sh, sp] = super::rope::head_strides(xl)?.map(|s| s as i64);
     let (per_row, bwd) = (i32::from(cl.shape().rank() == 3), i32::from(bwd));
     // SAFETY: every element is written by the kernel.
     let mut out = unsafe { dev.alloc::<T>(n)? };
@@ -383,6 +395,9 @@ fn rope_t<T: Kern>(
             .arg(&h32)
             .arg(&s32)
             .arg(&d32)
+            .arg(&sr)
+            .arg(&sh)
+            .arg(&sp)
             .arg(&per_row)
             .arg(&bwd);
         // SAFETY: argument types match the kernel's signature.

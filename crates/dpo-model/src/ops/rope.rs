@@ -10,6 +10,10 @@ use super::{Elem, check_float, cpu_dispatch, cpu_slice};
 /// RoPE on `x` `[rows, heads, seq, head_dim]` with `cos`/`sin` `[seq, head_dim]` (the same
 /// positions on every row) or `[rows, seq, head_dim]` (per-row positions), cast to x's dtype.
 /// Computed in f32 (f64 for f64). Differentiable in `x`; the tables take no gradient.
+///
+/// `x` may be any view whose head rows (the last dimension) are contiguous, such as the heads
+/// of a projection's output `[rows, seq, heads, head_dim]` transposed: the op reads it in place
+/// and writes the contiguous result, so splitting the heads costs no copy of its own.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let _timed = crate::profile::op(x.device(), "rope");
     check_float(x, "rope")?;
@@ -28,7 +32,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         );
     }
     let (cos, sin) = (table(cos, x)?, table(sin, x)?);
-    x.contiguous()?.apply_op3(&cos, &sin, Rope { bwd: false })
+    let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    x.apply_op3(&cos, &sin, Rope { bwd: false })
 }
 
 /// A cos/sin table in `x`'s dtype, contiguous, without gradient.
@@ -52,6 +57,15 @@ pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// `[offset, row, head, position]`: where `x`'s first element is and its element strides over
+/// rows, heads and positions, for `x` `[rows, heads, seq, d]` with contiguous head rows.
+pub(crate) fn head_strides(l: &Layout) -> Result<[usize; 4]> {
+    match l.stride() {
+        [r, h, p, 1] => Ok([l.start_offset(), *r, *h, *p]),
+        s => candle_core::bail!("rope: x {:?} with strides {s:?} (needs contiguous head rows)", l.dims()),
+    }
+}
+
 pub(crate) struct Rope {
     /// Apply the transpose (the backward): `dy * cos + rotate_half^T(dy * sin)`.
     pub bwd: bool,
@@ -66,16 +80,19 @@ fn rope_cpu<T: Elem>(
     sl: &Layout,
     bwd: bool,
 ) -> Result<CpuStorage> {
-    let x = cpu_slice::<T>(x, xl, "rope")?;
+    let xs = T::cpu_storage_as_slice(x)?;
+    let [offset, row_stride, head_stride, pos_stride] = head_strides(xl)?;
     let cos = cpu_slice::<T>(c, cl, "rope cos")?;
     let sin = cpu_slice::<T>(s, sl, "rope sin")?;
     let (_, heads, seq, d) = xl.shape().dims4()?;
     let per_row = cl.shape().rank() == 3;
     let h = d / 2;
-    let mut out = vec![T::from_acc(T::cst(0.0)); x.len()];
+    let mut out = vec![T::from_acc(T::cst(0.0)); xl.shape().elem_count()];
     if d > 0 {
-        out.par_chunks_mut(d).zip(x.par_chunks(d)).enumerate().for_each(|(t, (y, x))| {
-            let (pos, row) = (t % seq, t / (heads * seq));
+        out.par_chunks_mut(d).enumerate().for_each(|(t, y)| {
+            let (pos, head, row) = (t % seq, (t / seq) % heads, t / (heads * seq));
+            let start = offset + row * row_stride + head * head_stride + pos * pos_stride;
+            let x = &xs[start..start + d];
             let off = if per_row { (row * seq + pos) * d } else { pos * d };
             let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
             for j in 0..d {
