@@ -253,6 +253,44 @@ __device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, c
     }
 }
 
+// RoPE's backward on dq [R, HQ, S, Dh] and dk [R, HK, S, Dh], merged with dv [R, HK, S, Dh] into
+// the stacked projection's layout y [R, S, HQ + 2 HK, Dh] (one thread per element of y).
+template <typename T>
+__device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__restrict__ dk,
+                                       const T *__restrict__ dv, const T *__restrict__ cs,
+                                       const T *__restrict__ sn, T *__restrict__ y, long long n, int HQ,
+                                       int HK, int S, int Dh, int per_row) {
+    typedef ACC(T) A;
+    const int h = Dh / 2;
+    const int HT = HQ + 2 * HK;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int j = (int)(i % Dh);
+        const long long t = i / Dh;  // (r * S + s) * HT + head
+        const int head = (int)(t % HT);
+        const int s = (int)((t / HT) % S);
+        const long long r = t / ((long long)HT * S);
+        const T *src;
+        int nh, at;
+        if (head < HQ) {
+            src = dq; nh = HQ; at = head;
+        } else if (head < HQ + HK) {
+            src = dk; nh = HK; at = head - HQ;
+        } else {
+            src = dv; nh = HK; at = head - HQ - HK;
+        }
+        const T *xr = src + ((r * nh + at) * S + s) * Dh;  // this head row of the source
+        if (head >= HQ + HK) {
+            y[i] = xr[j];
+            continue;
+        }
+        const long long c = (per_row ? r * S + s : (long long)s) * Dh;
+        const int pj = j < h ? j + h : j - h;
+        const A ps = to_acc(xr[pj]) * to_acc(sn[c + pj]);
+        y[i] = from_acc<T>(to_acc(xr[j]) * to_acc(cs[c + j]) + (j < h ? ps : -ps));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // SiLU gate: y = silu(g) * u; backward writes dg to out[0 .. n] and du to out[n .. 2n].
 template <typename T>
@@ -307,6 +345,11 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
                                               int H, int S, int Dh, long long sr, long long sh,      \
                                               long long sp, int per_row, int bwd) {                  \
         rope_kernel<T>(x, cs, sn, y, n, H, S, Dh, sr, sh, sp, per_row, bwd);                         \
+    }                                                                                                \
+    extern "C" __global__ void dpo_rope_bwd_merged_##SUF(const T *dq, const T *dk, const T *dv, const T *cs,   \
+                                                        const T *sn, T *y, long long n, int HQ, int HK,  \
+                                                        int S, int Dh, int per_row) {                    \
+        rope_bwd_merged_kernel<T>(dq, dk, dv, cs, sn, y, n, HQ, HK, S, Dh, per_row);                  \
     }                                                                                                \
     extern "C" __global__ void dpo_silu_mul_fwd_##SUF(const T *g, const T *u, T *y, long long n) {    \
         silu_mul_fwd<T>(g, u, y, n);                                                                 \

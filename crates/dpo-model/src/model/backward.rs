@@ -166,15 +166,15 @@ impl CausalLm {
         let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
         let (dq, dk, dv) =
             ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
-        let (dq, dk) = (ops::rope_backward(&dq, cos, sin)?, ops::rope_backward(&dk, cos, sin)?);
         let x1 = ops::rms_norm_to(&s.h, &b.input_norm, eps, dt)?;
         let dx1 = match &b.qkv {
-            // Stacked: the heads side by side as the forward's output, one backward.
+            // Stacked: RoPE's backward writes the heads side by side as the forward's output.
             Some(qkv) => {
-                let dy = merge_heads(&Tensor::cat(&[&dq, &dk, &dv], 1)?)?;
+                let dy = ops::rope_backward_merged(&dq, &dk, &dv, cos, sin)?;
                 qkv.backward(&[&keys.q, &keys.k, &keys.v], &x1, &dy, dt, grads)?
             }
             None => {
+                let (dq, dk) = (ops::rope_backward(&dq, cos, sin)?, ops::rope_backward(&dk, cos, sin)?);
                 ((b.q.backward(&[&keys.q], &x1, &merge_heads(&dq)?, dt, grads)?
                     + b.k.backward(&[&keys.k], &x1, &merge_heads(&dk)?, dt, grads)?)?
                     + b.v.backward(&[&keys.v], &x1, &merge_heads(&dv)?, dt, grads)?)?

@@ -103,6 +103,8 @@ pub(crate) struct Input {
 
 pub(crate) struct Case {
     pub op: &'static str,
+    /// The output's dims, where they are not the first input's.
+    pub out_dims: Option<Vec<usize>>,
     pub shape: String,
     pub inputs: Vec<Input>,
     pub fused: OpFn,
@@ -190,9 +192,9 @@ impl Case {
         Ok(start.elapsed().as_secs_f64() * 1e3 / iters as f64)
     }
 
-    /// The op's upstream gradient (CPU f32), the shape of its output (that of its first input).
+    /// The op's upstream gradient (CPU f32), the shape of its output (`out_dims`, else its first input's).
     pub fn upstream(&self, seed: u64) -> Result<Tensor> {
-        randn_tensor(self.inputs[0].value.dims(), seed, 1.0)
+        randn_tensor(self.out_dims.as_deref().unwrap_or(self.inputs[0].value.dims()), seed, 1.0)
     }
 }
 
@@ -232,6 +234,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         let dims = [shape.0, shape.1, shape.2, shape.3];
         cases.push(Case {
             op: "masked_softmax",
+            out_dims: None,
             shape: format!("{dims:?}"),
             inputs: vec![
                 Input { name: "scores", value: randn_tensor(&dims, 1, std)?, grad: true, keep_f32: false },
@@ -252,6 +255,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         let scale = 1.0 / (d as f64).sqrt();
         cases.push(Case {
             op: if budget == 1 { "attention(row-chunks)" } else { "attention" },
+            out_dims: None,
             shape: format!("q [{r}, {h}, {s}, {d}], kv heads {kv}, bias {:?}", bias.dims()),
             inputs: vec![
                 Input {
@@ -291,6 +295,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     let w = (randn_tensor(&[hidden], 3, 0.1)? + 1.0)?;
     cases.push(Case {
         op: "rms_norm",
+        out_dims: None,
         shape: format!("[{rows}, {hidden}]"),
         inputs: vec![
             Input { name: "x", value: x, grad: true, keep_f32: false },
@@ -310,6 +315,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     };
     cases.push(Case {
         op: "rms_norm_to",
+        out_dims: None,
         shape: format!("[{rows}, {hidden}]"),
         inputs: vec![
             Input {
@@ -327,6 +333,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     });
     cases.push(Case {
         op: "add_cast",
+        out_dims: None,
         shape: format!("[{rows}, {hidden}]"),
         inputs: vec![
             Input { name: "h", value: randn_tensor(&[rows, hidden], 9, 10.0)?, grad: true, keep_f32: true },
@@ -342,6 +349,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         let (cos, sin) = rope_tables(&offsets, per_row, s, d)?;
         cases.push(Case {
             op: if per_row { "rope(per-row)" } else { "rope" },
+            out_dims: None,
             shape: format!("[{r}, {h}, {s}, {d}] / {:?}", cos.dims()),
             inputs: vec![
                 Input { name: "x", value: randn_tensor(&[r, h, s, d], 4, 1.0)?, grad: true, keep_f32: false },
@@ -361,6 +369,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         };
         cases.push(Case {
             op: if per_row { "rope(per-row, head view)" } else { "rope(head view)" },
+            out_dims: None,
             shape: format!("[{r}, {s}, {}, {d}] / {:?}", h + 2, cos.dims()),
             inputs: vec![
                 Input {
@@ -376,10 +385,37 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
             slow: Box::new(move |x| heads(super::rope_slow, x)),
         });
     }
+    // RoPE's backward merged into the stacked q/k/v layout (the manual backward's), 2 KV heads.
+    let (cos, sin) = rope_tables(&offsets, true, s, d)?;
+    let grad = |dims: &[usize], seed| -> Result<Input> {
+        Ok(Input { name: "d", value: randn_tensor(dims, seed, 1.0)?, grad: false, keep_f32: false })
+    };
+    cases.push(Case {
+        op: "rope_backward_merged",
+        out_dims: Some(vec![r, s, (h + 4) * d]),
+        shape: format!("[{r}, {h} + 2 x 2, {s}, {d}] / {:?}", cos.dims()),
+        inputs: vec![
+            grad(&[r, h, s, d], 6)?,
+            grad(&[r, 2, s, d], 7)?,
+            grad(&[r, 2, s, d], 8)?,
+            Input { name: "cos", value: cos, grad: false, keep_f32: false },
+            Input { name: "sin", value: sin, grad: false, keep_f32: false },
+        ],
+        fused: Box::new(|x| super::rope_backward_merged(&x[0], &x[1], &x[2], &x[3], &x[4])),
+        // The ops it fuses: RoPE's backward on dq and dk, the concatenation, the merge of heads.
+        slow: Box::new(|x| {
+            let (dq, dk) =
+                (super::rope_backward(&x[0], &x[3], &x[4])?, super::rope_backward(&x[1], &x[3], &x[4])?);
+            let heads = Tensor::cat(&[&dq, &dk, &x[2]], 1)?;
+            let (r, n, s, d) = heads.dims4()?;
+            heads.transpose(1, 2)?.reshape((r, s, n * d))
+        }),
+    });
     // SiLU gate over intermediate 4864 (Qwen2-0.5B).
     let shape = if big { [16, 512, 4864] } else { [2, 37, 160] };
     cases.push(Case {
         op: "silu_mul",
+        out_dims: None,
         shape: format!("{shape:?}"),
         inputs: vec![
             Input { name: "gate", value: randn_tensor(&shape, 5, 3.0)?, grad: true, keep_f32: false },

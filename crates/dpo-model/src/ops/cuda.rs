@@ -363,6 +363,63 @@ pub(super) fn rope(
     dispatch!(x.dtype(), rope_t(x, xl, c, cl, s, sl, bwd))
 }
 
+/// [`super::rope_backward_merged`]: `dq`, `dk`, `dv` contiguous, then the tables.
+pub(super) fn rope_backward_merged(
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    tables: (&CudaStorage, &Layout, &CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    dispatch!(q.dtype(), rope_backward_merged_t(q, ql, k, kl, v, vl, tables))
+}
+
+fn rope_backward_merged_t<T: Kern>(
+    q: &CudaStorage,
+    ql: &Layout,
+    k: &CudaStorage,
+    kl: &Layout,
+    v: &CudaStorage,
+    vl: &Layout,
+    (c, cl, s, sl): (&CudaStorage, &Layout, &CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev = q.device().clone();
+    let (qv, kv, vv) = (view::<T>(q, ql, "dq")?, view::<T>(k, kl, "dk")?, view::<T>(v, vl, "dv")?);
+    let cv = view::<T>(c, cl, "rope cos")?;
+    let sv = view::<T>(s, sl, "rope sin")?;
+    let (r, hq, seq, d) = ql.shape().dims4()?;
+    let hk = kl.dims()[1];
+    let n = r * seq * (hq + 2 * hk) * d;
+    let what = "rope_backward_merged";
+    let (n64, hq32, hk32, s32, d32) =
+        (n as i64, int(hq, what)?, int(hk, what)?, int(seq, what)?, int(d, what)?);
+    let per_row = i32::from(cl.shape().rank() == 3);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_rope_bwd_merged")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&cv)
+            .arg(&sv)
+            .arg(&mut out)
+            .arg(&n64)
+            .arg(&hq32)
+            .arg(&hk32)
+            .arg(&s32)
+            .arg(&d32)
+            .arg(&per_row);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
 fn rope_t<T: Kern>(
     x: &CudaStorage,
     xl: &Layout,

@@ -47,6 +47,44 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     dy.contiguous()?.apply_op3_no_bwd(&table(cos, dy)?, &table(sin, dy)?, &Rope { bwd: true })
 }
 
+/// The gradient of a stacked q/k/v projection's output `[rows, seq, (heads + 2 kv_heads) * d]`
+/// from those of the rotated queries and keys and of the values (`[rows, heads or kv_heads,
+/// seq, d]`): RoPE's backward on `dq` and `dk`, and the three merged back into the projection's
+/// layout in one pass (no graph). It replaces `merge(cat([rope_backward(dq), rope_backward(dk),
+/// dv], 1))`, six kernels: two RoPEs, three copies into the concatenation, one to merge heads.
+pub fn rope_backward_merged(
+    dq: &Tensor,
+    dk: &Tensor,
+    dv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let _timed = crate::profile::op(dq.device(), "rope_bwd");
+    check_float(dq, "rope_backward_merged")?;
+    let (r, _, s, d) = dq.dims4()?;
+    let (kr, _, ks, kd) = dk.dims4()?;
+    let fits = |t: &Tensor| match t.dims() {
+        [ts, td] => *ts == s && *td == d,
+        [tr, ts, td] => *tr == r && *ts == s && *td == d,
+        _ => false,
+    };
+    let same = (kr, ks, kd) == (r, s, d)
+        && dv.dims() == dk.dims()
+        && dk.dtype() == dq.dtype()
+        && dv.dtype() == dq.dtype();
+    if d % 2 != 0 || !same || !fits(cos) || cos.shape() != sin.shape() {
+        candle_core::bail!(
+            "rope_backward_merged: dq {:?}, dk {:?}, dv {:?} with cos {:?} (expected [rows, heads, seq, d], d even)",
+            dq.shape(),
+            dk.shape(),
+            dv.shape(),
+            cos.shape()
+        );
+    }
+    let op = RopeBackwardMerged { cos: table(cos, dq)?, sin: table(sin, dq)? };
+    dq.contiguous()?.apply_op3_no_bwd(&dk.contiguous()?, &dv.contiguous()?, &op)
+}
+
 /// The reference: [`crate::rope::apply`] (differentiable candle ops), with `[rows, seq, d]`
 /// tables broadcast over heads.
 pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -86,7 +124,6 @@ fn rope_cpu<T: Elem>(
     let sin = cpu_slice::<T>(s, sl, "rope sin")?;
     let (_, heads, seq, d) = xl.shape().dims4()?;
     let per_row = cl.shape().rank() == 3;
-    let h = d / 2;
     let mut out = vec![T::from_acc(T::cst(0.0)); xl.shape().elem_count()];
     if d > 0 {
         out.par_chunks_mut(d).enumerate().for_each(|(t, y)| {
@@ -94,21 +131,26 @@ fn rope_cpu<T: Elem>(
             let start = offset + row * row_stride + head * head_stride + pos * pos_stride;
             let x = &xs[start..start + d];
             let off = if per_row { (row * seq + pos) * d } else { pos * d };
-            let (c, s) = (&cos[off..off + d], &sin[off..off + d]);
-            for j in 0..d {
-                let (p, first) = if j < h { (j + h, true) } else { (j - h, false) };
-                let v = if !bwd {
-                    let rot = if first { -x[p].acc() } else { x[p].acc() };
-                    x[j].acc() * c[j].acc() + rot * s[j].acc()
-                } else {
-                    let ps = x[p].acc() * s[p].acc();
-                    x[j].acc() * c[j].acc() + if first { ps } else { -ps }
-                };
-                y[j] = T::from_acc(v);
-            }
+            rotate_row(x, &cos[off..off + d], &sin[off..off + d], y, bwd);
         });
     }
     Ok(T::to_cpu_storage_owned(out))
+}
+
+/// One head row: `y = x * c + rotate_half(x) * s`, or with `bwd` its transpose.
+fn rotate_row<T: Elem>(x: &[T], c: &[T], s: &[T], y: &mut [T], bwd: bool) {
+    let h = x.len() / 2;
+    for j in 0..x.len() {
+        let (p, first) = if j < h { (j + h, true) } else { (j - h, false) };
+        let v = if !bwd {
+            let rot = if first { -x[p].acc() } else { x[p].acc() };
+            x[j].acc() * c[j].acc() + rot * s[j].acc()
+        } else {
+            let ps = x[p].acc() * s[p].acc();
+            x[j].acc() * c[j].acc() + if first { ps } else { -ps }
+        };
+        y[j] = T::from_acc(v);
+    }
 }
 
 impl CustomOp3 for Rope {
@@ -153,5 +195,106 @@ impl CustomOp3 for Rope {
         let _timed = crate::profile::op(grad.device(), "rope_bwd");
         let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { bwd: !self.bwd })?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// [`rope_backward_merged`]: the inputs are `dq`, `dk`, `dv`; the tables ride along.
+struct RopeBackwardMerged {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeBackwardMerged {
+    /// `[rows, seq, (heads + 2 kv_heads) * d]` for `dq` `[rows, heads, seq, d]`, `dk` `[.., kv_heads, ..]`.
+    fn shape(ql: &Layout, kl: &Layout) -> Result<Shape> {
+        let (r, hq, s, d) = ql.shape().dims4()?;
+        Ok(Shape::from((r, s, (hq + 2 * kl.dims()[1]) * d)))
+    }
+
+    /// The tables' storages on the device of `S`, with their layouts.
+    fn tables<'a, S: super::DeviceStorage>(
+        cos: &'a (candle_core::StorageRef<'a>, &'a Layout),
+        sin: &'a (candle_core::StorageRef<'a>, &'a Layout),
+    ) -> Result<(&'a S, &'a Layout, &'a S, &'a Layout)> {
+        match (S::pick(&cos.0), S::pick(&sin.0)) {
+            (Some(c), Some(s)) => Ok((c, cos.1, s, sin.1)),
+            _ => candle_core::bail!("rope_backward_merged: the tables are on another device"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rope_backward_merged_cpu<T: Elem>(
+    q: &CpuStorage,
+    ql: &Layout,
+    k: &CpuStorage,
+    kl: &Layout,
+    v: &CpuStorage,
+    vl: &Layout,
+    (c, cl, s, sl): (&CpuStorage, &Layout, &CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let (dq, dk, dv) =
+        (cpu_slice::<T>(q, ql, "dq")?, cpu_slice::<T>(k, kl, "dk")?, cpu_slice::<T>(v, vl, "dv")?);
+    let cos = cpu_slice::<T>(c, cl, "rope cos")?;
+    let sin = cpu_slice::<T>(s, sl, "rope sin")?;
+    let (_, hq, seq, d) = ql.shape().dims4()?;
+    let hk = kl.dims()[1];
+    let heads = hq + 2 * hk;
+    let per_row = cl.shape().rank() == 3;
+    let mut out = vec![T::from_acc(T::cst(0.0)); RopeBackwardMerged::shape(ql, kl)?.elem_count()];
+    if d > 0 {
+        out.par_chunks_mut(d).enumerate().for_each(|(t, y)| {
+            let (head, pos, row) = (t % heads, (t / heads) % seq, t / (heads * seq));
+            let (src, n, at) = match head {
+                h if h < hq => (dq, hq, h),
+                h if h < hq + hk => (dk, hk, h - hq),
+                h => (dv, hk, h - hq - hk),
+            };
+            let start = ((row * n + at) * seq + pos) * d;
+            let x = &src[start..start + d];
+            if head >= hq + hk {
+                y.copy_from_slice(x);
+            } else {
+                let off = if per_row { (row * seq + pos) * d } else { pos * d };
+                rotate_row(x, &cos[off..off + d], &sin[off..off + d], y, true);
+            }
+        });
+    }
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+impl CustomOp3 for RopeBackwardMerged {
+    fn name(&self) -> &'static str {
+        "dpo-rope-bwd-merged"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (cos, sin) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
+        let tables = Self::tables::<CpuStorage>(&cos, &sin)?;
+        let out = cpu_dispatch!(q, rope_backward_merged_cpu(q, ql, k, kl, v, vl, tables))?;
+        Ok((out, Self::shape(ql, kl)?))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (cos, sin) = (self.cos.storage_and_layout(), self.sin.storage_and_layout());
+        let tables = Self::tables::<candle_core::CudaStorage>(&cos, &sin)?;
+        Ok((super::cuda::rope_backward_merged(q, ql, k, kl, v, vl, tables)?, Self::shape(ql, kl)?))
     }
 }

@@ -111,6 +111,11 @@ fn rope_matches_slow_path() {
 }
 
 #[test]
+fn rope_backward_merged_matches_the_ops_it_fuses() {
+    check_op("rope_backward_merged");
+}
+
+#[test]
 fn silu_mul_matches_slow_path() {
     check_op("silu_mul");
 }
@@ -126,6 +131,7 @@ fn masked_softmax_extreme_values_and_odd_sizes() {
         let bias = Tensor::zeros((dims[0], 1, dims[2], dims[3]), DType::F32, &CPU).unwrap();
         let case = Case {
             op: "masked_softmax",
+            out_dims: None,
             shape: format!("{dims:?}"),
             inputs: vec![
                 Input {
