@@ -88,7 +88,9 @@ impl Linear {
         dt: DType,
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<()> {
-        let dw = matmul(&dy.t()?, x)?;
+        // Cast once to the weights' dtype (f32 master weights): each layer's part is then a
+        // view of rows, which add_grad keeps without a copy.
+        let dw = matmul(&dy.t()?, x)?.to_dtype(keys.first().map_or(dt, |k| k.w.dtype()))?;
         let db = match keys.iter().any(|k| k.b.is_some()) {
             true => Some(dy.to_dtype(accum_dtype(dt))?.sum(0)?),
             false => None,
