@@ -155,10 +155,12 @@ __device__ void add_cast(const float *__restrict__ h, const T *__restrict__ y, f
 }
 
 // dx = r * (g - n * sum(g * n) / D), with n = x * r and g = dy * w; stores r per row in `rs`.
-// Writes dx into out[0 .. N*D].
-template <typename T>
-__device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w, const T *__restrict__ dy,
-                               T *__restrict__ out, ACC(T) *__restrict__ rs, int D, double eps) {
+// Writes dx (plus res, the gradient arriving through the residual connection, where given) into
+// out[0 .. N*D]. dy is of type U: T, or bf16/f16 for f32 x (a matmul's output gradient).
+template <typename T, typename U = T>
+__device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w, const U *__restrict__ dy,
+                               const T *__restrict__ res, T *__restrict__ out, ACC(T) *__restrict__ rs, int D,
+                               double eps) {
     typedef ACC(T) A;
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
@@ -176,15 +178,16 @@ __device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w,
     for (int j = threadIdx.x; j < D; j += blockDim.x) {
         const A n = to_acc(x[off + j]) * r;
         const A g = to_acc(dy[off + j]) * to_acc(w[j]);
-        out[off + j] = from_acc<T>(r * (g - n * c));
+        const A v = r * (g - n * c);
+        out[off + j] = from_acc<T>(res ? v + to_acc(res[off + j]) : v);
     }
     if (threadIdx.x == 0) rs[blockIdx.x] = r;
 }
 
 // dw partial sums: block (32, 8), grid (ceil(D / 32), G). Column j, row group gy sums
 // dy[i, j] * T(x[i, j] * r[i]) over rows i = gy * 8 + ty + k * G * 8, then over ty.
-template <typename T>
-__device__ void rmsnorm_bwd_dw_partial(const T *__restrict__ x, const T *__restrict__ dy,
+template <typename T, typename U = T>
+__device__ void rmsnorm_bwd_dw_partial(const T *__restrict__ x, const U *__restrict__ dy,
                                        const ACC(T) *__restrict__ rs, ACC(T) *__restrict__ partial, int N,
                                        int D) {
     typedef ACC(T) A;
@@ -331,7 +334,12 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dx_##SUF(const T *x, const T *w, const T *dy, T *out,  \
                                                         AccOf<T>::type *rs, int D, double eps) {      \
-        rmsnorm_bwd_dx<T>(x, w, dy, out, rs, D, eps);                                                \
+        rmsnorm_bwd_dx<T>(x, w, dy, nullptr, out, rs, D, eps);                                       \
+    }                                                                                                \
+    extern "C" __global__ void dpo_rmsnorm_bwd_dx_add_##SUF(const T *x, const T *w, const T *dy,      \
+                                                            const T *res, T *out,                    \
+                                                            AccOf<T>::type *rs, int D, double eps) { \
+        rmsnorm_bwd_dx<T>(x, w, dy, res, out, rs, D, eps);                                           \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dw_partial_##SUF(                                     \
         const T *x, const T *dy, const AccOf<T>::type *rs, AccOf<T>::type *partial, int N, int D) {   \
@@ -369,6 +377,15 @@ INSTANTIATE(__half, f16)
     extern "C" __global__ void dpo_rmsnorm_fwd_f32_to_##SUF(const float *x, const float *w, T *y, int D, \
                                                           double eps) {                             \
         rmsnorm_fwd<float, T>(x, w, y, D, eps);                                                      \
+    }                                                                                                \
+    extern "C" __global__ void dpo_rmsnorm_bwd_dx_add_f32_from_##SUF(                                \
+        const float *x, const float *w, const T *dy, const float *res, float *out, float *rs, int D,   \
+        double eps) {                                                                                \
+        rmsnorm_bwd_dx<float, T>(x, w, dy, res, out, rs, D, eps);                                    \
+    }                                                                                                \
+    extern "C" __global__ void dpo_rmsnorm_bwd_dw_partial_f32_from_##SUF(                            \
+        const float *x, const T *dy, const float *rs, float *partial, int N, int D) {                \
+        rmsnorm_bwd_dw_partial<float, T>(x, dy, rs, partial, N, D);                                  \
     }                                                                                                \
     extern "C" __global__ void dpo_add_cast_##SUF(const float *h, const T *y, float *out, long long n) { \
         add_cast<T>(h, y, out, n);                                                                   \

@@ -131,7 +131,6 @@ impl CausalLm {
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<Tensor> {
         let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
-        let residual = s.h.dtype();
         // MLP.
         let act = ops::silu_mul(&s.gate, &s.up)?;
         let x2 = ops::rms_norm_to(&s.h2, &b.post_norm, eps, dt)?;
@@ -160,9 +159,8 @@ impl CausalLm {
                     + b.up.backward(&[&keys.up], &x2, &dup, dt, grads)?)?
             }
         };
-        let (dn, dg2) = ops::rms_norm_backward(&s.h2, &b.post_norm, eps, &dx2.to_dtype(residual)?)?;
+        let (dh2, dg2) = ops::rms_norm_backward_add(&s.h2, &b.post_norm, eps, &dx2, dout)?;
         add_grad(grads, &keys.post_norm, &dg2)?;
-        let dh2 = (dout + dn)?;
         // Attention.
         let nh = self.config.num_attention_heads;
         let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
@@ -182,8 +180,8 @@ impl CausalLm {
                     + b.v.backward(&[&keys.v], &x1, &merge_heads(&dv)?, dt, grads)?)?
             }
         };
-        let (dn, dg1) = ops::rms_norm_backward(&s.h, &b.input_norm, eps, &dx1.to_dtype(residual)?)?;
+        let (dh, dg1) = ops::rms_norm_backward_add(&s.h, &b.input_norm, eps, &dx1, &dh2)?;
         add_grad(grads, &keys.input_norm, &dg1)?;
-        dh2 + dn
+        Ok(dh)
     }
 }

@@ -331,6 +331,45 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         // The two ops it fuses (rms_norm is checked against its slow path above).
         slow: Box::new(|x| super::rms_norm(&x[0], &x[1], 1e-6)?.to_dtype(x[2].dtype())),
     });
+    // The manual backward's norm gradient: dy in the dtype under test (a matmul's output
+    // gradient), x, w and the residual gradient in f32; dx + res and dw packed in one output,
+    // reported in the dtype under test.
+    let fused_bwd = |x: &[Tensor]| -> Result<Tensor> {
+        let (dx, dw) = super::rms_norm_backward_add(&x[0], &x[1], 1e-6, &x[2], &x[3])?;
+        Tensor::cat(&[&dx.flatten_all()?, &dw], 0)?.to_dtype(x[2].dtype())
+    };
+    let slow_bwd = |x: &[Tensor]| -> Result<Tensor> {
+        let (dn, dw) = super::rms_norm_backward(&x[0], &x[1], 1e-6, &x[2].to_dtype(x[0].dtype())?)?;
+        Tensor::cat(&[&(&x[3] + dn)?.flatten_all()?, &dw], 0)?.to_dtype(x[2].dtype())
+    };
+    cases.push(Case {
+        op: "rms_norm_backward_add",
+        out_dims: Some(vec![rows * hidden + hidden]),
+        shape: format!("[{rows}, {hidden}]"),
+        inputs: vec![
+            Input { name: "x", value: randn_tensor(&[rows, hidden], 12, 10.0)?, grad: false, keep_f32: true },
+            Input {
+                name: "w",
+                value: (randn_tensor(&[hidden], 13, 0.1)? + 1.0)?,
+                grad: false,
+                keep_f32: true,
+            },
+            Input {
+                name: "dy",
+                value: randn_tensor(&[rows, hidden], 14, 1.0)?,
+                grad: false,
+                keep_f32: false,
+            },
+            Input {
+                name: "res",
+                value: randn_tensor(&[rows, hidden], 15, 1.0)?,
+                grad: false,
+                keep_f32: true,
+            },
+        ],
+        fused: Box::new(fused_bwd),
+        slow: Box::new(slow_bwd),
+    });
     cases.push(Case {
         op: "add_cast",
         out_dims: None,

@@ -270,6 +270,9 @@ fn elementwise2<A: Kern, B: Kern, O: Kern>(
     Ok(O::wrap_cuda_slice(out, dev))
 }
 
+/// `[dx (+ res) | dw]` of RMSNorm for `dy` of `x`'s dtype, or bf16/f16 for an f32 `x` (then with
+/// `res`, the manual backward's case).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rms_norm_bwd(
     x: &CudaStorage,
     xl: &Layout,
@@ -277,27 +280,64 @@ pub(super) fn rms_norm_bwd(
     wl: &Layout,
     dy: &CudaStorage,
     dyl: &Layout,
+    res: Option<(&CudaStorage, &Layout)>,
     eps: f64,
 ) -> Result<CudaStorage> {
-    dispatch!(x.dtype(), rms_norm_bwd_t(x, xl, w, wl, dy, dyl, eps))
+    match (x.dtype(), dy.dtype()) {
+        (DType::F32, DType::BF16) => rms_norm_bwd_t::<f32, half::bf16>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F32, DType::F16) => rms_norm_bwd_t::<f32, half::f16>(x, xl, w, wl, dy, dyl, res, eps),
+        (a, b) if a == b => dispatch!(a, rms_norm_bwd_same(x, xl, w, wl, dy, dyl, res, eps)),
+        (a, b) => candle_core::bail!("rms_norm backward: no kernel for x {a:?} with dy {b:?}"),
+    }
 }
 
-/// Rows each thread of the `dw` partial-sum kernel adds up (before the sum over row groups).
-const DW_ROWS_PER_THREAD: usize = 16;
-
-fn rms_norm_bwd_t<T: Kern>(
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_bwd_same<T: Kern>(
     x: &CudaStorage,
     xl: &Layout,
     w: &CudaStorage,
     wl: &Layout,
     dy: &CudaStorage,
     dyl: &Layout,
+    res: Option<(&CudaStorage, &Layout)>,
+    eps: f64,
+) -> Result<CudaStorage> {
+    rms_norm_bwd_t::<T, T>(x, xl, w, wl, dy, dyl, res, eps)
+}
+
+/// Rows each thread of the `dw` partial-sum kernel adds up (before the sum over row groups).
+const DW_ROWS_PER_THREAD: usize = 16;
+
+/// The kernels for `x` in `T` and `dy` in `U`: `<name>_<T>` where `U` is `T`, else (`T` f32)
+/// `<name>_f32_from_<U>`, which exist with the residual gradient only.
+#[allow(clippy::too_many_arguments)]
+fn rms_norm_bwd_t<T: Kern, U: Kern>(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    dy: &CudaStorage,
+    dyl: &Layout,
+    res: Option<(&CudaStorage, &Layout)>,
     eps: f64,
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
     let xv = view::<T>(x, xl, "rms_norm backward")?;
     let wv = view::<T>(w, wl, "rms_norm backward")?;
-    let dyv = view::<T>(dy, dyl, "rms_norm backward")?;
+    let dyv = view::<U>(dy, dyl, "rms_norm backward")?;
+    let resv = res.map(|(r, rl)| view::<T>(r, rl, "rms_norm backward residual")).transpose()?;
+    let mixed = T::DTYPE != U::DTYPE;
+    if mixed && res.is_none() {
+        candle_core::bail!(
+            "rms_norm backward: dy {:?} for x {:?} needs the residual gradient",
+            U::DTYPE,
+            T::DTYPE
+        );
+    }
+    let kernel = |name: &str| match mixed {
+        true => func::<U>(&dev, &format!("{name}_f32_from")),
+        false => func::<T>(&dev, name),
+    };
     let n = xl.shape().elem_count();
     let d = wl.shape().elem_count().max(1);
     let rows = n / d;
@@ -315,14 +355,18 @@ fn rms_norm_bwd_t<T: Kern>(
     let mut partial = unsafe { dev.alloc::<T::Acc>(groups * d)? };
     let stream = dev.cuda_stream();
     {
-        let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dx")?;
+        let f = kernel(if resv.is_some() { "dpo_rmsnorm_bwd_dx_add" } else { "dpo_rmsnorm_bwd_dx" })?;
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&xv).arg(&wv).arg(&dyv).arg(&mut out).arg(&mut rs).arg(&d32).arg(&eps);
-        // SAFETY: argument types match the kernel's signature.
+        lb.arg(&xv).arg(&wv).arg(&dyv);
+        if let Some(resv) = &resv {
+            lb.arg(resv);
+        }
+        lb.arg(&mut out).arg(&mut rs).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature (with `res` where it has one).
         unsafe { lb.launch(rows_cfg(rows, d, "rms_norm backward")?) }.w()?;
     }
     {
-        let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dw_partial")?;
+        let f = kernel("dpo_rmsnorm_bwd_dw_partial")?;
         let mut lb = stream.launch_builder(&f);
         lb.arg(&xv).arg(&dyv).arg(&rs).arg(&mut partial).arg(&rows32).arg(&d32);
         let cfg = LaunchConfig {

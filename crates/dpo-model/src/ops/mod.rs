@@ -67,7 +67,7 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
 pub use residual::add_cast;
-pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_slow, rms_norm_to};
+pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_slow, rms_norm_to};
 pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow};
 pub use silu::{silu_mul, silu_mul_backward, silu_mul_backward_stacked, silu_mul_slow};
 pub use softmax::{masked_softmax, masked_softmax_slow};

@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use num_traits::Float as _;
 use rayon::prelude::*;
 
-use super::{Elem, check_float, cpu_dispatch, cpu_slice};
+use super::{DeviceStorage, Elem, check_float, cpu_dispatch, cpu_slice};
 use crate::accum_dtype;
 
 /// `w * (x / sqrt(mean(x^2) + eps))` over the last axis of `x` `[..., hidden]`, `w` `[hidden]`
@@ -43,9 +43,35 @@ pub fn rms_norm_to(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Ten
 /// `x`'s dtype, as in the forward, and so is `dw`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let _timed = crate::profile::op(x.device(), "rms_norm_bwd");
+    backward(x, w, &dy.to_dtype(x.dtype())?, RmsNormBwd { eps, res: None })
+}
+
+/// `(res + dx, dw)`: [`rms_norm_backward`] with `res`, the gradient that reaches `x` through the
+/// residual connection (`x`'s shape and dtype), added in the same pass, and `dy` read in its own
+/// dtype where it is the bf16/f16 output of a matmul for an f32 `x`. The manual backward's
+/// `dh = dout + RMSNorm'(f32(dy))` in one op instead of a cast, the backward and an add.
+pub fn rms_norm_backward_add(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    res: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let _timed = crate::profile::op(x.device(), "rms_norm_bwd");
+    if res.dims() != x.dims() {
+        candle_core::bail!("rms_norm backward: residual gradient {:?} for x {:?}", res.shape(), x.shape());
+    }
+    let mixed = x.dtype() == DType::F32 && matches!(dy.dtype(), DType::BF16 | DType::F16);
+    let dy = if mixed { dy.clone() } else { dy.to_dtype(x.dtype())? };
+    let res = res.to_dtype(x.dtype())?.contiguous()?.detach();
+    backward(x, w, &dy, RmsNormBwd { eps, res: Some(res) })
+}
+
+/// Runs `op` on `x`, `w` (cast to x's dtype) and `dy`, and unpacks `(dx, dw)`.
+fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, op: RmsNormBwd) -> Result<(Tensor, Tensor)> {
     let (x, w) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?);
     let (n, d) = (x.elem_count(), w.elem_count());
-    let packed = x.apply_op3_no_bwd(&w, &dy.to_dtype(x.dtype())?.contiguous()?, &RmsNormBwd { eps })?;
+    let packed = x.apply_op3_no_bwd(&w, &dy.contiguous()?, &op)?;
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, d)?.reshape(w.shape())?))
 }
 
@@ -63,9 +89,11 @@ struct RmsNorm {
     out: Option<DType>,
 }
 
-/// `(x, w, dy) -> [dx (flattened), dw]` packed in one `[rows * hidden + hidden]` tensor.
+/// `(x, w, dy) -> [dx (flattened), dw]` packed in one `[rows * hidden + hidden]` tensor; with
+/// `res` (contiguous, x's shape and dtype), `res + dx` in place of `dx`.
 struct RmsNormBwd {
     eps: f64,
+    res: Option<Tensor>,
 }
 
 /// Rows per partial sum of `dw` on the CPU.
@@ -109,18 +137,36 @@ fn fwd_cpu_to<T: Elem, O: Elem<A = T::A>>(
     Ok(O::to_cpu_storage_owned(out))
 }
 
-fn bwd_cpu<T: Elem>(
+#[allow(clippy::too_many_arguments)]
+fn bwd_cpu_same<T: Elem>(
     x: &CpuStorage,
     xl: &Layout,
     w: &CpuStorage,
     wl: &Layout,
     dy: &CpuStorage,
     dyl: &Layout,
+    res: Option<(&CpuStorage, &Layout)>,
+    eps: f64,
+) -> Result<CpuStorage> {
+    bwd_cpu::<T, T>(x, xl, w, wl, dy, dyl, res, eps)
+}
+
+/// The backward for `x` in `T` and `dy` in `U` (`T`, or bf16/f16 for f32 `x`), plus `res`.
+#[allow(clippy::too_many_arguments)]
+fn bwd_cpu<T: Elem, U: Elem<A = T::A>>(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    dy: &CpuStorage,
+    dyl: &Layout,
+    res: Option<(&CpuStorage, &Layout)>,
     eps: f64,
 ) -> Result<CpuStorage> {
     let x = cpu_slice::<T>(x, xl, "rms_norm backward")?;
     let w = cpu_slice::<T>(w, wl, "rms_norm backward")?;
-    let dy = cpu_slice::<T>(dy, dyl, "rms_norm backward")?;
+    let dy = cpu_slice::<U>(dy, dyl, "rms_norm backward")?;
+    let res = res.map(|(r, rl)| cpu_slice::<T>(r, rl, "rms_norm backward residual")).transpose()?;
     let d = w.len().max(1);
     let n = x.len();
     let eps = T::cst(eps);
@@ -129,13 +175,18 @@ fn bwd_cpu<T: Elem>(
     let (dx, dw) = out.split_at_mut(n);
     let rs: Vec<T::A> = dx
         .par_chunks_mut(d)
+        .enumerate()
         .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
-        .map(|(dx, (x, dy))| {
+        .map(|((i, dx), (x, dy))| {
             let r = inv_rms(x, eps);
             let gx: T::A = x.iter().zip(dy).zip(w).map(|((&x, &g), &w)| g.acc() * w.acc() * x.acc()).sum();
             let c = r * gx / T::cst(d as f64);
-            for (((dx, &x), &g), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                *dx = T::from_acc(r * (g.acc() * w.acc() - x.acc() * r * c));
+            for (j, (((dx, &x), &g), &w)) in dx.iter_mut().zip(x).zip(dy).zip(w).enumerate() {
+                let v = r * (g.acc() * w.acc() - x.acc() * r * c);
+                *dx = T::from_acc(match res {
+                    Some(res) => v + res[i * d + j].acc(),
+                    None => v,
+                });
             }
             r
         })
@@ -222,7 +273,21 @@ impl CustomOp3 for RmsNormBwd {
         if xl.shape() != dyl.shape() {
             candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
         }
-        let out = cpu_dispatch!(x, bwd_cpu(x, xl, w, wl, dy, dyl, self.eps))?;
+        let res = self.res.as_ref().map(|r| r.storage_and_layout());
+        let res = match &res {
+            Some((r, rl)) => Some((CpuStorage::pick(r).ok_or_else(other_device)?, *rl)),
+            None => None,
+        };
+        let eps = self.eps;
+        let out = match (x, dy) {
+            (CpuStorage::F32(_), CpuStorage::BF16(_)) => {
+                bwd_cpu::<f32, half::bf16>(x, xl, w, wl, dy, dyl, res, eps)
+            }
+            (CpuStorage::F32(_), CpuStorage::F16(_)) => {
+                bwd_cpu::<f32, half::f16>(x, xl, w, wl, dy, dyl, res, eps)
+            }
+            _ => cpu_dispatch!(x, bwd_cpu_same(x, xl, w, wl, dy, dyl, res, eps)),
+        }?;
         Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
     }
 
@@ -239,7 +304,16 @@ impl CustomOp3 for RmsNormBwd {
         if xl.shape() != dyl.shape() {
             candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
         }
-        let out = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, self.eps)?;
+        let res = self.res.as_ref().map(|r| r.storage_and_layout());
+        let res = match &res {
+            Some((r, rl)) => Some((candle_core::CudaStorage::pick(r).ok_or_else(other_device)?, *rl)),
+            None => None,
+        };
+        let out = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, res, self.eps)?;
         Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
     }
+}
+
+fn other_device() -> candle_core::Error {
+    candle_core::Error::Msg("rms_norm backward: the residual gradient is on another device".into())
 }

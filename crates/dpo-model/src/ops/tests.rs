@@ -111,6 +111,11 @@ fn rope_matches_slow_path() {
 }
 
 #[test]
+fn rms_norm_backward_add_matches_the_ops_it_fuses() {
+    check_op("rms_norm_backward_add");
+}
+
+#[test]
 fn rope_backward_merged_matches_the_ops_it_fuses() {
     check_op("rope_backward_merged");
 }
