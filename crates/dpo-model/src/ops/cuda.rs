@@ -283,26 +283,16 @@ pub(super) fn rms_norm_bwd(
     res: Option<(&CudaStorage, &Layout)>,
     eps: f64,
 ) -> Result<CudaStorage> {
+    use half::{bf16, f16};
     match (x.dtype(), dy.dtype()) {
-        (DType::F32, DType::BF16) => rms_norm_bwd_t::<f32, half::bf16>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::F32, DType::F16) => rms_norm_bwd_t::<f32, half::f16>(x, xl, w, wl, dy, dyl, res, eps),
-        (a, b) if a == b => dispatch!(a, rms_norm_bwd_same(x, xl, w, wl, dy, dyl, res, eps)),
+        (DType::F32, DType::BF16) => rms_norm_bwd_t::<f32, bf16>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F32, DType::F16) => rms_norm_bwd_t::<f32, f16>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F32, DType::F32) => rms_norm_bwd_t::<f32, f32>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F64, DType::F64) => rms_norm_bwd_t::<f64, f64>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::BF16, DType::BF16) => rms_norm_bwd_t::<bf16, bf16>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F16, DType::F16) => rms_norm_bwd_t::<f16, f16>(x, xl, w, wl, dy, dyl, res, eps),
         (a, b) => candle_core::bail!("rms_norm backward: no kernel for x {a:?} with dy {b:?}"),
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn rms_norm_bwd_same<T: Kern>(
-    x: &CudaStorage,
-    xl: &Layout,
-    w: &CudaStorage,
-    wl: &Layout,
-    dy: &CudaStorage,
-    dyl: &Layout,
-    res: Option<(&CudaStorage, &Layout)>,
-    eps: f64,
-) -> Result<CudaStorage> {
-    rms_norm_bwd_t::<T, T>(x, xl, w, wl, dy, dyl, res, eps)
 }
 
 /// Rows each thread of the `dw` partial-sum kernel adds up (before the sum over row groups).

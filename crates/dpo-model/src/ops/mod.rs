@@ -97,6 +97,18 @@ impl DeviceStorage for candle_core::MetalStorage {
     }
 }
 
+/// A tensor an op carries besides its inputs (locked with [`Tensor::storage_and_layout`]), as
+/// the storage of the device the op runs on.
+pub(crate) fn on_device<'a, S: DeviceStorage>(
+    t: &'a (candle_core::StorageRef<'a>, &'a Layout),
+    what: &str,
+) -> Result<(&'a S, &'a Layout)> {
+    match S::pick(&t.0) {
+        Some(s) => Ok((s, t.1)),
+        None => candle_core::bail!("{what} is on another device than the op's inputs"),
+    }
+}
+
 /// Hands a value computed beforehand with tensor ops over as a custom op's output (candle's
 /// custom-op forward sees raw storage only, the backward sees tensors): a copy of its storage.
 pub fn hand_over<S: DeviceStorage>(value: &Tensor) -> Result<(S, candle_core::Shape)> {

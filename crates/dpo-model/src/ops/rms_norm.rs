@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, D, DType, Layout, Result, Sh
 use num_traits::Float as _;
 use rayon::prelude::*;
 
-use super::{DeviceStorage, Elem, check_float, cpu_dispatch, cpu_slice};
+use super::{Elem, check_float, cpu_dispatch, cpu_slice, on_device};
 use crate::accum_dtype;
 
 /// `w * (x / sqrt(mean(x^2) + eps))` over the last axis of `x` `[..., hidden]`, `w` `[hidden]`
@@ -137,20 +137,6 @@ fn fwd_cpu_to<T: Elem, O: Elem<A = T::A>>(
     Ok(O::to_cpu_storage_owned(out))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn bwd_cpu_same<T: Elem>(
-    x: &CpuStorage,
-    xl: &Layout,
-    w: &CpuStorage,
-    wl: &Layout,
-    dy: &CpuStorage,
-    dyl: &Layout,
-    res: Option<(&CpuStorage, &Layout)>,
-    eps: f64,
-) -> Result<CpuStorage> {
-    bwd_cpu::<T, T>(x, xl, w, wl, dy, dyl, res, eps)
-}
-
 /// The backward for `x` in `T` and `dy` in `U` (`T`, or bf16/f16 for f32 `x`), plus `res`.
 #[allow(clippy::too_many_arguments)]
 fn bwd_cpu<T: Elem, U: Elem<A = T::A>>(
@@ -274,19 +260,17 @@ impl CustomOp3 for RmsNormBwd {
             candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
         }
         let res = self.res.as_ref().map(|r| r.storage_and_layout());
-        let res = match &res {
-            Some((r, rl)) => Some((CpuStorage::pick(r).ok_or_else(other_device)?, *rl)),
-            None => None,
-        };
-        let eps = self.eps;
-        let out = match (x, dy) {
-            (CpuStorage::F32(_), CpuStorage::BF16(_)) => {
-                bwd_cpu::<f32, half::bf16>(x, xl, w, wl, dy, dyl, res, eps)
-            }
-            (CpuStorage::F32(_), CpuStorage::F16(_)) => {
-                bwd_cpu::<f32, half::f16>(x, xl, w, wl, dy, dyl, res, eps)
-            }
-            _ => cpu_dispatch!(x, bwd_cpu_same(x, xl, w, wl, dy, dyl, res, eps)),
+        let res = res.as_ref().map(|r| on_device::<CpuStorage>(r, "the residual gradient")).transpose()?;
+        use candle_core::backend::BackendStorage;
+        let (eps, dt) = (self.eps, (x.dtype(), dy.dtype()));
+        let out = match dt {
+            (DType::F32, DType::BF16) => bwd_cpu::<f32, half::bf16>(x, xl, w, wl, dy, dyl, res, eps),
+            (DType::F32, DType::F16) => bwd_cpu::<f32, half::f16>(x, xl, w, wl, dy, dyl, res, eps),
+            (DType::F32, DType::F32) => bwd_cpu::<f32, f32>(x, xl, w, wl, dy, dyl, res, eps),
+            (DType::F64, DType::F64) => bwd_cpu::<f64, f64>(x, xl, w, wl, dy, dyl, res, eps),
+            (DType::BF16, DType::BF16) => bwd_cpu::<half::bf16, half::bf16>(x, xl, w, wl, dy, dyl, res, eps),
+            (DType::F16, DType::F16) => bwd_cpu::<half::f16, half::f16>(x, xl, w, wl, dy, dyl, res, eps),
+            (a, b) => candle_core::bail!("rms_norm backward: x {a:?} with dy {b:?}"),
         }?;
         Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
     }
@@ -305,15 +289,8 @@ impl CustomOp3 for RmsNormBwd {
             candle_core::bail!("rms_norm backward: {:?} vs {:?}", xl.shape(), dyl.shape());
         }
         let res = self.res.as_ref().map(|r| r.storage_and_layout());
-        let res = match &res {
-            Some((r, rl)) => Some((candle_core::CudaStorage::pick(r).ok_or_else(other_device)?, *rl)),
-            None => None,
-        };
+        let res = res.as_ref().map(|r| on_device(r, "the residual gradient")).transpose()?;
         let out = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, res, self.eps)?;
         Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
     }
-}
-
-fn other_device() -> candle_core::Error {
-    candle_core::Error::Msg("rms_norm backward: the residual gradient is on another device".into())
 }

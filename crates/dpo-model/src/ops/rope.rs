@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{Elem, check_float, cpu_dispatch, cpu_slice};
+use super::{Elem, check_float, cpu_dispatch, cpu_slice, on_device};
 
 /// RoPE on `x` `[rows, heads, seq, head_dim]` with `cos`/`sin` `[seq, head_dim]` (the same
 /// positions on every row) or `[rows, seq, head_dim]` (per-row positions), cast to x's dtype.
@@ -216,10 +216,8 @@ impl RopeBackwardMerged {
         cos: &'a (candle_core::StorageRef<'a>, &'a Layout),
         sin: &'a (candle_core::StorageRef<'a>, &'a Layout),
     ) -> Result<(&'a S, &'a Layout, &'a S, &'a Layout)> {
-        match (S::pick(&cos.0), S::pick(&sin.0)) {
-            (Some(c), Some(s)) => Ok((c, cos.1, s, sin.1)),
-            _ => candle_core::bail!("rope_backward_merged: the tables are on another device"),
-        }
+        let ((c, cl), (s, sl)) = (on_device(cos, "rope cos")?, on_device(sin, "rope sin")?);
+        Ok((c, cl, s, sl))
     }
 }
 
