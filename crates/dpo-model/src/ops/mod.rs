@@ -112,9 +112,8 @@ pub(crate) fn on_device<'a, S: DeviceStorage>(
 /// Hands a value computed beforehand with tensor ops over as a custom op's output (candle's
 /// custom-op forward sees raw storage only, the backward sees tensors): a copy of its storage.
 pub fn hand_over<S: DeviceStorage>(value: &Tensor) -> Result<(S, candle_core::Shape)> {
-    let (storage, layout) = value.storage_and_layout();
-    let s = S::pick(&storage)
-        .ok_or_else(|| candle_core::Error::Msg("custom op value on another device".into()))?;
+    let locked = value.storage_and_layout();
+    let (s, layout) = on_device::<S>(&locked, "a custom op's value")?;
     Ok((s.try_clone(layout)?, value.shape().clone()))
 }
 

@@ -17,13 +17,7 @@ use super::{Elem, check_float, cpu_dispatch, cpu_slice, on_device};
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let _timed = crate::profile::op(x.device(), "rope");
     check_float(x, "rope")?;
-    let (r, _, s, d) = x.dims4()?;
-    let fits = |t: &Tensor| match t.dims() {
-        [ts, td] => *ts == s && *td == d,
-        [tr, ts, td] => *tr == r && *ts == s && *td == d,
-        _ => false,
-    };
-    if d % 2 != 0 || !fits(cos) || cos.shape() != sin.shape() {
+    if !tables_fit(x, cos, sin)? {
         candle_core::bail!(
             "rope: x {:?} with cos {:?} and sin {:?} (expected [seq, d] or [rows, seq, d], d even)",
             x.shape(),
@@ -34,6 +28,18 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (cos, sin) = (table(cos, x)?, table(sin, x)?);
     let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
     x.apply_op3(&cos, &sin, Rope { bwd: false })
+}
+
+/// Whether `cos` and `sin` are tables for `x` `[rows, heads, seq, d]` (`d` even): `[seq, d]`, or
+/// `[rows, seq, d]` with per-row positions.
+fn tables_fit(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<bool> {
+    let (r, _, s, d) = x.dims4()?;
+    let fits = match cos.dims() {
+        [ts, td] => *ts == s && *td == d,
+        [tr, ts, td] => *tr == r && *ts == s && *td == d,
+        _ => false,
+    };
+    Ok(d % 2 == 0 && fits && cos.shape() == sin.shape())
 }
 
 /// A cos/sin table in `x`'s dtype, contiguous, without gradient.
@@ -63,16 +69,11 @@ pub fn rope_backward_merged(
     check_float(dq, "rope_backward_merged")?;
     let (r, _, s, d) = dq.dims4()?;
     let (kr, _, ks, kd) = dk.dims4()?;
-    let fits = |t: &Tensor| match t.dims() {
-        [ts, td] => *ts == s && *td == d,
-        [tr, ts, td] => *tr == r && *ts == s && *td == d,
-        _ => false,
-    };
     let same = (kr, ks, kd) == (r, s, d)
         && dv.dims() == dk.dims()
         && dk.dtype() == dq.dtype()
         && dv.dtype() == dq.dtype();
-    if d % 2 != 0 || !same || !fits(cos) || cos.shape() != sin.shape() {
+    if !same || !tables_fit(dq, cos, sin)? {
         candle_core::bail!(
             "rope_backward_merged: dq {:?}, dk {:?}, dv {:?} with cos {:?} (expected [rows, heads, seq, d], d even)",
             dq.shape(),
