@@ -1,5 +1,6 @@
 // Fused training kernels for dpo-model (see src/ops/): masked softmax, RMSNorm, rotate-half
-// RoPE and SiLU-gate, forward and backward. Compiled to PTX by build.rs (feature `cuda`).
+// RoPE, SiLU gate and target log-probs, forward and backward. Compiled to PTX by build.rs
+// (feature `cuda`).
 //
 // Conventions, shared by every kernel:
 // * tensors are contiguous, row-major; the Rust side checks layouts and sizes;
@@ -33,6 +34,10 @@ template <typename T> __device__ __forceinline__ ACC(T) round_t(ACC(T) x) { retu
 
 __device__ __forceinline__ float acc_exp(float x) { return expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
+__device__ __forceinline__ double acc_log(double x) { return log(x); }
+__device__ __forceinline__ float acc_nan(float) { return __int_as_float(0x7fffffff); }
+__device__ __forceinline__ double acc_nan(double) { return __longlong_as_double(0x7fffffffffffffffLL); }
 __device__ __forceinline__ float acc_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
 __device__ __forceinline__ float neg_inf(float) { return -INFINITY; }
@@ -320,6 +325,54 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
 }
 
 // ---------------------------------------------------------------------------------------------
+// Log-probs of target tokens, one block per row of logits z [N, V]:
+// forward:  lse = log sum_v exp(z_v), logp = z_t - lse, into out [2, N] (logp row, lse row);
+// backward: dz_v = g [v = t] - g exp(z_v - lse), with lse_g [2, N] (lse row, g row).
+// A NaN logit makes the row's lse NaN; a target outside [0, V) gives a NaN logp.
+template <typename T>
+__device__ void target_logprobs_fwd(const T *__restrict__ z, const unsigned int *__restrict__ tgt,
+                                    ACC(T) *__restrict__ out, int V, int N) {
+    typedef ACC(T) A;
+    __shared__ A shm[32];
+    const long long row = blockIdx.x;
+    const T *x = z + row * V;
+    const A ninf = neg_inf((A)0);
+    // Per-thread online max and rescaled sum (exp(-inf) = 0 rescales an empty sum), then one
+    // block max and one block sum.
+    A m = ninf, acc = 0;
+    for (int k = threadIdx.x; k < V; k += blockDim.x) {
+        const A v = to_acc(x[k]);
+        if (v > m) {
+            acc = acc * acc_exp(m - v) + (A)1;
+            m = v;
+        } else if (v != ninf) {
+            acc += acc_exp(v - m);  // NaN stays NaN
+        }
+    }
+    const A mx = block_max(m, shm);
+    const A sum = block_sum(acc == (A)0 ? (A)0 : acc * acc_exp(m - mx), shm);
+    if (threadIdx.x == 0) {
+        const A lse = acc_log(sum) + mx;
+        const unsigned int t = tgt[row];
+        out[row] = t < (unsigned int)V ? to_acc(x[t]) - lse : acc_nan((A)0);
+        out[N + row] = lse;
+    }
+}
+
+template <typename T>
+__device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__restrict__ lse_g,
+                                    const unsigned int *__restrict__ tgt, T *__restrict__ dz, int V, int N) {
+    typedef ACC(T) A;
+    const long long row = blockIdx.x, off = row * V;
+    const A lse = lse_g[row], g = lse_g[N + row];
+    const unsigned int t = tgt[row];
+    for (int k = threadIdx.x; k < V; k += blockDim.x) {
+        const A hot = (unsigned int)k == t ? g : (A)0;
+        dz[off + k] = from_acc<T>(hot - acc_exp(to_acc(z[off + k]) - lse) * g);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 #define INSTANTIATE(T, SUF)                                                                          \
     extern "C" __global__ void dpo_softmax_fwd_##SUF(const T *s, const float *bias, T *p, int K, int Q, \
                                                      int HQ, int bias_bcast, double scale) {          \
@@ -365,6 +418,15 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
     extern "C" __global__ void dpo_silu_mul_bwd_##SUF(const T *g, const T *u, const T *dy, T *out,    \
                                                       long long n) {                                 \
         silu_mul_bwd<T>(g, u, dy, out, n);                                                           \
+    }                                                                                                \
+    extern "C" __global__ void dpo_target_logprobs_fwd_##SUF(const T *z, const unsigned int *t,      \
+                                                             AccOf<T>::type *out, int V, int N) {    \
+        target_logprobs_fwd<T>(z, t, out, V, N);                                                     \
+    }                                                                                                \
+    extern "C" __global__ void dpo_target_logprobs_bwd_##SUF(const T *z, const AccOf<T>::type *lse_g, \
+                                                             const unsigned int *t, T *dz, int V,    \
+                                                             int N) {                                \
+        target_logprobs_bwd<T>(z, lse_g, t, dz, V, N);                                               \
     }
 
 INSTANTIATE(float, f32)

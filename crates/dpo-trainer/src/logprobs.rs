@@ -5,10 +5,13 @@
 //! ```
 //! Only positions whose next token is a completion token are scored (TRL's shifted completion
 //! mask). The LM head runs over those rows in chunks, inside a custom op whose backward
-//! recomputes each chunk's softmax: the graph keeps `h` and `W`, never `[positions, vocab]`
-//! logits. Gradients: `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`.
+//! recomputes each chunk's logits and, from the logsumexp the forward kept, its softmax: the
+//! graph keeps `h` and `W`, never `[positions, vocab]` logits. Gradients:
+//! `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`. With the fused ops
+//! each chunk's log-softmax at the targets, and its gradient, is one pass over the logits
+//! ([`ops::target_logprobs`]).
 
-use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use dpo_model::ops;
 use dpo_model::{accum_dtype, matmul};
 
@@ -87,49 +90,84 @@ impl CompletionIndex {
     }
 }
 
-/// Per-token log-probs `[n]` (f32, or f64 for f64 inputs) of `targets` under `softmax(h @ w^T)`, for `h: [n, hidden]`
-/// and `w: [vocab, hidden]` (same dtype), differentiable in `h` and `w`.
-pub fn token_logps(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+/// A model's LM head as the log-probs use it.
+#[derive(Debug, Clone)]
+pub struct LmHead {
+    /// `[vocab, hidden]`, in the head's dtype.
+    pub weight: Tensor,
+    /// Rows of logits computed at once: `chunk x vocab` logits exist at a time.
+    pub chunk: usize,
+    /// The log-softmax at the targets and its gradient by the fused ops
+    /// ([`ops::target_logprobs`]), else by candle ops (the model's `fused_ops`).
+    pub fused: bool,
+}
+
+impl LmHead {
+    /// `model`'s head (`CausalLm::lm_head`), fused where its blocks are.
+    pub fn of(model: &dpo_model::CausalLm, chunk: usize) -> Result<Self> {
+        Ok(LmHead { weight: model.lm_head()?, chunk, fused: model.fused_ops() })
+    }
+
+    /// `(logp, lse)` of `targets` under `softmax(logits)`.
+    fn logprobs(&self, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.fused {
+            ops::target_logprobs(logits, targets)
+        } else {
+            ops::target_logprobs_slow(logits, targets)
+        }
+    }
+
+    /// `d(sum_i g_i logp_i) / d logits`, in the logits' dtype.
+    fn logprobs_grad(&self, logits: &Tensor, lse: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            ops::target_logprobs_backward(logits, lse, targets, g)
+        } else {
+            ops::target_logprobs_backward_slow(logits, lse, targets, g)
+        }
+    }
+}
+
+/// Per-token log-probs `[n]` (f32, or f64 for f64 inputs) of `targets` under
+/// `softmax(h @ head.weight^T)`, for `h: [n, hidden]` (the weight's dtype), differentiable in `h`
+/// and the weight.
+pub fn token_logps(h: &Tensor, head: &LmHead, targets: &Tensor) -> Result<Tensor> {
     let _timed = dpo_model::profile::op(h.device(), "log_probs");
-    let value = token_logps_nograd(&h.detach(), &w.detach(), targets, chunk)?;
-    if !(h.track_op() || w.track_op()) {
+    let (value, lse) = token_logps_nograd(&h.detach(), &head.weight.detach(), targets, head)?;
+    if !(h.track_op() || head.weight.track_op()) {
         return Ok(value); // the reference: no graph to record, no copy
     }
-    h.apply_op2(w, ChunkedLogProbs { value, targets: targets.clone(), chunk })
+    h.apply_op2(&head.weight, ChunkedLogProbs { value, lse, targets: targets.clone(), head: head.clone() })
 }
 
 /// Per-sequence completion log-probs `[rows]` (f32) from final hidden states `[rows, seq, hidden]`.
-pub fn sequence_logps(
-    hidden: &Tensor,
-    lm_head: &Tensor,
-    index: &CompletionIndex,
-    chunk: usize,
-) -> Result<Tensor> {
+pub fn sequence_logps(hidden: &Tensor, head: &LmHead, index: &CompletionIndex) -> Result<Tensor> {
     let (rows, seq, h) = hidden.dims3()?;
     if index.counts.iter().sum::<usize>() == 0 {
         return Tensor::zeros(rows, DType::F32, hidden.device());
     }
     let selected = hidden.reshape((rows * seq, h))?.index_select(&index.positions, 0)?;
-    let per_token = token_logps(&selected.to_dtype(lm_head.dtype())?, lm_head, &index.targets, chunk)?;
+    let per_token = token_logps(&selected.to_dtype(head.weight.dtype())?, head, &index.targets)?;
     matmul(&index.segments.to_dtype(per_token.dtype())?, &per_token.unsqueeze(1)?)?.squeeze(1)
 }
 
 /// `sum_t KL(softmax(hp_t Wp^T) || softmax(hr_t Wr^T))` over the rows of `hp`/`hr` (`[n, hidden]`,
-/// the policy's and the reference's hidden states at the same positions), chunked, no gradient.
-pub fn token_kl_sum(hp: &Tensor, wp: &Tensor, hr: &Tensor, wr: &Tensor, chunk: usize) -> Result<f64> {
+/// the policy's and the reference's hidden states at the same positions), in chunks of the
+/// policy head's, no gradient.
+pub fn token_kl_sum(hp: &Tensor, p: &LmHead, hr: &Tensor, r: &LmHead) -> Result<f64> {
     let n = hp.dim(0)?;
-    let acc = accum_dtype(hp.dtype());
-    let log_softmax = |h: &Tensor, w: &Tensor, start: usize, len: usize| -> Result<Tensor> {
-        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(acc)?;
-        logits.broadcast_sub(&logsumexp(&logits)?.unsqueeze(1)?)
+    let zeros = Tensor::zeros(p.chunk.min(n), DType::U32, hp.device())?;
+    let log_softmax = |h: &Tensor, head: &LmHead, start: usize, len: usize| -> Result<Tensor> {
+        let logits = matmul(&h.narrow(0, start, len)?, &head.weight.t()?)?;
+        let (_, lse) = head.logprobs(&logits, &zeros.narrow(0, 0, len)?)?;
+        logits.to_dtype(lse.dtype())?.broadcast_sub(&lse.unsqueeze(1)?)
     };
-    let (hp, hr) = (hp.to_dtype(wp.dtype())?, hr.to_dtype(wr.dtype())?);
+    let (hp, hr) = (hp.to_dtype(p.weight.dtype())?, hr.to_dtype(r.weight.dtype())?);
     let (hp, hr) = (&hp, &hr);
     let mut total = 0f64;
     let mut start = 0;
     while start < n {
-        let len = chunk.min(n - start);
-        let (lp, lq) = (log_softmax(hp, wp, start, len)?, log_softmax(hr, wr, start, len)?);
+        let len = p.chunk.min(n - start);
+        let (lp, lq) = (log_softmax(hp, p, start, len)?, log_softmax(hr, r, start, len)?);
         let kl = (lp.exp()? * (lp - lq)?)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         total += kl;
         start += len;
@@ -137,30 +175,28 @@ pub fn token_kl_sum(hp: &Tensor, wp: &Tensor, hr: &Tensor, wr: &Tensor, chunk: u
     Ok(total)
 }
 
-fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, chunk: usize) -> Result<Tensor> {
+/// Per-token `(logp, lse)`, each `[n]`, chunk by chunk.
+fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, head: &LmHead) -> Result<(Tensor, Tensor)> {
     let n = h.dim(0)?;
-    let mut parts = Vec::with_capacity(n.div_ceil(chunk.max(1)));
+    let (mut logp, mut lse) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {
-        let len = chunk.min(n - start);
-        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?.to_dtype(accum_dtype(h.dtype()))?;
-        let tgt = targets.narrow(0, start, len)?.unsqueeze(1)?;
-        let picked = logits.gather(&tgt, 1)?.squeeze(1)?;
-        parts.push((picked - logsumexp(&logits)?)?);
+        let len = head.chunk.min(n - start);
+        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?;
+        let (l, s) = head.logprobs(&logits, &targets.narrow(0, start, len)?)?;
+        logp.push(l);
+        lse.push(s);
         start += len;
     }
-    Tensor::cat(&parts, 0)
-}
-
-fn logsumexp(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()?.add(&max)?.squeeze(D::Minus1)
+    Ok((Tensor::cat(&logp, 0)?, Tensor::cat(&lse, 0)?))
 }
 
 struct ChunkedLogProbs {
     value: Tensor,
+    /// Each row's `log sum_v exp(z_v)`, for the backward.
+    lse: Tensor,
     targets: Tensor,
-    chunk: usize,
+    head: LmHead,
 }
 
 impl CustomOp2 for ChunkedLogProbs {
@@ -201,27 +237,30 @@ impl CustomOp2 for ChunkedLogProbs {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timed = dpo_model::profile::op(h.device(), "log_probs_bwd");
         let (h, w) = (h.detach(), w.detach());
-        let dtype = h.dtype();
-        let acc = accum_dtype(dtype);
+        let acc = accum_dtype(h.dtype());
         let n = h.dim(0)?;
-        let vocab = w.dim(0)?;
         let mut grad_h = Vec::new();
-        let mut grad_w = w.zeros_like()?.to_dtype(acc)?;
+        let mut grad_w: Option<Tensor> = None;
         let mut start = 0;
         while start < n {
-            let len = self.chunk.min(n - start);
+            let len = self.head.chunk.min(n - start);
             let hc = h.narrow(0, start, len)?;
-            let g = grad.narrow(0, start, len)?.to_dtype(acc)?.unsqueeze(1)?;
-            let logits = matmul(&hc, &w.t()?)?.to_dtype(acc)?;
-            // Values only (detached inputs, no graph): this backward is the gradient itself.
-            let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-            let tgt = self.targets.narrow(0, start, len)?.unsqueeze(1)?;
-            let onehot_g = Tensor::zeros((len, vocab), acc, h.device())?.scatter_add(&tgt, &g, 1)?;
-            let dz = (onehot_g - probs.broadcast_mul(&g)?)?.to_dtype(dtype)?;
+            let logits = matmul(&hc, &w.t()?)?;
+            let part = |t: &Tensor| t.narrow(0, start, len);
+            let dz =
+                self.head.logprobs_grad(&logits, &part(&self.lse)?, &part(&self.targets)?, &part(grad)?)?;
             grad_h.push(matmul(&dz, &w)?);
-            grad_w = (grad_w + matmul(&dz.t()?, &hc)?.to_dtype(acc)?)?;
+            let dw = matmul(&dz.t()?, &hc)?.to_dtype(acc)?;
+            grad_w = Some(match grad_w {
+                Some(sum) => (sum + dw)?,
+                None => dw,
+            });
             start += len;
         }
-        Ok((Some(Tensor::cat(&grad_h, 0)?), Some(grad_w.to_dtype(dtype)?)))
+        let grad_w = match grad_w {
+            Some(g) => g.to_dtype(w.dtype())?,
+            None => w.zeros_like()?,
+        };
+        Ok((Some(Tensor::cat(&grad_h, 0)?), Some(grad_w)))
     }
 }

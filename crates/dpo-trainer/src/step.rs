@@ -5,7 +5,7 @@ use dpo_loader::Batch;
 use dpo_model::{AttentionMask, CausalLm};
 
 use crate::config::{LossType, TrainConfig};
-use crate::logprobs::{CompletionIndex, sequence_logps};
+use crate::logprobs::{CompletionIndex, LmHead, sequence_logps};
 use crate::loss::{self, LossOutput, PairLogps};
 use crate::metrics::BatchStats;
 
@@ -117,7 +117,7 @@ impl DeviceBatch {
     /// Per-sequence completion log-probs under `model`, `[2 * pairs]`: chosen rows, then rejected.
     pub fn logps(&self, model: &CausalLm, chunk: usize) -> Result<Tensor> {
         let hidden = model.hidden_states(&self.ids, &self.mask)?;
-        sequence_logps(&hidden, &model.lm_head()?, &self.index, chunk)
+        sequence_logps(&hidden, &LmHead::of(model, chunk)?, &self.index)
     }
 }
 

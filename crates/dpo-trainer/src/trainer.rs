@@ -16,7 +16,7 @@ use crate::config::{Precision, TrainConfig};
 use crate::constraints::{Constraints, ImplicitKl};
 use crate::data_counts::DataCounts;
 use crate::error::{Result, TrainError};
-use crate::logprobs::{sequence_logps, token_kl_sum};
+use crate::logprobs::{LmHead, sequence_logps, token_kl_sum};
 use crate::metrics::{BatchStats, Window, eval_metrics};
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
 use crate::outputs::Outputs;
@@ -356,7 +356,7 @@ impl Trainer {
         let policy = &self.policy.model;
         let mut scored = None;
         let mut head = |hidden: &Tensor| -> candle_core::Result<Tensor> {
-            let logps = sequence_logps(hidden, &policy.lm_head()?, &db.index, cfg.logprob_chunk)?;
+            let logps = sequence_logps(hidden, &LmHead::of(policy, cfg.logprob_chunk)?, &db.index)?;
             let x = pair_logps(&logps, &ref_logps, db)?;
             let (loss, s) = score(&x, &loss_of(cfg, &x)?, db.tokens)?;
             scored = Some(s);
@@ -581,7 +581,7 @@ impl Trainer {
             Some(r) => r.clone(),
             None => self.load_reference()?,
         };
-        let (wp, wr) = (policy.lm_head()?, reference.lm_head()?);
+        let (wp, wr) = (LmHead::of(&policy, cfg.logprob_chunk)?, LmHead::of(&reference, cfg.logprob_chunk)?);
         let data_cfg = cfg.eval_data_config();
         let (mut kl, mut positions) = (0f64, 0usize);
         let (mut chosen, mut rejected, mut pairs) = (0f64, 0f64, 0usize);
@@ -593,10 +593,10 @@ impl Trainer {
                 let (rows, seq, hidden) = h.dims3()?;
                 Ok(h.reshape((rows * seq, hidden))?.index_select(&db.index.positions, 0)?)
             };
-            kl += token_kl_sum(&select(&hp)?, &wp, &select(&hr)?, &wr, cfg.logprob_chunk)?;
+            kl += token_kl_sum(&select(&hp)?, &wp, &select(&hr)?, &wr)?;
             positions += db.index.counts.iter().sum::<usize>();
-            let ratio: Vec<f64> = (sequence_logps(&hp, &wp, &db.index, cfg.logprob_chunk)?
-                - sequence_logps(&hr, &wr, &db.index, cfg.logprob_chunk)?)?
+            let ratio: Vec<f64> = (sequence_logps(&hp, &wp, &db.index)?
+                - sequence_logps(&hr, &wr, &db.index)?)?
             .to_dtype(DType::F64)?
             .to_vec1()?;
             chosen += ratio[..db.pairs].iter().sum::<f64>();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_loader::{DataConfig, DataPosition, PreferenceDataset, PreferenceTokenizer, batches};
 use dpo_model::{Checkpoint, Policy};
+use dpo_trainer::logprobs::LmHead;
 use dpo_trainer::step::DeviceBatch;
 
 fn fixture_batches(max_length: usize) -> Vec<dpo_loader::Batch> {
@@ -110,7 +111,7 @@ fn grads_by_block(
     mode: Mode,
 ) -> (Tensor, HashMap<TensorId, Tensor>) {
     let head = |hidden: &Tensor| {
-        let logps = dpo_trainer::logprobs::sequence_logps(hidden, &p.model.lm_head()?, &db.index, 5)?;
+        let logps = dpo_trainer::logprobs::sequence_logps(hidden, &LmHead::of(&p.model, 5)?, &db.index)?;
         (logps * c)?.sum_all()
     };
     let r = match mode {

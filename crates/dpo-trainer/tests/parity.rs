@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, TensorId};
 use dpo_model::{AttentionMask, Checkpoint, Policy};
-use dpo_trainer::logprobs::{CompletionIndex, sequence_logps};
+use dpo_trainer::logprobs::{CompletionIndex, LmHead, sequence_logps};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/parity").join(name)
@@ -73,7 +73,7 @@ fn check_with(name: &str, dtype: DType, fused: bool, backward: Backward, logp_to
     let index = CompletionIndex::new(&batch.ids, &batch.completion, batch.rows, batch.seq, &dev).unwrap();
     let hidden = policy.model.hidden_states(&ids, &mask).unwrap();
     // A small chunk so that the chunked path (several chunks, a ragged last one) is exercised.
-    let logps = sequence_logps(&hidden, &policy.model.lm_head().unwrap(), &index, 7).unwrap();
+    let logps = sequence_logps(&hidden, &LmHead::of(&policy.model, 7).unwrap(), &index).unwrap();
 
     let want = &expected["logps"];
     let got = logps.to_dtype(DType::F64).unwrap();
@@ -94,9 +94,9 @@ fn check_with(name: &str, dtype: DType, fused: bool, backward: Backward, logp_to
                 .collect()
         }
         Backward::Manual => {
-            let head = policy.model.lm_head().unwrap();
+            let head = LmHead::of(&policy.model, 7).unwrap();
             let m = &policy.model;
-            m.manual_grads(&ids, &mask, |h| objective(sequence_logps(h, &head, &index, 7)?), false).unwrap().1
+            m.manual_grads(&ids, &mask, |h| objective(sequence_logps(h, &head, &index)?), false).unwrap().1
         }
     };
     for (pname, var) in &policy.params {

@@ -92,6 +92,7 @@ type OpFn = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
 type Inputs = (Vec<Tensor>, Vec<(&'static str, Var)>);
 
 /// One input of an op under test: CPU f32 values.
+#[derive(Clone)]
 pub(crate) struct Input {
     pub name: &'static str,
     pub value: Tensor,
@@ -462,6 +463,52 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         ],
         fused: Box::new(|x| super::silu_mul(&x[0], &x[1])),
         slow: Box::new(|x| super::silu_mul_slow(&x[0], &x[1])),
+    });
+    // The LM head's log-softmax at the targets: logits of a vocabulary not a multiple of the
+    // block, one target per row (the first and the last token among them), spread logits; the
+    // (logp, lse) pair reported in the dtype under test. Then the backward, with the lse that
+    // its own forward gave and g in f32.
+    let (n, vocab) = if big { (256, 151_936) } else { (29, 5003) };
+    let targets: Vec<u32> =
+        (0..n as u32).map(|i| [0, vocab as u32 - 1, (i * 7919) % vocab as u32][i as usize % 3]).collect();
+    let targets = Input {
+        name: "targets",
+        value: Tensor::from_vec(targets, n, &Device::Cpu)?,
+        grad: false,
+        keep_f32: true,
+    };
+    let logits =
+        Input { name: "logits", value: randn_tensor(&[n, vocab], 16, 4.0)?, grad: false, keep_f32: false };
+    type LogProbs = fn(&Tensor, &Tensor) -> Result<(Tensor, Tensor)>;
+    let pair = |f: LogProbs, x: &[Tensor]| -> Result<Tensor> {
+        let (logp, lse) = f(&x[0], &x[1])?;
+        Tensor::cat(&[logp, lse], 0)?.to_dtype(x[0].dtype())
+    };
+    cases.push(Case {
+        op: "target_logprobs",
+        out_dims: Some(vec![2 * n]),
+        shape: format!("[{n}, {vocab}]"),
+        inputs: vec![logits.clone(), targets.clone()],
+        fused: Box::new(move |x| pair(super::target_logprobs, x)),
+        slow: Box::new(move |x| pair(super::target_logprobs_slow, x)),
+    });
+    type LogProbsBwd = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+    let backward = |f: LogProbs, b: LogProbsBwd, x: &[Tensor]| -> Result<Tensor> {
+        b(&x[0], &f(&x[0], &x[1])?.1, &x[1], &x[2])
+    };
+    cases.push(Case {
+        op: "target_logprobs_backward",
+        out_dims: None,
+        shape: format!("[{n}, {vocab}]"),
+        inputs: vec![
+            logits,
+            targets,
+            Input { name: "g", value: randn_tensor(&[n], 17, 1.0)?, grad: false, keep_f32: true },
+        ],
+        fused: Box::new(move |x| backward(super::target_logprobs, super::target_logprobs_backward, x)),
+        slow: Box::new(move |x| {
+            backward(super::target_logprobs_slow, super::target_logprobs_backward_slow, x)
+        }),
     });
     Ok(cases)
 }

@@ -13,7 +13,7 @@ const MODULE: &str = "dpo_ops";
 
 /// An element type with kernels, and the type those kernels accumulate in.
 trait Kern: CudaDType + DeviceRepr + ValidAsZeroBits + WithDType {
-    type Acc: DeviceRepr;
+    type Acc: CudaDType + DeviceRepr;
 }
 impl Kern for f32 {
     type Acc = f32;
@@ -645,4 +645,77 @@ pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
     }
     let host = stream.clone_dtoh(&acc).w()?;
     Ok(host[0])
+}
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn target_logprobs(
+    z: &CudaStorage,
+    zl: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    dispatch!(z.dtype(), target_logprobs_t(z, zl, t, tl))
+}
+
+fn target_logprobs_t<T: Kern>(
+    z: &CudaStorage,
+    zl: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = z.device().clone();
+    let zv = view::<T>(z, zl, "target_logprobs")?;
+    let tv = view::<u32>(t, tl, "target_logprobs targets")?;
+    let (n, v) = zl.shape().dims2()?;
+    let (n32, v32) = (int(n, "target_logprobs")?, int(v, "target_logprobs")?);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T::Acc>(2 * n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_target_logprobs_fwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&zv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
+        // SAFETY: argument types match the kernel's signature; sizes were checked above.
+        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs")?) }.w()?;
+    }
+    Ok(T::Acc::wrap_cuda_slice(out, dev))
+}
+
+pub(super) fn target_logprobs_bwd(
+    z: &CudaStorage,
+    zl: &Layout,
+    lg: &CudaStorage,
+    lgl: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    dispatch!(z.dtype(), target_logprobs_bwd_t(z, zl, lg, lgl, t, tl))
+}
+
+fn target_logprobs_bwd_t<T: Kern>(
+    z: &CudaStorage,
+    zl: &Layout,
+    lg: &CudaStorage,
+    lgl: &Layout,
+    t: &CudaStorage,
+    tl: &Layout,
+) -> Result<CudaStorage> {
+    let dev = z.device().clone();
+    let zv = view::<T>(z, zl, "target_logprobs_backward")?;
+    let lgv = view::<T::Acc>(lg, lgl, "target_logprobs_backward lse and g")?;
+    let tv = view::<u32>(t, tl, "target_logprobs_backward targets")?;
+    let (n, v) = zl.shape().dims2()?;
+    let (n32, v32) = (int(n, "target_logprobs_backward")?, int(v, "target_logprobs_backward")?);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n * v)? };
+    if n * v > 0 {
+        let f = func::<T>(&dev, "dpo_target_logprobs_bwd")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
+        // SAFETY: argument types match the kernel's signature; sizes were checked above.
+        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
 }

@@ -1,7 +1,8 @@
 //! Fused training ops with a backward: masked softmax, RMSNorm, rotate-half RoPE, SiLU gate, an
 //! attention that recomputes its probabilities in the backward ([`attention`]), and the two
 //! places mixed precision changes dtype: the norm that feeds a matmul ([`rms_norm_to`]) and the
-//! residual add of a matmul's output ([`add_cast`]).
+//! residual add of a matmul's output ([`add_cast`]). Also the LM head's log-softmax at the
+//! target tokens and its gradient ([`target_logprobs`], [`target_logprobs_backward`]; no graph).
 //!
 //! candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`, ...) have no backward, so the
 //! model used to spell each of these as a chain of differentiable candle ops. Each op here is one
@@ -22,6 +23,7 @@ mod attention;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod logprobs;
 mod residual;
 mod rms_norm;
 mod rope;
@@ -66,6 +68,9 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     Ok(None)
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
+pub use logprobs::{
+    target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_slow,
+};
 pub use residual::add_cast;
 pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_slow, rms_norm_to};
 pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow};
@@ -119,7 +124,7 @@ pub fn hand_over<S: DeviceStorage>(value: &Tensor) -> Result<(S, candle_core::Sh
 
 /// An element type the fused ops take, with the type they compute in.
 pub(crate) trait Elem: WithDType + Copy + Send + Sync {
-    type A: num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync;
+    type A: WithDType + num_traits::Float + std::ops::AddAssign + std::iter::Sum + Send + Sync;
     fn acc(self) -> Self::A;
     fn from_acc(a: Self::A) -> Self;
     /// `a` rounded through `Self` (a cast to `Self` and back).

@@ -121,6 +121,34 @@ fn rope_backward_merged_matches_the_ops_it_fuses() {
 }
 
 #[test]
+fn target_logprobs_match_slow_path() {
+    check_op("target_logprobs");
+    check_op("target_logprobs_backward");
+}
+
+/// A target outside the vocabulary is an error naming it; a NaN logit reaches its row's lse and
+/// log-prob (and no other row's); extreme logits stay finite.
+#[test]
+fn target_logprobs_bad_targets_and_extreme_logits() {
+    let z = Tensor::new(&[[1f32, 2.0, 3.0], [0.0, f32::NAN, 0.0], [1e30, -1e30, 0.0]], &CPU).unwrap();
+    let err = target_logprobs(&z, &Tensor::new(&[0u32, 3, 1], &CPU).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("target token 3 outside the vocabulary of 3"), "{err}");
+    let t = Tensor::new(&[2u32, 0, 0], &CPU).unwrap();
+    let (logp, lse) = target_logprobs(&z, &t).unwrap();
+    let (logp, lse) = (logp.to_vec1::<f32>().unwrap(), lse.to_vec1::<f32>().unwrap());
+    assert!((lse[0] - (1f32.exp() + 2f32.exp() + 3f32.exp()).ln()).abs() < 1e-6);
+    assert!(lse[1].is_nan() && logp[1].is_nan());
+    assert_eq!((lse[2], logp[2]), (1e30, 0.0));
+    let g = Tensor::new(&[1f32, 1.0, 1.0], &CPU).unwrap();
+    let dz = target_logprobs_backward(&z, &Tensor::new(&lse[..], &CPU).unwrap(), &t, &g).unwrap();
+    let dz = dz.to_vec2::<f32>().unwrap();
+    assert!(dz[1].iter().all(|v| v.is_nan()));
+    assert_eq!(dz[2], vec![0.0, 0.0, 0.0]);
+    let sum: f32 = dz[0].iter().sum();
+    assert!(sum.abs() < 1e-6 && dz[0][2] > 0.0 && dz[0][0] < 0.0);
+}
+
+#[test]
 fn silu_mul_matches_slow_path() {
     check_op("silu_mul");
 }
