@@ -1,0 +1,128 @@
+// CUDA on the CPU, for running kernels/dpo_ops.cu in tests (tests/cuda_emulated.rs): every CUDA
+// thread of a block is a std::thread, a block's threads run together, blocks one at a time.
+// Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
+// __syncthreads, warp shuffles (__shfl_xor_sync, __shfl_down_sync; every lane of a warp takes
+// part, as the kernels' full masks promise), atomicAdd on double, the float intrinsics, and the
+// bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+// One block runs at a time, so a function's statics are its block's shared memory.
+#define __shared__ static
+
+namespace emu {
+struct Block {
+    std::unique_ptr<std::barrier<>> all;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<double> lanes;  // each thread's value in a shuffle
+};
+inline Block *running = nullptr;
+
+inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+
+template <typename T> T shuffle(T v, int (*src)(int lane, int o), int o) {
+    const unsigned t = linear_tid(), lane = t & 31;
+    auto &warp = *running->warps[t / 32];
+    running->lanes[t] = (double)v;
+    warp.arrive_and_wait();
+    const int from = src((int)lane, o);
+    const T r = from < 0 ? v : (T)running->lanes[t - lane + from];
+    warp.arrive_and_wait();
+    return r;
+}
+
+// Runs `kernel` on every thread of every block of `grid`.
+inline void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
+    gridDim = grid;
+    blockDim = block;
+    const unsigned n = block.x * block.y * block.z;
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+        for (unsigned by = 0; by < grid.y; ++by)
+            for (unsigned bx = 0; bx < grid.x; ++bx) {
+                Block b;
+                b.all = std::make_unique<std::barrier<>>(n);
+                for (unsigned w = 0; w < n; w += 32) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w)));
+                b.lanes.assign(n, 0.0);
+                running = &b;
+                std::vector<std::thread> threads;
+                threads.reserve(n);
+                for (unsigned tz = 0; tz < block.z; ++tz)
+                    for (unsigned ty = 0; ty < block.y; ++ty)
+                        for (unsigned tx = 0; tx < block.x; ++tx)
+                            threads.emplace_back([&, tx, ty, tz] {
+                                threadIdx = {tx, ty, tz};
+                                blockIdx = {bx, by, bz};
+                                kernel();
+                                // An exited thread no longer holds up the others' barriers.
+                                b.warps[linear_tid() / 32]->arrive_and_drop();
+                                b.all->arrive_and_drop();
+                            });
+                for (auto &t : threads) t.join();
+                running = nullptr;
+            }
+}
+}  // namespace emu
+
+inline void __syncthreads() { emu::running->all->arrive_and_wait(); }
+
+template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
+    return emu::shuffle<T>(v, [](int lane, int o) { return lane ^ o; }, o);
+}
+
+template <typename T> T __shfl_down_sync(unsigned, T v, int o) {
+    return emu::shuffle<T>(v, [](int lane, int o) { return lane + o < 32 ? lane + o : -1; }, o);
+}
+
+inline double atomicAdd(double *p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
+
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+
+inline double __longlong_as_double(long long i) {
+    double d;
+    std::memcpy(&d, &i, 8);
+    return d;
+}
+
+struct __nv_bfloat16 {
+    uint16_t bits;
+};
+
+inline float __bfloat162float(__nv_bfloat16 h) { return __int_as_float((int)((uint32_t)h.bits << 16)); }
+
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
+
+struct __half {
+    _Float16 v;
+};
+
+inline float __half2float(__half h) { return (float)h.v; }
+inline __half __float2half_rn(float f) { return {(_Float16)f}; }

@@ -1,0 +1,1 @@
+// Empty: tests/cuda-emu/emu.h defines what the kernels use.

@@ -1,0 +1,509 @@
+//! The CUDA kernels of `kernels/dpo_ops.cu`, run on the CPU under an emulation of CUDA's
+//! threads, shared memory, barriers and warp shuffles (`tests/cuda-emu/`), against the CPU
+//! kernels of the same ops. The project's CI and most of its sessions have no GPU: a wrong index,
+//! stride or reduction in a kernel fails here instead of in the startup kernel check of a GPU
+//! run. The launch arguments and grid shapes are given as `src/ops/cuda.rs` gives them (its
+//! launchers need a CUDA device; their argument lists are not checked here).
+//!
+//! Needs a C++20 compiler (`$CXX`, else `c++`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Tensor};
+use dpo_model::ops;
+use half::{bf16, f16};
+
+const CPU: Device = Device::Cpu;
+
+/// The kernels these tests launch (the emulator's registry).
+const KERNELS: &[&str] = &[
+    "dpo_softmax_fwd_f32",
+    "dpo_softmax_fwd_bf16",
+    "dpo_target_logprobs_fwd_f32",
+    "dpo_target_logprobs_fwd_bf16",
+    "dpo_target_logprobs_bwd_f32",
+    "dpo_target_logprobs_bwd_bf16",
+    "dpo_rope_f32",
+    "dpo_rope_bf16",
+    "dpo_rope_bwd_merged_f32",
+    "dpo_rope_bwd_merged_bf16",
+    "dpo_rmsnorm_fwd_f32_to_bf16",
+    "dpo_rmsnorm_bwd_dx_add_f32_from_bf16",
+    "dpo_rmsnorm_bwd_dw_partial_f32_from_bf16",
+    "dpo_rmsnorm_bwd_dx_add_bf16",
+    "dpo_rmsnorm_bwd_dx_f32",
+    "dpo_rmsnorm_bwd_dw_partial_bf16",
+    "dpo_rmsnorm_bwd_dw_final_f32",
+    "dpo_rmsnorm_bwd_dw_final_bf16",
+    "dpo_add_cast_bf16",
+    "dpo_silu_mul_bwd_bf16",
+    "dpo_sumsq_f32",
+];
+
+/// The emulator, compiled once per test binary.
+fn emulator() -> &'static PathBuf {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emu");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
+        std::fs::create_dir_all(&dir).unwrap();
+        let registry: String = KERNELS.iter().map(|k| format!("K({k})\n")).collect();
+        std::fs::write(dir.join("registry.inc"), registry).unwrap();
+        let exe = dir.join("cuda-emu");
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let out = Command::new(&cxx)
+            .args(["-std=c++20", "-O1", "-pthread", "-I"])
+            .arg(src.join("include"))
+            .arg("-I")
+            .arg(&dir)
+            .arg(src.join("main.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .unwrap_or_else(|e| panic!("running the C++ compiler `{cxx}` (set CXX): {e}"));
+        assert!(
+            out.status.success(),
+            "compiling the CUDA emulator:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        exe
+    })
+}
+
+/// A kernel argument: a buffer (the kernel may write it) or a scalar.
+enum Arg {
+    Buf(Vec<u8>),
+    I32(i32),
+    I64(i64),
+    F64(f64),
+}
+
+/// Runs `kernel` on `grid` x `block` threads; returns every buffer argument afterwards.
+fn launch(kernel: &str, grid: (usize, usize), block: (usize, usize), args: &[Arg]) -> Vec<Vec<u8>> {
+    let mut spec = Vec::new();
+    let u32s =
+        |spec: &mut Vec<u8>, v: &[usize]| v.iter().for_each(|&x| spec.extend((x as u32).to_le_bytes()));
+    u32s(&mut spec, &[kernel.len()]);
+    spec.extend(kernel.as_bytes());
+    u32s(&mut spec, &[grid.0, grid.1, block.0, block.1, args.len()]);
+    for a in args {
+        let (kind, bytes) = match a {
+            Arg::Buf(b) => (0u8, b.clone()),
+            Arg::I32(v) => (1, v.to_le_bytes().to_vec()),
+            Arg::I64(v) => (1, v.to_le_bytes().to_vec()),
+            Arg::F64(v) => (1, v.to_le_bytes().to_vec()),
+        };
+        spec.push(kind);
+        spec.extend((bytes.len() as u64).to_le_bytes());
+        spec.extend(bytes);
+    }
+    let mut child = Command::new(emulator())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&spec).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{kernel}: {}", String::from_utf8_lossy(&out.stderr));
+    let (mut bufs, mut at) = (Vec::new(), 0);
+    while at < out.stdout.len() {
+        let n = u64::from_le_bytes(out.stdout[at..at + 8].try_into().unwrap()) as usize;
+        bufs.push(out.stdout[at + 8..at + 8 + n].to_vec());
+        at += 8 + n;
+    }
+    bufs
+}
+
+/// `t`'s elements (row-major) as the kernel sees them.
+fn bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        DType::BF16 => t.to_vec1::<bf16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F16 => t.to_vec1::<f16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::U32 => t.to_vec1::<u32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        dt => panic!("no bytes for {dt:?}"),
+    }
+}
+
+fn buf(t: &Tensor) -> Arg {
+    Arg::Buf(bytes(t))
+}
+
+/// An output buffer of `n` elements of `dt`, filled with a NaN pattern so that unwritten
+/// elements show.
+fn out(dt: DType, n: usize) -> Arg {
+    Arg::Buf(vec![0xff; n * dt.size_in_bytes()])
+}
+
+fn tensor(b: &[u8], dt: DType, shape: &[usize]) -> Tensor {
+    let t = match dt {
+        DType::F32 => {
+            let v: Vec<f32> = b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            Tensor::new(v, &CPU)
+        }
+        DType::BF16 => {
+            let v: Vec<bf16> =
+                b.chunks(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+            Tensor::new(v, &CPU)
+        }
+        DType::F64 => {
+            let v: Vec<f64> = b.chunks(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+            Tensor::new(v, &CPU)
+        }
+        dt => panic!("no tensor from {dt:?}"),
+    };
+    t.unwrap().reshape(shape).unwrap()
+}
+
+/// `src/ops/cuda.rs`'s launch shapes: one block per row, and grid-stride element-wise.
+fn rows_cfg(rows: usize, len: usize) -> ((usize, usize), (usize, usize)) {
+    ((rows, 1), (len.div_ceil(4).next_power_of_two().clamp(32, 1024), 1))
+}
+
+fn elementwise_cfg(n: usize) -> ((usize, usize), (usize, usize)) {
+    ((n.div_ceil(256).clamp(1, 1 << 20), 1), (256, 1))
+}
+
+/// Deterministic N(0, std^2) values (xorshift64* and Box-Muller) as a CPU f32 tensor.
+fn randn(shape: &[usize], seed: u64, std: f32) -> Tensor {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut uniform = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let n = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            let (u, v) = (uniform(), uniform());
+            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * std
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &CPU).unwrap()
+}
+
+/// `max |got - want| / max |want|` within `tol` (same shape, every value finite).
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let (got, want) = (got.to_dtype(DType::F64).unwrap(), want.to_dtype(DType::F64).unwrap());
+    let max =
+        |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+    let finite = got.sum_all().unwrap().to_scalar::<f64>().unwrap().is_finite();
+    let rel = max(&(&got - &want).unwrap()) / max(&want).max(1e-30);
+    eprintln!("{what}: relative error {rel:.2e}");
+    assert!(finite && rel <= tol, "{what}: relative error {rel:e} > {tol:e} (finite: {finite})");
+}
+
+/// The tolerance of the startup kernel check (`ops::verify`): the same algorithm on both sides.
+fn tol(dt: DType) -> f64 {
+    if dt == DType::F32 { 5e-5 } else { 1.6e-2 }
+}
+
+fn suffix(dt: DType) -> &'static str {
+    dt.as_str()
+}
+
+fn acc(dt: DType) -> DType {
+    if dt == DType::F64 { DType::F64 } else { DType::F32 }
+}
+
+/// The H100-checked masked softmax: the emulator runs a kernel known to be right.
+#[test]
+fn masked_softmax_forward() -> Result<()> {
+    let (r, h, q, k) = (2, 2, 5, 37);
+    let bias = Tensor::from_vec(
+        (0..r * q * k).map(|i| if (i % k) > (i / k) % q + 30 { -1e9f32 } else { 0.0 }).collect::<Vec<_>>(),
+        (r, 1, q, k),
+        &CPU,
+    )?;
+    for dt in [DType::F32, DType::BF16] {
+        let s = randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?;
+        let want = ops::masked_softmax(&s, &bias, 0.5)?;
+        let (grid, block) = rows_cfg(r * h * q, k);
+        let args = [
+            buf(&s),
+            buf(&bias),
+            out(dt, r * h * q * k),
+            Arg::I32(k as i32),
+            Arg::I32(q as i32),
+            Arg::I32((h * q) as i32),
+            Arg::I32(0),
+            Arg::F64(0.5),
+        ];
+        let got = launch(&format!("dpo_softmax_fwd_{}", suffix(dt)), grid, block, &args);
+        assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &want, tol(dt), &format!("softmax {dt:?}"));
+    }
+    Ok(())
+}
+
+#[test]
+fn target_logprobs_forward_and_backward() -> Result<()> {
+    let (n, vocab) = (7, 1029);
+    let targets = Tensor::new(&[0u32, 1028, 5, 1000, 17, 512, 3], &CPU)?;
+    let g = randn(&[n], 3, 1.0);
+    for dt in [DType::F32, DType::BF16] {
+        let z = randn(&[n, vocab], 2, 4.0).to_dtype(dt)?;
+        let (logp, lse) = ops::target_logprobs(&z, &targets)?;
+        let (grid, block) = rows_cfg(n, vocab);
+        let fwd = [buf(&z), buf(&targets), out(acc(dt), 2 * n), Arg::I32(vocab as i32), Arg::I32(n as i32)];
+        let got = launch(&format!("dpo_target_logprobs_fwd_{}", suffix(dt)), grid, block, &fwd);
+        let got = tensor(&got[2], acc(dt), &[2, n]);
+        // Both computed in f32 from the same logits: close in any dtype.
+        assert_close(&got.get(0)?, &logp, 1e-5, &format!("logp {dt:?}"));
+        assert_close(&got.get(1)?, &lse, 1e-5, &format!("lse {dt:?}"));
+        let want = ops::target_logprobs_backward(&z, &lse, &targets, &g)?;
+        let lse_g = Tensor::stack(&[&lse, &g], 0)?;
+        let bwd = [
+            buf(&z),
+            buf(&lse_g),
+            buf(&targets),
+            out(dt, n * vocab),
+            Arg::I32(vocab as i32),
+            Arg::I32(n as i32),
+        ];
+        let got = launch(&format!("dpo_target_logprobs_bwd_{}", suffix(dt)), grid, block, &bwd);
+        assert_close(&tensor(&got[3], dt, &[n, vocab]), &want, tol(dt), &format!("dlogits {dt:?}"));
+    }
+    Ok(())
+}
+
+/// RoPE on the heads of a stacked projection's output read in place (strided, with an offset),
+/// shared and per-row tables, forward and backward (which the trainer gives contiguous).
+#[test]
+fn rope_strided_heads() -> Result<()> {
+    let (r, h, s, d) = (2, 3, 9, 8);
+    for dt in [DType::F32, DType::BF16] {
+        for per_row in [false, true] {
+            let positions: Vec<f32> = (0..if per_row { r } else { 1 })
+                .flat_map(|row| {
+                    (0..s).flat_map(move |p| {
+                        (0..d).map(move |j| ((row * 5 + p) * (1 + j % (d / 2))) as f32 * 0.1)
+                    })
+                })
+                .collect();
+            let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
+            let angles = Tensor::from_vec(positions, shape, &CPU)?;
+            let (cos, sin) = (angles.cos()?.to_dtype(dt)?, angles.sin()?.to_dtype(dt)?);
+            // x [r, s, h + 2, d]; the view [r, h, s, d] from head 1.
+            let x = randn(&[r, s, h + 2, d], 4, 1.0).to_dtype(dt)?;
+            let view = x.transpose(1, 2)?.narrow(1, 1, h)?;
+            let n = r * h * s * d;
+            let (grid, block) = elementwise_cfg(n);
+            let run = |input: Vec<u8>, strides: [usize; 3], bwd: bool| -> Tensor {
+                let args = [
+                    Arg::Buf(input),
+                    buf(&cos),
+                    buf(&sin),
+                    out(dt, n),
+                    Arg::I64(n as i64),
+                    Arg::I32(h as i32),
+                    Arg::I32(s as i32),
+                    Arg::I32(d as i32),
+                    Arg::I64(strides[0] as i64),
+                    Arg::I64(strides[1] as i64),
+                    Arg::I64(strides[2] as i64),
+                    Arg::I32(i32::from(per_row)),
+                    Arg::I32(i32::from(bwd)),
+                ];
+                tensor(&launch(&format!("dpo_rope_{}", suffix(dt)), grid, block, &args)[3], dt, &[r, h, s, d])
+            };
+            // The view starts `d` elements into x (head 1 of row 0, position 0).
+            let strided = bytes(&x)[d * dt.size_in_bytes()..].to_vec();
+            let strides = [s * (h + 2) * d, d, (h + 2) * d];
+            let what = format!("rope {dt:?} per_row={per_row}");
+            assert_close(
+                &run(strided.clone(), strides, false),
+                &ops::rope(&view, &cos, &sin)?,
+                tol(dt),
+                &what,
+            );
+            let want_bwd = ops::rope_backward(&view, &cos, &sin)?;
+            assert_close(
+                &run(strided, strides, true),
+                &want_bwd,
+                tol(dt),
+                &format!("{what} backward, strided"),
+            );
+            let dense = bytes(&view.contiguous()?);
+            assert_close(
+                &run(dense, [h * s * d, s * d, d], true),
+                &want_bwd,
+                tol(dt),
+                &format!("{what} backward"),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_backward_merged_into_stacked_layout() -> Result<()> {
+    let (r, hq, hk, s, d) = (2, 3, 2, 7, 8);
+    for dt in [DType::F32, DType::BF16] {
+        for per_row in [false, true] {
+            let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
+            let angles = (randn(shape, 9, 1.0) * 3.0)?;
+            let (cos, sin) = (angles.cos()?.to_dtype(dt)?, angles.sin()?.to_dtype(dt)?);
+            let dq = randn(&[r, hq, s, d], 6, 1.0).to_dtype(dt)?;
+            let dk = randn(&[r, hk, s, d], 7, 1.0).to_dtype(dt)?;
+            let dv = randn(&[r, hk, s, d], 8, 1.0).to_dtype(dt)?;
+            let want = ops::rope_backward_merged(&dq, &dk, &dv, &cos, &sin)?;
+            let n = r * s * (hq + 2 * hk) * d;
+            let (grid, block) = elementwise_cfg(n);
+            let args = [
+                buf(&dq),
+                buf(&dk),
+                buf(&dv),
+                buf(&cos),
+                buf(&sin),
+                out(dt, n),
+                Arg::I64(n as i64),
+                Arg::I32(hq as i32),
+                Arg::I32(hk as i32),
+                Arg::I32(s as i32),
+                Arg::I32(d as i32),
+                Arg::I32(i32::from(per_row)),
+            ];
+            let got = launch(&format!("dpo_rope_bwd_merged_{}", suffix(dt)), grid, block, &args);
+            let what = format!("rope_backward_merged {dt:?} per_row={per_row}");
+            assert_close(&tensor(&got[5], dt, want.dims()), &want, tol(dt), &what);
+        }
+    }
+    Ok(())
+}
+
+/// The RMSNorm backward with the residual gradient: x, w, res in f32 with dy bf16 (the manual
+/// backward's), and all in bf16; dw over several row groups, a width not a multiple of 32.
+#[test]
+fn rms_norm_backward_add() -> Result<()> {
+    let (rows, dim, eps) = (150, 40, 1e-6);
+    for (xt, dyt) in [(DType::F32, DType::BF16), (DType::BF16, DType::BF16)] {
+        let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?.to_dtype(xt)?;
+        let w = (randn(&[dim], 13, 0.1) + 1.0)?.to_dtype(xt)?;
+        let dy = randn(&[rows, dim], 14, 1.0).to_dtype(dyt)?;
+        let res = randn(&[rows, dim], 15, 1.0).to_dtype(xt)?;
+        let (want_dx, want_dw) = ops::rms_norm_backward_add(&x, &w, eps, &dy, &res)?;
+        let name = |k: &str| match xt == dyt {
+            true => format!("{k}_{}", suffix(xt)),
+            false => format!("{k}_f32_from_{}", suffix(dyt)),
+        };
+        let n = rows * dim;
+        let (grid, block) = rows_cfg(rows, dim);
+        let dx_args = [
+            buf(&x),
+            buf(&w),
+            buf(&dy),
+            buf(&res),
+            out(xt, n + dim),
+            out(acc(xt), rows),
+            Arg::I32(dim as i32),
+            Arg::F64(eps),
+        ];
+        let got = launch(&name("dpo_rmsnorm_bwd_dx_add"), grid, block, &dx_args);
+        let what = format!("rms_norm_backward_add x {xt:?} dy {dyt:?}");
+        let dx = tensor(&got[4][..n * xt.size_in_bytes()], xt, &[rows, dim]);
+        assert_close(&dx, &want_dx, tol(xt), &format!("{what} dx"));
+        let rs = got[5].clone();
+        let groups = rows.div_ceil(8 * 16).clamp(1, 1024);
+        let part_args = [
+            buf(&x),
+            buf(&dy),
+            Arg::Buf(rs),
+            out(acc(xt), groups * dim),
+            Arg::I32(rows as i32),
+            Arg::I32(dim as i32),
+        ];
+        let partial =
+            launch(&name("dpo_rmsnorm_bwd_dw_partial"), (dim.div_ceil(32), groups), (32, 8), &part_args);
+        let final_args = [
+            Arg::Buf(partial[3].clone()),
+            Arg::Buf(got[4].clone()),
+            Arg::I64(n as i64),
+            Arg::I32(groups as i32),
+            Arg::I32(dim as i32),
+        ];
+        let packed =
+            launch(&format!("dpo_rmsnorm_bwd_dw_final_{}", suffix(xt)), (1, 1), (256, 1), &final_args);
+        let dw = tensor(&packed[1][n * xt.size_in_bytes()..], xt, &[dim]);
+        assert_close(&dw, &want_dw, tol(xt), &format!("{what} dw"));
+    }
+    Ok(())
+}
+
+/// The norm's backward without a residual gradient (the autograd path's; the same device
+/// function with a null residual).
+#[test]
+fn rms_norm_backward_dx() -> Result<()> {
+    let (rows, dim, eps) = (9, 40, 1e-6);
+    let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?;
+    let w = (randn(&[dim], 13, 0.1) + 1.0)?;
+    let dy = randn(&[rows, dim], 14, 1.0);
+    let (want, _) = ops::rms_norm_backward(&x, &w, eps, &dy)?;
+    let (grid, block) = rows_cfg(rows, dim);
+    let args = [
+        buf(&x),
+        buf(&w),
+        buf(&dy),
+        out(DType::F32, rows * dim + dim),
+        out(DType::F32, rows),
+        Arg::I32(dim as i32),
+        Arg::F64(eps),
+    ];
+    let got = launch("dpo_rmsnorm_bwd_dx_f32", grid, block, &args);
+    let dx = tensor(&got[3][..rows * dim * 4], DType::F32, &[rows, dim]);
+    assert_close(&dx, &want, tol(DType::F32), "rms_norm_backward dx");
+    Ok(())
+}
+
+/// The mixed-precision forward pair: the norm from f32 into bf16, the residual add back.
+#[test]
+fn rms_norm_to_and_add_cast() -> Result<()> {
+    let (rows, dim, eps) = (37, 96, 1e-6);
+    let x = (randn(&[rows, dim], 2, 1.0) * 5.0)?;
+    let w = (randn(&[dim], 3, 0.1) + 1.0)?;
+    let (grid, block) = rows_cfg(rows, dim);
+    let args = [buf(&x), buf(&w), out(DType::BF16, rows * dim), Arg::I32(dim as i32), Arg::F64(eps)];
+    let got = launch("dpo_rmsnorm_fwd_f32_to_bf16", grid, block, &args);
+    let want = ops::rms_norm_to(&x, &w, eps, DType::BF16)?;
+    assert_close(&tensor(&got[2], DType::BF16, &[rows, dim]), &want, tol(DType::BF16), "rms_norm_to");
+    let y = randn(&[rows, dim], 4, 1.0).to_dtype(DType::BF16)?;
+    let n = rows * dim;
+    let (grid, block) = elementwise_cfg(n);
+    let got =
+        launch("dpo_add_cast_bf16", grid, block, &[buf(&x), buf(&y), out(DType::F32, n), Arg::I64(n as i64)]);
+    assert_close(&tensor(&got[2], DType::F32, &[rows, dim]), &ops::add_cast(&x, &y)?, 0.0, "add_cast");
+    Ok(())
+}
+
+/// Two H100-checked kernels that check the emulator's grid-stride loops and warp shuffles:
+/// the SiLU gate's backward and the sum of squares (shuffles in one warp of the block only).
+#[test]
+fn emulator_runs_known_good_kernels() -> Result<()> {
+    let (r, c) = (5, 300);
+    let (g, u) =
+        ((randn(&[r, c], 5, 3.0)).to_dtype(DType::BF16)?, randn(&[r, c], 6, 1.0).to_dtype(DType::BF16)?);
+    let dy = randn(&[r, c], 7, 1.0).to_dtype(DType::BF16)?;
+    let n = r * c;
+    let (grid, block) = elementwise_cfg(n);
+    let got = launch(
+        "dpo_silu_mul_bwd_bf16",
+        grid,
+        block,
+        &[buf(&g), buf(&u), buf(&dy), out(DType::BF16, 2 * n), Arg::I64(n as i64)],
+    );
+    let want = ops::silu_mul_backward_stacked(&g, &u, &dy)?;
+    assert_close(&tensor(&got[3], DType::BF16, &[2 * r, c]), &want, tol(DType::BF16), "silu_mul backward");
+    let x = randn(&[3000], 8, 2.0);
+    let blocks = 3000usize.div_ceil(256).clamp(1, 4096);
+    let got =
+        launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &[buf(&x), Arg::I64(3000), Arg::Buf(vec![0; 8])]);
+    let want = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+    assert_close(&tensor(&got[1], DType::F64, &[]), &want, 1e-12, "sum of squares");
+    Ok(())
+}
