@@ -18,30 +18,59 @@ use half::{bf16, f16};
 
 const CPU: Device = Device::Cpu;
 
-/// The kernels these tests launch (the emulator's registry).
-const KERNELS: &[&str] = &[
-    "dpo_softmax_fwd_f32",
-    "dpo_softmax_fwd_bf16",
-    "dpo_target_logprobs_fwd_f32",
-    "dpo_target_logprobs_fwd_bf16",
-    "dpo_target_logprobs_bwd_f32",
-    "dpo_target_logprobs_bwd_bf16",
-    "dpo_rope_f32",
-    "dpo_rope_bf16",
-    "dpo_rope_bwd_merged_f32",
-    "dpo_rope_bwd_merged_bf16",
-    "dpo_rmsnorm_fwd_f32_to_bf16",
-    "dpo_rmsnorm_bwd_dx_add_f32_from_bf16",
-    "dpo_rmsnorm_bwd_dw_partial_f32_from_bf16",
-    "dpo_rmsnorm_bwd_dx_add_bf16",
-    "dpo_rmsnorm_bwd_dx_f32",
-    "dpo_rmsnorm_bwd_dw_partial_bf16",
-    "dpo_rmsnorm_bwd_dw_final_f32",
-    "dpo_rmsnorm_bwd_dw_final_bf16",
-    "dpo_add_cast_bf16",
-    "dpo_silu_mul_bwd_bf16",
-    "dpo_sumsq_f32",
-];
+/// The element types every kernel family has (`<name>_<dtype>`).
+const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
+
+/// Every kernel of `kernels/dpo_ops.cu` (the emulator's registry).
+fn kernels() -> Vec<String> {
+    let per_dtype = [
+        "dpo_softmax_fwd",
+        "dpo_softmax_bwd",
+        "dpo_rmsnorm_fwd",
+        "dpo_rmsnorm_bwd_dx",
+        "dpo_rmsnorm_bwd_dx_add",
+        "dpo_rmsnorm_bwd_dw_partial",
+        "dpo_rmsnorm_bwd_dw_final",
+        "dpo_rope",
+        "dpo_rope_bwd_merged",
+        "dpo_silu_mul_fwd",
+        "dpo_silu_mul_bwd",
+        "dpo_target_logprobs_fwd",
+        "dpo_target_logprobs_bwd",
+    ];
+    let mixed = [
+        "dpo_rmsnorm_fwd_f32_to",
+        "dpo_rmsnorm_bwd_dx_add_f32_from",
+        "dpo_rmsnorm_bwd_dw_partial_f32_from",
+        "dpo_add_cast",
+    ];
+    let mut names: Vec<String> =
+        per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
+    names.extend(mixed.iter().flat_map(|k| ["bf16", "f16"].map(|dt| format!("{k}_{dt}"))));
+    names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
+    names
+}
+
+/// A kernel added to `kernels/dpo_ops.cu` joins [`kernels`] (and so gets a test here).
+#[test]
+fn every_kernel_is_in_the_registry() {
+    let cu = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/kernels/dpo_ops.cu")).unwrap();
+    let names = kernels();
+    let mut found = 0;
+    for decl in cu.split("extern \"C\" __global__ void ").skip(1) {
+        let name: String =
+            decl.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
+        let known = match name.strip_suffix("_##SUF") {
+            Some(base) => names.iter().any(|n| {
+                n.strip_prefix(base).is_some_and(|rest| ["_f32", "_f64", "_bf16", "_f16"].contains(&rest))
+            }),
+            None => names.contains(&name),
+        };
+        assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
+        found += 1;
+    }
+    assert_eq!(found, 19, "kernel declarations in dpo_ops.cu");
+}
 
 /// The emulator, compiled once per test binary.
 fn emulator() -> &'static PathBuf {
@@ -50,7 +79,7 @@ fn emulator() -> &'static PathBuf {
         let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/cuda-emu");
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-emu");
         std::fs::create_dir_all(&dir).unwrap();
-        let registry: String = KERNELS.iter().map(|k| format!("K({k})\n")).collect();
+        let registry: String = kernels().iter().map(|k| format!("K({k})\n")).collect();
         std::fs::write(dir.join("registry.inc"), registry).unwrap();
         let exe = dir.join("cuda-emu");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -78,6 +107,7 @@ enum Arg {
     Buf(Vec<u8>),
     I32(i32),
     I64(i64),
+    F32(f32),
     F64(f64),
 }
 
@@ -94,6 +124,7 @@ fn launch(kernel: &str, grid: (usize, usize), block: (usize, usize), args: &[Arg
             Arg::Buf(b) => (0u8, b.clone()),
             Arg::I32(v) => (1, v.to_le_bytes().to_vec()),
             Arg::I64(v) => (1, v.to_le_bytes().to_vec()),
+            Arg::F32(v) => (1, v.to_le_bytes().to_vec()),
             Arg::F64(v) => (1, v.to_le_bytes().to_vec()),
         };
         spec.push(kind);
@@ -125,6 +156,7 @@ fn bytes(t: &Tensor) -> Vec<u8> {
         DType::F32 => t.to_vec1::<f32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::BF16 => t.to_vec1::<bf16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
         DType::F16 => t.to_vec1::<f16>().unwrap().iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
+        DType::F64 => t.to_vec1::<f64>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
         DType::U32 => t.to_vec1::<u32>().unwrap().iter().flat_map(|v| v.to_le_bytes()).collect(),
         dt => panic!("no bytes for {dt:?}"),
     }
@@ -149,6 +181,10 @@ fn tensor(b: &[u8], dt: DType, shape: &[usize]) -> Tensor {
         DType::BF16 => {
             let v: Vec<bf16> =
                 b.chunks(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
+            Tensor::new(v, &CPU)
+        }
+        DType::F16 => {
+            let v: Vec<f16> = b.chunks(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect();
             Tensor::new(v, &CPU)
         }
         DType::F64 => {
@@ -200,44 +236,58 @@ fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
     assert!(finite && rel <= tol, "{what}: relative error {rel:e} > {tol:e} (finite: {finite})");
 }
 
-/// The tolerance of the startup kernel check (`ops::verify`): the same algorithm on both sides.
+/// The same algorithm on both sides, results rounded to `dt` once: about one rounding apart
+/// (`ops::verify`'s tolerances, and f16's rounding).
 fn tol(dt: DType) -> f64 {
-    if dt == DType::F32 { 5e-5 } else { 1.6e-2 }
-}
-
-fn suffix(dt: DType) -> &'static str {
-    dt.as_str()
+    match dt {
+        DType::F64 => 1e-12,
+        DType::F32 => 5e-5,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
 }
 
 fn acc(dt: DType) -> DType {
     if dt == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
-/// The H100-checked masked softmax: the emulator runs a kernel known to be right.
+/// The masked softmax, forward and backward (a fully masked tail, a row length that is not a
+/// multiple of the block).
 #[test]
-fn masked_softmax_forward() -> Result<()> {
+fn masked_softmax() -> Result<()> {
     let (r, h, q, k) = (2, 2, 5, 37);
     let bias = Tensor::from_vec(
         (0..r * q * k).map(|i| if (i % k) > (i / k) % q + 30 { -1e9f32 } else { 0.0 }).collect::<Vec<_>>(),
         (r, 1, q, k),
         &CPU,
     )?;
-    for dt in [DType::F32, DType::BF16] {
-        let s = randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?;
-        let want = ops::masked_softmax(&s, &bias, 0.5)?;
+    let n = r * h * q * k;
+    for dt in DTYPES {
+        let s = candle_core::Var::from_tensor(&randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?)?;
+        let p = ops::masked_softmax(&s, &bias, 0.5)?;
+        let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
+        let want_ds = (&p * &dp)?.sum_all()?.backward()?.get(&s).unwrap().clone();
         let (grid, block) = rows_cfg(r * h * q, k);
         let args = [
             buf(&s),
             buf(&bias),
-            out(dt, r * h * q * k),
+            out(dt, n),
             Arg::I32(k as i32),
             Arg::I32(q as i32),
             Arg::I32((h * q) as i32),
             Arg::I32(0),
             Arg::F64(0.5),
         ];
-        let got = launch(&format!("dpo_softmax_fwd_{}", suffix(dt)), grid, block, &args);
-        assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &want, tol(dt), &format!("softmax {dt:?}"));
+        let got = launch(&format!("dpo_softmax_fwd_{}", dt.as_str()), grid, block, &args);
+        assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &p, tol(dt), &format!("softmax {dt:?}"));
+        let args = [buf(&p), buf(&dp), out(dt, n), Arg::I32(k as i32), Arg::F64(0.5)];
+        let got = launch(&format!("dpo_softmax_bwd_{}", dt.as_str()), grid, block, &args);
+        assert_close(
+            &tensor(&got[2], dt, &[r, h, q, k]),
+            &want_ds,
+            tol(dt),
+            &format!("softmax backward {dt:?}"),
+        );
     }
     Ok(())
 }
@@ -246,17 +296,18 @@ fn masked_softmax_forward() -> Result<()> {
 fn target_logprobs_forward_and_backward() -> Result<()> {
     let (n, vocab) = (7, 1029);
     let targets = Tensor::new(&[0u32, 1028, 5, 1000, 17, 512, 3], &CPU)?;
-    let g = randn(&[n], 3, 1.0);
-    for dt in [DType::F32, DType::BF16] {
+    for dt in DTYPES {
+        let g = randn(&[n], 3, 1.0).to_dtype(acc(dt))?;
         let z = randn(&[n, vocab], 2, 4.0).to_dtype(dt)?;
         let (logp, lse) = ops::target_logprobs(&z, &targets)?;
         let (grid, block) = rows_cfg(n, vocab);
         let fwd = [buf(&z), buf(&targets), out(acc(dt), 2 * n), Arg::I32(vocab as i32), Arg::I32(n as i32)];
-        let got = launch(&format!("dpo_target_logprobs_fwd_{}", suffix(dt)), grid, block, &fwd);
+        let got = launch(&format!("dpo_target_logprobs_fwd_{}", dt.as_str()), grid, block, &fwd);
         let got = tensor(&got[2], acc(dt), &[2, n]);
-        // Both computed in f32 from the same logits: close in any dtype.
-        assert_close(&got.get(0)?, &logp, 1e-5, &format!("logp {dt:?}"));
-        assert_close(&got.get(1)?, &lse, 1e-5, &format!("lse {dt:?}"));
+        // Both computed in f32 (f64) from the same logits: close in any dtype.
+        let close = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+        assert_close(&got.get(0)?, &logp, close, &format!("logp {dt:?}"));
+        assert_close(&got.get(1)?, &lse, close, &format!("lse {dt:?}"));
         let want = ops::target_logprobs_backward(&z, &lse, &targets, &g)?;
         let lse_g = Tensor::stack(&[&lse, &g], 0)?;
         let bwd = [
@@ -267,7 +318,7 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
             Arg::I32(vocab as i32),
             Arg::I32(n as i32),
         ];
-        let got = launch(&format!("dpo_target_logprobs_bwd_{}", suffix(dt)), grid, block, &bwd);
+        let got = launch(&format!("dpo_target_logprobs_bwd_{}", dt.as_str()), grid, block, &bwd);
         assert_close(&tensor(&got[3], dt, &[n, vocab]), &want, tol(dt), &format!("dlogits {dt:?}"));
     }
     Ok(())
@@ -278,7 +329,7 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
 #[test]
 fn rope_strided_heads() -> Result<()> {
     let (r, h, s, d) = (2, 3, 9, 8);
-    for dt in [DType::F32, DType::BF16] {
+    for dt in DTYPES {
         for per_row in [false, true] {
             let positions: Vec<f32> = (0..if per_row { r } else { 1 })
                 .flat_map(|row| {
@@ -311,7 +362,11 @@ fn rope_strided_heads() -> Result<()> {
                     Arg::I32(i32::from(per_row)),
                     Arg::I32(i32::from(bwd)),
                 ];
-                tensor(&launch(&format!("dpo_rope_{}", suffix(dt)), grid, block, &args)[3], dt, &[r, h, s, d])
+                tensor(
+                    &launch(&format!("dpo_rope_{}", dt.as_str()), grid, block, &args)[3],
+                    dt,
+                    &[r, h, s, d],
+                )
             };
             // The view starts `d` elements into x (head 1 of row 0, position 0).
             let strided = bytes(&x)[d * dt.size_in_bytes()..].to_vec();
@@ -345,7 +400,7 @@ fn rope_strided_heads() -> Result<()> {
 #[test]
 fn rope_backward_merged_into_stacked_layout() -> Result<()> {
     let (r, hq, hk, s, d) = (2, 3, 2, 7, 8);
-    for dt in [DType::F32, DType::BF16] {
+    for dt in DTYPES {
         for per_row in [false, true] {
             let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
             let angles = (randn(shape, 9, 1.0) * 3.0)?;
@@ -370,7 +425,7 @@ fn rope_backward_merged_into_stacked_layout() -> Result<()> {
                 Arg::I32(d as i32),
                 Arg::I32(i32::from(per_row)),
             ];
-            let got = launch(&format!("dpo_rope_bwd_merged_{}", suffix(dt)), grid, block, &args);
+            let got = launch(&format!("dpo_rope_bwd_merged_{}", dt.as_str()), grid, block, &args);
             let what = format!("rope_backward_merged {dt:?} per_row={per_row}");
             assert_close(&tensor(&got[5], dt, want.dims()), &want, tol(dt), &what);
         }
@@ -378,20 +433,22 @@ fn rope_backward_merged_into_stacked_layout() -> Result<()> {
     Ok(())
 }
 
-/// The RMSNorm backward with the residual gradient: x, w, res in f32 with dy bf16 (the manual
-/// backward's), and all in bf16; dw over several row groups, a width not a multiple of 32.
+/// The RMSNorm backward with the residual gradient: x, w, res in f32 with dy bf16 or f16 (the
+/// manual backward's), and all in one dtype; dw over several row groups, a width not a multiple
+/// of 32.
 #[test]
 fn rms_norm_backward_add() -> Result<()> {
     let (rows, dim, eps) = (150, 40, 1e-6);
-    for (xt, dyt) in [(DType::F32, DType::BF16), (DType::BF16, DType::BF16)] {
+    let mixed = [(DType::F32, DType::BF16), (DType::F32, DType::F16)];
+    for (xt, dyt) in mixed.into_iter().chain(DTYPES.map(|dt| (dt, dt))) {
         let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?.to_dtype(xt)?;
         let w = (randn(&[dim], 13, 0.1) + 1.0)?.to_dtype(xt)?;
         let dy = randn(&[rows, dim], 14, 1.0).to_dtype(dyt)?;
         let res = randn(&[rows, dim], 15, 1.0).to_dtype(xt)?;
         let (want_dx, want_dw) = ops::rms_norm_backward_add(&x, &w, eps, &dy, &res)?;
         let name = |k: &str| match xt == dyt {
-            true => format!("{k}_{}", suffix(xt)),
-            false => format!("{k}_f32_from_{}", suffix(dyt)),
+            true => format!("{k}_{}", xt.as_str()),
+            false => format!("{k}_f32_from_{}", dyt.as_str()),
         };
         let n = rows * dim;
         let (grid, block) = rows_cfg(rows, dim);
@@ -429,81 +486,116 @@ fn rms_norm_backward_add() -> Result<()> {
             Arg::I32(dim as i32),
         ];
         let packed =
-            launch(&format!("dpo_rmsnorm_bwd_dw_final_{}", suffix(xt)), (1, 1), (256, 1), &final_args);
+            launch(&format!("dpo_rmsnorm_bwd_dw_final_{}", xt.as_str()), (1, 1), (256, 1), &final_args);
         let dw = tensor(&packed[1][n * xt.size_in_bytes()..], xt, &[dim]);
         assert_close(&dw, &want_dw, tol(xt), &format!("{what} dw"));
     }
     Ok(())
 }
 
-/// The norm's backward without a residual gradient (the autograd path's; the same device
-/// function with a null residual).
+/// The norm's forward, and its backward without a residual gradient (the autograd path's; the
+/// same device function as with one, given a null residual).
 #[test]
-fn rms_norm_backward_dx() -> Result<()> {
+fn rms_norm_forward_and_backward_dx() -> Result<()> {
     let (rows, dim, eps) = (9, 40, 1e-6);
-    let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?;
-    let w = (randn(&[dim], 13, 0.1) + 1.0)?;
-    let dy = randn(&[rows, dim], 14, 1.0);
-    let (want, _) = ops::rms_norm_backward(&x, &w, eps, &dy)?;
-    let (grid, block) = rows_cfg(rows, dim);
-    let args = [
-        buf(&x),
-        buf(&w),
-        buf(&dy),
-        out(DType::F32, rows * dim + dim),
-        out(DType::F32, rows),
-        Arg::I32(dim as i32),
-        Arg::F64(eps),
-    ];
-    let got = launch("dpo_rmsnorm_bwd_dx_f32", grid, block, &args);
-    let dx = tensor(&got[3][..rows * dim * 4], DType::F32, &[rows, dim]);
-    assert_close(&dx, &want, tol(DType::F32), "rms_norm_backward dx");
+    for dt in DTYPES {
+        let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?.to_dtype(dt)?;
+        let w = (randn(&[dim], 13, 0.1) + 1.0)?.to_dtype(dt)?;
+        let dy = randn(&[rows, dim], 14, 1.0).to_dtype(dt)?;
+        let (grid, block) = rows_cfg(rows, dim);
+        let args = [buf(&x), buf(&w), out(dt, rows * dim), Arg::I32(dim as i32), Arg::F64(eps)];
+        let got = launch(&format!("dpo_rmsnorm_fwd_{}", dt.as_str()), grid, block, &args);
+        let want = ops::rms_norm(&x, &w, eps)?;
+        assert_close(&tensor(&got[2], dt, &[rows, dim]), &want, tol(dt), &format!("rms_norm {dt:?}"));
+        let (want, _) = ops::rms_norm_backward(&x, &w, eps, &dy)?;
+        let args = [
+            buf(&x),
+            buf(&w),
+            buf(&dy),
+            out(dt, rows * dim + dim),
+            out(acc(dt), rows),
+            Arg::I32(dim as i32),
+            Arg::F64(eps),
+        ];
+        let got = launch(&format!("dpo_rmsnorm_bwd_dx_{}", dt.as_str()), grid, block, &args);
+        let dx = tensor(&got[3][..rows * dim * dt.size_in_bytes()], dt, &[rows, dim]);
+        assert_close(&dx, &want, tol(dt), &format!("rms_norm_backward dx {dt:?}"));
+    }
     Ok(())
 }
 
-/// The mixed-precision forward pair: the norm from f32 into bf16, the residual add back.
+/// The mixed-precision forward pair: the norm from f32 into bf16 or f16, the residual add back.
 #[test]
 fn rms_norm_to_and_add_cast() -> Result<()> {
     let (rows, dim, eps) = (37, 96, 1e-6);
     let x = (randn(&[rows, dim], 2, 1.0) * 5.0)?;
     let w = (randn(&[dim], 3, 0.1) + 1.0)?;
-    let (grid, block) = rows_cfg(rows, dim);
-    let args = [buf(&x), buf(&w), out(DType::BF16, rows * dim), Arg::I32(dim as i32), Arg::F64(eps)];
-    let got = launch("dpo_rmsnorm_fwd_f32_to_bf16", grid, block, &args);
-    let want = ops::rms_norm_to(&x, &w, eps, DType::BF16)?;
-    assert_close(&tensor(&got[2], DType::BF16, &[rows, dim]), &want, tol(DType::BF16), "rms_norm_to");
-    let y = randn(&[rows, dim], 4, 1.0).to_dtype(DType::BF16)?;
     let n = rows * dim;
-    let (grid, block) = elementwise_cfg(n);
-    let got =
-        launch("dpo_add_cast_bf16", grid, block, &[buf(&x), buf(&y), out(DType::F32, n), Arg::I64(n as i64)]);
-    assert_close(&tensor(&got[2], DType::F32, &[rows, dim]), &ops::add_cast(&x, &y)?, 0.0, "add_cast");
+    for dt in [DType::BF16, DType::F16] {
+        let (grid, block) = rows_cfg(rows, dim);
+        let args = [buf(&x), buf(&w), out(dt, n), Arg::I32(dim as i32), Arg::F64(eps)];
+        let got = launch(&format!("dpo_rmsnorm_fwd_f32_to_{}", dt.as_str()), grid, block, &args);
+        let want = ops::rms_norm_to(&x, &w, eps, dt)?;
+        assert_close(&tensor(&got[2], dt, &[rows, dim]), &want, tol(dt), &format!("rms_norm_to {dt:?}"));
+        let y = randn(&[rows, dim], 4, 1.0).to_dtype(dt)?;
+        let (grid, block) = elementwise_cfg(n);
+        let args = [buf(&x), buf(&y), out(DType::F32, n), Arg::I64(n as i64)];
+        let got = launch(&format!("dpo_add_cast_{}", dt.as_str()), grid, block, &args);
+        let want = ops::add_cast(&x, &y)?;
+        assert_close(&tensor(&got[2], DType::F32, &[rows, dim]), &want, 0.0, &format!("add_cast {dt:?}"));
+    }
     Ok(())
 }
 
-/// Two H100-checked kernels that check the emulator's grid-stride loops and warp shuffles:
-/// the SiLU gate's backward and the sum of squares (shuffles in one warp of the block only).
+/// The SiLU gate, forward and backward (`[d gate; d up]` in one buffer), over more elements
+/// than the grid has threads.
 #[test]
-fn emulator_runs_known_good_kernels() -> Result<()> {
+fn silu_mul() -> Result<()> {
     let (r, c) = (5, 300);
-    let (g, u) =
-        ((randn(&[r, c], 5, 3.0)).to_dtype(DType::BF16)?, randn(&[r, c], 6, 1.0).to_dtype(DType::BF16)?);
-    let dy = randn(&[r, c], 7, 1.0).to_dtype(DType::BF16)?;
     let n = r * c;
+    for dt in DTYPES {
+        let g = randn(&[r, c], 5, 3.0).to_dtype(dt)?;
+        let u = randn(&[r, c], 6, 1.0).to_dtype(dt)?;
+        let dy = randn(&[r, c], 7, 1.0).to_dtype(dt)?;
+        let ((_, gy), block) = elementwise_cfg(n);
+        let grid = (2, gy); // fewer threads than elements: the grid-stride loops go round
+        let args = [buf(&g), buf(&u), out(dt, n), Arg::I64(n as i64)];
+        let got = launch(&format!("dpo_silu_mul_fwd_{}", dt.as_str()), grid, block, &args);
+        let want = ops::silu_mul(&g, &u)?;
+        assert_close(&tensor(&got[2], dt, &[r, c]), &want, tol(dt), &format!("silu_mul {dt:?}"));
+        let args = [buf(&g), buf(&u), buf(&dy), out(dt, 2 * n), Arg::I64(n as i64)];
+        let got = launch(&format!("dpo_silu_mul_bwd_{}", dt.as_str()), grid, block, &args);
+        let want = ops::silu_mul_backward_stacked(&g, &u, &dy)?;
+        assert_close(&tensor(&got[3], dt, &[2 * r, c]), &want, tol(dt), &format!("silu_mul backward {dt:?}"));
+    }
+    Ok(())
+}
+
+/// The optimizer's kernels: AdamW in place against its formula in tensor ops (as
+/// `crates/dpo-trainer/src/optim.rs` writes it), and the sum of squares, whose second warp
+/// reduction runs in one warp of the block only.
+#[test]
+fn adamw_and_sum_of_squares() -> Result<()> {
+    let n = 3000;
+    let (p, g) = (randn(&[n], 8, 1.0), randn(&[n], 9, 1.0));
+    let m = (randn(&[n], 10, 1.0) * 0.01)?;
+    let v = (randn(&[n], 11, 1.0).sqr()? * 1e-4)?;
+    let (decay, b1, b2, eps, step, bc2) = (0.999f32, 0.9f32, 0.999f32, 1e-8f32, 1e-3f32, 0.0447f32);
+    let m2 = ((&m * b1 as f64)? + (&g * (1.0 - b1 as f64))?)?;
+    let v2 = ((&v * b2 as f64)? + (g.sqr()? * (1.0 - b2 as f64))?)?;
+    let p2 = ((&p * decay as f64)? - ((&m2 / ((v2.sqrt()? / bc2 as f64)? + eps as f64)?)? * step as f64)?)?;
+    let scalars = [decay, b1, 1.0 - b1, b2, 1.0 - b2, eps, step, bc2];
+    let mut args = vec![buf(&p), buf(&m), buf(&v), buf(&g), Arg::I64(n as i64)];
+    args.extend(scalars.map(Arg::F32));
     let (grid, block) = elementwise_cfg(n);
-    let got = launch(
-        "dpo_silu_mul_bwd_bf16",
-        grid,
-        block,
-        &[buf(&g), buf(&u), buf(&dy), out(DType::BF16, 2 * n), Arg::I64(n as i64)],
-    );
-    let want = ops::silu_mul_backward_stacked(&g, &u, &dy)?;
-    assert_close(&tensor(&got[3], DType::BF16, &[2 * r, c]), &want, tol(DType::BF16), "silu_mul backward");
-    let x = randn(&[3000], 8, 2.0);
-    let blocks = 3000usize.div_ceil(256).clamp(1, 4096);
+    let got = launch("dpo_adamw_f32", grid, block, &args);
+    for ((i, want), what) in [(0, &p2), (1, &m2), (2, &v2)].into_iter().zip(["p", "m", "v"]) {
+        assert_close(&tensor(&got[i], DType::F32, &[n]), want, 1e-6, &format!("adamw {what}"));
+    }
+    let blocks = n.div_ceil(256).clamp(1, 4096);
     let got =
-        launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &[buf(&x), Arg::I64(3000), Arg::Buf(vec![0; 8])]);
-    let want = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+        launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &[buf(&p), Arg::I64(n as i64), Arg::Buf(vec![0; 8])]);
+    let want = p.to_dtype(DType::F64)?.sqr()?.sum_all()?;
     assert_close(&tensor(&got[1], DType::F64, &[]), &want, 1e-12, "sum of squares");
     Ok(())
 }
