@@ -1,6 +1,6 @@
 // Fused training kernels for dpo-model (see src/ops/): masked softmax, RMSNorm, rotate-half
-// RoPE, SiLU gate and target log-probs, forward and backward. Compiled to PTX by build.rs
-// (feature `cuda`).
+// RoPE, SiLU gate, target log-probs and row gathers, forward and backward. Compiled to PTX by
+// build.rs (feature `cuda`).
 //
 // Conventions, shared by every kernel:
 // * tensors are contiguous, row-major; the Rust side checks layouts and sizes;
@@ -373,6 +373,40 @@ __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__res
 }
 
 // ---------------------------------------------------------------------------------------------
+// Rows of a table by index: out[j, c] = table[ids[j], c] (NaN for an id outside [0, V)); one
+// thread per element of out [N, H].
+template <typename T>
+__device__ void gather_rows(const T *__restrict__ table, const unsigned int *__restrict__ ids, T *__restrict__ out,
+                            long long n, int H, int V) {
+    for (long long k = (long long)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (long long)gridDim.x * blockDim.x) {
+        const unsigned int id = ids[k / H];
+        out[k] = id < (unsigned int)V ? table[(long long)id * H + k % H] : from_acc<T>(acc_nan((ACC(T))0));
+    }
+}
+
+// Its backward into out [V, H] (zeroed beforehand): row v = sum of dy[j] over the positions j
+// with ids[j] = v, in position order. One block per position j; the block of an id's first
+// position writes its row, the others leave. Positions whose id is `skip` (>= 0) send nothing.
+template <typename T>
+__device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__restrict__ ids, T *__restrict__ out,
+                             int N, int H, int V, long long skip) {
+    typedef ACC(T) A;
+    const int j = blockIdx.x;
+    const unsigned int id = ids[j];
+    if ((long long)id == skip || id >= (unsigned int)V) return;  // the same for the whole block
+    int seen = 0;
+    for (int i = threadIdx.x; i < j; i += blockDim.x) seen |= ids[i] == id;
+    if (__syncthreads_or(seen)) return;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) {
+        A acc = 0;
+        for (int i = j; i < N; ++i)
+            if (ids[i] == id) acc += to_acc(dy[(long long)i * H + c]);
+        out[(long long)id * H + c] = from_acc<T>(acc);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 #define INSTANTIATE(T, SUF)                                                                          \
     extern "C" __global__ void dpo_softmax_fwd_##SUF(const T *s, const float *bias, T *p, int K, int Q, \
                                                      int HQ, int bias_bcast, double scale) {          \
@@ -427,6 +461,14 @@ __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__res
                                                              const unsigned int *t, T *dz, int V,    \
                                                              int N) {                                \
         target_logprobs_bwd<T>(z, lse_g, t, dz, V, N);                                               \
+    }                                                                                                \
+    extern "C" __global__ void dpo_gather_rows_##SUF(const T *table, const unsigned int *ids, T *out, \
+                                                     long long n, int H, int V) {                    \
+        gather_rows<T>(table, ids, out, n, H, V);                                                    \
+    }                                                                                                \
+    extern "C" __global__ void dpo_scatter_rows_##SUF(const T *dy, const unsigned int *ids, T *out,   \
+                                                      int N, int H, int V, long long skip) {         \
+        scatter_rows<T>(dy, ids, out, N, H, V, skip);                                                \
     }
 
 INSTANTIATE(float, f32)

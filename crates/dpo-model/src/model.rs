@@ -635,15 +635,11 @@ impl CausalLm {
     /// Embedding rows for `input_ids`. As `nn.Embedding(padding_idx=pad_token_id)` in
     /// transformers, the pad token's row gets no gradient from its uses as an input.
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let flat = input_ids.flatten_all()?;
-        let rows = self.embed.index_select(&flat, 0)?;
-        match self.config.pad_token_id {
-            Some(pad) if self.embed.track_op() => {
-                let is_pad = flat.eq(pad)?.to_dtype(rows.dtype())?.unsqueeze(1)?;
-                let keep = is_pad.affine(-1.0, 1.0)?;
-                rows.broadcast_mul(&keep)? + rows.detach().broadcast_mul(&is_pad)?
-            }
-            _ => Ok(rows),
+        let (flat, pad) = (input_ids.flatten_all()?, self.config.pad_token_id);
+        if self.fused {
+            ops::gather_rows(&self.embed, &flat, pad)
+        } else {
+            ops::gather_rows_slow(&self.embed, &flat, pad)
         }
     }
 

@@ -37,6 +37,8 @@ fn kernels() -> Vec<String> {
         "dpo_silu_mul_bwd",
         "dpo_target_logprobs_fwd",
         "dpo_target_logprobs_bwd",
+        "dpo_gather_rows",
+        "dpo_scatter_rows",
     ];
     let mixed = [
         "dpo_rmsnorm_fwd_f32_to",
@@ -69,7 +71,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 19, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 21, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -320,6 +322,55 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
         ];
         let got = launch(&format!("dpo_target_logprobs_bwd_{}", dt.as_str()), grid, block, &bwd);
         assert_close(&tensor(&got[3], dt, &[n, vocab]), &want, tol(dt), &format!("dlogits {dt:?}"));
+    }
+    Ok(())
+}
+
+/// Rows by index and their backward: repeated ids (summed in position order), a skipped id,
+/// rows never picked (zero), a row wider than a block.
+#[test]
+fn gather_and_scatter_rows() -> Result<()> {
+    for (vocab, h) in [(11, 40), (5, 1100)] {
+        let ids = Tensor::new(&[3u32, 7 % vocab as u32, 3, 0, 9 % vocab as u32, 3, 2, 0], &CPU)?;
+        let n = ids.dim(0)?;
+        for dt in DTYPES {
+            let w = candle_core::Var::from_tensor(&randn(&[vocab, h], 1, 1.0).to_dtype(dt)?)?;
+            let y = ops::gather_rows(&w, &ids, Some(2))?;
+            let dy = randn(&[n, h], 2, 1.0).to_dtype(dt)?;
+            let want_dw = (&y * &dy)?.sum_all()?.backward()?.get(&w).unwrap().clone();
+            let (grid, block) = elementwise_cfg(n * h);
+            let args = [
+                buf(&w),
+                buf(&ids),
+                out(dt, n * h),
+                Arg::I64((n * h) as i64),
+                Arg::I32(h as i32),
+                Arg::I32(vocab as i32),
+            ];
+            let got = launch(&format!("dpo_gather_rows_{}", dt.as_str()), grid, block, &args);
+            assert_close(&tensor(&got[2], dt, &[n, h]), &y, 0.0, &format!("gather_rows {dt:?} h={h}"));
+            let args = [
+                buf(&dy),
+                buf(&ids),
+                Arg::Buf(vec![0; vocab * h * dt.size_in_bytes()]),
+                Arg::I32(n as i32),
+                Arg::I32(h as i32),
+                Arg::I32(vocab as i32),
+                Arg::I64(2),
+            ];
+            let got = launch(
+                &format!("dpo_scatter_rows_{}", dt.as_str()),
+                (n, 1),
+                (h.next_multiple_of(32).min(1024), 1),
+                &args,
+            );
+            assert_close(
+                &tensor(&got[2], dt, &[vocab, h]),
+                &want_dw,
+                0.0,
+                &format!("gather_rows backward {dt:?} h={h}"),
+            );
+        }
     }
     Ok(())
 }

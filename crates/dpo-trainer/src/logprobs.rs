@@ -145,7 +145,11 @@ pub fn sequence_logps(hidden: &Tensor, head: &LmHead, index: &CompletionIndex) -
     if index.counts.iter().sum::<usize>() == 0 {
         return Tensor::zeros(rows, DType::F32, hidden.device());
     }
-    let selected = hidden.reshape((rows * seq, h))?.index_select(&index.positions, 0)?;
+    let flat = hidden.reshape((rows * seq, h))?;
+    let selected = match head.fused {
+        true => ops::gather_rows(&flat, &index.positions, None)?,
+        false => flat.index_select(&index.positions, 0)?,
+    };
     let per_token = token_logps(&selected.to_dtype(head.weight.dtype())?, head, &index.targets)?;
     matmul(&index.segments.to_dtype(per_token.dtype())?, &per_token.unsqueeze(1)?)?.squeeze(1)
 }

@@ -464,6 +464,31 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         fused: Box::new(|x| super::silu_mul(&x[0], &x[1])),
         slow: Box::new(|x| super::silu_mul_slow(&x[0], &x[1])),
     });
+    // Rows by index (the embedding): repeated ids, a skipped (pad) id, rows never picked.
+    let (vocab, hidden, n) = if big { (32_000, 896, 8192) } else { (53, 40, 97) };
+    let ids: Vec<u32> = (0..n as u64).map(|j| ((j * j * 7 + 3 * j) % vocab as u64 / 2) as u32).collect();
+    let no_grad = ids[5];
+    cases.push(Case {
+        op: "gather_rows",
+        out_dims: Some(vec![n, hidden]),
+        shape: format!("[{vocab}, {hidden}] at {n} ids"),
+        inputs: vec![
+            Input {
+                name: "table",
+                value: randn_tensor(&[vocab, hidden], 18, 1.0)?,
+                grad: true,
+                keep_f32: false,
+            },
+            Input {
+                name: "ids",
+                value: Tensor::from_vec(ids, n, &Device::Cpu)?,
+                grad: false,
+                keep_f32: true,
+            },
+        ],
+        fused: Box::new(move |x| super::gather_rows(&x[0], &x[1], Some(no_grad))),
+        slow: Box::new(move |x| super::gather_rows_slow(&x[0], &x[1], Some(no_grad))),
+    });
     // The LM head's log-softmax at the targets: logits of a vocabulary not a multiple of the
     // block, one target per row (the first and the last token among them), spread logits; the
     // (logp, lse) pair reported in the dtype under test. Then the backward, with the lse that

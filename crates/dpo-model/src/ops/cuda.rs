@@ -719,3 +719,84 @@ fn target_logprobs_bwd_t<T: Kern>(
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
+
+// ---------------------------------------------------------------------------------------------
+
+pub(super) fn gather_rows(
+    w: &CudaStorage,
+    wl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+) -> Result<CudaStorage> {
+    dispatch!(w.dtype(), gather_rows_t(w, wl, ids, il))
+}
+
+fn gather_rows_t<T: Kern>(
+    w: &CudaStorage,
+    wl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+) -> Result<CudaStorage> {
+    let dev = w.device().clone();
+    let wv = view::<T>(w, wl, "gather_rows")?;
+    let iv = view::<u32>(ids, il, "gather_rows ids")?;
+    let (vocab, h) = wl.shape().dims2()?;
+    let n = il.shape().elem_count() * h;
+    let (n64, h32, v32) = (n as i64, int(h, "gather_rows")?, int(vocab, "gather_rows")?);
+    // SAFETY: every element is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let f = func::<T>(&dev, "dpo_gather_rows")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&wv).arg(&iv).arg(&mut out).arg(&n64).arg(&h32).arg(&v32);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// The backward of [`gather_rows`]: `[vocab, h]`, each row the sum of `dy`'s rows at its ids.
+pub(super) fn scatter_rows(
+    dy: &CudaStorage,
+    dl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    vocab: usize,
+    no_grad: Option<u32>,
+) -> Result<CudaStorage> {
+    dispatch!(dy.dtype(), scatter_rows_t(dy, dl, ids, il, vocab, no_grad))
+}
+
+fn scatter_rows_t<T: Kern>(
+    dy: &CudaStorage,
+    dl: &Layout,
+    ids: &CudaStorage,
+    il: &Layout,
+    vocab: usize,
+    no_grad: Option<u32>,
+) -> Result<CudaStorage> {
+    let dev = dy.device().clone();
+    let dv = view::<T>(dy, dl, "gather_rows backward")?;
+    let iv = view::<u32>(ids, il, "gather_rows backward ids")?;
+    let (n, h) = dl.shape().dims2()?;
+    let what = "gather_rows backward";
+    let (n32, h32, v32) = (int(n, what)?, int(h, what)?, int(vocab, what)?);
+    let skip = no_grad.map_or(-1i64, i64::from);
+    let mut out = dev.alloc_zeros::<T>(vocab * h)?;
+    if n * h > 0 {
+        let f = func::<T>(&dev, "dpo_scatter_rows")?;
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip);
+        // One block per position, a thread per column (a row of up to 1024 columns in one pass).
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (h.next_multiple_of(32).min(1024) as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(cfg) }.w()?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}

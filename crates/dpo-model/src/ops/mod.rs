@@ -2,7 +2,8 @@
 //! attention that recomputes its probabilities in the backward ([`attention`]), and the two
 //! places mixed precision changes dtype: the norm that feeds a matmul ([`rms_norm_to`]) and the
 //! residual add of a matmul's output ([`add_cast`]). Also the LM head's log-softmax at the
-//! target tokens and its gradient ([`target_logprobs`], [`target_logprobs_backward`]; no graph).
+//! target tokens and its gradient ([`target_logprobs`], [`target_logprobs_backward`]; no graph),
+//! and rows of a table by index with a parallel backward ([`gather_rows`]: the embedding).
 //!
 //! candle's own fused ops (`softmax_last_dim`, `rms_norm`, `rope`, ...) have no backward, so the
 //! model used to spell each of these as a chain of differentiable candle ops. Each op here is one
@@ -23,6 +24,7 @@ mod attention;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod gather;
 mod logprobs;
 mod residual;
 mod rms_norm;
@@ -68,6 +70,7 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     Ok(None)
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
+pub use gather::{gather_rows, gather_rows_slow};
 pub use logprobs::{
     target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_slow,
 };

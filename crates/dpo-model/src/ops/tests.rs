@@ -121,6 +121,11 @@ fn rope_backward_merged_matches_the_ops_it_fuses() {
 }
 
 #[test]
+fn gather_rows_matches_slow_path() {
+    check_op("gather_rows");
+}
+
+#[test]
 fn target_logprobs_match_slow_path() {
     check_op("target_logprobs");
     check_op("target_logprobs_backward");

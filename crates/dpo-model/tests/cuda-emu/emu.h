@@ -1,7 +1,7 @@
 // CUDA on the CPU, for running kernels/dpo_ops.cu in tests (tests/cuda_emulated.rs): every CUDA
 // thread of a block is a std::thread, a block's threads run together, blocks one at a time.
 // Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
-// __syncthreads, warp shuffles (__shfl_xor_sync, __shfl_down_sync; every lane of a warp takes
+// __syncthreads(_or), warp shuffles (__shfl_xor_sync, __shfl_down_sync; every lane of a warp takes
 // part, as the kernels' full masks promise), atomicAdd on double, the float intrinsics, and the
 // bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
 #pragma once
@@ -34,6 +34,7 @@ struct Block {
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<double> lanes;  // each thread's value in a shuffle
+    std::atomic<int> any{0};    // __syncthreads_or's vote
 };
 inline Block *running = nullptr;
 
@@ -83,6 +84,16 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::running->all->arrive_and_wait(); }
+
+inline int __syncthreads_or(int p) {
+    if (p) emu::running->any.store(1);
+    __syncthreads();
+    const int r = emu::running->any.load();
+    __syncthreads();
+    if (emu::linear_tid() == 0) emu::running->any.store(0);
+    __syncthreads();
+    return r;
+}
 
 template <typename T> T __shfl_xor_sync(unsigned, T v, int o) {
     return emu::shuffle<T>(v, [](int lane, int o) { return lane ^ o; }, o);
