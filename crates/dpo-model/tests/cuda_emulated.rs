@@ -207,23 +207,9 @@ fn elementwise_cfg(n: usize) -> ((usize, usize), (usize, usize)) {
     ((n.div_ceil(256).clamp(1, 1 << 20), 1), (256, 1))
 }
 
-/// Deterministic N(0, std^2) values (xorshift64* and Box-Muller) as a CPU f32 tensor.
+/// Deterministic N(0, std^2) values as a CPU f32 tensor.
 fn randn(shape: &[usize], seed: u64, std: f32) -> Tensor {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut uniform = move || {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        ((state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let n = shape.iter().product();
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            let (u, v) = (uniform(), uniform());
-            ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32 * std
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &CPU).unwrap()
+    ops::randn_tensor(shape, seed, std).unwrap()
 }
 
 /// `max |got - want| / max |want|` within `tol` (same shape, every value finite).

@@ -25,8 +25,9 @@ pub(crate) fn randn(n: usize, seed: u64, std: f32) -> Vec<f32> {
         .collect()
 }
 
-/// A CPU f32 tensor of N(0, std^2) values.
-pub(crate) fn randn_tensor(shape: &[usize], seed: u64, std: f32) -> Result<Tensor> {
+/// A CPU f32 tensor of deterministic N(0, std^2) values (the inputs of the kernel checks; also
+/// for tests).
+pub fn randn_tensor(shape: &[usize], seed: u64, std: f32) -> Result<Tensor> {
     Tensor::from_vec(randn(shape.iter().product(), seed, std), shape, &Device::Cpu)
 }
 

@@ -36,7 +36,7 @@ mod tests;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
-pub use check::{self_check, verify};
+pub use check::{randn_tensor, self_check, verify};
 
 /// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous): `Ok(false)` when the
 /// tensors are not on a CUDA device (the caller then uses tensor ops).
