@@ -118,6 +118,9 @@ DPO_TRAIN_CUDA_POOL=default run_ours ours-plain-cuda-pool-default
 # ops (a synchronization around every op: read shares), then phases alone (each ends with a
 # device synchronization); then the levers measured before (in order of what they decide).
 run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
+run_ours ours-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true --set manual_backward=true
+# The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
+run_ours ours-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
 DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
 DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
@@ -152,7 +155,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-share-manual-bf16head", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -176,7 +179,7 @@ for r in rows:
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
 for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc",
-             "ours-share-gc-manual"]:
+             "ours-share-gc-manual", "ours-share-manual-bf16head"]:
     try:
         d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))
         print(f"SAME-NUMBERS {name} vs ours-plain: max |loss difference| {d:.2e}")

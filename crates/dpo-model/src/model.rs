@@ -98,6 +98,77 @@ pub fn has_fused_kernels(device: &Device) -> bool {
 /// The CPU default of the fused-ops switch (the fused path measured faster there).
 pub const FUSED_ON_CPU: bool = true;
 
+/// The gradients of `sum(x * upstream)` (`upstream`: `x`'s shape and dtype, no graph) for what
+/// `x` depends on: `x`'s backward seeded with `upstream`. The sum itself is never computed: on
+/// CUDA it would be a multiply and a reduction of the whole tensor in one thread block.
+fn backward_from(x: &Tensor, upstream: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if x.shape() != upstream.shape() || x.dtype() != upstream.dtype() {
+        candle_core::bail!(
+            "backward_from: upstream {:?} {:?} for {:?} {:?}",
+            upstream.shape(),
+            upstream.dtype(),
+            x.shape(),
+            x.dtype()
+        );
+    }
+    x.apply_op2(&upstream.detach(), Seed)?.backward()
+}
+
+/// A scalar root whose backward gives its first input the second one (its value is 0). Only
+/// [`backward_from`] makes one: as a root its upstream gradient is 1.
+struct Seed;
+
+impl candle_core::CustomOp2 for Seed {
+    fn name(&self) -> &'static str {
+        "dpo-backward-seed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((candle_core::cpu_backend::CpuDevice.zeros_impl(&().into(), x.dtype())?, ().into()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((x.device().zeros_impl(&().into(), x.dtype())?, ().into()))
+    }
+
+    #[cfg(feature = "metal")]
+    fn metal_fwd(
+        &self,
+        x: &candle_core::MetalStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::MetalStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::MetalStorage, candle_core::Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        Ok((x.device().zeros_impl(&().into(), x.dtype())?, ().into()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        upstream: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(upstream.clone()), None))
+    }
+}
+
 fn grad_of(store: &candle_core::backprop::GradStore, v: &Var) -> Result<Tensor> {
     store
         .get(v.as_tensor())
@@ -510,14 +581,14 @@ impl CausalLm {
                 // Recomputed with its graph: d(sum(out * g))/d(in).
                 let leaf = Var::from_tensor(&inputs[l])?;
                 let out = self.block(b, leaf.as_tensor(), &cos, &sin, mask)?;
-                let store = (out * upstream.detach())?.sum_all()?.backward()?;
+                let store = backward_from(&out, &upstream)?;
                 collect(&mut grads, &store, b.weights())?;
                 grad_of(&store, &leaf)?
             };
             inputs.truncate(l);
         }
         // The embedding, as an input.
-        let store = (self.embed_input(input_ids)? * upstream)?.sum_all()?.backward()?;
+        let store = backward_from(&self.embed_input(input_ids)?, &upstream)?;
         collect(&mut grads, &store, vec![&self.embed])?;
         Ok((value.detach(), grads))
     }
