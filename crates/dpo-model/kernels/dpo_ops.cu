@@ -499,16 +499,17 @@ INSTANTIATE_MIXED(__nv_bfloat16, bf16)
 INSTANTIATE_MIXED(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
-// AdamW, in place, f32 (PyTorch's formula, decoupled decay):
-//   p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+// AdamW, in place, f32 (PyTorch's formula, decoupled decay), the gradient scaled by gscale (the
+// gradient clipping factor) as it is read:
+//   g *= gscale;  p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 extern "C" __global__ void dpo_adamw_f32(float *__restrict__ p, float *__restrict__ m, float *__restrict__ v,
-                                         const float *__restrict__ g, long long n, float decay, float b1,
-                                         float one_minus_b1, float b2, float one_minus_b2, float eps,
+                                         const float *__restrict__ g, long long n, float gscale, float decay,
+                                         float b1, float one_minus_b1, float b2, float one_minus_b2, float eps,
                                          float step_size, float bc2_sqrt) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i];
+        const float gi = g[i] * gscale;
         const float mi = b1 * m[i] + one_minus_b1 * gi;
         const float vi = b2 * v[i] + one_minus_b2 * (gi * gi);
         const float denom = sqrtf(vi) / bc2_sqrt + eps;

@@ -608,8 +608,8 @@ fn silu_mul() -> Result<()> {
     Ok(())
 }
 
-/// The optimizer's kernels: AdamW in place against its formula in tensor ops (as
-/// `crates/dpo-trainer/src/optim.rs` writes it), and the sum of squares, whose second warp
+/// The optimizer's kernels: AdamW in place, its gradient scaled by the clipping factor, against
+/// its formula in tensor ops (as `crates/dpo-trainer/src/optim.rs` writes it), and the sum of squares, whose second warp
 /// reduction runs in one warp of the block only.
 #[test]
 fn adamw_and_sum_of_squares() -> Result<()> {
@@ -617,12 +617,14 @@ fn adamw_and_sum_of_squares() -> Result<()> {
     let (p, g) = (randn(&[n], 8, 1.0), randn(&[n], 9, 1.0));
     let m = (randn(&[n], 10, 1.0) * 0.01)?;
     let v = (randn(&[n], 11, 1.0).sqr()? * 1e-4)?;
-    let (decay, b1, b2, eps, step, bc2) = (0.999f32, 0.9f32, 0.999f32, 1e-8f32, 1e-3f32, 0.0447f32);
-    let m2 = ((&m * b1 as f64)? + (&g * (1.0 - b1 as f64))?)?;
-    let v2 = ((&v * b2 as f64)? + (g.sqr()? * (1.0 - b2 as f64))?)?;
+    let (scale, decay, b1, b2, eps, step, bc2) =
+        (0.75f32, 0.999f32, 0.9f32, 0.999f32, 1e-8f32, 1e-3f32, 0.0447f32);
+    let gs = (&g * scale as f64)?;
+    let m2 = ((&m * b1 as f64)? + (&gs * (1.0 - b1 as f64))?)?;
+    let v2 = ((&v * b2 as f64)? + (gs.sqr()? * (1.0 - b2 as f64))?)?;
     let p2 = ((&p * decay as f64)? - ((&m2 / ((v2.sqrt()? / bc2 as f64)? + eps as f64)?)? * step as f64)?)?;
     let scalars = [decay, b1, 1.0 - b1, b2, 1.0 - b2, eps, step, bc2];
-    let mut args = vec![buf(&p), buf(&m), buf(&v), buf(&g), Arg::I64(n as i64)];
+    let mut args = vec![buf(&p), buf(&m), buf(&v), buf(&g), Arg::I64(n as i64), Arg::F32(scale)];
     args.extend(scalars.map(Arg::F32));
     let (grid, block) = elementwise_cfg(n);
     let got = launch("dpo_adamw_f32", grid, block, &args);

@@ -65,8 +65,10 @@ impl AdamW {
         self.step
     }
 
-    /// One update; `grads[i]` belongs to the i-th parameter given to [`AdamW::new`].
-    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update from the gradients `grads[i] * grad_scale` (`grads[i]` belongs to the i-th
+    /// parameter given to [`AdamW::new`]; `grad_scale` is the clipping factor, [`clip_factor`],
+    /// applied as each gradient is read rather than in a pass of its own).
+    pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
@@ -84,6 +86,7 @@ impl AdamW {
                     &slot.m,
                     &slot.v,
                     &g,
+                    grad_scale,
                     decay,
                     (beta1, beta2, eps),
                     step_size,
@@ -92,6 +95,7 @@ impl AdamW {
             {
                 continue;
             }
+            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = slot.var.as_tensor().to_dtype(DType::F32)?;
@@ -155,18 +159,10 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(sq.sqrt())
 }
 
-/// PyTorch's `clip_grad_norm_`: scales every gradient by `min(1, max_norm / (norm + 1e-6))`.
-/// Returns the pre-clip norm and whether the gradients were scaled down.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<(f64, bool)> {
-    let norm = global_norm(grads)?;
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coef)?;
-        }
-        return Ok((norm, true));
-    }
-    Ok((norm, false))
+/// PyTorch's `clip_grad_norm_` factor for gradients of global norm `norm`:
+/// `min(1, max_norm / (norm + 1e-6))`, which [`AdamW::step`] applies to the gradients.
+pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
 }
 
 #[cfg(test)]
@@ -191,7 +187,7 @@ mod tests {
         let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         let grads = [[0.5f64, -1.0], [0.25, 2.0]];
         for (t, g) in grads.iter().enumerate() {
-            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.01).unwrap();
+            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.01, 1.0).unwrap();
             let t = (t + 1) as i32;
             for i in 0..2 {
                 p[i] *= 1.0 - 0.01 * 0.1;
@@ -210,11 +206,29 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_max_norm() {
-        let mut g = vec![Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
-        let (norm, clipped) = clip_grad_norm(&mut g, 1.0).unwrap();
-        assert!((norm - 5.0).abs() < 1e-6 && clipped);
-        assert!((global_norm(&g).unwrap() - 1.0).abs() < 1e-5);
-        let (_, clipped) = clip_grad_norm(&mut g, 10.0).unwrap();
-        assert!(!clipped);
+        let g = [Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
+        let norm = global_norm(&g).unwrap();
+        assert!((norm - 5.0).abs() < 1e-6);
+        assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-6);
+        assert_eq!(clip_factor(norm, 10.0), 1.0);
+    }
+
+    /// A step with a gradient scale is the step from the scaled gradients, bit for bit.
+    #[test]
+    fn the_gradient_scale_is_the_clipping() {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let g = Tensor::new(&[0.3f32, -7.0, 1e-9], &Device::Cpu).unwrap();
+        let run = |grad: &Tensor, scale: f64| {
+            let var = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+            let mut opt = AdamW::new(&[("w".into(), var.clone())], cfg).unwrap();
+            for _ in 0..3 {
+                opt.step(std::slice::from_ref(grad), 0.01, scale).unwrap();
+            }
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        let factor = clip_factor(global_norm(std::slice::from_ref(&g)).unwrap(), 1.0);
+        assert!(factor < 0.2);
+        assert_eq!(run(&g, factor), run(&(&g * factor).unwrap(), 1.0));
+        assert_ne!(run(&g, factor), run(&g, 1.0));
     }
 }

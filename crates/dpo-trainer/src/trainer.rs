@@ -18,7 +18,7 @@ use crate::data_counts::DataCounts;
 use crate::error::{Result, TrainError};
 use crate::logprobs::{LmHead, sequence_logps, token_kl_sum};
 use crate::metrics::{BatchStats, Window, eval_metrics};
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm, global_norm};
+use crate::optim::{AdamW, AdamWConfig, clip_factor, global_norm};
 use crate::outputs::Outputs;
 use crate::ref_cache::{self, RefCache};
 use crate::schedule::lr_factor;
@@ -264,19 +264,17 @@ impl Trainer {
                 st.window.push(stats);
             }
             st.window.end_step();
-            // 3. Clip by global norm, then the AdamW update.
-            let mut grads: Vec<Tensor> =
+            // 3. Clip by global norm (AdamW scales the gradients as it reads them), the update.
+            let grads: Vec<Tensor> =
                 grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect();
-            let (grad_norm, clipped) = if cfg.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut grads, cfg.max_grad_norm)?
-            } else {
-                (global_norm(&grads)?, false)
-            };
+            let grad_norm = global_norm(&grads)?;
+            let scale = if cfg.max_grad_norm > 0.0 { clip_factor(grad_norm, cfg.max_grad_norm) } else { 1.0 };
+            let clipped = scale < 1.0;
             profile::phase(&self.device, "clip")?;
             if !grad_norm.is_finite() {
                 return Err(TrainError::Numerics(format!("step {step}: gradient norm is {grad_norm}")));
             }
-            opt.step(&grads, lr)?;
+            opt.step(&grads, lr, scale)?;
             profile::phase(&self.device, "adamw")?;
             if let Some(report) = profile::report(step) {
                 eprintln!("{report}");

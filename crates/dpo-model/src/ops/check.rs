@@ -724,13 +724,14 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
     };
     let (p, m, g) = (r(0.1)?, (r(0.2)? * 0.01)?, r(0.3)?);
     let v = (r(0.4)?.sqr()? * 1e-4)?;
-    let (decay, b1, b2, eps, step, bc2) = (0.999, 0.9, 0.999, 1e-8, 1e-3, 0.0447);
-    // The reference, as crates/dpo-trainer/src/optim.rs computes it.
-    let m2 = ((&m * b1)? + (&g * (1.0 - b1))?)?;
-    let v2 = ((&v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let (scale, decay, b1, b2, eps, step, bc2) = (0.75, 0.999, 0.9, 0.999, 1e-8, 1e-3, 0.0447);
+    // The reference, as crates/dpo-trainer/src/optim.rs computes it (the gradient clipped first).
+    let gs = (&g * scale)?;
+    let m2 = ((&m * b1)? + (&gs * (1.0 - b1))?)?;
+    let v2 = ((&v * b2)? + (gs.sqr()? * (1.0 - b2))?)?;
     let p2 = ((&p * decay)? - ((&m2 / ((v2.sqrt()? / bc2)? + eps)?)? * step)?)?;
     let (p1, m1, v1) = (p.copy()?, m.copy()?, v.copy()?);
-    if !super::adamw_step_fused(&p1, &m1, &v1, &g, decay, (b1, b2, eps), step, bc2)? {
+    if !super::adamw_step_fused(&p1, &m1, &v1, &g, scale, decay, (b1, b2, eps), step, bc2)? {
         candle_core::bail!("no fused AdamW on {device:?}");
     }
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {

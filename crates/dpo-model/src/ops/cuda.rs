@@ -574,13 +574,14 @@ fn f32_ptr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
     Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
 }
 
-/// One AdamW update of `p`, `m`, `v` in place from `g` (all f32, same size, contiguous).
+/// One AdamW update of `p`, `m`, `v` in place from `g * gscale` (all f32, same size, contiguous).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn adamw_inplace(
     p: &candle_core::Tensor,
     m: &candle_core::Tensor,
     v: &candle_core::Tensor,
     g: &candle_core::Tensor,
+    gscale: f32,
     decay: f32,
     (b1, b2, eps): (f64, f64, f64),
     step_size: f32,
@@ -608,7 +609,17 @@ pub(crate) fn adamw_inplace(
     let (b1f, omb1, b2f, omb2, epsf) =
         (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32);
     let mut lb = stream.launch_builder(&f);
-    lb.arg(&pp).arg(&mp).arg(&vp).arg(&gp).arg(&n64).arg(&decay).arg(&b1f).arg(&omb1).arg(&b2f).arg(&omb2);
+    lb.arg(&pp)
+        .arg(&mp)
+        .arg(&vp)
+        .arg(&gp)
+        .arg(&n64)
+        .arg(&gscale)
+        .arg(&decay)
+        .arg(&b1f)
+        .arg(&omb1)
+        .arg(&b2f)
+        .arg(&omb2);
     lb.arg(&epsf).arg(&step_size).arg(&bc2_sqrt);
     // SAFETY: the pointers address live, contiguous f32 buffers of n elements owned by the
     // optimizer and the parameter; the kernel is ordered on the device's stream with every

@@ -38,14 +38,16 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
 pub use check::{randn_tensor, self_check, verify};
 
-/// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous): `Ok(false)` when the
-/// tensors are not on a CUDA device (the caller then uses tensor ops).
+/// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous) from the gradient
+/// `g * grad_scale` (the clipping factor, applied as `g` is read): `Ok(false)` when the tensors
+/// are not on a CUDA device (the caller then uses tensor ops).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step_fused(
     p: &Tensor,
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
+    grad_scale: f64,
     decay: f64,
     betas_eps: (f64, f64, f64),
     step_size: f64,
@@ -53,10 +55,12 @@ pub fn adamw_step_fused(
 ) -> Result<bool> {
     #[cfg(feature = "cuda")]
     if p.device().is_cuda() {
-        cuda::adamw_inplace(p, m, v, g, decay as f32, betas_eps, step_size as f32, bc2_sqrt as f32)?;
+        let (scale, decay, step_size, bc2) =
+            (grad_scale as f32, decay as f32, step_size as f32, bc2_sqrt as f32);
+        cuda::adamw_inplace(p, m, v, g, scale, decay, betas_eps, step_size, bc2)?;
         return Ok(true);
     }
-    let _ = (p, m, v, g, decay, betas_eps, step_size, bc2_sqrt);
+    let _ = (p, m, v, g, grad_scale, decay, betas_eps, step_size, bc2_sqrt);
     Ok(false)
 }
 
