@@ -5,7 +5,9 @@
 //! run. The launch arguments and grid shapes are given as `src/ops/cuda.rs` gives them (its
 //! launchers need a CUDA device; their argument lists are not checked here).
 //!
-//! Needs a C++20 compiler (`$CXX`, else `c++`).
+//! Needs a C++20 compiler (`$CXX`, else `c++`). With `CUDA_EMU_SANITIZE=thread` the emulator is
+//! built with ThreadSanitizer, which fails a kernel whose threads race on shared or global
+//! memory without a barrier between them (`.ci/run` runs it so).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -85,7 +87,12 @@ fn emulator() -> &'static PathBuf {
         std::fs::write(dir.join("registry.inc"), registry).unwrap();
         let exe = dir.join("cuda-emu");
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let sanitize: Vec<String> = match std::env::var("CUDA_EMU_SANITIZE") {
+            Ok(s) if !s.is_empty() => vec![format!("-fsanitize={s}"), "-g".into()],
+            _ => vec![],
+        };
         let out = Command::new(&cxx)
+            .args(sanitize)
             .args(["-std=c++20", "-O1", "-pthread", "-I"])
             .arg(src.join("include"))
             .arg("-I")
