@@ -118,6 +118,16 @@ fn backward_from(x: &Tensor, upstream: &Tensor) -> Result<candle_core::backprop:
 /// [`backward_from`] makes one: as a root its upstream gradient is 1.
 struct Seed;
 
+/// A scalar 0 on `x`'s device, in its dtype.
+fn scalar_zero<S>(x: &S) -> Result<(S, candle_core::Shape)>
+where
+    S: candle_core::backend::BackendStorage,
+    S::Device: candle_core::backend::BackendDevice<Storage = S>,
+{
+    use candle_core::backend::BackendDevice;
+    Ok((x.device().zeros_impl(&().into(), x.dtype())?, ().into()))
+}
+
 impl candle_core::CustomOp2 for Seed {
     fn name(&self) -> &'static str {
         "dpo-backward-seed"
@@ -130,8 +140,7 @@ impl candle_core::CustomOp2 for Seed {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((candle_core::cpu_backend::CpuDevice.zeros_impl(&().into(), x.dtype())?, ().into()))
+        scalar_zero(x)
     }
 
     #[cfg(feature = "cuda")]
@@ -142,8 +151,7 @@ impl candle_core::CustomOp2 for Seed {
         _: &candle_core::CudaStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((x.device().zeros_impl(&().into(), x.dtype())?, ().into()))
+        scalar_zero(x)
     }
 
     #[cfg(feature = "metal")]
@@ -154,8 +162,7 @@ impl candle_core::CustomOp2 for Seed {
         _: &candle_core::MetalStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::MetalStorage, candle_core::Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        Ok((x.device().zeros_impl(&().into(), x.dtype())?, ().into()))
+        scalar_zero(x)
     }
 
     fn bwd(

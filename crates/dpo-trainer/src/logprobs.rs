@@ -108,6 +108,15 @@ impl LmHead {
         Ok(LmHead { weight: model.lm_head()?, chunk, fused: model.fused_ops() })
     }
 
+    /// The rows of `hidden` `[n, h]` at `positions` (differentiable).
+    fn select(&self, hidden: &Tensor, positions: &Tensor) -> Result<Tensor> {
+        if self.fused {
+            ops::gather_rows(hidden, positions, None)
+        } else {
+            ops::gather_rows_slow(hidden, positions, None)
+        }
+    }
+
     /// `(logp, lse)` of `targets` under `softmax(logits)`.
     fn logprobs(&self, logits: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         if self.fused {
@@ -145,11 +154,7 @@ pub fn sequence_logps(hidden: &Tensor, head: &LmHead, index: &CompletionIndex) -
     if index.counts.iter().sum::<usize>() == 0 {
         return Tensor::zeros(rows, DType::F32, hidden.device());
     }
-    let flat = hidden.reshape((rows * seq, h))?;
-    let selected = match head.fused {
-        true => ops::gather_rows(&flat, &index.positions, None)?,
-        false => flat.index_select(&index.positions, 0)?,
-    };
+    let selected = head.select(&hidden.reshape((rows * seq, h))?, &index.positions)?;
     let per_token = token_logps(&selected.to_dtype(head.weight.dtype())?, head, &index.targets)?;
     matmul(&index.segments.to_dtype(per_token.dtype())?, &per_token.unsqueeze(1)?)?.squeeze(1)
 }
@@ -162,6 +167,7 @@ pub fn token_kl_sum(hp: &Tensor, p: &LmHead, hr: &Tensor, r: &LmHead) -> Result<
     let zeros = Tensor::zeros(p.chunk.min(n), DType::U32, hp.device())?;
     let log_softmax = |h: &Tensor, head: &LmHead, start: usize, len: usize| -> Result<Tensor> {
         let logits = matmul(&h.narrow(0, start, len)?, &head.weight.t()?)?;
+        // Only the logsumexp is wanted: any target will do.
         let (_, lse) = head.logprobs(&logits, &zeros.narrow(0, 0, len)?)?;
         logits.to_dtype(lse.dtype())?.broadcast_sub(&lse.unsqueeze(1)?)
     };
