@@ -2,8 +2,9 @@
 //! threads, shared memory, barriers and warp shuffles (`tests/cuda-emu/`), against the CPU
 //! kernels of the same ops. The project's CI and most of its sessions have no GPU: a wrong index,
 //! stride or reduction in a kernel fails here instead of in the startup kernel check of a GPU
-//! run. The launch arguments and grid shapes are given as `src/ops/cuda.rs` gives them (its
-//! launchers need a CUDA device; their argument lists are not checked here).
+//! run. The launch arguments and grid shapes are given as `src/ops/cuda.rs` gives them; the
+//! launchers themselves are tested by `src/ops/cuda_tests.rs` (`scripts/cuda-emu.sh`
+//! runs them against an emulated driver built from the same emulation).
 //!
 //! Needs a C++20 compiler (`$CXX`, else `c++`). With `CUDA_EMU_SANITIZE=thread` the emulator is
 //! built with ThreadSanitizer, which fails a kernel whose threads race on shared or global

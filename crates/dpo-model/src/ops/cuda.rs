@@ -1,9 +1,12 @@
 //! Launchers for the kernels of `kernels/dpo_ops.cu` (PTX built by build.rs, loaded once per
 //! device as the custom module `dpo_ops`). Kernel names are `<base>_<dtype>`.
 
+use std::sync::{Arc, Mutex};
+
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
@@ -40,9 +43,115 @@ macro_rules! dispatch {
     };
 }
 
-fn func<T: WithDType>(dev: &CudaDevice, base: &str) -> Result<CudaFunction> {
-    let name = format!("{base}_{}", T::DTYPE.as_str());
-    Ok(dev.get_or_load_custom_func(&name, MODULE, PTX)?.into_cuda_function())
+/// The kernel `<base>_<T>`.
+fn func<T: WithDType>(dev: &CudaDevice, base: &str) -> Result<Kernel> {
+    func_named(dev, &format!("{base}_{}", T::DTYPE.as_str()))
+}
+
+fn func_named(dev: &CudaDevice, name: &str) -> Result<Kernel> {
+    let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+    Ok(Kernel { name: name.to_string(), f })
+}
+
+/// A kernel of the module, with its name for the argument check of [`Launch`].
+struct Kernel {
+    name: String,
+    f: CudaFunction,
+}
+
+impl Kernel {
+    fn builder<'a>(&'a self, stream: &'a Arc<CudaStream>) -> Launch<'a> {
+        Launch { kernel: self, args: stream.launch_builder(&self.f), sizes: Vec::new() }
+    }
+}
+
+/// A launch whose arguments are checked against the kernel's parameters, as the driver reports
+/// them (`cuFuncGetParamInfo`), before its first run: a missing or extra
+/// argument, or one of the wrong size (an f64 for a `float`, an `i32` for a `long long`), is an
+/// error naming the kernel and the argument instead of a kernel reading garbage. Once per kernel
+/// and process; skipped where the driver cannot tell (before CUDA 12.4).
+struct Launch<'a> {
+    kernel: &'a Kernel,
+    args: LaunchArgs<'a>,
+    sizes: Vec<usize>,
+}
+
+/// The bytes an argument puts in a kernel's parameter list: a device buffer is its address.
+trait ArgSize {
+    const SIZE: usize;
+}
+macro_rules! arg_size {
+    ($($t:ty),*) => { $(impl ArgSize for &$t { const SIZE: usize = std::mem::size_of::<$t>(); })* };
+}
+arg_size!(i32, i64, u64, f32, f64);
+impl<T> ArgSize for &CudaSlice<T> {
+    const SIZE: usize = 8;
+}
+impl<T> ArgSize for &mut CudaSlice<T> {
+    const SIZE: usize = 8;
+}
+impl<T> ArgSize for &CudaView<'_, T> {
+    const SIZE: usize = 8;
+}
+
+impl<'a> Launch<'a> {
+    fn arg<A: ArgSize>(&mut self, a: A) -> &mut Self
+    where
+        LaunchArgs<'a>: PushKernelArg<A>,
+    {
+        self.sizes.push(A::SIZE);
+        self.args.arg(a);
+        self
+    }
+
+    /// # Safety
+    /// As cudarc's `LaunchArgs::launch`: the buffers hold what the kernel reads and are as long
+    /// as it indexes (the argument list itself is checked).
+    unsafe fn launch(&mut self, cfg: LaunchConfig) -> Result<()> {
+        check_params(self.kernel, &self.sizes)?;
+        // SAFETY: see the function's contract.
+        unsafe { self.args.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+/// Compares `sizes` with `kernel`'s parameters (once per kernel name). The parameter count is
+/// where `cuFuncGetParamInfo` stops answering (`cuFuncGetParamCount` is CUDA 13.2).
+fn check_params(kernel: &Kernel, sizes: &[usize]) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.contains(&kernel.name) {
+        return Ok(());
+    }
+    let param = |i: usize| {
+        let (mut offset, mut size) = (0usize, 0usize);
+        // SAFETY: a live function handle and valid out-pointers; an index past the last
+        // parameter is an error return, not undefined behaviour.
+        let r = unsafe { sys::cuFuncGetParamInfo(kernel.f.cu_function(), i, &mut offset, &mut size) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(size)
+    };
+    let name = &kernel.name;
+    if param(0).is_none() {
+        return Ok(()); // the driver cannot tell (every kernel here has parameters)
+    }
+    for (i, &size) in sizes.iter().enumerate() {
+        match param(i) {
+            None => candle_core::bail!(
+                "kernel {name}: launched with {} arguments for {i} parameters",
+                sizes.len()
+            ),
+            Some(want) if want != size => {
+                candle_core::bail!("kernel {name}: argument {i} has {size} bytes, the parameter {want}")
+            }
+            Some(_) => {}
+        }
+    }
+    if param(sizes.len()).is_some() {
+        candle_core::bail!("kernel {name}: launched with {} arguments, it has more parameters", sizes.len());
+    }
+    checked.push(name.clone());
+    Ok(())
 }
 
 fn view<'a, T: CudaDType + DeviceRepr>(
@@ -124,10 +233,10 @@ fn softmax_fwd_t<T: Kern>(
     if rows * k > 0 {
         let f = func::<T>(&dev, "dpo_softmax_fwd")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&x).arg(&bias).arg(&mut out).arg(&k32).arg(&q32).arg(&hq32).arg(&bias_bcast).arg(&scale);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
-        unsafe { lb.launch(rows_cfg(rows, k, "softmax")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(rows, k, "softmax")?) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -160,10 +269,10 @@ fn softmax_bwd_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_softmax_bwd")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&pv).arg(&dpv).arg(&mut out).arg(&k32).arg(&scale);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(rows_cfg(n / k, k, "softmax backward")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(n / k, k, "softmax backward")?) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -225,10 +334,10 @@ fn rms_norm_fwd_t<T: Kern, O: Kern>(
     if n > 0 {
         let f = func::<O>(&dev, kernel)?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }?;
     }
     Ok(O::wrap_cuda_slice(out, dev))
 }
@@ -262,10 +371,10 @@ fn elementwise2<A: Kern, B: Kern, O: Kern>(
     if n > 0 {
         let f = func::<B>(&dev, kernel)?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&av).arg(&bv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+        unsafe { lb.launch(elementwise_cfg(n)) }?;
     }
     Ok(O::wrap_cuda_slice(out, dev))
 }
@@ -346,18 +455,18 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     let stream = dev.cuda_stream();
     {
         let f = kernel(if resv.is_some() { "dpo_rmsnorm_bwd_dx_add" } else { "dpo_rmsnorm_bwd_dx" })?;
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&xv).arg(&wv).arg(&dyv);
         if let Some(resv) = &resv {
             lb.arg(resv);
         }
         lb.arg(&mut out).arg(&mut rs).arg(&d32).arg(&eps);
         // SAFETY: argument types match the kernel's signature (with `res` where it has one).
-        unsafe { lb.launch(rows_cfg(rows, d, "rms_norm backward")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(rows, d, "rms_norm backward")?) }?;
     }
     {
         let f = kernel("dpo_rmsnorm_bwd_dw_partial")?;
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&xv).arg(&dyv).arg(&rs).arg(&mut partial).arg(&rows32).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(32) as u32, groups as u32, 1),
@@ -365,11 +474,11 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types match the kernel's signature; the kernel assumes block (32, 8).
-        unsafe { lb.launch(cfg) }.w()?;
+        unsafe { lb.launch(cfg) }?;
     }
     {
         let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dw_final")?;
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         let offset = n as i64;
         lb.arg(&partial).arg(&mut out).arg(&offset).arg(&g32).arg(&d32);
         let cfg = LaunchConfig {
@@ -378,7 +487,7 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(cfg) }.w()?;
+        unsafe { lb.launch(cfg) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -435,7 +544,7 @@ fn rope_backward_merged_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_rope_bwd_merged")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&qv)
             .arg(&kv)
             .arg(&vv)
@@ -449,7 +558,7 @@ fn rope_backward_merged_t<T: Kern>(
             .arg(&d32)
             .arg(&per_row);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+        unsafe { lb.launch(elementwise_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -477,7 +586,7 @@ fn rope_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_rope")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&xv)
             .arg(&cv)
             .arg(&sv)
@@ -492,7 +601,7 @@ fn rope_t<T: Kern>(
             .arg(&per_row)
             .arg(&bwd);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+        unsafe { lb.launch(elementwise_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -547,10 +656,10 @@ fn silu_mul_bwd_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_silu_mul_bwd")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+        unsafe { lb.launch(elementwise_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -602,13 +711,13 @@ pub(crate) fn adamw_inplace(
     if n == 0 {
         return Ok(());
     }
-    let f = dev.get_or_load_custom_func("dpo_adamw_f32", MODULE, PTX)?.into_cuda_function();
+    let f = func_named(&dev, "dpo_adamw_f32")?;
     let stream = dev.cuda_stream();
     let n64 = n as i64;
     // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
     let (b1f, omb1, b2f, omb2, epsf) =
         (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32);
-    let mut lb = stream.launch_builder(&f);
+    let mut lb = f.builder(&stream);
     lb.arg(&pp)
         .arg(&mp)
         .arg(&vp)
@@ -624,7 +733,7 @@ pub(crate) fn adamw_inplace(
     // SAFETY: the pointers address live, contiguous f32 buffers of n elements owned by the
     // optimizer and the parameter; the kernel is ordered on the device's stream with every
     // other op on these buffers.
-    unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+    unsafe { lb.launch(elementwise_cfg(n)) }?;
     Ok(())
 }
 
@@ -637,7 +746,7 @@ pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
     };
     let stream = dev.cuda_stream();
     let mut acc = stream.alloc_zeros::<f64>(1).w()?;
-    let f = dev.get_or_load_custom_func("dpo_sumsq_f32", MODULE, PTX)?.into_cuda_function();
+    let f = func_named(&dev, "dpo_sumsq_f32")?;
     for x in xs {
         let n = x.elem_count();
         if n == 0 {
@@ -645,14 +754,13 @@ pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
         }
         let ptr = f32_ptr(x, "sum_squares")?;
         let n64 = n as i64;
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&ptr).arg(&n64).arg(&mut acc);
         let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
         // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements.
         unsafe {
             lb.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
-        }
-        .w()?;
+        }?;
     }
     let host = stream.clone_dtoh(&acc).w()?;
     Ok(host[0])
@@ -685,10 +793,10 @@ fn target_logprobs_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_target_logprobs_fwd")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&zv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
-        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs")?) }?;
     }
     Ok(T::Acc::wrap_cuda_slice(out, dev))
 }
@@ -723,10 +831,10 @@ fn target_logprobs_bwd_t<T: Kern>(
     if n * v > 0 {
         let f = func::<T>(&dev, "dpo_target_logprobs_bwd")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
-        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }.w()?;
+        unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -759,10 +867,10 @@ fn gather_rows_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_gather_rows")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&wv).arg(&iv).arg(&mut out).arg(&n64).arg(&h32).arg(&v32);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }.w()?;
+        unsafe { lb.launch(elementwise_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -798,7 +906,7 @@ fn scatter_rows_t<T: Kern>(
     if n * h > 0 {
         let f = func::<T>(&dev, "dpo_scatter_rows")?;
         let stream = dev.cuda_stream();
-        let mut lb = stream.launch_builder(&f);
+        let mut lb = f.builder(&stream);
         lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip);
         // One block per position, a thread per column (a row of up to 1024 columns in one pass).
         let cfg = LaunchConfig {
@@ -807,7 +915,7 @@ fn scatter_rows_t<T: Kern>(
             shared_mem_bytes: 0,
         };
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(cfg) }.w()?;
+        unsafe { lb.launch(cfg) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }

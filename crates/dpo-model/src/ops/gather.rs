@@ -57,8 +57,8 @@ pub fn gather_rows_slow(table: &Tensor, ids: &Tensor, no_grad: Option<u32>) -> R
     }
 }
 
-struct GatherRows {
-    no_grad: Option<u32>,
+pub(super) struct GatherRows {
+    pub(super) no_grad: Option<u32>,
 }
 
 /// `(dy, ids) -> dW` `[vocab, h]`.

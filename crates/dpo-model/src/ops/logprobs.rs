@@ -97,7 +97,7 @@ fn check(logits: &Tensor, targets: &Tensor, what: &str) -> Result<()> {
 struct TargetLogProbs;
 
 /// `(lse_g, targets) -> dlogits` for logits `[rows, vocab]`, `lse_g` `[2, rows]` (lse, then g).
-struct TargetLogProbsBwd;
+pub(super) struct TargetLogProbsBwd;
 
 /// The targets, each checked against the vocabulary.
 fn cpu_targets<'a>(t: &'a CpuStorage, tl: &Layout, vocab: usize, what: &str) -> Result<&'a [u32]> {

@@ -24,6 +24,8 @@ mod attention;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests;
 mod gather;
 mod logprobs;
 mod residual;

@@ -6,33 +6,10 @@
 #include <cstdio>
 #include <iostream>
 #include <iterator>
-#include <map>
-#include <string>
-#include <type_traits>
-#include <utility>
 
 #include "emu.h"
 #include "../../kernels/dpo_ops.cu"
-
-struct Kernel {
-    std::vector<std::pair<bool, size_t>> params;  // (is a pointer, size) of each parameter
-    std::function<void(void **)> call;            // the kernel with its arguments at args[i]
-};
-
-template <typename... A, size_t... I>
-void call_with(void (*f)(A...), void **args, std::index_sequence<I...>) {
-    f(*static_cast<std::remove_cv_t<A> *>(args[I])...);
-}
-
-template <typename... A> Kernel kernel(void (*f)(A...)) {
-    return {{{std::is_pointer_v<A>, sizeof(A)}...},
-            [f](void **args) { call_with(f, args, std::index_sequence_for<A...>{}); }};
-}
-
-#define K(name) {#name, kernel(name)},
-static const std::map<std::string, Kernel> registry = {
-#include "registry.inc"
-};
+#include "kernels.h"
 
 static int fail(const std::string &why) {
     std::cerr << "cuda-emu: " << why << "\n";

@@ -1,0 +1,289 @@
+//! The CUDA launchers of `cuda.rs` against the CPU kernels of the same ops, through the ops'
+//! own entry points: every kernel's argument list, dtype dispatch, launch shape, output size
+//! and the layouts' start offsets (each input sits one row into its buffer).
+//!
+//! On a GPU this is a plain CUDA-vs-CPU test. Without one, `scripts/cuda-emu.sh`
+//! runs it against an emulated driver (`tests/cuda-emu/fake/`) that executes `dpo_ops.cu` on the
+//! CPU, refuses a pointer argument outside device memory or an oversized block, and fills new
+//! allocations with NaN bytes, so an argument in the wrong place or an output element left
+//! unwritten fails here rather than on the GPU. Only our kernels are emulated: the ops are fed
+//! contiguous inputs in the dtypes they compute in, so that no candle kernel runs on the device.
+
+use candle_core::{CustomOp2, DType, Device, Result, Tensor};
+
+use super::check::randn_tensor;
+use super::gather::GatherRows;
+use super::logprobs::TargetLogProbsBwd;
+use super::softmax::MaskedSoftmax;
+use super::*;
+
+const CPU: Device = Device::Cpu;
+const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("a CUDA device (without a GPU: scripts/cuda-emu.sh)")
+}
+
+/// Deterministic N(0, std^2) values in `dt` on the CPU.
+fn randn(shape: &[usize], seed: u64, std: f32, dt: DType) -> Tensor {
+    randn_tensor(shape, seed, std).unwrap().to_dtype(dt).unwrap()
+}
+
+/// `t` on `dev` as a view that starts one row (of the first axis) into its buffer.
+fn up(t: &Tensor, dev: &Device) -> Tensor {
+    let n = t.dim(0).unwrap();
+    let padded = Tensor::cat(&[&t.narrow(0, 0, 1).unwrap(), t], 0).unwrap();
+    let on = padded.to_device(dev).unwrap().narrow(0, 1, n).unwrap();
+    assert!(on.layout().start_offset() > 0 && on.is_contiguous());
+    on
+}
+
+/// Both sides compute in f32 (f64) and round once to `dt`: about one rounding apart.
+fn tol(dt: DType) -> f64 {
+    match dt {
+        DType::F64 => 1e-12,
+        DType::F32 => 5e-5,
+        DType::F16 => 2e-3,
+        _ => 1.6e-2,
+    }
+}
+
+/// `max |got - want| / max |want|` within `tol` for `got` on the device, `want` on the CPU
+/// (same shape and dtype, every value finite).
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    assert_eq!((got.dims(), got.dtype()), (want.dims(), want.dtype()), "{what}: shape and dtype");
+    assert!(got.device().is_cuda(), "{what}: computed off the device");
+    let f64s = |t: &Tensor| -> Vec<f64> {
+        t.to_device(&CPU).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (got, want) = (f64s(got), f64s(want));
+    let scale = want.iter().fold(1e-30f64, |m, w| m.max(w.abs()));
+    let diff = got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs()));
+    let finite = got.iter().all(|g| g.is_finite());
+    eprintln!("{what}: relative error {:.2e}", diff / scale);
+    assert!(
+        finite && diff / scale <= tol,
+        "{what}: relative error {:e} > {tol:e} (finite: {finite})",
+        diff / scale
+    );
+}
+
+#[test]
+fn masked_softmax_forward_and_backward() -> Result<()> {
+    let dev = gpu();
+    let (r, h, q, k) = (2, 2, 5, 37);
+    for bias_rows in [r, 1] {
+        let bias = Tensor::from_vec(
+            (0..bias_rows * q * k).map(|i| if i % k > (i / k) % q + 30 { -1e9f32 } else { 0.0 }).collect(),
+            (bias_rows, 1, q, k),
+            &CPU,
+        )?;
+        for dt in DTYPES {
+            let what = format!("softmax {dt:?} bias rows {bias_rows}");
+            let (s, dp) = (randn(&[r, h, q, k], 1, 4.0, dt), randn(&[r, h, q, k], 2, 1.0, dt));
+            let (sd, bd, dpd) = (up(&s, &dev), up(&bias, &dev), up(&dp, &dev));
+            let (p, pd) = (masked_softmax(&s, &bias, 0.5)?, masked_softmax(&sd, &bd, 0.5)?);
+            assert_close(&pd, &p, tol(dt), &what);
+            let op = MaskedSoftmax { scale: 0.5 };
+            let ds = op.bwd(&s, &bias, &p, &dp)?.0.unwrap();
+            let dsd = op.bwd(&sd, &bd, &up(&p, &dev), &dpd)?.0.unwrap();
+            assert_close(&dsd, &ds, tol(dt), &format!("{what} backward"));
+        }
+    }
+    Ok(())
+}
+
+/// The norm, its backward (dx, and dw summed over several row groups), with and without the
+/// residual gradient, and the mixed-precision kernels (f32 in, bf16/f16 out; bf16/f16 dy).
+#[test]
+fn rms_norm_all_kernels() -> Result<()> {
+    let dev = gpu();
+    for (rows, d) in [(300, 40), (3, 1100)] {
+        for dt in DTYPES {
+            let what = format!("rms_norm {dt:?} [{rows}, {d}]");
+            let (x, w) = (randn(&[rows, d], 1, 2.0, dt), randn(&[d], 2, 1.0, dt));
+            let (dy, res) = (randn(&[rows, d], 3, 1.0, dt), randn(&[rows, d], 4, 1.0, dt));
+            let (xd, wd, dyd, resd) = (up(&x, &dev), up(&w, &dev), up(&dy, &dev), up(&res, &dev));
+            assert_close(&rms_norm(&xd, &wd, 1e-6)?, &rms_norm(&x, &w, 1e-6)?, tol(dt), &what);
+            let (dx, dw) = rms_norm_backward(&x, &w, 1e-6, &dy)?;
+            let (dxd, dwd) = rms_norm_backward(&xd, &wd, 1e-6, &dyd)?;
+            assert_close(&dxd, &dx, tol(dt), &format!("{what} dx"));
+            assert_close(&dwd, &dw, tol(dt), &format!("{what} dw"));
+            let (dx, dw) = rms_norm_backward_add(&x, &w, 1e-6, &dy, &res)?;
+            let (dxd, dwd) = rms_norm_backward_add(&xd, &wd, 1e-6, &dyd, &resd)?;
+            assert_close(&dxd, &dx, tol(dt), &format!("{what} dx + res"));
+            assert_close(&dwd, &dw, tol(dt), &format!("{what} dw (res)"));
+        }
+        let (x, w) = (randn(&[rows, d], 5, 2.0, DType::F32), randn(&[d], 6, 1.0, DType::F32));
+        let res = randn(&[rows, d], 7, 1.0, DType::F32);
+        let (xd, wd, resd) = (up(&x, &dev), up(&w, &dev), up(&res, &dev));
+        for dt in [DType::BF16, DType::F16] {
+            let what = format!("rms_norm f32 -> {dt:?} [{rows}, {d}]");
+            let (y, yd) = (rms_norm_to(&x, &w, 1e-6, dt)?, rms_norm_to(&xd, &wd, 1e-6, dt)?);
+            assert_close(&yd, &y, tol(dt), &what);
+            let dy = randn(&[rows, d], 8, 1.0, dt);
+            let (dx, dw) = rms_norm_backward_add(&x, &w, 1e-6, &dy, &res)?;
+            let (dxd, dwd) = rms_norm_backward_add(&xd, &wd, 1e-6, &up(&dy, &dev), &resd)?;
+            assert_close(&dxd, &dx, tol(DType::F32), &format!("{what} dx + res"));
+            assert_close(&dwd, &dw, tol(DType::F32), &format!("{what} dw"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn add_cast_bf16_and_f16() -> Result<()> {
+    let dev = gpu();
+    let h = randn(&[7, 333], 1, 1.0, DType::F32);
+    for dt in [DType::BF16, DType::F16] {
+        let y = randn(&[7, 333], 2, 1.0, dt);
+        let got = add_cast(&up(&h, &dev), &up(&y, &dev))?;
+        assert_close(&got, &add_cast(&h, &y)?, tol(DType::F32), &format!("add_cast {dt:?}"));
+    }
+    Ok(())
+}
+
+/// RoPE on contiguous heads and on heads read in place from `[rows, seq, heads, d]`, with
+/// shared and per-row tables; its backward; the merged q/k/v backward.
+#[test]
+fn rope_all_kernels() -> Result<()> {
+    let dev = gpu();
+    let (r, h, kv, s, d) = (2, 3, 1, 5, 8);
+    for dt in DTYPES {
+        for tables in [vec![s, d], vec![r, s, d]] {
+            let what = format!("rope {dt:?} tables {tables:?}");
+            let (cos, sin) = (randn(&tables, 1, 1.0, dt), randn(&tables, 2, 1.0, dt));
+            let (cd, sd) = (up(&cos, &dev), up(&sin, &dev));
+            let x = randn(&[r, h, s, d], 3, 1.0, dt);
+            assert_close(&rope(&up(&x, &dev), &cd, &sd)?, &rope(&x, &cos, &sin)?, tol(dt), &what);
+            let xs = randn(&[r, s, h, d], 4, 1.0, dt);
+            let strided = up(&xs, &dev).transpose(1, 2)?;
+            let want = rope(&xs.transpose(1, 2)?, &cos, &sin)?;
+            assert_close(&rope(&strided, &cd, &sd)?, &want, tol(dt), &format!("{what} strided heads"));
+            let dy = randn(&[r, h, s, d], 5, 1.0, dt);
+            let want = rope_backward(&dy, &cos, &sin)?;
+            assert_close(
+                &rope_backward(&up(&dy, &dev), &cd, &sd)?,
+                &want,
+                tol(dt),
+                &format!("{what} backward"),
+            );
+            let (dq, dk, dv) = (
+                randn(&[r, h, s, d], 6, 1.0, dt),
+                randn(&[r, kv, s, d], 7, 1.0, dt),
+                randn(&[r, kv, s, d], 8, 1.0, dt),
+            );
+            let want = rope_backward_merged(&dq, &dk, &dv, &cos, &sin)?;
+            let got = rope_backward_merged(&up(&dq, &dev), &up(&dk, &dev), &up(&dv, &dev), &cd, &sd)?;
+            assert_close(&got, &want, tol(dt), &format!("{what} merged backward"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn silu_mul_forward_and_backward() -> Result<()> {
+    let dev = gpu();
+    for dt in DTYPES {
+        let what = format!("silu_mul {dt:?}");
+        let (g, u, dy) =
+            (randn(&[9, 130], 1, 2.0, dt), randn(&[9, 130], 2, 1.0, dt), randn(&[9, 130], 3, 1.0, dt));
+        let (gd, ud, dyd) = (up(&g, &dev), up(&u, &dev), up(&dy, &dev));
+        assert_close(&silu_mul(&gd, &ud)?, &silu_mul(&g, &u)?, tol(dt), &what);
+        let want = silu_mul_backward_stacked(&g, &u, &dy)?;
+        assert_close(
+            &silu_mul_backward_stacked(&gd, &ud, &dyd)?,
+            &want,
+            tol(dt),
+            &format!("{what} backward"),
+        );
+    }
+    Ok(())
+}
+
+/// The fused LM-head log-softmax: (logp, lse) and the logits' gradient.
+#[test]
+fn target_logprobs_forward_and_backward() -> Result<()> {
+    let dev = gpu();
+    let (n, vocab) = (7, 1029);
+    let targets = Tensor::new(&[0u32, 1028, 5, 1000, 17, 512, 3], &CPU)?;
+    let td = up(&targets, &dev);
+    for dt in DTYPES {
+        let acc = crate::accum_dtype(dt);
+        let z = randn(&[n, vocab], 1, 4.0, dt);
+        let zd = up(&z, &dev);
+        let ((logp, lse), (logpd, lsed)) = (target_logprobs(&z, &targets)?, target_logprobs(&zd, &td)?);
+        assert_close(&logpd, &logp, tol(acc), &format!("logp {dt:?}"));
+        assert_close(&lsed, &lse, tol(acc), &format!("lse {dt:?}"));
+        let lse_g = Tensor::stack(&[&lse, &randn(&[n], 2, 1.0, acc)], 0)?;
+        let want = z.apply_op3_no_bwd(&lse_g, &targets, &TargetLogProbsBwd)?;
+        let got = zd.apply_op3_no_bwd(&up(&lse_g, &dev), &td, &TargetLogProbsBwd)?;
+        assert_close(&got, &want, tol(dt), &format!("dlogits {dt:?}"));
+    }
+    Ok(())
+}
+
+/// Rows by index and the backward (repeated ids, a skipped id, rows never picked).
+#[test]
+fn gather_rows_forward_and_backward() -> Result<()> {
+    let dev = gpu();
+    let ids = Tensor::new(&[3u32, 7, 3, 0, 9, 3, 2, 0], &CPU)?;
+    let idsd = up(&ids, &dev);
+    for dt in DTYPES {
+        let (w, dy) = (randn(&[11, 40], 1, 1.0, dt), randn(&[8, 40], 2, 1.0, dt));
+        let wd = up(&w, &dev);
+        let (y, yd) = (gather_rows(&w, &ids, Some(0))?, gather_rows(&wd, &idsd, Some(0))?);
+        assert_close(&yd, &y, 0.0, &format!("gather_rows {dt:?}"));
+        let op = GatherRows { no_grad: Some(0) };
+        let dw = op.bwd(&w, &ids, &y, &dy)?.0.unwrap();
+        let dwd = op.bwd(&wd, &idsd, &yd, &up(&dy, &dev))?.0.unwrap();
+        assert_close(&dwd, &dw, tol(dt), &format!("gather_rows {dt:?} backward"));
+    }
+    Ok(())
+}
+
+/// AdamW in place against the kernel's own formula on the CPU (same f32 operations in the same
+/// order: equal bit for bit), and the sum of squares.
+#[test]
+fn adamw_and_sum_of_squares() -> Result<()> {
+    let dev = gpu();
+    let n = 1000;
+    let f32s = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+    let (p, m, g) =
+        (randn(&[n], 1, 1.0, DType::F32), randn(&[n], 2, 0.1, DType::F32), randn(&[n], 3, 1.0, DType::F32));
+    let v = randn(&[n], 4, 0.1, DType::F32).sqr()?;
+    let (pd, md, vd, gd) = (up(&p, &dev), up(&m, &dev), up(&v, &dev), up(&g, &dev));
+    let (gscale, decay, (b1, b2, eps), step, bc2) = (0.5f32, 0.99f32, (0.9, 0.999, 1e-8), 0.01f32, 0.3f32);
+    assert!(adamw_step_fused(
+        &pd,
+        &md,
+        &vd,
+        &gd,
+        gscale as f64,
+        decay as f64,
+        (b1, b2, eps),
+        step as f64,
+        bc2 as f64
+    )?);
+    let (mut pw, mut mw, mut vw) = (f32s(&p), f32s(&m), f32s(&v));
+    for (i, gi) in f32s(&g).into_iter().enumerate() {
+        let gi = gi * gscale;
+        mw[i] = b1 as f32 * mw[i] + (1.0 - b1) as f32 * gi;
+        vw[i] = b2 as f32 * vw[i] + (1.0 - b2) as f32 * (gi * gi);
+        let denom = vw[i].sqrt() / bc2 + eps as f32;
+        pw[i] = pw[i] * decay - (mw[i] / denom) * step;
+    }
+    for (got, want, what) in [(&pd, pw, "p"), (&md, mw, "m"), (&vd, vw, "v")] {
+        let want = Tensor::new(want, &CPU)?;
+        assert_close(got, &want, 0.0, &format!("adamw {what}"));
+    }
+    let xs = [randn(&[n], 5, 1.0, DType::F32), randn(&[3, 7], 6, 2.0, DType::F32)];
+    let want: f64 = xs
+        .iter()
+        .flat_map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|x| (x as f64) * (x as f64))
+        .sum();
+    let got = sum_squares_fused(&[up(&xs[0], &dev), up(&xs[1], &dev)])?.expect("on CUDA");
+    assert!((got - want).abs() <= 1e-12 * want, "sum of squares {got} vs {want}");
+    Ok(())
+}

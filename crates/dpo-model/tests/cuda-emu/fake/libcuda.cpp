@@ -1,0 +1,254 @@
+// An emulated CUDA driver (libcuda.so) for running `src/ops/cuda.rs` on a machine without a GPU:
+// candle's CUDA device, its allocations and copies, and the launches of the kernels of
+// kernels/dpo_ops.cu, which run on the CPU under emu.h (one std::thread per CUDA thread). Built
+// by build.sh with stand-ins for the other CUDA libraries the `cuda` build links.
+//
+// What a GPU would not forgive, it refuses with an error (and a line on stderr): a launch of a
+// kernel it does not have (candle's own kernels and cuBLAS run only on a GPU), a pointer argument
+// outside every live allocation, a block of more than 1024 threads, a copy past an allocation's
+// end. New allocations are filled with NaN bytes (0xff), so an output element a kernel fails to
+// write shows. Work runs synchronously, in the order submitted; launches one at a time.
+#include <cstdio>
+#include <cstdlib>
+#include <deque>
+#include <mutex>
+
+#include "emu.h"
+#include "../../../kernels/dpo_ops.cu"
+#include "kernels.h"
+
+using CUresult = int;
+using CUdeviceptr = unsigned long long;
+enum : CUresult {
+    OK = 0,
+    INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
+    INVALID_HANDLE = 400,
+    NOT_FOUND = 500,
+    LAUNCH_OUT_OF_RESOURCES = 701,
+    INVALID_CONFIG = 9,
+};
+
+namespace {
+std::recursive_mutex lock;
+std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
+struct Function {
+    std::string name;
+    const Kernel *kernel;
+};
+std::deque<Function> functions;
+int handles = 0;  // contexts, modules, streams, events: distinct non-null tokens
+void *token() { return reinterpret_cast<void *>(static_cast<uintptr_t>(0x1000 + 16 * ++handles)); }
+
+CUresult refuse(CUresult code, const std::string &why) {
+    std::fprintf(stderr, "cuda-emu: %s\n", why.c_str());
+    return code;
+}
+
+// Whether [p, p + n) lies in one live allocation.
+bool inside(CUdeviceptr p, size_t n) {
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+CUresult alloc(CUdeviceptr *p, size_t n) {
+    const size_t bytes = (n + 255) / 256 * 256;
+    void *m = std::aligned_alloc(256, bytes ? bytes : 256);
+    if (!m) return OUT_OF_MEMORY;
+    std::memset(m, 0xff, bytes);
+    *p = reinterpret_cast<CUdeviceptr>(m);
+    allocations[*p] = n;
+    return OK;
+}
+
+CUresult release(CUdeviceptr p) {
+    if (!p) return OK;
+    auto it = allocations.find(p);
+    if (it == allocations.end()) return refuse(INVALID_VALUE, "free of a pointer that is no allocation");
+    std::free(reinterpret_cast<void *>(p));
+    allocations.erase(it);
+    return OK;
+}
+
+CUresult copy(void *dst, const void *src, size_t n, CUdeviceptr dev_dst, CUdeviceptr dev_src) {
+    if (dev_dst && !inside(dev_dst, n)) return refuse(INVALID_VALUE, "copy past the end of its destination");
+    if (dev_src && !inside(dev_src, n)) return refuse(INVALID_VALUE, "copy past the end of its source");
+    std::memmove(dst, src, n);
+    return OK;
+}
+}  // namespace
+
+#define API extern "C" __attribute__((visibility("default")))
+
+API CUresult cuInit(unsigned) { return OK; }
+API CUresult cuDriverGetVersion(int *v) { return *v = 13000, OK; }
+API CUresult cuDeviceGetCount(int *n) { return *n = 1, OK; }
+API CUresult cuDeviceGet(int *d, int ordinal) {
+    if (ordinal != 0) return refuse(INVALID_VALUE, "one emulated device, ordinal 0");
+    return *d = 0, OK;
+}
+API CUresult cuDeviceGetName(char *name, int len, int) {
+    std::snprintf(name, len, "cuda-emu (CPU)");
+    return OK;
+}
+API CUresult cuDeviceTotalMem_v2(size_t *bytes, int) { return *bytes = size_t(1) << 34, OK; }
+API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
+    *total = size_t(1) << 34;
+    *free = *total / 2;
+    return OK;
+}
+API CUresult cuDeviceGetAttribute(int *v, int attr, int) {
+    switch (attr) {
+        case 1: *v = 1024; break;                  // max threads per block
+        case 2: case 3: case 4: *v = 1024; break;  // max block dims (z: 64 on GPUs)
+        case 5: *v = 0x7fffffff; break;            // max grid x
+        case 6: case 7: *v = 65535; break;
+        case 8: *v = 48 * 1024; break;             // shared memory per block
+        case 10: *v = 32; break;                   // warp size
+        case 16: *v = 132; break;                  // multiprocessors
+        case 75: *v = 9; break;                    // compute capability
+        case 76: *v = 0; break;
+        case 115: *v = 1; break;                   // memory pools (stream-ordered allocation)
+        default: *v = 0;
+    }
+    return OK;
+}
+API CUresult cuDevicePrimaryCtxRetain(void **ctx, int) { return *ctx = token(), OK; }
+API CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+API CUresult cuCtxSetCurrent(void *) { return OK; }
+API CUresult cuCtxGetCurrent(void **ctx) { return *ctx = token(), OK; }
+API CUresult cuCtxGetDevice(int *d) { return *d = 0, OK; }
+API CUresult cuCtxPushCurrent_v2(void *) { return OK; }
+API CUresult cuCtxPopCurrent_v2(void **ctx) { return ctx ? (*ctx = nullptr, OK) : OK; }
+API CUresult cuCtxSynchronize() { return OK; }
+
+API CUresult cuStreamCreate(void **s, unsigned) { return *s = token(), OK; }
+API CUresult cuStreamCreateWithPriority(void **s, unsigned, int) { return *s = token(), OK; }
+API CUresult cuStreamDestroy_v2(void *) { return OK; }
+API CUresult cuStreamSynchronize(void *) { return OK; }
+API CUresult cuStreamQuery(void *) { return OK; }
+API CUresult cuStreamWaitEvent(void *, void *, unsigned) { return OK; }
+API CUresult cuEventCreate(void **e, unsigned) { return *e = token(), OK; }
+API CUresult cuEventDestroy_v2(void *) { return OK; }
+API CUresult cuEventRecord(void *, void *) { return OK; }
+API CUresult cuEventRecordWithFlags(void *, void *, unsigned) { return OK; }
+API CUresult cuEventSynchronize(void *) { return OK; }
+API CUresult cuEventQuery(void *) { return OK; }
+API CUresult cuEventElapsedTime(float *ms, void *, void *) { return *ms = 0, OK; }
+
+API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    std::lock_guard g(lock);
+    return alloc(p, n);
+}
+API CUresult cuMemAllocAsync(CUdeviceptr *p, size_t n, void *) { return cuMemAlloc_v2(p, n); }
+API CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard g(lock);
+    return release(p);
+}
+API CUresult cuMemFreeAsync(CUdeviceptr p, void *) { return cuMemFree_v2(p); }
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    std::lock_guard g(lock);
+    return copy(reinterpret_cast<void *>(dst), src, n, dst, 0);
+}
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *) { return cuMemcpyHtoD_v2(dst, src, n); }
+API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    std::lock_guard g(lock);
+    return copy(dst, reinterpret_cast<const void *>(src), n, 0, src);
+}
+API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *) { return cuMemcpyDtoH_v2(dst, src, n); }
+API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    std::lock_guard g(lock);
+    return copy(reinterpret_cast<void *>(dst), reinterpret_cast<const void *>(src), n, dst, src);
+}
+API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void *) { return cuMemcpyDtoD_v2(dst, src, n); }
+API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    std::lock_guard g(lock);
+    if (!inside(dst, n)) return refuse(INVALID_VALUE, "memset past the end of an allocation");
+    std::memset(reinterpret_cast<void *>(dst), v, n);
+    return OK;
+}
+API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *) { return cuMemsetD8_v2(dst, v, n); }
+API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
+    std::lock_guard g(lock);
+    if (!inside(dst, 4 * n)) return refuse(INVALID_VALUE, "memset past the end of an allocation");
+    for (size_t i = 0; i < n; ++i) std::memcpy(reinterpret_cast<char *>(dst) + 4 * i, &v, 4);
+    return OK;
+}
+API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void *) { return cuMemsetD32_v2(dst, v, n); }
+
+API CUresult cuModuleLoadData(void **m, const void *) { return *m = token(), OK; }
+API CUresult cuModuleUnload(void *) { return OK; }
+API CUresult cuModuleGetFunction(void **f, void *, const char *name) {
+    std::lock_guard g(lock);
+    const auto it = registry.find(name);
+    if (it == registry.end())
+        return refuse(NOT_FOUND, std::string("kernel ") + name + " is not emulated (only those of dpo_ops.cu are)");
+    functions.push_back({name, &it->second});
+    *f = &functions.back();
+    return OK;
+}
+// The parameter list as a GPU's driver reports it (src/ops/cuda.rs checks launches against it):
+// each parameter at an offset aligned to its size; an index past the last one is an error.
+API CUresult cuFuncGetParamInfo(void *f, size_t i, size_t *offset, size_t *size) {
+    const auto &ps = static_cast<const Function *>(f)->kernel->params;
+    if (i >= ps.size()) return INVALID_VALUE;
+    size_t at = 0;
+    for (size_t j = 0;; ++j) {
+        const size_t s = ps[j].second;
+        at = (at + s - 1) / s * s;
+        if (j == i) return *offset = at, *size = s, OK;
+        at += s;
+    }
+}
+API CUresult cuFuncGetAttribute(int *v, int attr, void *) { return *v = attr == 0 ? 1024 : 0, OK; }
+API CUresult cuFuncSetAttribute(void *, int, int) { return OK; }
+
+API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                            unsigned shared, void *, void **params, void **extra) {
+    std::lock_guard g(lock);
+    const auto *fn = static_cast<const Function *>(f);
+    const std::string &name = fn->name;
+    if (extra) return refuse(INVALID_VALUE, name + ": `extra` launch arguments are not emulated");
+    if (shared) return refuse(INVALID_VALUE, name + ": dynamic shared memory is not emulated");
+    const unsigned long threads = (unsigned long)bx * by * bz;
+    if (!gx || !gy || !gz || !threads || threads > 1024 || bz > 64 || gy > 65535 || gz > 65535)
+        return refuse(INVALID_CONFIG, name + ": launch shape " + std::to_string(gx) + "x" + std::to_string(gy) + "x" +
+                                          std::to_string(gz) + " blocks of " + std::to_string(bx) + "x" +
+                                          std::to_string(by) + "x" + std::to_string(bz));
+    const auto &ps = fn->kernel->params;
+    if (!ps.empty() && !params) return refuse(INVALID_VALUE, name + ": no arguments");
+    for (size_t i = 0; i < ps.size(); ++i) {
+        if (!ps[i].first) continue;
+        CUdeviceptr p;
+        std::memcpy(&p, params[i], sizeof p);
+        if (p && !inside(p, 1))
+            return refuse(INVALID_VALUE, name + ": argument " + std::to_string(i) + " is a pointer parameter and " +
+                                             "points at no device allocation");
+    }
+    emu::launch({gx, gy, gz}, {bx, by, bz}, [&] { fn->kernel->call(params); });
+    return OK;
+}
+
+API CUresult cuGetErrorString(CUresult e, const char **s) {
+    *s = e == OK ? "no error" : "cuda-emu: refused (see stderr)";
+    return OK;
+}
+API CUresult cuGetErrorName(CUresult e, const char **s) {
+    *s = e == OK ? "CUDA_SUCCESS" : "CUDA_ERROR_CUDA_EMU";
+    return OK;
+}
+
+// cuBLAS and cuRAND, as far as creating candle's CUDA device needs them.
+API int cublasCreate_v2(void **h) { return *h = token(), 0; }
+API int cublasDestroy_v2(void *) { return 0; }
+API int cublasSetStream_v2(void *, void *) { return 0; }
+API int cublasSetWorkspace_v2(void *, void *, size_t) { return 0; }
+API int cublasSetMathMode(void *, int) { return 0; }
+API int cublasLtCreate(void **h) { return *h = token(), 0; }
+API int cublasLtDestroy(void *) { return 0; }
+API int curandCreateGenerator(void **g, int) { return *g = token(), 0; }
+API int curandDestroyGenerator(void *) { return 0; }
+API int curandSetPseudoRandomGeneratorSeed(void *, unsigned long long) { return 0; }
+API int curandSetStream(void *, void *) { return 0; }
