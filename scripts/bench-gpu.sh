@@ -5,6 +5,7 @@
 # Also the bf16-vs-f32 learning curve of the bundled default (CUDA bf16 vs CPU f32 reference).
 #
 # Prepared here (CPU machine):
+#   scripts/cuda-dry-run.sh          # every run below, dry, on the emulated driver: all must pass
 #   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
 #   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)

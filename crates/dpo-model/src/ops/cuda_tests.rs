@@ -40,12 +40,7 @@ fn up(t: &Tensor, dev: &Device) -> Tensor {
 
 /// Both sides compute in f32 (f64) and round once to `dt`: about one rounding apart.
 fn tol(dt: DType) -> f64 {
-    match dt {
-        DType::F64 => 1e-12,
-        DType::F32 => 5e-5,
-        DType::F16 => 2e-3,
-        _ => 1.6e-2,
-    }
+    super::check::tolerance(dt, true)
 }
 
 /// `max |got - want| / max |want|` within `tol` for `got` on the device, `want` on the CPU

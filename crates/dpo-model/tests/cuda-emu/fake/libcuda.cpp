@@ -8,6 +8,13 @@
 // outside every live allocation, a block of more than 1024 threads, a copy past an allocation's
 // end. New allocations are filled with NaN bytes (0xff), so an output element a kernel fails to
 // write shows. Work runs synchronously, in the order submitted; launches one at a time.
+//
+// With CUDA_EMU_DRY set (scripts/cuda-dry-run.sh), a dry run of a whole program's host side:
+// every kernel, candle's and cuBLAS's included, is checked as above and not run; allocations are
+// zero-filled and every other library call succeeds without doing anything. The numbers are
+// meaningless (zeros), but every CUDA code path runs, and candle's host-side refusals (a dtype
+// or layout it has no kernel for), a kernel name missing from candle's module and our
+// launchers' checks all show without a GPU.
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
@@ -30,11 +37,12 @@ enum : CUresult {
 };
 
 namespace {
+const bool dry = std::getenv("CUDA_EMU_DRY") && *std::getenv("CUDA_EMU_DRY");
 std::recursive_mutex lock;
 std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
 struct Function {
     std::string name;
-    const Kernel *kernel;
+    const Kernel *kernel;  // null: one of candle's (dry runs only)
 };
 std::deque<Function> functions;
 int handles = 0;  // contexts, modules, streams, events: distinct non-null tokens
@@ -57,7 +65,7 @@ CUresult alloc(CUdeviceptr *p, size_t n) {
     const size_t bytes = (n + 255) / 256 * 256;
     void *m = std::aligned_alloc(256, bytes ? bytes : 256);
     if (!m) return OUT_OF_MEMORY;
-    std::memset(m, 0xff, bytes);
+    std::memset(m, dry ? 0 : 0xff, bytes);
     *p = reinterpret_cast<CUdeviceptr>(m);
     allocations[*p] = n;
     return OK;
@@ -183,16 +191,18 @@ API CUresult cuModuleUnload(void *) { return OK; }
 API CUresult cuModuleGetFunction(void **f, void *, const char *name) {
     std::lock_guard g(lock);
     const auto it = registry.find(name);
-    if (it == registry.end())
+    if (it == registry.end() && !dry)
         return refuse(NOT_FOUND, std::string("kernel ") + name + " is not emulated (only those of dpo_ops.cu are)");
-    functions.push_back({name, &it->second});
+    functions.push_back({name, it == registry.end() ? nullptr : &it->second});
     *f = &functions.back();
     return OK;
 }
 // The parameter list as a GPU's driver reports it (src/ops/cuda.rs checks launches against it):
 // each parameter at an offset aligned to its size; an index past the last one is an error.
 API CUresult cuFuncGetParamInfo(void *f, size_t i, size_t *offset, size_t *size) {
-    const auto &ps = static_cast<const Function *>(f)->kernel->params;
+    const Kernel *k = static_cast<const Function *>(f)->kernel;
+    if (!k) return INVALID_VALUE;
+    const auto &ps = k->params;
     if (i >= ps.size()) return INVALID_VALUE;
     size_t at = 0;
     for (size_t j = 0;; ++j) {
@@ -217,6 +227,7 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
         return refuse(INVALID_CONFIG, name + ": launch shape " + std::to_string(gx) + "x" + std::to_string(gy) + "x" +
                                           std::to_string(gz) + " blocks of " + std::to_string(bx) + "x" +
                                           std::to_string(by) + "x" + std::to_string(bz));
+    if (!fn->kernel) return OK;  // candle's, in a dry run
     const auto &ps = fn->kernel->params;
     if (!ps.empty() && !params) return refuse(INVALID_VALUE, name + ": no arguments");
     for (size_t i = 0; i < ps.size(); ++i) {
@@ -227,7 +238,7 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
             return refuse(INVALID_VALUE, name + ": argument " + std::to_string(i) + " is a pointer parameter and " +
                                              "points at no device allocation");
     }
-    emu::launch({gx, gy, gz}, {bx, by, bz}, [&] { fn->kernel->call(params); });
+    if (!dry) emu::launch({gx, gy, gz}, {bx, by, bz}, [&] { fn->kernel->call(params); });
     return OK;
 }
 
