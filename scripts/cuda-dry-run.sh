@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # A dry run of dpo-train's CUDA paths on a machine without a GPU, before spending device time:
-# builds the `cuda` binary with the stand-in toolchain (scripts/cuda-emu.sh) and runs the bundled
-# default for 2 steps in bf16 on the emulated driver with CUDA_EMU_DRY set, once per lever and
-# setting of scripts/bench-gpu.sh, plus resume, the precomputed-reference cache and `doctor`.
+# builds the `cuda` binary with the stand-in toolchain (scripts/cuda-emu.sh) and runs, on the
+# emulated driver with CUDA_EMU_DRY set, `doctor`, then 2 bf16 steps once per lever and setting of
+# scripts/bench-gpu.sh on the bundled default, resume, and the levers again on the benchmark's
+# own 0.5B workload (assets from scripts/bench_assets.py; needs .venv).
 # Kernels are checked (our launchers' argument lists, pointers into device memory, launch shapes)
 # but not run: every number is zero. What it catches is what stops a run on the host side:
 # candle refusing a dtype or layout on CUDA, a CUDA-only branch that errors or panics, a
@@ -66,5 +67,43 @@ train resume-first --set save_steps=1
 run resume-then "$BIN" --config configs/default.toml --set device=\"cuda\" --set dtype=\"bf16\" \
     --set max_steps=4 --set eval_steps=2 --set logging_steps=1 --set progress_bar=false --set save_steps=1 \
     --set output_dir=\"$RUNS/resume-first\" --resume latest --resume-allow-changed
+# The GPU benchmark's own workload (Qwen2.5-0.5B shapes, 8 pairs of 256 + 256 tokens), 2 steps
+# per lever: its sizes reach the launch limits and chunking of the real runs. The assets need
+# .venv (scripts/setup_python.sh); skipped without it.
+ASSETS="$PWD/target/cuda-emu/assets"
+if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
+    .venv/bin/python scripts/bench_assets.py "$ASSETS" --preset qwen05b --pairs 24 --prompt 256 --completion 256 >/dev/null; }; then
+    bench() {
+        local name=$1; shift
+        cat > "$RUNS/$name.toml" <<TOML
+model = "$ASSETS/model"
+train_file = "$ASSETS/train.jsonl"
+output_dir = "$RUNS/$name"
+overwrite_output_dir = true
+device = "cuda"
+dtype = "bf16"
+batch_size = 8
+max_length = 1024
+max_steps = 2
+logging_steps = 1
+shuffle = false
+learning_rate = 1e-6
+lr_scheduler_type = "constant"
+progress_bar = false
+TOML
+        run "$name" env "${ENV[@]}" "$BIN" --config "$RUNS/$name.toml" "$@"
+    }
+    bench bench-plain
+    bench bench-plain-manual --set manual_backward=true
+    bench bench-share-manual --set prefix_sharing=true --set manual_backward=true
+    bench bench-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true \
+        --set manual_backward=true
+    bench bench-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
+    bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
+    bench bench-keep-attn --set recompute_attention=false
+    ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()
+else
+    echo "skipped the benchmark workload (no .venv: scripts/setup_python.sh)"
+fi
 if [ ${#failed[@]} -gt 0 ]; then echo "dry run: ${#failed[@]} failed: ${failed[*]}"; exit 1; fi
 echo "dry run: all passed"

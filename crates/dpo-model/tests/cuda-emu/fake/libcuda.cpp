@@ -11,7 +11,7 @@
 //
 // With CUDA_EMU_DRY set (scripts/cuda-dry-run.sh), a dry run of a whole program's host side:
 // every kernel, candle's and cuBLAS's included, is checked as above and not run; allocations are
-// zero-filled and every other library call succeeds without doing anything. The numbers are
+// zero pages and every other library call succeeds without doing anything. The numbers are
 // meaningless (zeros), but every CUDA code path runs, and candle's host-side refusals (a dtype
 // or layout it has no kernel for), a kernel name missing from candle's module and our
 // launchers' checks all show without a GPU.
@@ -19,6 +19,8 @@
 #include <cstdlib>
 #include <deque>
 #include <mutex>
+
+#include <sys/mman.h>
 
 #include "emu.h"
 #include "../../../kernels/dpo_ops.cu"
@@ -61,11 +63,20 @@ bool inside(CUdeviceptr p, size_t n) {
     return p >= it->first && p + n <= it->first + it->second;
 }
 
+size_t padded(size_t n) { return n ? (n + 4095) / 4096 * 4096 : 4096; }
+
+// A dry run maps its allocations (zero pages, touched only by copies): a model of GPU size fits
+// in the host's memory as long as the kernels that would fill it do not run.
 CUresult alloc(CUdeviceptr *p, size_t n) {
-    const size_t bytes = (n + 255) / 256 * 256;
-    void *m = std::aligned_alloc(256, bytes ? bytes : 256);
-    if (!m) return OUT_OF_MEMORY;
-    std::memset(m, dry ? 0 : 0xff, bytes);
+    void *m;
+    if (dry) {
+        m = mmap(nullptr, padded(n), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) return OUT_OF_MEMORY;
+    } else {
+        m = std::aligned_alloc(256, padded(n));
+        if (!m) return OUT_OF_MEMORY;
+        std::memset(m, 0xff, padded(n));
+    }
     *p = reinterpret_cast<CUdeviceptr>(m);
     allocations[*p] = n;
     return OK;
@@ -75,7 +86,10 @@ CUresult release(CUdeviceptr p) {
     if (!p) return OK;
     auto it = allocations.find(p);
     if (it == allocations.end()) return refuse(INVALID_VALUE, "free of a pointer that is no allocation");
-    std::free(reinterpret_cast<void *>(p));
+    if (dry)
+        munmap(reinterpret_cast<void *>(p), padded(it->second));
+    else
+        std::free(reinterpret_cast<void *>(p));
     allocations.erase(it);
     return OK;
 }
@@ -101,10 +115,15 @@ API CUresult cuDeviceGetName(char *name, int len, int) {
     std::snprintf(name, len, "cuda-emu (CPU)");
     return OK;
 }
-API CUresult cuDeviceTotalMem_v2(size_t *bytes, int) { return *bytes = size_t(1) << 34, OK; }
+// An H100's memory, of which the live allocations are in use.
+constexpr size_t device_memory = size_t(80) << 30;
+API CUresult cuDeviceTotalMem_v2(size_t *bytes, int) { return *bytes = device_memory, OK; }
 API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
-    *total = size_t(1) << 34;
-    *free = *total / 2;
+    std::lock_guard g(lock);
+    size_t used = 0;
+    for (const auto &[p, n] : allocations) used += n;
+    *total = device_memory;
+    *free = used < device_memory ? device_memory - used : 0;
     return OK;
 }
 API CUresult cuDeviceGetAttribute(int *v, int attr, int) {
