@@ -16,7 +16,7 @@ export CARGO_TARGET_DIR="$PWD/target/cuda-emu/build"
 bash scripts/cuda-emu.sh cargo build --locked -p dpo-train --features cuda || exit 1
 BIN="$CARGO_TARGET_DIR/debug/dpo-train"
 RUNS="$PWD/target/cuda-emu/runs"
-mkdir -p "$RUNS"
+rm -rf "$RUNS" && mkdir -p "$RUNS"
 # The startup kernel check would compare zeros with zeros; `doctor` below runs it instead.
 export CUDA_EMU_DRY=1 DPO_TRAIN_SKIP_KERNEL_CHECK=1 LD_LIBRARY_PATH="$PWD/target/cuda-emu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 failed=()
@@ -29,7 +29,7 @@ run() {
     # doctor's verdict compares zeros with zeros (0/0 is NaN): it passes when every check ran.
     [ "$name" = doctor ] && grep -q "^RESULT:" "$log" && rc=0
     if [ $rc -eq 0 ]; then
-        echo "ok      $name"
+        echo "ok      $name  ($(grep -o 'peak device memory .*' "$log" | tail -1))"
     else
         echo "FAILED  $name (rc $rc; $log):"; grep -v '^\s*$' "$log" | tail -6 | sed 's/^/        /'
         failed+=("$name")

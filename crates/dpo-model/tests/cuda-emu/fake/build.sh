@@ -4,7 +4,8 @@
 #   DIR/bin/nvcc   a stand-in compiler (nvcc here): PTX that names its source, empty objects
 #   DIR/lib/libcuda.so   the emulated driver (libcuda.cpp) running dpo_ops.cu's kernels on the
 #                  CPU, plus a stub for every other function of the CUDA libraries cudarc binds
-#                  (each says its name and fails); libcublas.so, libcublasLt.so, libcurand.so,
+#                  (each says its name and fails; with CUDA_EMU_DRY set, succeeds and does
+#                  nothing); libcublas.so, libcublasLt.so, libcurand.so,
 #                  libnvrtc.so and libcudart.so are links to it (one SONAME, so one library).
 # Needs a C++20 compiler ($CXX, else c++) and the cudarc sources (cargo fetch).
 set -euo pipefail

@@ -13,11 +13,10 @@
 // every kernel, candle's and cuBLAS's included, is checked as above and not run; allocations are
 // zero pages and every other library call succeeds without doing anything. The numbers are
 // meaningless (zeros), but every CUDA code path runs, and candle's host-side refusals (a dtype
-// or layout it has no kernel for), a kernel name missing from candle's module and our
-// launchers' checks all show without a GPU.
+// or layout it has no kernel for) and our launchers' checks show without a GPU. At exit it
+// reports the peak of live device memory.
 #include <cstdio>
 #include <cstdlib>
-#include <deque>
 #include <mutex>
 
 #include <sys/mman.h>
@@ -28,27 +27,32 @@
 
 using CUresult = int;
 using CUdeviceptr = unsigned long long;
-enum : CUresult {
-    OK = 0,
-    INVALID_VALUE = 1,
-    OUT_OF_MEMORY = 2,
-    INVALID_HANDLE = 400,
-    NOT_FOUND = 500,
-    LAUNCH_OUT_OF_RESOURCES = 701,
-    INVALID_CONFIG = 9,
-};
+enum : CUresult { OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, INVALID_CONFIG = 9, NOT_FOUND = 500 };
 
 namespace {
 const bool dry = std::getenv("CUDA_EMU_DRY") && *std::getenv("CUDA_EMU_DRY");
 std::recursive_mutex lock;
 std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
+size_t live = 0, peak = 0;                  // bytes allocated now, and at most
+size_t n_allocs = 0, n_ours = 0, n_candle = 0;  // allocations, launches of our kernels and candle's
+
+// At exit, a dry run reports its peak of live device memory (a lower bound on a GPU's: no
+// context, no allocator caching, no cuBLAS workspace) and what it launched (cuBLAS not counted).
+struct Report {
+    ~Report() {
+        if (!dry) return;
+        std::fprintf(stderr, "cuda-emu: peak device memory %.3f GiB; %zu allocations, %zu launches (%zu of dpo_ops)\n",
+                     peak / double(1 << 30), n_allocs, n_ours + n_candle, n_ours);
+    }
+} report;
+
 struct Function {
     std::string name;
     const Kernel *kernel;  // null: one of candle's (dry runs only)
 };
-std::deque<Function> functions;
-int handles = 0;  // contexts, modules, streams, events: distinct non-null tokens
-void *token() { return reinterpret_cast<void *>(static_cast<uintptr_t>(0x1000 + 16 * ++handles)); }
+std::map<std::string, Function> functions;  // by name (node addresses are the handles)
+std::atomic<uintptr_t> handles{0};          // contexts, modules, streams, events: distinct tokens
+void *token() { return reinterpret_cast<void *>(0x1000 + 16 * ++handles); }
 
 CUresult refuse(CUresult code, const std::string &why) {
     std::fprintf(stderr, "cuda-emu: %s\n", why.c_str());
@@ -79,6 +83,9 @@ CUresult alloc(CUdeviceptr *p, size_t n) {
     }
     *p = reinterpret_cast<CUdeviceptr>(m);
     allocations[*p] = n;
+    live += n;
+    peak = std::max(peak, live);
+    ++n_allocs;
     return OK;
 }
 
@@ -90,6 +97,7 @@ CUresult release(CUdeviceptr p) {
         munmap(reinterpret_cast<void *>(p), padded(it->second));
     else
         std::free(reinterpret_cast<void *>(p));
+    live -= it->second;
     allocations.erase(it);
     return OK;
 }
@@ -120,10 +128,8 @@ constexpr size_t device_memory = size_t(80) << 30;
 API CUresult cuDeviceTotalMem_v2(size_t *bytes, int) { return *bytes = device_memory, OK; }
 API CUresult cuMemGetInfo_v2(size_t *free, size_t *total) {
     std::lock_guard g(lock);
-    size_t used = 0;
-    for (const auto &[p, n] : allocations) used += n;
     *total = device_memory;
-    *free = used < device_memory ? device_memory - used : 0;
+    *free = live < device_memory ? device_memory - live : 0;
     return OK;
 }
 API CUresult cuDeviceGetAttribute(int *v, int attr, int) {
@@ -212,8 +218,8 @@ API CUresult cuModuleGetFunction(void **f, void *, const char *name) {
     const auto it = registry.find(name);
     if (it == registry.end() && !dry)
         return refuse(NOT_FOUND, std::string("kernel ") + name + " is not emulated (only those of dpo_ops.cu are)");
-    functions.push_back({name, it == registry.end() ? nullptr : &it->second});
-    *f = &functions.back();
+    const auto at = functions.try_emplace(name, Function{name, it == registry.end() ? nullptr : &it->second});
+    *f = &at.first->second;
     return OK;
 }
 // The parameter list as a GPU's driver reports it (src/ops/cuda.rs checks launches against it):
@@ -240,13 +246,14 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
     const auto *fn = static_cast<const Function *>(f);
     const std::string &name = fn->name;
     if (extra) return refuse(INVALID_VALUE, name + ": `extra` launch arguments are not emulated");
-    if (shared) return refuse(INVALID_VALUE, name + ": dynamic shared memory is not emulated");
     const unsigned long threads = (unsigned long)bx * by * bz;
     if (!gx || !gy || !gz || !threads || threads > 1024 || bz > 64 || gy > 65535 || gz > 65535)
         return refuse(INVALID_CONFIG, name + ": launch shape " + std::to_string(gx) + "x" + std::to_string(gy) + "x" +
                                           std::to_string(gz) + " blocks of " + std::to_string(bx) + "x" +
                                           std::to_string(by) + "x" + std::to_string(bz));
-    if (!fn->kernel) return OK;  // candle's, in a dry run
+    if (!fn->kernel) return ++n_candle, OK;  // candle's, in a dry run
+    ++n_ours;
+    if (shared) return refuse(INVALID_VALUE, name + ": dynamic shared memory is not emulated");
     const auto &ps = fn->kernel->params;
     if (!ps.empty() && !params) return refuse(INVALID_VALUE, name + ": no arguments");
     for (size_t i = 0; i < ps.size(); ++i) {
