@@ -8,7 +8,9 @@
 //!
 //! Needs a C++20 compiler (`$CXX`, else `c++`). With `CUDA_EMU_SANITIZE=thread` the emulator is
 //! built with ThreadSanitizer, which fails a kernel whose threads race on shared or global
-//! memory without a barrier between them (`.ci/run` runs it so).
+//! memory without a barrier between them; with `CUDA_EMU_SANITIZE=address`, AddressSanitizer,
+//! which fails a kernel that reads or writes a byte outside its buffers (each allocated at its
+//! exact size). `.ci/run` runs both.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -43,7 +43,10 @@ int main() {
         const Kernel &k = it->second;
         const uint32_t n = u32();
         if (n != k.params.size()) return fail(name + ": " + std::to_string(n) + " arguments for " + std::to_string(k.params.size()) + " parameters");
-        std::vector<std::vector<uint64_t>> data(n);  // 8-byte aligned
+        // Scalars 8-byte aligned; buffers exactly their size (AddressSanitizer: one byte past the
+        // end is an error, as an illegal address is on a GPU).
+        std::vector<std::vector<uint64_t>> data(n);
+        std::vector<std::unique_ptr<char[]>> buffers(n);
         std::vector<size_t> len(n);
         std::vector<void *> ptrs(n), args(n);
         for (uint32_t i = 0; i < n; ++i) {
@@ -55,17 +58,22 @@ int main() {
             if (buffer != k.params[i].first) return fail(name + ": argument " + std::to_string(i) + " kind");
             if (!buffer && bytes != k.params[i].second) return fail(name + ": argument " + std::to_string(i) + " size");
             len[i] = bytes;
-            data[i].assign(bytes / 8 + 1, 0);
-            take(data[i].data(), bytes);
-            ptrs[i] = buffer ? (bytes ? (void *)data[i].data() : nullptr) : nullptr;
-            args[i] = buffer ? (void *)&ptrs[i] : (void *)data[i].data();
+            if (buffer) {
+                if (bytes) buffers[i].reset(new char[bytes]), take(buffers[i].get(), bytes);
+                ptrs[i] = buffers[i].get();
+                args[i] = &ptrs[i];
+            } else {
+                data[i].assign(bytes / 8 + 1, 0);
+                take(data[i].data(), bytes);
+                args[i] = data[i].data();
+            }
         }
         emu::launch(grid, block, [&] { k.call(args.data()); });
         for (uint32_t i = 0; i < n; ++i) {
             if (!k.params[i].first) continue;
             const uint64_t bytes = len[i];
             std::fwrite(&bytes, 8, 1, stdout);
-            std::fwrite(data[i].data(), 1, bytes, stdout);
+            std::fwrite(buffers[i].get(), 1, bytes, stdout);
         }
     } catch (const std::exception &e) {
         return fail(e.what());
