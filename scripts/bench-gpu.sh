@@ -43,6 +43,11 @@ grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20
 if ! grep -q "RESULT: PASS" "$OUT/doctor.txt"; then
   echo "KERNEL CHECK FAILED: the runs below skip it (DPO_TRAIN_SKIP_KERNEL_CHECK=1); their losses are not to be trusted"
   export DPO_TRAIN_SKIP_KERNEL_CHECK=1
+  # A launch refused by the argument check (src/ops/cuda.rs) stops every run: skip it as well.
+  if grep -q -E "launched with|bytes, the parameter" "$OUT/doctor.txt"; then
+    echo "ARGUMENT CHECK FAILED: the runs below skip it too (DPO_TRAIN_SKIP_ARG_CHECK=1)"
+    export DPO_TRAIN_SKIP_ARG_CHECK=1
+  fi
 fi
 
 # Peak device memory of a command, sampled by nvidia-smi every 50 ms (whole process: context,
