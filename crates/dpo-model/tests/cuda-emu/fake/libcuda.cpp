@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <string_view>
 
 #include <sys/mman.h>
 
@@ -216,7 +217,8 @@ API CUresult cuModuleUnload(void *) { return OK; }
 API CUresult cuModuleGetFunction(void **f, void *, const char *name) {
     std::lock_guard g(lock);
     const auto it = registry.find(name);
-    if (it == registry.end() && !dry)
+    // In a dry run candle's kernels are taken by any name; ours must exist.
+    if (it == registry.end() && (!dry || std::string_view(name).starts_with("dpo_")))
         return refuse(NOT_FOUND, std::string("kernel ") + name + " is not emulated (only those of dpo_ops.cu are)");
     const auto at = functions.try_emplace(name, Function{name, it == registry.end() ? nullptr : &it->second});
     *f = &at.first->second;
