@@ -83,23 +83,8 @@ mkdir -p /tmp/bench-qwen2-0.5b && cp $W/assets/model/config.json $W/assets/model
 # 2. dpo-train, one config per lever.
 run_ours() {
   local name=$1; shift
-  cat > $W/$name.toml <<TOML
-model = "$W/assets/model"
-train_file = "$W/assets/train.jsonl"
-output_dir = "$W/out-$name"
-overwrite_output_dir = true
-device = "cuda"
-dtype = "bf16"
-batch_size = 8
-max_length = 1024
-max_steps = $STEPS
-logging_steps = 1
-shuffle = false
-learning_rate = 1e-6
-lr_scheduler_type = "constant"
-progress_bar = false
-TOML
-  measure "$name" .device/dpo-train --config $W/$name.toml "$@"
+  measure "$name" .device/dpo-train --config configs/bench-gpu.toml --set model=\"$W/assets/model\" \
+    --set train_file=\"$W/assets/train.jsonl\" --set output_dir=\"$W/out-$name\" --set max_steps=$STEPS "$@"
   cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
 run_ours ours-plain

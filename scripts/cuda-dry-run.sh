@@ -76,23 +76,8 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     .venv/bin/python scripts/bench_assets.py "$ASSETS" --preset qwen05b --pairs 24 --prompt 256 --completion 256 >/dev/null; }; then
     bench() {
         local name=$1; shift
-        cat > "$RUNS/$name.toml" <<TOML
-model = "$ASSETS/model"
-train_file = "$ASSETS/train.jsonl"
-output_dir = "$RUNS/$name"
-overwrite_output_dir = true
-device = "cuda"
-dtype = "bf16"
-batch_size = 8
-max_length = 1024
-max_steps = 2
-logging_steps = 1
-shuffle = false
-learning_rate = 1e-6
-lr_scheduler_type = "constant"
-progress_bar = false
-TOML
-        run "$name" env "${ENV[@]}" "$BIN" --config "$RUNS/$name.toml" "$@"
+        run "$name" env "${ENV[@]}" "$BIN" --config configs/bench-gpu.toml --set model=\"$ASSETS/model\" \
+            --set train_file=\"$ASSETS/train.jsonl\" --set output_dir=\"$RUNS/$name\" --set max_steps=2 "$@"
     }
     bench bench-plain
     bench bench-plain-manual --set manual_backward=true
