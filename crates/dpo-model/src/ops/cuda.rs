@@ -50,18 +50,20 @@ fn func<T: WithDType>(dev: &CudaDevice, base: &str) -> Result<Kernel> {
 
 fn func_named(dev: &CudaDevice, name: &str) -> Result<Kernel> {
     let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-    Ok(Kernel { name: name.to_string(), f })
+    Ok(Kernel { name: name.to_string(), f, stream: dev.cuda_stream() })
 }
 
-/// A kernel of the module, with its name for the argument check of [`Launch`].
+/// A kernel of the module on its device's stream, with its name for the argument check of
+/// [`Launch`].
 struct Kernel {
     name: String,
     f: CudaFunction,
+    stream: Arc<CudaStream>,
 }
 
 impl Kernel {
-    fn builder<'a>(&'a self, stream: &'a Arc<CudaStream>) -> Launch<'a> {
-        Launch { kernel: self, args: stream.launch_builder(&self.f), sizes: Vec::new() }
+    fn builder(&self) -> Launch<'_> {
+        Launch { kernel: self, args: self.stream.launch_builder(&self.f), sizes: Vec::new() }
     }
 }
 
@@ -69,7 +71,7 @@ impl Kernel {
 /// them (`cuFuncGetParamInfo`), before its first run: a missing or extra
 /// argument, or one of the wrong size (an f64 for a `float`, an `i32` for a `long long`), is an
 /// error naming the kernel and the argument instead of a kernel reading garbage. Once per kernel
-/// and process; skipped where the driver cannot tell (before CUDA 12.4), and with
+/// and device; skipped where the driver cannot tell (before CUDA 12.4), and with
 /// `DPO_TRAIN_SKIP_ARG_CHECK=1` (should a driver report its parameters otherwise).
 struct Launch<'a> {
     kernel: &'a Kernel,
@@ -116,17 +118,19 @@ impl<'a> Launch<'a> {
     }
 }
 
-/// Compares `sizes` with `kernel`'s parameters (once per kernel name). The parameter count is
+/// Compares `sizes` with `kernel`'s parameters (once per kernel and device). The parameter count is
 /// where `cuFuncGetParamInfo` stops answering (`cuFuncGetParamCount` is CUDA 13.2).
 fn check_params(kernel: &Kernel, sizes: &[usize]) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    // Function handles, one per kernel and device (the module is loaded once per device).
+    static CHECKED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *SKIP.get_or_init(|| std::env::var_os("DPO_TRAIN_SKIP_ARG_CHECK").is_some()) {
         return Ok(());
     }
+    let handle = kernel.f.cu_function() as usize;
     let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
-    if checked.contains(&kernel.name) {
+    if checked.contains(&handle) {
         return Ok(());
     }
     let param = |i: usize| {
@@ -155,7 +159,7 @@ fn check_params(kernel: &Kernel, sizes: &[usize]) -> Result<()> {
     if param(sizes.len()).is_some() {
         candle_core::bail!("kernel {name}: launched with {} arguments, it has more parameters", sizes.len());
     }
-    checked.push(name.clone());
+    checked.push(handle);
     Ok(())
 }
 
@@ -237,8 +241,7 @@ fn softmax_fwd_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(rows * k)? };
     if rows * k > 0 {
         let f = func::<T>(&dev, "dpo_softmax_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&x).arg(&bias).arg(&mut out).arg(&k32).arg(&q32).arg(&hq32).arg(&bias_bcast).arg(&scale);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
         unsafe { lb.launch(rows_cfg(rows, k, "softmax")?) }?;
@@ -273,8 +276,7 @@ fn softmax_bwd_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_softmax_bwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&pv).arg(&dpv).arg(&mut out).arg(&k32).arg(&scale);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(rows_cfg(n / k, k, "softmax backward")?) }?;
@@ -338,8 +340,7 @@ fn rms_norm_fwd_t<T: Kern, O: Kern>(
     let mut out = unsafe { dev.alloc::<O>(n)? };
     if n > 0 {
         let f = func::<O>(&dev, kernel)?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&xv).arg(&wv).arg(&mut out).arg(&d32).arg(&eps);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(rows_cfg(n / d, d, "rms_norm")?) }?;
@@ -375,8 +376,7 @@ fn elementwise2<A: Kern, B: Kern, O: Kern>(
     let mut out = unsafe { dev.alloc::<O>(n)? };
     if n > 0 {
         let f = func::<B>(&dev, kernel)?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&av).arg(&bv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(elementwise_cfg(n)) }?;
@@ -457,10 +457,9 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     let g32 = groups as i32;
     // SAFETY: the partial kernel writes every partial[g, j].
     let mut partial = unsafe { dev.alloc::<T::Acc>(groups * d)? };
-    let stream = dev.cuda_stream();
     {
         let f = kernel(if resv.is_some() { "dpo_rmsnorm_bwd_dx_add" } else { "dpo_rmsnorm_bwd_dx" })?;
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&xv).arg(&wv).arg(&dyv);
         if let Some(resv) = &resv {
             lb.arg(resv);
@@ -471,7 +470,7 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     }
     {
         let f = kernel("dpo_rmsnorm_bwd_dw_partial")?;
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&xv).arg(&dyv).arg(&rs).arg(&mut partial).arg(&rows32).arg(&d32);
         let cfg = LaunchConfig {
             grid_dim: (d.div_ceil(32) as u32, groups as u32, 1),
@@ -483,7 +482,7 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     }
     {
         let f = func::<T>(&dev, "dpo_rmsnorm_bwd_dw_final")?;
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         let offset = n as i64;
         lb.arg(&partial).arg(&mut out).arg(&offset).arg(&g32).arg(&d32);
         let cfg = LaunchConfig {
@@ -548,8 +547,7 @@ fn rope_backward_merged_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_rope_bwd_merged")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&qv)
             .arg(&kv)
             .arg(&vv)
@@ -590,8 +588,7 @@ fn rope_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_rope")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&xv)
             .arg(&cv)
             .arg(&sv)
@@ -660,8 +657,7 @@ fn silu_mul_bwd_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(2 * n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_silu_mul_bwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(elementwise_cfg(n)) }?;
@@ -717,12 +713,11 @@ pub(crate) fn adamw_inplace(
         return Ok(());
     }
     let f = func_named(&dev, "dpo_adamw_f32")?;
-    let stream = dev.cuda_stream();
     let n64 = n as i64;
     // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
     let (b1f, omb1, b2f, omb2, epsf) =
         (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32);
-    let mut lb = f.builder(&stream);
+    let mut lb = f.builder();
     lb.arg(&pp)
         .arg(&mp)
         .arg(&vp)
@@ -759,7 +754,7 @@ pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
         }
         let ptr = f32_ptr(x, "sum_squares")?;
         let n64 = n as i64;
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&ptr).arg(&n64).arg(&mut acc);
         let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
         // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements.
@@ -797,8 +792,7 @@ fn target_logprobs_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T::Acc>(2 * n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_target_logprobs_fwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&zv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
         unsafe { lb.launch(rows_cfg(n, v, "target_logprobs")?) }?;
@@ -835,8 +829,7 @@ fn target_logprobs_bwd_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(n * v)? };
     if n * v > 0 {
         let f = func::<T>(&dev, "dpo_target_logprobs_bwd")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
         unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }?;
@@ -871,8 +864,7 @@ fn gather_rows_t<T: Kern>(
     let mut out = unsafe { dev.alloc::<T>(n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_gather_rows")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&wv).arg(&iv).arg(&mut out).arg(&n64).arg(&h32).arg(&v32);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(elementwise_cfg(n)) }?;
@@ -910,8 +902,7 @@ fn scatter_rows_t<T: Kern>(
     let mut out = dev.alloc_zeros::<T>(vocab * h)?;
     if n * h > 0 {
         let f = func::<T>(&dev, "dpo_scatter_rows")?;
-        let stream = dev.cuda_stream();
-        let mut lb = f.builder(&stream);
+        let mut lb = f.builder();
         lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip);
         // One block per position, a thread per column (a row of up to 1024 columns in one pass).
         let cfg = LaunchConfig {
