@@ -10,7 +10,7 @@
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
 #   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
-# Run there (device tool, carry [".device", ".whl"], timeout_s 560):  bash scripts/bench-gpu.sh
+# Run there (device tool, carry [".device", ".whl"], timeout_s 480):  BUDGET_S=390 bash scripts/bench-gpu.sh
 # Runs that would start after BUDGET_S (default 470) seconds are skipped; the summary still comes.
 # Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
 # (the device tool returns at most 8 files).
@@ -61,7 +61,7 @@ measure() {
   if [ "$SECONDS" -gt "${BUDGET_S:-470}" ]; then echo "$name skipped (time budget)" | tee -a "$OUT/runs.txt"; return; fi
   nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader,nounits -lms 50 > "$W/$name.mem" &
   local smi=$!
-  timeout "${TIMEOUT:-150}" "$@" > "$W/$name.log" 2>&1; local rc=$?
+  timeout "${TIMEOUT:-90}" "$@" > "$W/$name.log" 2>&1; local rc=$?
   kill $smi 2>/dev/null; wait $smi 2>/dev/null
   local peak util
   peak=$(cut -d, -f1 "$W/$name.mem" | sort -n | tail -1)
@@ -87,10 +87,14 @@ run_ours() {
     --set train_file=\"$W/assets/train.jsonl\" --set output_dir=\"$W/out-$name\" --set max_steps=$STEPS "$@"
   cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
+# In order of what they decide (runs past BUDGET_S are skipped): the online reference plain and
+# with every lever on, the precomputed reference, TRL on the same card, the bf16 curve, where a
+# step's time goes (each phase split into the model's ops, a synchronization around every op:
+# read shares; then phases alone, each ending with a device synchronization), then the levers
+# one at a time.
 run_ours ours-plain
-run_ours ours-plain-manual --set manual_backward=true
-run_ours ours-share --set prefix_sharing=true
 run_ours ours-share-manual --set prefix_sharing=true --set manual_backward=true
+run_ours ours-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true --set manual_backward=true
 
 # 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
 export BENCH_TOKENIZER_DIR=$W/assets/model
@@ -102,25 +106,23 @@ done
 TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
-# The device memory pool as cudarc leaves it (freed memory handed back at every synchronization).
-DPO_TRAIN_CUDA_POOL=default run_ours ours-plain-cuda-pool-default
 
-# The precomputed reference, then where a step's time goes: each phase split into the model's
-# ops (a synchronization around every op: read shares), then phases alone (each ends with a
-# device synchronization); then the levers measured before (in order of what they decide).
-run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
-run_ours ours-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true --set manual_backward=true
+DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true --set prefix_sharing=true
+run_ours ours-plain-manual --set manual_backward=true
+run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 # The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
 run_ours ours-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
-DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
-DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
-run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
+run_ours ours-share --set prefix_sharing=true
+run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
+# The device memory pool as cudarc leaves it (freed memory handed back at every synchronization).
+DPO_TRAIN_CUDA_POOL=default run_ours ours-plain-cuda-pool-default
 DPO_TRAIN_CUDA_EVENTS=1 run_ours ours-plain-cuda-events
 # Separate projections (the frozen reference and the manual backward stack q, k, v and gate, up).
 DPO_TRAIN_STACK_PROJECTIONS=0 run_ours ours-plain-manual-unstacked --set manual_backward=true
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-plain-keep-attn --set recompute_attention=false
+DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
 for p in profile-plain profile-plain-ops profile-manual-ops; do
   echo "== $p"; grep -h "profile step 4" "$W/$p.log" 2>/dev/null
 done
