@@ -55,6 +55,7 @@ fn kernels() -> Vec<String> {
         per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
     names.extend(mixed.iter().flat_map(|k| ["bf16", "f16"].map(|dt| format!("{k}_{dt}"))));
     names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
+    names.extend([32, 64, 128].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
     names
 }
 
@@ -76,7 +77,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 21, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 24, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -322,12 +323,61 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// The tensor-core attention forward against the CPU's attention on the same bf16 inputs:
+/// head sizes 32, 64 and 128, grouped-query heads, sequences that end inside a tile of 64, a
+/// bias per row and one broadcast, a causal mask whose tiles above the diagonal are skipped, and
+/// a query masked from every key (its block runs again unskipped: the keys' plain average).
+#[test]
+fn flash_attention_forward() -> Result<()> {
+    for (rows, heads, kv, seq, d, per_row) in
+        [(2, 4, 2, 70, 32, true), (1, 2, 1, 130, 64, false), (1, 2, 2, 20, 128, true)]
+    {
+        let q = randn(&[rows, heads, seq, d], 1, 1.0).to_dtype(DType::BF16)?;
+        let k = randn(&[rows, kv, seq, d], 2, 1.0).to_dtype(DType::BF16)?;
+        let v = randn(&[rows, kv, seq, d], 3, 1.0).to_dtype(DType::BF16)?;
+        // Causal, the last row's tail padded; with per-row biases, row 0's query 5 sees nothing.
+        let valid: Vec<u8> = (0..rows * seq).map(|i| u8::from(i < (rows - 1) * seq + seq - 3)).collect();
+        let mask = dpo_model::AttentionMask::causal(&valid, rows, seq, None, &CPU)?;
+        let mut bias = if per_row { mask.bias } else { mask.bias.narrow(0, 0, 1)? };
+        if per_row {
+            let mut b = bias.flatten_all()?.to_vec1::<f32>()?;
+            b[5 * seq..6 * seq].fill(-1e30);
+            bias = Tensor::from_vec(b, bias.dims(), &CPU)?;
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        let want = ops::attention(&q, &k, &v, &bias, scale)?;
+        let args = [
+            buf(&q),
+            buf(&k),
+            buf(&v),
+            buf(&bias),
+            out(DType::BF16, rows * heads * seq * d),
+            Arg::I32(seq as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(kv as i32),
+            Arg::I32(bias.dim(0)? as i32),
+            Arg::F32(scale as f32),
+        ];
+        let got =
+            launch(&format!("dpo_flash_fwd_d{d}_bf16"), (seq.div_ceil(64), rows * heads), (128, 1), &args);
+        let got = tensor(&got[4], DType::BF16, &[rows, heads, seq, d]);
+        assert_close(&got, &want, 1.6e-2, &format!("flash attention d={d} seq={seq}"));
+    }
+    Ok(())
+}
+
 /// Rows by index and their backward: repeated ids (summed in position order), a skipped id,
-/// rows never picked (zero), a row wider than a block.
+/// rows never picked (zero), a row wider than a block, and an id at more positions than the
+/// kernel lists at once (`SCATTER_LIST`, 256), across two ballots of 32 positions that it ends in.
 #[test]
 fn gather_and_scatter_rows() -> Result<()> {
-    for (vocab, h) in [(11, 40), (5, 1100)] {
-        let ids = Tensor::new(&[3u32, 7 % vocab as u32, 3, 0, 9 % vocab as u32, 3, 2, 0], &CPU)?;
+    // Id 1 at 262 of 333 positions; 0, 2 (skipped) and 3 at multiples of 11, 13 and 17.
+    let many: Vec<u32> = (0..333u32)
+        .map(|i| [11, 13, 17].iter().position(|&m| i % m == 0).map_or(1, |k| [0, 2, 3][k]))
+        .collect();
+    let few = |vocab: u32| vec![3u32, 7 % vocab, 3, 0, 9 % vocab, 3, 2, 0];
+    for (vocab, h, ids) in [(11, 40, few(11)), (5, 1100, few(5)), (4, 8, many)] {
+        let ids = Tensor::new(ids.as_slice(), &CPU)?;
         let n = ids.dim(0)?;
         for dt in DTYPES {
             let w = candle_core::Var::from_tensor(&randn(&[vocab, h], 1, 1.0).to_dtype(dt)?)?;
@@ -356,7 +406,7 @@ fn gather_and_scatter_rows() -> Result<()> {
             ];
             let got = launch(
                 &format!("dpo_scatter_rows_{}", dt.as_str()),
-                (n, 1),
+                (n, h.div_ceil(1024)),
                 (h.next_multiple_of(32).min(1024), 1),
                 &args,
             );

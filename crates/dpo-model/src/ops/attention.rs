@@ -91,14 +91,97 @@ pub(crate) fn attention_in_chunks(
     }
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let value = chunked(&q, &bias, budget, |(start, len), b| {
-        let rows = |x: &Tensor| x.narrow(0, start, len);
-        forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
-    })?;
+    let value = match flash_forward(&q, &k, &v, &bias, scale)? {
+        Some(value) => value,
+        None => chunked(&q, &bias, budget, |(start, len), b| {
+            let rows = |x: &Tensor| x.narrow(0, start, len);
+            forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
+        })?,
+    };
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(value); // no graph to record (a frozen model): no op, no copy
     }
     q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
+}
+
+/// The forward as one tensor-core kernel without a `[seq, seq]` tensor (`kernels/dpo_ops.cu`,
+/// `flash_fwd`), where it applies: CUDA, bf16, head size 32, 64 or 128, compute capability 8.0
+/// or newer, unless `DPO_TRAIN_FLASH_ATTENTION=0`. `None` elsewhere. The backward is the same
+/// either way (it recomputes the probabilities).
+#[cfg(feature = "cuda")]
+pub(super) fn flash_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
+    let (rows, heads, _, d) = q.dims4()?;
+    let aligned = |x: &Tensor| x.layout().start_offset() % 8 == 0;
+    let applies = q.dtype() == DType::BF16
+        && [32, 64, 128].contains(&d)
+        && rows * heads <= 65_535
+        && [q, k, v].into_iter().all(aligned)
+        && !*OFF.get_or_init(|| std::env::var("DPO_TRAIN_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
+        && super::cuda::has_flash_attention(dev);
+    if !applies {
+        return Ok(None);
+    }
+    Ok(Some(q.apply_op3_no_bwd(k, v, &FlashForward { bias: bias.clone(), scale })?))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(super) fn flash_forward(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: f64,
+) -> Result<Option<Tensor>> {
+    Ok(None)
+}
+
+/// [`flash_forward`]'s op: `(q, k, v) -> out`, the bias and scale carried.
+#[cfg(feature = "cuda")]
+struct FlashForward {
+    bias: Tensor,
+    scale: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp3 for FlashForward {
+    fn name(&self) -> &'static str {
+        "dpo-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("flash attention runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let bias = self.bias.storage_and_layout();
+        let bias = super::on_device::<candle_core::CudaStorage>(&bias, "the attention bias")?;
+        let out = super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.scale)?;
+        Ok((out, ql.shape().clone()))
+    }
 }
 
 /// The backward of [`attention`]: `(dq, dk, dv)` for the upstream `dy` `[rows, heads, seq, d]`

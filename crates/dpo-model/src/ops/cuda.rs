@@ -904,9 +904,9 @@ fn scatter_rows_t<T: Kern>(
         let f = func::<T>(&dev, "dpo_scatter_rows")?;
         let mut lb = f.builder();
         lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip);
-        // One block per position, a thread per column (a row of up to 1024 columns in one pass).
+        // One block per position and slice of up to 1024 columns, a thread per column.
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
+            grid_dim: (n as u32, h.div_ceil(1024) as u32, 1),
             block_dim: (h.next_multiple_of(32).min(1024) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -914,4 +914,68 @@ fn scatter_rows_t<T: Kern>(
         unsafe { lb.launch(cfg) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `dev` runs [`flash_attention`] (bf16 tensor-core `mma`: compute capability 8.0+).
+pub(super) fn has_flash_attention(dev: &CudaDevice) -> bool {
+    dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
+}
+
+/// `softmax(q k^T * scale + bias) v` by the tensor-core kernel `dpo_flash_fwd_d<D>_bf16`: `q`
+/// `[rows, heads, seq, d]`, `k` and `v` `[rows, kv, seq, d]` (bf16, d of 32, 64 or 128, starts
+/// 16-byte aligned), `bias` `[rows or 1, 1, seq, seq]` f32; all contiguous.
+pub(super) fn flash_attention(
+    (q, ql): (&CudaStorage, &Layout),
+    (k, kl): (&CudaStorage, &Layout),
+    (v, vl): (&CudaStorage, &Layout),
+    (bias, bl): (&CudaStorage, &Layout),
+    scale: f64,
+) -> Result<CudaStorage> {
+    let what = "flash attention";
+    let dev = q.device().clone();
+    let (rows, heads, seq, d) = ql.shape().dims4()?;
+    let kv = kl.shape().dims4()?.1;
+    let bias_rows = bl.shape().dims4()?.0;
+    for l in [ql, kl, vl] {
+        if l.contiguous_offsets().is_none_or(|(start, _)| start % 8 != 0) {
+            candle_core::bail!("{what}: q, k and v must be contiguous and start at a multiple of 8 elements");
+        }
+    }
+    if ![32, 64, 128].contains(&d) || kv == 0 || heads % kv != 0 {
+        candle_core::bail!("{what}: head size {d} (32, 64 or 128) and {heads} heads over {kv} kv heads");
+    }
+    let (qv, kvv, vv) = (
+        view::<half::bf16>(q, ql, what)?,
+        view::<half::bf16>(k, kl, what)?,
+        view::<half::bf16>(v, vl, what)?,
+    );
+    let bv = view::<f32>(bias, bl, what)?;
+    let mut out = unsafe { dev.alloc::<half::bf16>(rows * heads * seq * d)? };
+    if rows * heads * seq > 0 {
+        let f = func_named(&dev, &format!("dpo_flash_fwd_d{d}_bf16"))?;
+        let (s32, h32, kv32, b32) =
+            (int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?);
+        let scale = scale as f32;
+        let mut lb = f.builder();
+        lb.arg(&qv)
+            .arg(&kvv)
+            .arg(&vv)
+            .arg(&bv)
+            .arg(&mut out)
+            .arg(&s32)
+            .arg(&h32)
+            .arg(&kv32)
+            .arg(&b32)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (seq.div_ceil(64) as u32, int(rows * heads, what)? as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument types match the kernel's signature; sizes were checked above.
+        unsafe { lb.launch(cfg) }?;
+    }
+    Ok(half::bf16::wrap_cuda_slice(out, dev))
 }

@@ -218,6 +218,32 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// The tensor-core attention forward (`flash_forward`) against the CPU's attention: head sizes 32
+/// and 64, grouped-query heads, two tiles of queries and keys, a per-row causal + padding mask
+/// with fully masked queries and a broadcast random mask; through `attention` too.
+#[test]
+fn flash_attention_forward() -> Result<()> {
+    let dev = gpu();
+    let s = 70;
+    for (r, h, kv, d, bias) in
+        [(3, 4, 2, 32, check::test_mask(3, s)?), (1, 2, 1, 64, check::random_bias(s, s, 5)?)]
+    {
+        let dt = DType::BF16;
+        let (q, k, v) = (
+            randn(&[r, h, s, d], 1, 1.0, dt),
+            randn(&[r, kv, s, d], 2, 1.0, dt),
+            randn(&[r, kv, s, d], 3, 1.0, dt),
+        );
+        let (qd, kd, vd, bd) = (up(&q, &dev), up(&k, &dev), up(&v, &dev), up(&bias, &dev));
+        let scale = 1.0 / (d as f64).sqrt();
+        let want = attention(&q, &k, &v, &bias, scale)?;
+        let got = super::attention::flash_forward(&qd, &kd, &vd, &bd, scale)?.expect("the kernel applies");
+        assert_close(&got, &want, tol(dt), &format!("flash attention d={d}"));
+        assert_close(&attention(&qd, &kd, &vd, &bd, scale)?, &want, tol(dt), &format!("attention d={d}"));
+    }
+    Ok(())
+}
+
 /// Rows by index and the backward (repeated ids, a skipped id, rows never picked).
 #[test]
 fn gather_rows_forward_and_backward() -> Result<()> {

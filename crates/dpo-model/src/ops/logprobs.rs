@@ -117,8 +117,9 @@ fn fwd_cpu<T: Elem>(z: &CpuStorage, zl: &Layout, t: &CpuStorage, tl: &Layout) ->
     logp.par_iter_mut().zip(lse).zip(z.par_chunks(vocab).zip(t)).for_each(|((logp, lse), (z, &t))| {
         // NaN never wins the max; it reaches the sum.
         let m = z.iter().fold(T::A::neg_infinity(), |m, &x| if x.acc() > m { x.acc() } else { m });
-        let s: T::A = z.iter().map(|&x| (x.acc() - m).exp()).sum();
-        *lse = s.ln() + m;
+        // Summed in f64: 151,936 f32 terms one after the other lose 3e-4 of the sum.
+        let s: f64 = z.iter().map(|&x| WithDType::to_f64((x.acc() - m).exp())).sum();
+        *lse = <T::A as WithDType>::from_f64(s.ln()) + m;
         *logp = z[t as usize].acc() - *lse;
     });
     Ok(T::A::to_cpu_storage_owned(out))

@@ -1,10 +1,11 @@
 // CUDA on the CPU, for running kernels/dpo_ops.cu in tests (tests/cuda_emulated.rs): every CUDA
 // thread of a block is a std::thread, a block's threads run together, blocks one at a time.
 // Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
-// __syncthreads(_or), warp shuffles (__shfl_xor_sync, __shfl_down_sync; every lane of a warp takes
-// part, as the kernels' full masks promise), atomicAdd on double, the float intrinsics, and the
-// bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
+// __syncthreads(_or), warp shuffles and votes (__shfl_xor_sync, __shfl_down_sync, __ballot_sync;
+// every lane of a warp takes part, as the kernels' full masks promise), __popc, atomicAdd on
+// double, the float intrinsics, and the bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
 #pragma once
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -34,6 +35,7 @@ struct Block {
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<double> lanes;  // each thread's value in a shuffle
+    std::vector<std::array<unsigned, 6>> mma;  // each thread's A and B fragments in an mma
     std::atomic<int> any{0};    // __syncthreads_or's vote
 };
 inline Block *running = nullptr;
@@ -63,6 +65,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
                 b.all = std::make_unique<std::barrier<>>(n);
                 for (unsigned w = 0; w < n; w += 32) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w)));
                 b.lanes.assign(n, 0.0);
+                b.mma.assign(n, {});
                 running = &b;
                 std::vector<std::thread> threads;
                 threads.reserve(n);
@@ -103,6 +106,22 @@ template <typename T> T __shfl_down_sync(unsigned, T v, int o) {
     return emu::shuffle<T>(v, [](int lane, int o) { return lane + o < 32 ? lane + o : -1; }, o);
 }
 
+// A warp's vote: bit `lane` set where that lane's `p` is non-zero (every lane takes part).
+inline unsigned __ballot_sync(unsigned, int p) {
+    const unsigned t = emu::linear_tid(), lane = t & 31, base = t - lane;
+    const unsigned n = blockDim.x * blockDim.y * blockDim.z;
+    auto &warp = *emu::running->warps[t / 32];
+    emu::running->lanes[t] = p ? 1.0 : 0.0;
+    warp.arrive_and_wait();
+    unsigned votes = 0;
+    for (unsigned l = 0; l < 32 && base + l < n; ++l)
+        if (emu::running->lanes[base + l] != 0.0) votes |= 1u << l;
+    warp.arrive_and_wait();
+    return votes;
+}
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+
 inline double atomicAdd(double *p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 inline float __int_as_float(int i) {
@@ -121,6 +140,13 @@ struct __nv_bfloat16 {
     uint16_t bits;
 };
 
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
+
+struct uint4 {
+    unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
 inline float __bfloat162float(__nv_bfloat16 h) { return __int_as_float((int)((uint32_t)h.bits << 16)); }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
@@ -137,3 +163,35 @@ struct __half {
 
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return {(_Float16)f}; }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 of a warp (kernels/dpo_ops.cu gives the
+// fragment layout): every lane posts its A and B registers, then computes its four elements of
+// C += A B from the whole tiles, the products summed in k order in f32.
+inline void emu_mma_bf16_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
+    const unsigned tid = emu::linear_tid(), lane = tid & 31, base = tid - lane;
+    auto &warp = *emu::running->warps[tid / 32];
+    emu::running->mma[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    warp.arrive_and_wait();
+    float A[16][16], B[16][8];
+    auto half = [](unsigned r, int hi) { return __int_as_float((int)(((r >> (16 * hi)) & 0xffffu) << 16)); };
+    for (unsigned l = 0; l < 32; ++l) {
+        const auto &f = emu::running->mma[base + l];
+        const unsigned g = l / 4, t = l % 4;
+        for (int hi = 0; hi < 2; ++hi) {
+            A[g][2 * t + hi] = half(f[0], hi);
+            A[g + 8][2 * t + hi] = half(f[1], hi);
+            A[g][2 * t + 8 + hi] = half(f[2], hi);
+            A[g + 8][2 * t + 8 + hi] = half(f[3], hi);
+            B[2 * t + hi][g] = half(f[4], hi);
+            B[2 * t + 8 + hi][g] = half(f[5], hi);
+        }
+    }
+    warp.arrive_and_wait();
+    const unsigned g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+        float sum = 0.0f;
+        for (int kk = 0; kk < 16; ++kk) sum += A[row][kk] * B[kk][col];
+        c[i] += sum;
+    }
+}
