@@ -611,14 +611,64 @@ __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ unsigned ld_pair(const __nv_bfloat16 *p) { return *(const unsigned *)p; }
 
+// A fragment of rows row0 + g, row0 + g + 8 and columns col0 + 2t (+ 8) of x [rows, ld]
+// (row-major); rows at or past `end` are zero.
+__device__ __forceinline__ void frag_a(unsigned a[4], const __nv_bfloat16 *x, int ld, int row0, int col0, int end,
+                                       int g, int t) {
+    const int r0 = row0 + g, r1 = row0 + g + 8, c = col0 + 2 * t;
+    a[0] = r0 < end ? ld_pair(x + (long long)r0 * ld + c) : 0u;
+    a[1] = r1 < end ? ld_pair(x + (long long)r1 * ld + c) : 0u;
+    a[2] = r0 < end ? ld_pair(x + (long long)r0 * ld + c + 8) : 0u;
+    a[3] = r1 < end ? ld_pair(x + (long long)r1 * ld + c + 8) : 0u;
+}
+
+// B fragment (k0.. k0 + 16) x (n0.. n0 + 8) with B[k][n] = x[n][k] (K for Q K^T).
+__device__ __forceinline__ void frag_b_nk(unsigned b[2], const __nv_bfloat16 *x, int ld, int n0, int k0, int g,
+                                          int t) {
+    const __nv_bfloat16 *p = x + (n0 + g) * ld + k0 + 2 * t;
+    b[0] = ld_pair(p);
+    b[1] = ld_pair(p + 8);
+}
+
+// B fragment with B[k][n] = x[k][n] (V for P V).
+__device__ __forceinline__ void frag_b_kn(unsigned b[2], const __nv_bfloat16 *x, int ld, int k0, int n0, int g,
+                                          int t) {
+    const __nv_bfloat16 *p = x + (k0 + 2 * t) * ld + n0 + g;
+    b[0] = (unsigned)__bfloat16_as_ushort(p[0]) | ((unsigned)__bfloat16_as_ushort(p[ld]) << 16);
+    b[1] = (unsigned)__bfloat16_as_ushort(p[8 * ld]) | ((unsigned)__bfloat16_as_ushort(p[9 * ld]) << 16);
+}
+
+// The A fragment of k-step kk (16 columns) of a 16 x 64 block held as 8 accumulator tiles
+// (FlashAttention-2's reuse of P's registers: no shuffle).
+__device__ __forceinline__ void frag_a_from_c(unsigned a[4], const float c[][4], int kk) {
+    a[0] = pack_bf16(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack_bf16(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack_bf16(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
+
+// Rows first .. first + 64 of x [S, D] into the shared tile dst [64, D + 8], zero past S.
+template <int D>
+__device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *x, int first, int S) {
+    for (int e = threadIdx.x; e < 64 * D / 8; e += blockDim.x) {
+        const int row = e / (D / 8), col = (e % (D / 8)) * 8;
+        uint4 v4 = make_uint4(0u, 0u, 0u, 0u);
+        if (first + row < S) v4 = *(const uint4 *)(x + (long long)(first + row) * D + col);
+        *(uint4 *)(dst + row * (D + 8) + col) = v4;
+    }
+}
+
+// Each query's softmax statistics, for the backward: stats [R, H, S, 2] = (max of the scaled,
+// biased scores, 1 / sum of their exponentials).
 template <int D>
 __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                           const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
-                          __nv_bfloat16 *__restrict__ out, int S, int H, int KV, int bias_rows, float scale) {
-    constexpr int KS = D / 16;  // k-steps of Q K^T
-    constexpr int DT = D / 8;   // n-tiles of P V
+                          __nv_bfloat16 *__restrict__ out, float *__restrict__ stats, int S, int H, int KV,
+                          int bias_rows, float scale) {
+    constexpr int KS = D / 16;     // k-steps of Q K^T
+    constexpr int DT = D / 8;      // n-tiles of P V
     constexpr int NT = FA_BK / 8;  // n-tiles of Q K^T (keys)
-    constexpr int LD = D + 8;  // padded rows of the shared tiles: fragment loads without bank conflicts
+    constexpr int LD = D + 8;      // padded rows of the shared tiles: fragment loads without bank conflicts
     __shared__ __nv_bfloat16 ks[FA_BK * LD];
     __shared__ __nv_bfloat16 vs[FA_BK * LD];
     const int r = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
@@ -630,12 +680,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
     // Q fragments, kept for the whole walk (zero for queries past the end).
     unsigned qf[KS][4];
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int row = rows[i & 1], col = kk * 16 + 2 * t + (i >> 1) * 8;
-            qf[kk][i] = row < S ? ld_pair(q + qbase + (long long)row * D + col) : 0u;
-        }
+    for (int kk = 0; kk < KS; ++kk) frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
     const float inv_scale = 1.0f / scale;
     for (int pass = 0; pass < 2; ++pass) {
         float o[DT][4], m[2], l[2];
@@ -667,25 +712,16 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
                     s[nt][i] = b;
                 }
             if (!__syncthreads_or(any) && pass == 0) continue;
-            // K and V tiles into shared memory, 8 bf16 (16 bytes) at a time; zero past the end.
-            for (int e = threadIdx.x; e < FA_BK * D / 8; e += blockDim.x) {
-                const int key = e / (D / 8), col = (e % (D / 8)) * 8;
-                uint4 kv4 = make_uint4(0u, 0u, 0u, 0u), vv4 = make_uint4(0u, 0u, 0u, 0u);
-                if (k0 + key < S) {
-                    kv4 = *(const uint4 *)(k + kvbase + (long long)(k0 + key) * D + col);
-                    vv4 = *(const uint4 *)(v + kvbase + (long long)(k0 + key) * D + col);
-                }
-                *(uint4 *)(ks + key * LD + col) = kv4;
-                *(uint4 *)(vs + key * LD + col) = vv4;
-            }
+            load_tile<D>(ks, k + kvbase, k0, S);
+            load_tile<D>(vs, v + kvbase, k0, S);
             __syncthreads();
             // S += Q K^T for this warp's 16 queries and the tile's 64 keys.
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int kk = 0; kk < KS; ++kk) {
-                    const __nv_bfloat16 *kr = ks + (nt * 8 + g) * LD + kk * 16 + 2 * t;
-                    const unsigned b[2] = {ld_pair(kr), ld_pair(kr + 8)};
+                    unsigned b[2];
+                    frag_b_nk(b, ks, LD, nt * 8, kk * 16, g, t);
                     mma_bf16_16816(s[nt], qf[kk], b);
                 }
             // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
@@ -722,15 +758,12 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
             // O += P V, P (bf16) straight from the score fragments.
 #pragma unroll
             for (int kk = 0; kk < FA_BK / 16; ++kk) {
-                const unsigned a[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                       pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                       pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                unsigned a[4];
+                frag_a_from_c(a, s, kk);
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt) {
-                    const __nv_bfloat16 *vc = vs + (kk * 16 + 2 * t) * LD + dt * 8 + g;
-                    const unsigned b[2] = {
-                        (unsigned)__bfloat16_as_ushort(vc[0]) | ((unsigned)__bfloat16_as_ushort(vc[LD]) << 16),
-                        (unsigned)__bfloat16_as_ushort(vc[8 * LD]) | ((unsigned)__bfloat16_as_ushort(vc[9 * LD]) << 16)};
+                    unsigned b[2];
+                    frag_b_kn(b, vs, LD, kk * 16, dt * 8, g, t);
                     mma_bf16_16816(o[dt], a, b);
                 }
             }
@@ -758,24 +791,291 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 #pragma unroll
                 for (int dt = 0; dt < DT; ++dt)
                     *(unsigned *)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
+                if (t == 0) {
+                    float *st = stats + 2 * (((long long)r * H + h) * S + rows[hr]);
+                    st[0] = m[hr];
+                    st[1] = inv;
+                }
             }
         }
         break;
     }
 }
 
-extern "C" __global__ void dpo_flash_fwd_d32_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k,
-                                                  const __nv_bfloat16 *v, const float *bias, __nv_bfloat16 *out,
-                                                  int S, int H, int KV, int bias_rows, float scale) {
-    flash_fwd<32>(q, k, v, bias, out, S, H, KV, bias_rows, scale);
+// The backward, FlashAttention-2's way, deterministic (no atomics): with the forward's output O
+// and statistics, dvec = rowsum(dO * O) (dpo_flash_bwd_dot), then
+//   P = exp(scale * S + bias - m) / l,  dP = dO V^T,  dS = scale * P * (dP - dvec)
+//   dV = P^T dO,  dK = dS^T Q  (dpo_flash_bwd_dkdv: a block per tile of 64 keys of a KV head,
+//                               over the query heads of its group and every query tile)
+//   dQ = dS K                  (dpo_flash_bwd_dq: a block per tile of 64 queries, over the keys)
+// Tiles are skipped as in the forward, except for a tile of a query masked from every key.
+__device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
+                              float *__restrict__ out, long long n, int D) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float acc = 0.0f;
+        for (int c = 0; c < D; ++c) acc += to_acc(o[i * D + c]) * to_acc(dout[i * D + c]);
+        out[i] = acc;
+    }
 }
-extern "C" __global__ void dpo_flash_fwd_d64_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k,
-                                                  const __nv_bfloat16 *v, const float *bias, __nv_bfloat16 *out,
-                                                  int S, int H, int KV, int bias_rows, float scale) {
-    flash_fwd<64>(q, k, v, bias, out, S, H, KV, bias_rows, scale);
+
+template <int D>
+__device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                               const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
+                               const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
+                               const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dk,
+                               __nv_bfloat16 *__restrict__ dv, int S, int H, int KV, int bias_rows, float scale) {
+    constexpr int KS = D / 16, DT = D / 8, NT = FA_BQ / 8, LD = D + 8;
+    __shared__ __nv_bfloat16 qs[FA_BQ * LD];
+    __shared__ __nv_bfloat16 dos[FA_BQ * LD];
+    __shared__ float ms[FA_BQ], ils[FA_BQ], dd[FA_BQ];
+    const int r = blockIdx.y / KV, kvh = blockIdx.y % KV, rep = H / KV;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * FA_BK + warp * 16;  // this warp's first key
+    const long long kvbase = ((long long)r * KV + kvh) * S * D;
+    const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
+    const int keys[2] = {k0 + g, k0 + g + 8};
+    unsigned kf[KS][4], vf[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        frag_a(kf[kk], k + kvbase, D, k0, kk * 16, S, g, t);
+        frag_a(vf[kk], v + kvbase, D, k0, kk * 16, S, g, t);
+    }
+    float dka[DT][4], dva[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dka[dt][i] = dva[dt][i] = 0.0f;
+    const float inv_scale = 1.0f / scale;
+    for (int hq = kvh * rep; hq < (kvh + 1) * rep; ++hq) {
+        const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
+        for (int i0 = 0; i0 < S; i0 += FA_BQ) {
+            // S^T (keys x queries) starts as bias / scale, -inf past the end.
+            float s[NT][4];
+            int any = 0;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int key = keys[i >> 1], query = i0 + nt * 8 + 2 * t + (i & 1);
+                    float b = -INFINITY;
+                    if (key < S && query < S) {
+                        b = brow[(long long)query * S + key];
+                        any |= b > FA_ALLOWED;
+                        b *= inv_scale;
+                    }
+                    s[nt][i] = b;
+                }
+            if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
+                any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
+            if (!__syncthreads_or(any)) continue;
+            load_tile<D>(qs, q + qbase, i0, S);
+            load_tile<D>(dos, dout + qbase, i0, S);
+            if (threadIdx.x < FA_BQ) {
+                const int qi = i0 + threadIdx.x;
+                ms[threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
+                ils[threadIdx.x] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
+                dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
+            }
+            __syncthreads();
+            // S^T += K Q^T, then P^T.
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int kk = 0; kk < KS; ++kk) {
+                    unsigned b[2];
+                    frag_b_nk(b, qs, LD, nt * 8, kk * 16, g, t);
+                    mma_bf16_16816(s[nt], kf[kk], b);
+                }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int c = nt * 8 + 2 * t + (i & 1);
+                    s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - ms[c]) * ils[c];
+                }
+            // dV += P^T dO.
+#pragma unroll
+            for (int kk = 0; kk < FA_BQ / 16; ++kk) {
+                unsigned a[4];
+                frag_a_from_c(a, s, kk);
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    unsigned b[2];
+                    frag_b_kn(b, dos, LD, kk * 16, dt * 8, g, t);
+                    mma_bf16_16816(dva[dt], a, b);
+                }
+            }
+            // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
+            float dp[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < KS; ++kk) {
+                    unsigned b[2];
+                    frag_b_nk(b, dos, LD, nt * 8, kk * 16, g, t);
+                    mma_bf16_16816(dp[nt], vf[kk], b);
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - dd[nt * 8 + 2 * t + (i & 1)]);
+            }
+            // dK += dS^T Q.
+#pragma unroll
+            for (int kk = 0; kk < FA_BQ / 16; ++kk) {
+                unsigned a[4];
+                frag_a_from_c(a, s, kk);
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) {
+                    unsigned b[2];
+                    frag_b_kn(b, qs, LD, kk * 16, dt * 8, g, t);
+                    mma_bf16_16816(dka[dt], a, b);
+                }
+            }
+            __syncthreads();  // the tiles are refilled
+        }
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+        if (keys[hr] < S) {
+            const long long at = kvbase + (long long)keys[hr] * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                *(unsigned *)(dk + at + dt * 8) = pack_bf16(dka[dt][2 * hr], dka[dt][2 * hr + 1]);
+                *(unsigned *)(dv + at + dt * 8) = pack_bf16(dva[dt][2 * hr], dva[dt][2 * hr + 1]);
+            }
+        }
 }
-extern "C" __global__ void dpo_flash_fwd_d128_bf16(const __nv_bfloat16 *q, const __nv_bfloat16 *k,
-                                                   const __nv_bfloat16 *v, const float *bias, __nv_bfloat16 *out,
-                                                   int S, int H, int KV, int bias_rows, float scale) {
-    flash_fwd<128>(q, k, v, bias, out, S, H, KV, bias_rows, scale);
+
+template <int D>
+__device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
+                             const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
+                             const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
+                             const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dq, int S, int H, int KV,
+                             int bias_rows, float scale) {
+    constexpr int KS = D / 16, DT = D / 8, NT = FA_BK / 8, LD = D + 8;
+    __shared__ __nv_bfloat16 ks[FA_BK * LD];
+    __shared__ __nv_bfloat16 vs[FA_BK * LD];
+    const int r = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int q0 = blockIdx.x * FA_BQ + warp * 16;
+    const long long qbase = ((long long)r * H + h) * S * D, kvbase = ((long long)r * KV + kvh) * S * D;
+    const long long sbase = ((long long)r * H + h) * S;
+    const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
+    const int rows[2] = {q0 + g, q0 + g + 8};
+    unsigned qf[KS][4], of[KS][4];
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
+        frag_a(of[kk], dout + qbase, D, q0, kk * 16, S, g, t);
+    }
+    float m[2], il[2], dd[2];
+    int full = 0;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const bool in = rows[hr] < S;
+        m[hr] = in ? stats[2 * (sbase + rows[hr])] : 0.0f;
+        il[hr] = in ? stats[2 * (sbase + rows[hr]) + 1] : 0.0f;
+        dd[hr] = in ? dvec[sbase + rows[hr]] : 0.0f;
+        full |= in && m[hr] <= FA_ALLOWED;  // masked from every key: every tile counts
+    }
+    full = __syncthreads_or(full);
+    float dqa[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dqa[dt][i] = 0.0f;
+    const float inv_scale = 1.0f / scale;
+    for (int k0 = 0; k0 < S; k0 += FA_BK) {
+        float s[NT][4];
+        int any = 0;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int row = rows[i >> 1], key = k0 + nt * 8 + 2 * t + (i & 1);
+                float b = -INFINITY;
+                if (row < S && key < S) {
+                    b = brow[(long long)row * S + key];
+                    any |= b > FA_ALLOWED;
+                    b *= inv_scale;
+                }
+                s[nt][i] = b;
+            }
+        if (!__syncthreads_or(any) && !full) continue;
+        load_tile<D>(ks, k + kvbase, k0, S);
+        load_tile<D>(vs, v + kvbase, k0, S);
+        __syncthreads();
+        float dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                unsigned b[2];
+                frag_b_nk(b, ks, LD, nt * 8, kk * 16, g, t);
+                mma_bf16_16816(s[nt], qf[kk], b);
+                frag_b_nk(b, vs, LD, nt * 8, kk * 16, g, t);
+                mma_bf16_16816(dp[nt], of[kk], b);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int hr = i >> 1;
+                const float p = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - m[hr]) * il[hr];
+                s[nt][i] = scale * p * (dp[nt][i] - dd[hr]);
+            }
+        }
+        // dQ += dS K.
+#pragma unroll
+        for (int kk = 0; kk < FA_BK / 16; ++kk) {
+            unsigned a[4];
+            frag_a_from_c(a, s, kk);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned b[2];
+                frag_b_kn(b, ks, LD, kk * 16, dt * 8, g, t);
+                mma_bf16_16816(dqa[dt], a, b);
+            }
+        }
+        __syncthreads();  // the tiles are refilled
+    }
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr)
+        if (rows[hr] < S) {
+            __nv_bfloat16 *row = dq + qbase + (long long)rows[hr] * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) *(unsigned *)(row + dt * 8) = pack_bf16(dqa[dt][2 * hr], dqa[dt][2 * hr + 1]);
+        }
+}
+
+#define FLASH_KERNELS(D)                                                                            \
+    extern "C" __global__ void dpo_flash_fwd_d##D##_bf16(                                            \
+        const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
+        __nv_bfloat16 *out, float *stats, int S, int H, int KV, int bias_rows, float scale) {       \
+        flash_fwd<D>(q, k, v, bias, out, stats, S, H, KV, bias_rows, scale);                         \
+    }
+#define FLASH_BWD_KERNELS(D)                                                                        \
+    extern "C" __global__ void dpo_flash_bwd_dkdv_d##D##_bf16(                                       \
+        const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
+        const __nv_bfloat16 *dout, const float *stats, const float *dvec, __nv_bfloat16 *dk,         \
+        __nv_bfloat16 *dv, int S, int H, int KV, int bias_rows, float scale) {                      \
+        flash_bwd_dkdv<D>(q, k, v, bias, dout, stats, dvec, dk, dv, S, H, KV, bias_rows, scale);     \
+    }                                                                                                \
+    extern "C" __global__ void dpo_flash_bwd_dq_d##D##_bf16(                                         \
+        const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
+        const __nv_bfloat16 *dout, const float *stats, const float *dvec, __nv_bfloat16 *dq, int S,  \
+        int H, int KV, int bias_rows, float scale) {                                                 \
+        flash_bwd_dq<D>(q, k, v, bias, dout, stats, dvec, dq, S, H, KV, bias_rows, scale);           \
+    }
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(128)
+FLASH_BWD_KERNELS(32)
+FLASH_BWD_KERNELS(64)
+
+extern "C" __global__ void dpo_flash_bwd_dot_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *dout, float *out,
+                                                  long long n, int D) {
+    flash_bwd_dot(o, dout, out, n, D);
 }

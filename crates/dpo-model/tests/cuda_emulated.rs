@@ -57,6 +57,9 @@ fn kernels() -> Vec<String> {
     names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
     names.extend([32, 64, 128].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
     names
+        .extend([32, 64].iter().flat_map(|d| ["dkdv", "dq"].map(|k| format!("dpo_flash_bwd_{k}_d{d}_bf16"))));
+    names.push("dpo_flash_bwd_dot_bf16".into());
+    names
 }
 
 /// A kernel added to `kernels/dpo_ops.cu` joins [`kernels`] (and so gets a test here).
@@ -72,12 +75,20 @@ fn every_kernel_is_in_the_registry() {
             Some(base) => names.iter().any(|n| {
                 n.strip_prefix(base).is_some_and(|rest| ["_f32", "_f64", "_bf16", "_f16"].contains(&rest))
             }),
+            // A head-size family: `<pre>##D##<post>` for some number D.
+            None if name.contains("##D##") => {
+                let (pre, post) = name.split_once("##D##").unwrap();
+                names.iter().any(|n| {
+                    let d = n.strip_prefix(pre).and_then(|r| r.strip_suffix(post));
+                    d.is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()))
+                })
+            }
             None => names.contains(&name),
         };
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 24, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 25, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -116,6 +127,7 @@ fn emulator() -> &'static PathBuf {
 }
 
 /// A kernel argument: a buffer (the kernel may write it) or a scalar.
+#[derive(Clone)]
 enum Arg {
     Buf(Vec<u8>),
     I32(i32),
@@ -323,18 +335,20 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
-/// The tensor-core attention forward against the CPU's attention on the same bf16 inputs:
-/// head sizes 32, 64 and 128, grouped-query heads, sequences that end inside a tile of 64, a
-/// bias per row and one broadcast, a causal mask whose tiles above the diagonal are skipped, and
-/// a query masked from every key (its block runs again unskipped: the keys' plain average).
+/// The tensor-core attention, forward and backward, against the CPU's attention on the same
+/// bf16 inputs: head sizes 32, 64 (and 128, forward only), grouped-query heads, sequences that
+/// end inside a tile of 64, a bias per row and one broadcast, a causal mask whose tiles above
+/// the diagonal are skipped, and queries masked from every key (their blocks run again
+/// unskipped: the keys' plain average, and its gradient).
 #[test]
-fn flash_attention_forward() -> Result<()> {
+fn flash_attention_forward_and_backward() -> Result<()> {
     for (rows, heads, kv, seq, d, per_row) in
         [(2, 4, 2, 70, 32, true), (1, 2, 1, 130, 64, false), (1, 2, 2, 20, 128, true)]
     {
         let q = randn(&[rows, heads, seq, d], 1, 1.0).to_dtype(DType::BF16)?;
         let k = randn(&[rows, kv, seq, d], 2, 1.0).to_dtype(DType::BF16)?;
         let v = randn(&[rows, kv, seq, d], 3, 1.0).to_dtype(DType::BF16)?;
+        let dy = randn(&[rows, heads, seq, d], 4, 1.0).to_dtype(DType::BF16)?;
         // Causal, the last row's tail padded; with per-row biases, row 0's query 5 sees nothing.
         let valid: Vec<u8> = (0..rows * seq).map(|i| u8::from(i < (rows - 1) * seq + seq - 3)).collect();
         let mask = dpo_model::AttentionMask::causal(&valid, rows, seq, None, &CPU)?;
@@ -345,23 +359,53 @@ fn flash_attention_forward() -> Result<()> {
             bias = Tensor::from_vec(b, bias.dims(), &CPU)?;
         }
         let scale = 1.0 / (d as f64).sqrt();
+        let what = |x: &str| format!("flash attention {x} d={d} seq={seq}");
         let want = ops::attention(&q, &k, &v, &bias, scale)?;
-        let args = [
-            buf(&q),
-            buf(&k),
-            buf(&v),
-            buf(&bias),
-            out(DType::BF16, rows * heads * seq * d),
+        let tail = [
             Arg::I32(seq as i32),
             Arg::I32(heads as i32),
             Arg::I32(kv as i32),
             Arg::I32(bias.dim(0)? as i32),
             Arg::F32(scale as f32),
         ];
-        let got =
-            launch(&format!("dpo_flash_fwd_d{d}_bf16"), (seq.div_ceil(64), rows * heads), (128, 1), &args);
-        let got = tensor(&got[4], DType::BF16, &[rows, heads, seq, d]);
-        assert_close(&got, &want, 1.6e-2, &format!("flash attention d={d} seq={seq}"));
+        let (grid_q, grid_k) = ((seq.div_ceil(64), rows * heads), (seq.div_ceil(64), rows * kv));
+        let fwd = [
+            vec![
+                buf(&q),
+                buf(&k),
+                buf(&v),
+                buf(&bias),
+                out(DType::BF16, rows * heads * seq * d),
+                out(DType::F32, rows * heads * seq * 2),
+            ],
+            tail.to_vec(),
+        ]
+        .concat();
+        let got = launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &fwd);
+        let (o, stats) = (got[4].clone(), got[5].clone());
+        assert_close(&tensor(&o, DType::BF16, &[rows, heads, seq, d]), &want, 1.6e-2, &what("forward"));
+        if d == 128 {
+            continue;
+        }
+        let n = rows * heads * seq;
+        let dvec = launch(
+            "dpo_flash_bwd_dot_bf16",
+            elementwise_cfg(n).0,
+            (256, 1),
+            &[Arg::Buf(o), buf(&dy), out(DType::F32, n), Arg::I64(n as i64), Arg::I32(d as i32)],
+        );
+        let common =
+            [buf(&q), buf(&k), buf(&v), buf(&bias), buf(&dy), Arg::Buf(stats), Arg::Buf(dvec[2].clone())];
+        let kvn = rows * kv * seq * d;
+        let args =
+            [common.to_vec(), vec![out(DType::BF16, kvn), out(DType::BF16, kvn)], tail.to_vec()].concat();
+        let dkdv = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_k, (128, 1), &args);
+        let args = [common.to_vec(), vec![out(DType::BF16, n * d)], tail.to_vec()].concat();
+        let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
+        let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy)?;
+        assert_close(&tensor(&dq[7], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
+        assert_close(&tensor(&dkdv[7], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
+        assert_close(&tensor(&dkdv[8], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
     }
     Ok(())
 }

@@ -104,10 +104,26 @@ pub(crate) fn attention_in_chunks(
     q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
 }
 
-/// The forward as one tensor-core kernel without a `[seq, seq]` tensor (`kernels/dpo_ops.cu`,
-/// `flash_fwd`), where it applies: CUDA, bf16, head size 32, 64 or 128, compute capability 8.0
-/// or newer, unless `DPO_TRAIN_FLASH_ATTENTION=0`. `None` elsewhere. The backward is the same
-/// either way (it recomputes the probabilities).
+/// Whether the tensor-core kernels (`kernels/dpo_ops.cu`, `flash_*`) compute attention for these
+/// inputs: CUDA, bf16, head size 32, 64 or 128 (the backward: 32 or 64), compute capability 8.0
+/// or newer, unless `DPO_TRAIN_FLASH_ATTENTION=0`.
+#[cfg(feature = "cuda")]
+fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, backward: bool) -> Result<bool> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_core::Device::Cuda(dev) = q.device() else { return Ok(false) };
+    let (rows, heads, _, d) = q.dims4()?;
+    let aligned = |x: &Tensor| x.layout().start_offset() % 8 == 0 && x.is_contiguous();
+    let sizes: &[usize] = if backward { &[32, 64] } else { &[32, 64, 128] };
+    Ok(q.dtype() == DType::BF16
+        && sizes.contains(&d)
+        && rows * heads <= 65_535
+        && [q, k, v].into_iter().all(aligned)
+        && !*OFF.get_or_init(|| std::env::var("DPO_TRAIN_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
+        && super::cuda::has_flash_attention(dev))
+}
+
+/// The forward as one kernel without a `[seq, seq]` tensor, where [`flash_applies`]; `None`
+/// elsewhere.
 #[cfg(feature = "cuda")]
 pub(super) fn flash_forward(
     q: &Tensor,
@@ -116,20 +132,30 @@ pub(super) fn flash_forward(
     bias: &Tensor,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let candle_core::Device::Cuda(dev) = q.device() else { return Ok(None) };
-    let (rows, heads, _, d) = q.dims4()?;
-    let aligned = |x: &Tensor| x.layout().start_offset() % 8 == 0;
-    let applies = q.dtype() == DType::BF16
-        && [32, 64, 128].contains(&d)
-        && rows * heads <= 65_535
-        && [q, k, v].into_iter().all(aligned)
-        && !*OFF.get_or_init(|| std::env::var("DPO_TRAIN_FLASH_ATTENTION").is_ok_and(|v| v == "0"))
-        && super::cuda::has_flash_attention(dev);
-    if !applies {
+    if !flash_applies(q, k, v, false)? {
         return Ok(None);
     }
-    Ok(Some(q.apply_op3_no_bwd(k, v, &FlashForward { bias: bias.clone(), scale })?))
+    Ok(Some(q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: None, scale })?))
+}
+
+/// `(dq, dk, dv)` by the kernels, where [`flash_applies`] (`dy` contiguous in `q`'s dtype);
+/// `None` elsewhere.
+#[cfg(feature = "cuda")]
+fn flash_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    dy: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    if !flash_applies(q, k, v, true)? {
+        return Ok(None);
+    }
+    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy.clone()), scale })?;
+    let (nq, nk) = (q.elem_count(), k.elem_count());
+    let part = |start: usize, len: usize, like: &Tensor| flat.narrow(0, start, len)?.reshape(like.shape());
+    Ok(Some((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?)))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -143,15 +169,29 @@ pub(super) fn flash_forward(
     Ok(None)
 }
 
-/// [`flash_forward`]'s op: `(q, k, v) -> out`, the bias and scale carried.
+#[cfg(not(feature = "cuda"))]
+fn flash_backward(
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: &Tensor,
+    _: f64,
+) -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    Ok(None)
+}
+
+/// The kernels as an op of `(q, k, v)`, the bias and scale carried: the output, or with the
+/// upstream `dy` the gradients `[dq, dk, dv]` flattened.
 #[cfg(feature = "cuda")]
-struct FlashForward {
+struct Flash {
     bias: Tensor,
+    dy: Option<Tensor>,
     scale: f64,
 }
 
 #[cfg(feature = "cuda")]
-impl candle_core::CustomOp3 for FlashForward {
+impl candle_core::CustomOp3 for Flash {
     fn name(&self) -> &'static str {
         "dpo-flash-attention"
     }
@@ -177,10 +217,22 @@ impl candle_core::CustomOp3 for FlashForward {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::CudaStorage;
         let bias = self.bias.storage_and_layout();
-        let bias = super::on_device::<candle_core::CudaStorage>(&bias, "the attention bias")?;
-        let out = super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.scale)?;
-        Ok((out, ql.shape().clone()))
+        let bias = super::on_device::<CudaStorage>(&bias, "the attention bias")?;
+        match &self.dy {
+            None => Ok((
+                super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.scale)?,
+                ql.shape().clone(),
+            )),
+            Some(dy) => {
+                let dy = dy.storage_and_layout();
+                let dy = super::on_device::<CudaStorage>(&dy, "the upstream gradient")?;
+                let out =
+                    super::cuda::flash_attention_backward((q, ql), (k, kl), (v, vl), bias, dy, self.scale)?;
+                Ok((out, Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count())))
+            }
+        }
     }
 }
 
@@ -211,6 +263,9 @@ fn backward_in_chunks(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let dy = dy.to_dtype(q.dtype())?.contiguous()?;
+    if let Some(grads) = flash_backward(&q, &k, &v, bias, &dy, scale)? {
+        return Ok(grads);
+    }
     let (mut dk, mut dv) = (Vec::new(), Vec::new());
     let dq = chunked(&q, bias, budget, |(start, len), b| {
         let rows = |x: &Tensor| x.narrow(0, start, len);

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
-    ValidAsZeroBits,
+    CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
@@ -94,6 +94,9 @@ impl<T> ArgSize for &mut CudaSlice<T> {
     const SIZE: usize = 8;
 }
 impl<T> ArgSize for &CudaView<'_, T> {
+    const SIZE: usize = 8;
+}
+impl<T> ArgSize for &mut CudaViewMut<'_, T> {
     const SIZE: usize = 8;
 }
 
@@ -918,64 +921,174 @@ fn scatter_rows_t<T: Kern>(
 
 // ---------------------------------------------------------------------------------------------
 
-/// Whether `dev` runs [`flash_attention`] (bf16 tensor-core `mma`: compute capability 8.0+).
+/// The shapes of a flash attention call, checked: `q` `[rows, heads, seq, d]`, `k` and `v`
+/// `[rows, kv, seq, d]` (bf16, d of 32, 64 or 128, starting 16-byte aligned), `bias`
+/// `[rows or 1, 1, seq, seq]` f32; all contiguous.
+struct Flash<'a> {
+    q: CudaView<'a, half::bf16>,
+    k: CudaView<'a, half::bf16>,
+    v: CudaView<'a, half::bf16>,
+    bias: CudaView<'a, f32>,
+    rows: usize,
+    heads: usize,
+    kv: usize,
+    seq: usize,
+    d: usize,
+    /// `seq, heads, kv, bias rows` as the kernels take them, then `scale`.
+    ints: [i32; 4],
+    scale: f32,
+}
+
+impl<'a> Flash<'a> {
+    fn new(
+        (q, ql): (&'a CudaStorage, &Layout),
+        (k, kl): (&'a CudaStorage, &Layout),
+        (v, vl): (&'a CudaStorage, &Layout),
+        (bias, bl): (&'a CudaStorage, &Layout),
+        scale: f64,
+    ) -> Result<Self> {
+        let what = "flash attention";
+        let (rows, heads, seq, d) = ql.shape().dims4()?;
+        let kv = kl.shape().dims4()?.1;
+        let bias_rows = bl.shape().dims4()?.0;
+        for l in [ql, kl, vl] {
+            if l.contiguous_offsets().is_none_or(|(start, _)| start % 8 != 0) {
+                candle_core::bail!(
+                    "{what}: q, k and v must be contiguous and start at a multiple of 8 elements"
+                );
+            }
+        }
+        if ![32, 64, 128].contains(&d) || kv == 0 || heads % kv != 0 || rows * heads > 65_535 {
+            candle_core::bail!(
+                "{what}: head size {d} (32, 64 or 128), {heads} heads over {kv} kv heads, {rows} rows"
+            );
+        }
+        let ints = [int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?];
+        Ok(Flash {
+            q: view(q, ql, what)?,
+            k: view(k, kl, what)?,
+            v: view(v, vl, what)?,
+            bias: view(bias, bl, what)?,
+            rows,
+            heads,
+            kv,
+            seq,
+            d,
+            ints,
+            scale: scale as f32,
+        })
+    }
+
+    /// A block of 4 warps per tile of 64 queries (or keys) of each of `heads` heads of a row.
+    fn cfg(&self, heads: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.seq.div_ceil(64) as u32, (self.rows * heads) as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn tail<'b>(&'b self, lb: &mut Launch<'b>) {
+        let [s, h, kv, b] = &self.ints;
+        lb.arg(s).arg(h).arg(kv).arg(b).arg(&self.scale);
+    }
+
+    /// The output `[rows, heads, seq, d]` and each query's softmax statistics `[.., 2]`.
+    fn forward(&self, dev: &CudaDevice) -> Result<(CudaSlice<half::bf16>, CudaSlice<f32>)> {
+        let n = self.rows * self.heads * self.seq;
+        // SAFETY: the kernel writes every element of both.
+        let (mut out, mut stats) =
+            unsafe { (dev.alloc::<half::bf16>(n * self.d)?, dev.alloc::<f32>(2 * n)?) };
+        if n > 0 {
+            let f = func_named(dev, &format!("dpo_flash_fwd_d{}_bf16", self.d))?;
+            let mut lb = f.builder();
+            lb.arg(&self.q).arg(&self.k).arg(&self.v).arg(&self.bias).arg(&mut out).arg(&mut stats);
+            self.tail(&mut lb);
+            // SAFETY: argument types match the kernel's signature; sizes were checked above.
+            unsafe { lb.launch(self.cfg(self.heads)) }?;
+        }
+        Ok((out, stats))
+    }
+}
+
+/// Whether `dev` runs the flash attention kernels (bf16 tensor-core `mma`: compute capability
+/// 8.0+).
 pub(super) fn has_flash_attention(dev: &CudaDevice) -> bool {
     dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
 }
 
-/// `softmax(q k^T * scale + bias) v` by the tensor-core kernel `dpo_flash_fwd_d<D>_bf16`: `q`
-/// `[rows, heads, seq, d]`, `k` and `v` `[rows, kv, seq, d]` (bf16, d of 32, 64 or 128, starts
-/// 16-byte aligned), `bias` `[rows or 1, 1, seq, seq]` f32; all contiguous.
+/// `softmax(q k^T * scale + bias) v` by the tensor-core kernel `dpo_flash_fwd_d<D>_bf16` (shapes
+/// as [`Flash`]).
 pub(super) fn flash_attention(
-    (q, ql): (&CudaStorage, &Layout),
-    (k, kl): (&CudaStorage, &Layout),
-    (v, vl): (&CudaStorage, &Layout),
-    (bias, bl): (&CudaStorage, &Layout),
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    bias: (&CudaStorage, &Layout),
     scale: f64,
 ) -> Result<CudaStorage> {
-    let what = "flash attention";
-    let dev = q.device().clone();
-    let (rows, heads, seq, d) = ql.shape().dims4()?;
-    let kv = kl.shape().dims4()?.1;
-    let bias_rows = bl.shape().dims4()?.0;
-    for l in [ql, kl, vl] {
-        if l.contiguous_offsets().is_none_or(|(start, _)| start % 8 != 0) {
-            candle_core::bail!("{what}: q, k and v must be contiguous and start at a multiple of 8 elements");
-        }
-    }
-    if ![32, 64, 128].contains(&d) || kv == 0 || heads % kv != 0 {
-        candle_core::bail!("{what}: head size {d} (32, 64 or 128) and {heads} heads over {kv} kv heads");
-    }
-    let (qv, kvv, vv) = (
-        view::<half::bf16>(q, ql, what)?,
-        view::<half::bf16>(k, kl, what)?,
-        view::<half::bf16>(v, vl, what)?,
-    );
-    let bv = view::<f32>(bias, bl, what)?;
-    let mut out = unsafe { dev.alloc::<half::bf16>(rows * heads * seq * d)? };
-    if rows * heads * seq > 0 {
-        let f = func_named(&dev, &format!("dpo_flash_fwd_d{d}_bf16"))?;
-        let (s32, h32, kv32, b32) =
-            (int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?);
-        let scale = scale as f32;
-        let mut lb = f.builder();
-        lb.arg(&qv)
-            .arg(&kvv)
-            .arg(&vv)
-            .arg(&bv)
-            .arg(&mut out)
-            .arg(&s32)
-            .arg(&h32)
-            .arg(&kv32)
-            .arg(&b32)
-            .arg(&scale);
-        let cfg = LaunchConfig {
-            grid_dim: (seq.div_ceil(64) as u32, int(rows * heads, what)? as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: argument types match the kernel's signature; sizes were checked above.
-        unsafe { lb.launch(cfg) }?;
-    }
+    let dev = q.0.device().clone();
+    let (out, _) = Flash::new(q, k, v, bias, scale)?.forward(&dev)?;
     Ok(half::bf16::wrap_cuda_slice(out, dev))
+}
+
+/// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, contiguous),
+/// head size 32 or 64: `[dq, dk, dv]` flattened into one buffer. Recomputes the forward (for its
+/// output and statistics), then `dpo_flash_bwd_dot`, `_dkdv` and `_dq`.
+pub(super) fn flash_attention_backward(
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+    bias: (&CudaStorage, &Layout),
+    (dy, dyl): (&CudaStorage, &Layout),
+    scale: f64,
+) -> Result<CudaStorage> {
+    let what = "flash attention backward";
+    let dev = q.0.device().clone();
+    let fl = Flash::new(q, k, v, bias, scale)?;
+    if ![32, 64].contains(&fl.d) || dyl.shape() != q.1.shape() {
+        candle_core::bail!(
+            "{what}: head size {} (32 or 64), upstream {:?} for q {:?}",
+            fl.d,
+            dyl.shape(),
+            q.1.shape()
+        );
+    }
+    let dy = view::<half::bf16>(dy, dyl, what)?;
+    let (nq, nk) = (fl.rows * fl.heads * fl.seq, fl.rows * fl.kv * fl.seq);
+    // SAFETY: the kernels write every element.
+    let mut grads = unsafe { dev.alloc::<half::bf16>((nq + 2 * nk) * fl.d)? };
+    if nq > 0 {
+        let (o, stats) = fl.forward(&dev)?;
+        // SAFETY: written by the kernel.
+        let mut dvec = unsafe { dev.alloc::<f32>(nq)? };
+        let f = func_named(&dev, "dpo_flash_bwd_dot_bf16")?;
+        let (n64, d32) = (nq as i64, fl.d as i32);
+        let mut lb = f.builder();
+        lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(elementwise_cfg(nq)) }?;
+        let (mut dq, mut rest) = grads.split_at_mut(nq * fl.d);
+        let (mut dk, mut dv) = rest.split_at_mut(nk * fl.d);
+        let f = func_named(&dev, &format!("dpo_flash_bwd_dkdv_d{}_bf16", fl.d))?;
+        let mut lb = f.builder();
+        lb.arg(&fl.q)
+            .arg(&fl.k)
+            .arg(&fl.v)
+            .arg(&fl.bias)
+            .arg(&dy)
+            .arg(&stats)
+            .arg(&dvec)
+            .arg(&mut dk)
+            .arg(&mut dv);
+        fl.tail(&mut lb);
+        // SAFETY: as above.
+        unsafe { lb.launch(fl.cfg(fl.kv)) }?;
+        let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
+        let mut lb = f.builder();
+        lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
+        fl.tail(&mut lb);
+        // SAFETY: as above.
+        unsafe { lb.launch(fl.cfg(fl.heads)) }?;
+    }
+    Ok(half::bf16::wrap_cuda_slice(grads, dev))
 }

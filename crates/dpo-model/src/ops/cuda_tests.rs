@@ -218,9 +218,9 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
-/// The tensor-core attention forward (`flash_forward`) against the CPU's attention: head sizes 32
-/// and 64, grouped-query heads, two tiles of queries and keys, a per-row causal + padding mask
-/// with fully masked queries and a broadcast random mask; through `attention` too.
+/// The tensor-core attention (`flash_forward`, and the backward) against the CPU's attention:
+/// head sizes 32 and 64, grouped-query heads, two tiles of queries and keys, a per-row causal +
+/// padding mask with fully masked queries and a broadcast random mask; through `attention` too.
 #[test]
 fn flash_attention_forward() -> Result<()> {
     let dev = gpu();
@@ -240,6 +240,12 @@ fn flash_attention_forward() -> Result<()> {
         let got = super::attention::flash_forward(&qd, &kd, &vd, &bd, scale)?.expect("the kernel applies");
         assert_close(&got, &want, tol(dt), &format!("flash attention d={d}"));
         assert_close(&attention(&qd, &kd, &vd, &bd, scale)?, &want, tol(dt), &format!("attention d={d}"));
+        let dy = randn(&[r, h, s, d], 4, 1.0, dt);
+        let want = attention_backward(&q, &k, &v, &bias, scale, &dy)?;
+        let got = attention_backward(&qd, &kd, &vd, &bd, scale, &up(&dy, &dev))?;
+        for (what, got, want) in [("dq", got.0, want.0), ("dk", got.1, want.1), ("dv", got.2, want.2)] {
+            assert_close(&got, &want, check::tolerance(dt, false), &format!("flash attention {what} d={d}"));
+        }
     }
     Ok(())
 }
