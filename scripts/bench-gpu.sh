@@ -10,7 +10,7 @@
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
 #   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
-# Run there (device tool, carry [".device", ".whl"], timeout_s 480):  BUDGET_S=390 bash scripts/bench-gpu.sh
+# Run there (device tool, carry [".device", ".whl"], timeout_s 420):  BUDGET_S=330 bash scripts/bench-gpu.sh
 # Runs that would start after BUDGET_S (default 470) seconds are skipped; the summary still comes.
 # Prints one RESULT line per run and a summary; everything else goes into $OUT/gpu-bench.tgz
 # (the device tool returns at most 8 files).
@@ -95,6 +95,8 @@ run_ours() {
 run_ours ours-plain
 run_ours ours-share-manual --set prefix_sharing=true --set manual_backward=true
 run_ours ours-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true --set manual_backward=true
+# The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
+run_ours ours-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
 
 # 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
 export BENCH_TOKENIZER_DIR=$W/assets/model
@@ -108,10 +110,10 @@ TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cu
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
 
 DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true --set prefix_sharing=true
+# Attention without the tensor-core kernels (scores materialized, as before them).
+DPO_TRAIN_FLASH_ATTENTION=0 run_ours ours-share-manual-noflash --set prefix_sharing=true --set manual_backward=true
 run_ours ours-plain-manual --set manual_backward=true
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
-# The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
-run_ours ours-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
 run_ours ours-share --set prefix_sharing=true
 run_ours ours-precompute-share --set prefix_sharing=true --set precompute_ref_log_probs=true
@@ -148,7 +150,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-share-manual-bf16head", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-noflash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-share-manual-bf16head", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -171,7 +173,7 @@ for r in rows:
 # The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
-for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-gc",
+for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-noflash", "ours-share-gc",
              "ours-share-gc-manual", "ours-share-manual-bf16head"]:
     try:
         d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))

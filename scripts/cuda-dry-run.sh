@@ -88,6 +88,7 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
     bench bench-keep-attn --set recompute_attention=false
     ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()
+    ENV=(DPO_TRAIN_FLASH_ATTENTION=0); bench bench-share-manual-noflash --set prefix_sharing=true --set manual_backward=true; ENV=()
 else
     echo "skipped the benchmark workload (no .venv: scripts/setup_python.sh)"
 fi
