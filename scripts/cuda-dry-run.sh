@@ -62,6 +62,7 @@ ENV=(DPO_TRAIN_CUDA_EVENTS=1); train events
 ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); train manual-unstacked --set manual_backward=true
 ENV=(DPO_TRAIN_PROFILE=ops); train profile-ops --set manual_backward=true
 ENV=(DPO_TRAIN_PROFILE=1); train profile
+ENV=(DPO_TRAIN_FLASH_ATTENTION=1); train flash
 ENV=()
 # Resume from the checkpoint of a 2-step run (saved every step) for 2 more steps.
 train resume-first --set save_steps=1
@@ -88,7 +89,7 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
     bench bench-keep-attn --set recompute_attention=false
     ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()
-    ENV=(DPO_TRAIN_FLASH_ATTENTION=0); bench bench-share-manual-noflash --set prefix_sharing=true --set manual_backward=true; ENV=()
+    ENV=(DPO_TRAIN_FLASH_ATTENTION=1); bench bench-share-manual-flash --set prefix_sharing=true --set manual_backward=true; ENV=()
 else
     echo "skipped the benchmark workload (no .venv: scripts/setup_python.sh)"
 fi

@@ -1069,10 +1069,11 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         int H, int KV, int bias_rows, float scale) {                                                 \
         flash_bwd_dq<D>(q, k, v, bias, dout, stats, dvec, dq, S, H, KV, bias_rows, scale);           \
     }
+// The head sizes measured on a GPU (an H200, 2026-11-27): the forward at 32 and 64, the backward
+// at 64. The backward at head size 32 disagreed with the CPU there (dq off by 12-87%) while it
+// agrees under the emulation; until that is understood it is not built.
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)
-FLASH_KERNELS(128)
-FLASH_BWD_KERNELS(32)
 FLASH_BWD_KERNELS(64)
 
 extern "C" __global__ void dpo_flash_bwd_dot_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *dout, float *out,

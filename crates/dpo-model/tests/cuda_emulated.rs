@@ -55,9 +55,8 @@ fn kernels() -> Vec<String> {
         per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
     names.extend(mixed.iter().flat_map(|k| ["bf16", "f16"].map(|dt| format!("{k}_{dt}"))));
     names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
-    names.extend([32, 64, 128].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
-    names
-        .extend([32, 64].iter().flat_map(|d| ["dkdv", "dq"].map(|k| format!("dpo_flash_bwd_{k}_d{d}_bf16"))));
+    names.extend([32, 64].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
+    names.extend(["dkdv", "dq"].map(|k| format!("dpo_flash_bwd_{k}_d64_bf16")));
     names.push("dpo_flash_bwd_dot_bf16".into());
     names
 }
@@ -336,14 +335,14 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
 }
 
 /// The tensor-core attention, forward and backward, against the CPU's attention on the same
-/// bf16 inputs: head sizes 32, 64 (and 128, forward only), grouped-query heads, sequences that
-/// end inside a tile of 64, a bias per row and one broadcast, a causal mask whose tiles above
-/// the diagonal are skipped, and queries masked from every key (their blocks run again
-/// unskipped: the keys' plain average, and its gradient).
+/// bf16 inputs: head sizes 32 (the forward only) and 64, grouped-query heads, sequences that end
+/// inside a tile of 64, a bias per row and one broadcast, a causal mask whose tiles above the
+/// diagonal are skipped, and queries masked from every key (their blocks run again unskipped:
+/// the keys' plain average, and its gradient).
 #[test]
 fn flash_attention_forward_and_backward() -> Result<()> {
     for (rows, heads, kv, seq, d, per_row) in
-        [(2, 4, 2, 70, 32, true), (1, 2, 1, 130, 64, false), (1, 2, 2, 20, 128, true)]
+        [(2, 4, 2, 70, 32, true), (1, 2, 1, 130, 64, false), (2, 4, 2, 70, 64, true)]
     {
         let q = randn(&[rows, heads, seq, d], 1, 1.0).to_dtype(DType::BF16)?;
         let k = randn(&[rows, kv, seq, d], 2, 1.0).to_dtype(DType::BF16)?;
@@ -384,7 +383,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let got = launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &fwd);
         let (o, stats) = (got[4].clone(), got[5].clone());
         assert_close(&tensor(&o, DType::BF16, &[rows, heads, seq, d]), &want, 1.6e-2, &what("forward"));
-        if d == 128 {
+        if d != 64 {
             continue;
         }
         let n = rows * heads * seq;

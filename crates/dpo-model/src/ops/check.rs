@@ -248,7 +248,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     }
     // Attention: grouped KV heads (Qwen2-0.5B: 14 query, 2 KV heads) with a causal + padding
     // mask; then plain multi-head with a broadcast bias, computed a row at a time.
-    let (r, h, kv, s, d) = if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 70, 32) };
+    let (r, h, kv, s, d) = if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 70, 64) };
     let small = (2, 3, 3, 29, 8);
     for ((r, h, kv, s, d), bias, budget) in [
         ((r, h, kv, s, d), test_mask(r, s)?, super::SCORE_BUDGET),

@@ -922,7 +922,7 @@ fn scatter_rows_t<T: Kern>(
 // ---------------------------------------------------------------------------------------------
 
 /// The shapes of a flash attention call, checked: `q` `[rows, heads, seq, d]`, `k` and `v`
-/// `[rows, kv, seq, d]` (bf16, d of 32, 64 or 128, starting 16-byte aligned), `bias`
+/// `[rows, kv, seq, d]` (bf16, d of 32 or 64, starting 16-byte aligned), `bias`
 /// `[rows or 1, 1, seq, seq]` f32; all contiguous.
 struct Flash<'a> {
     q: CudaView<'a, half::bf16>,
@@ -952,15 +952,15 @@ impl<'a> Flash<'a> {
         let kv = kl.shape().dims4()?.1;
         let bias_rows = bl.shape().dims4()?.0;
         for l in [ql, kl, vl] {
-            if l.contiguous_offsets().is_none_or(|(start, _)| start % 8 != 0) {
+            if l.contiguous_offsets().is_none_or(|(start, _)| !start.is_multiple_of(8)) {
                 candle_core::bail!(
                     "{what}: q, k and v must be contiguous and start at a multiple of 8 elements"
                 );
             }
         }
-        if ![32, 64, 128].contains(&d) || kv == 0 || heads % kv != 0 || rows * heads > 65_535 {
+        if ![32, 64].contains(&d) || kv == 0 || heads % kv != 0 || rows * heads > 65_535 {
             candle_core::bail!(
-                "{what}: head size {d} (32, 64 or 128), {heads} heads over {kv} kv heads, {rows} rows"
+                "{what}: head size {d} (32 or 64), {heads} heads over {kv} kv heads, {rows} rows"
             );
         }
         let ints = [int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?];
@@ -1032,7 +1032,7 @@ pub(super) fn flash_attention(
 }
 
 /// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, contiguous),
-/// head size 32 or 64: `[dq, dk, dv]` flattened into one buffer. Recomputes the forward (for its
+/// head size 64: `[dq, dk, dv]` flattened into one buffer. Recomputes the forward (for its
 /// output and statistics), then `dpo_flash_bwd_dot`, `_dkdv` and `_dq`.
 pub(super) fn flash_attention_backward(
     q: (&CudaStorage, &Layout),
@@ -1045,9 +1045,9 @@ pub(super) fn flash_attention_backward(
     let what = "flash attention backward";
     let dev = q.0.device().clone();
     let fl = Flash::new(q, k, v, bias, scale)?;
-    if ![32, 64].contains(&fl.d) || dyl.shape() != q.1.shape() {
+    if fl.d != 64 || dyl.shape() != q.1.shape() {
         candle_core::bail!(
-            "{what}: head size {} (32 or 64), upstream {:?} for q {:?}",
+            "{what}: head size {} (64), upstream {:?} for q {:?}",
             fl.d,
             dyl.shape(),
             q.1.shape()
