@@ -8,6 +8,8 @@
 #   scripts/cuda-dry-run.sh          # every run below, dry, on the emulated driver: all must pass
 #   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
+#   WITH_TESTS=1 scripts/build-cuda.sh && xz -T2 -6 -c target-cuda/release/dpo-model-tests > .device/model-tests.xz
+#                                    # optional: the launcher tests (src/ops/cuda_tests.rs) on the card
 #   CURVE=1 scripts/bench-gpu.sh     # (after cargo build --release) on the CPU machine: only writes .device/curve-f32.jsonl (the f32 CPU curve)
 #   python3 -m pip download ... -d .whl trl==1.16.0 datasets==5.2.0 dill multiprocess   (see ../shared/perf/README.md)
 # Run there (device tool, carry [".device", ".whl"], timeout_s 420):  BUDGET_S=330 bash scripts/bench-gpu.sh
@@ -35,7 +37,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
-# 0. The fused kernels against their references on this GPU.
+# 0. The launchers against the CPU kernels on this GPU (when carried), then the fused kernels
+#    against their references.
+if [ -f .device/model-tests.xz ]; then
+  xz -dkf .device/model-tests.xz && chmod +x .device/model-tests
+  timeout 100 .device/model-tests ops::cuda_tests --test-threads=1 --nocapture > "$OUT/launcher-tests.txt" 2>&1
+  echo "launcher tests rc=$?"; grep -E "test result|failed for|panicked" "$OUT/launcher-tests.txt" | head -5
+fi
 # (SKIP_DOCTOR=1: not this time, when an earlier call ran it on the same binary.)
 [ -z "${SKIP_DOCTOR:-}" ] && { timeout 120 .device/dpo-train doctor --device cuda > "$OUT/doctor.txt" 2>&1; echo "doctor rc=$?"; }
 grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20

@@ -18,3 +18,9 @@ export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
 cargo build --release --features cuda -p dpo-train "$@"
 echo "built $CARGO_TARGET_DIR/release/dpo-train (sm_$CUDA_COMPUTE_CAP)"
+# WITH_TESTS=1: also dpo-model's unit tests, to run the launcher tests (ops::cuda_tests) on a GPU.
+if [ -n "${WITH_TESTS:-}" ]; then
+  exe=$(cargo test --release --features cuda -p dpo-model --lib --no-run 2>&1 | sed -n 's/.*Executable .*(\(.*\)).*/\1/p' | tail -1)
+  cp "$exe" "$CARGO_TARGET_DIR/release/dpo-model-tests"
+  echo "built $CARGO_TARGET_DIR/release/dpo-model-tests (from $exe)"
+fi
