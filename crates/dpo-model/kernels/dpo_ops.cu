@@ -805,8 +805,9 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 // The backward, FlashAttention-2's way, deterministic (no atomics): with the forward's output O
 // and statistics, dvec = rowsum(dO * O) (dpo_flash_bwd_dot), then
 //   P = exp(scale * S + bias - m) / l,  dP = dO V^T,  dS = scale * P * (dP - dvec)
-//   dV = P^T dO,  dK = dS^T Q  (dpo_flash_bwd_dkdv: a block per tile of 64 keys of a KV head,
-//                               over the query heads of its group and every query tile)
+//   dV = P^T dO,  dK = dS^T Q  (dpo_flash_bwd_dkdv: a block per tile of 64 keys and query
+//                               head, over the query tiles, into f32 partials per query head;
+//                               dpo_flash_bwd_group sums a KV head's group of them in order)
 //   dQ = dS K                  (dpo_flash_bwd_dq: a block per tile of 64 queries, over the keys)
 // Tiles are skipped as in the forward, except for a tile of a query masked from every key.
 __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
@@ -823,13 +824,13 @@ template <int D>
 __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                                const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
                                const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
-                               const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dk,
-                               __nv_bfloat16 *__restrict__ dv, int S, int H, int KV, int bias_rows, float scale) {
+                               const float *__restrict__ dvec, float *__restrict__ dkp, float *__restrict__ dvp,
+                               int S, int H, int KV, int bias_rows, float scale) {
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BQ / 8, LD = D + 8;
     __shared__ __nv_bfloat16 qs[FA_BQ * LD];
     __shared__ __nv_bfloat16 dos[FA_BQ * LD];
     __shared__ float ms[FA_BQ], ils[FA_BQ], dd[FA_BQ];
-    const int r = blockIdx.y / KV, kvh = blockIdx.y % KV, rep = H / KV;
+    const int r = blockIdx.y / H, hq = blockIdx.y % H, kvh = hq / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * FA_BK + warp * 16;  // this warp's first key
     const long long kvbase = ((long long)r * KV + kvh) * S * D;
@@ -847,105 +848,123 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
 #pragma unroll
         for (int i = 0; i < 4; ++i) dka[dt][i] = dva[dt][i] = 0.0f;
     const float inv_scale = 1.0f / scale;
-    for (int hq = kvh * rep; hq < (kvh + 1) * rep; ++hq) {
-        const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
-        for (int i0 = 0; i0 < S; i0 += FA_BQ) {
-            // S^T (keys x queries) starts as bias / scale, -inf past the end.
-            float s[NT][4];
-            int any = 0;
+    const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
+    for (int i0 = 0; i0 < S; i0 += FA_BQ) {
+        // S^T (keys x queries) starts as bias / scale, -inf past the end.
+        float s[NT][4];
+        int any = 0;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int key = keys[i >> 1], query = i0 + nt * 8 + 2 * t + (i & 1);
-                    float b = -INFINITY;
-                    if (key < S && query < S) {
-                        b = brow[(long long)query * S + key];
-                        any |= b > FA_ALLOWED;
-                        b *= inv_scale;
-                    }
-                    s[nt][i] = b;
+            for (int i = 0; i < 4; ++i) {
+                const int key = keys[i >> 1], query = i0 + nt * 8 + 2 * t + (i & 1);
+                float b = -INFINITY;
+                if (key < S && query < S) {
+                    b = brow[(long long)query * S + key];
+                    any |= b > FA_ALLOWED;
+                    b *= inv_scale;
                 }
-            if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
-                any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
-            if (!__syncthreads_or(any)) continue;
-            load_tile<D>(qs, q + qbase, i0, S);
-            load_tile<D>(dos, dout + qbase, i0, S);
-            if (threadIdx.x < FA_BQ) {
-                const int qi = i0 + threadIdx.x;
-                ms[threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
-                ils[threadIdx.x] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
-                dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
+                s[nt][i] = b;
             }
-            __syncthreads();
-            // S^T += K Q^T, then P^T.
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int kk = 0; kk < KS; ++kk) {
-                    unsigned b[2];
-                    frag_b_nk(b, qs, LD, nt * 8, kk * 16, g, t);
-                    mma_bf16_16816(s[nt], kf[kk], b);
-                }
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int c = nt * 8 + 2 * t + (i & 1);
-                    s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - ms[c]) * ils[c];
-                }
-            // dV += P^T dO.
-#pragma unroll
-            for (int kk = 0; kk < FA_BQ / 16; ++kk) {
-                unsigned a[4];
-                frag_a_from_c(a, s, kk);
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    unsigned b[2];
-                    frag_b_kn(b, dos, LD, kk * 16, dt * 8, g, t);
-                    mma_bf16_16816(dva[dt], a, b);
-                }
-            }
-            // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
-            float dp[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
-#pragma unroll
-                for (int kk = 0; kk < KS; ++kk) {
-                    unsigned b[2];
-                    frag_b_nk(b, dos, LD, nt * 8, kk * 16, g, t);
-                    mma_bf16_16816(dp[nt], vf[kk], b);
-                }
-#pragma unroll
-                for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - dd[nt * 8 + 2 * t + (i & 1)]);
-            }
-            // dK += dS^T Q.
-#pragma unroll
-            for (int kk = 0; kk < FA_BQ / 16; ++kk) {
-                unsigned a[4];
-                frag_a_from_c(a, s, kk);
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    unsigned b[2];
-                    frag_b_kn(b, qs, LD, kk * 16, dt * 8, g, t);
-                    mma_bf16_16816(dka[dt], a, b);
-                }
-            }
-            __syncthreads();  // the tiles are refilled
+        if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
+            any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
+        if (!__syncthreads_or(any)) continue;
+        load_tile<D>(qs, q + qbase, i0, S);
+        load_tile<D>(dos, dout + qbase, i0, S);
+        if (threadIdx.x < FA_BQ) {
+            const int qi = i0 + threadIdx.x;
+            ms[threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
+            ils[threadIdx.x] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
+            dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
         }
+        __syncthreads();
+        // S^T += K Q^T, then P^T.
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                unsigned b[2];
+                frag_b_nk(b, qs, LD, nt * 8, kk * 16, g, t);
+                mma_bf16_16816(s[nt], kf[kk], b);
+            }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int c = nt * 8 + 2 * t + (i & 1);
+                s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - ms[c]) * ils[c];
+            }
+        // dV += P^T dO.
+#pragma unroll
+        for (int kk = 0; kk < FA_BQ / 16; ++kk) {
+            unsigned a[4];
+            frag_a_from_c(a, s, kk);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned b[2];
+                frag_b_kn(b, dos, LD, kk * 16, dt * 8, g, t);
+                mma_bf16_16816(dva[dt], a, b);
+            }
+        }
+        // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
+        float dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                unsigned b[2];
+                frag_b_nk(b, dos, LD, nt * 8, kk * 16, g, t);
+                mma_bf16_16816(dp[nt], vf[kk], b);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - dd[nt * 8 + 2 * t + (i & 1)]);
+        }
+        // dK += dS^T Q.
+#pragma unroll
+        for (int kk = 0; kk < FA_BQ / 16; ++kk) {
+            unsigned a[4];
+            frag_a_from_c(a, s, kk);
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                unsigned b[2];
+                frag_b_kn(b, qs, LD, kk * 16, dt * 8, g, t);
+                mma_bf16_16816(dka[dt], a, b);
+            }
+        }
+        __syncthreads();  // the tiles are refilled
     }
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr)
         if (keys[hr] < S) {
-            const long long at = kvbase + (long long)keys[hr] * D + 2 * t;
+            const long long at = (((long long)r * H + hq) * S + keys[hr]) * D + 2 * t;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
-                *(unsigned *)(dk + at + dt * 8) = pack_bf16(dka[dt][2 * hr], dka[dt][2 * hr + 1]);
-                *(unsigned *)(dv + at + dt * 8) = pack_bf16(dva[dt][2 * hr], dva[dt][2 * hr + 1]);
+                dkp[at + dt * 8] = dka[dt][2 * hr];
+                dkp[at + dt * 8 + 1] = dka[dt][2 * hr + 1];
+                dvp[at + dt * 8] = dva[dt][2 * hr];
+                dvp[at + dt * 8 + 1] = dva[dt][2 * hr + 1];
             }
         }
+}
+
+// dk, dv [R, KV, S, D] (bf16) = the sums over each KV head's group of `rep` query heads of the
+// partials [R, KV * rep, S, D] (f32), in head order; sd = S * D, n = R * KV * sd.
+__device__ void flash_bwd_group(const float *__restrict__ dkp, const float *__restrict__ dvp,
+                                __nv_bfloat16 *__restrict__ dk, __nv_bfloat16 *__restrict__ dv, long long n, long long sd,
+                                int rep) {
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < n;
+         e += (long long)gridDim.x * blockDim.x) {
+        const long long first = (e / sd) * rep * sd + e % sd;
+        float k = 0.0f, v = 0.0f;
+        for (int j = 0; j < rep; ++j) {
+            k += dkp[first + j * sd];
+            v += dvp[first + j * sd];
+        }
+        dk[e] = __float2bfloat16_rn(k);
+        dv[e] = __float2bfloat16_rn(v);
+    }
 }
 
 template <int D>
@@ -1059,9 +1078,9 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
 #define FLASH_BWD_KERNELS(D)                                                                        \
     extern "C" __global__ void dpo_flash_bwd_dkdv_d##D##_bf16(                                       \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
-        const __nv_bfloat16 *dout, const float *stats, const float *dvec, __nv_bfloat16 *dk,         \
-        __nv_bfloat16 *dv, int S, int H, int KV, int bias_rows, float scale) {                      \
-        flash_bwd_dkdv<D>(q, k, v, bias, dout, stats, dvec, dk, dv, S, H, KV, bias_rows, scale);     \
+        const __nv_bfloat16 *dout, const float *stats, const float *dvec, float *dkp, float *dvp,     \
+        int S, int H, int KV, int bias_rows, float scale) {                                          \
+        flash_bwd_dkdv<D>(q, k, v, bias, dout, stats, dvec, dkp, dvp, S, H, KV, bias_rows, scale);   \
     }                                                                                                \
     extern "C" __global__ void dpo_flash_bwd_dq_d##D##_bf16(                                         \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
@@ -1075,6 +1094,11 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)
 FLASH_BWD_KERNELS(64)
+
+extern "C" __global__ void dpo_flash_bwd_group_bf16(const float *dkp, const float *dvp, __nv_bfloat16 *dk,
+                                                    __nv_bfloat16 *dv, long long n, long long sd, int rep) {
+    flash_bwd_group(dkp, dvp, dk, dv, n, sd, rep);
+}
 
 extern "C" __global__ void dpo_flash_bwd_dot_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *dout, float *out,
                                                   long long n, int D) {

@@ -57,7 +57,7 @@ fn kernels() -> Vec<String> {
     names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
     names.extend([32, 64].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
     names.extend(["dkdv", "dq"].map(|k| format!("dpo_flash_bwd_{k}_d64_bf16")));
-    names.push("dpo_flash_bwd_dot_bf16".into());
+    names.extend(["dpo_flash_bwd_dot_bf16".into(), "dpo_flash_bwd_group_bf16".into()]);
     names
 }
 
@@ -87,7 +87,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 25, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 26, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -367,7 +367,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
             Arg::I32(bias.dim(0)? as i32),
             Arg::F32(scale as f32),
         ];
-        let (grid_q, grid_k) = ((seq.div_ceil(64), rows * heads), (seq.div_ceil(64), rows * kv));
+        let grid_q = (seq.div_ceil(64), rows * heads);
         let fwd = [
             vec![
                 buf(&q),
@@ -395,16 +395,27 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         );
         let common =
             [buf(&q), buf(&k), buf(&v), buf(&bias), buf(&dy), Arg::Buf(stats), Arg::Buf(dvec[2].clone())];
-        let kvn = rows * kv * seq * d;
+        // dK and dV per query head (f32), then summed over each KV head's group.
         let args =
-            [common.to_vec(), vec![out(DType::BF16, kvn), out(DType::BF16, kvn)], tail.to_vec()].concat();
-        let dkdv = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_k, (128, 1), &args);
+            [common.to_vec(), vec![out(DType::F32, n * d), out(DType::F32, n * d)], tail.to_vec()].concat();
+        let partial = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_q, (128, 1), &args);
+        let kvn = rows * kv * seq * d;
+        let args = [
+            Arg::Buf(partial[7].clone()),
+            Arg::Buf(partial[8].clone()),
+            out(DType::BF16, kvn),
+            out(DType::BF16, kvn),
+            Arg::I64(kvn as i64),
+            Arg::I64((seq * d) as i64),
+            Arg::I32((heads / kv) as i32),
+        ];
+        let dkdv = launch("dpo_flash_bwd_group_bf16", elementwise_cfg(kvn).0, (256, 1), &args);
         let args = [common.to_vec(), vec![out(DType::BF16, n * d)], tail.to_vec()].concat();
         let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
         let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy)?;
         assert_close(&tensor(&dq[7], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
-        assert_close(&tensor(&dkdv[7], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
-        assert_close(&tensor(&dkdv[8], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
+        assert_close(&tensor(&dkdv[2], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
+        assert_close(&tensor(&dkdv[3], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
     }
     Ok(())
 }

@@ -1033,7 +1033,7 @@ pub(super) fn flash_attention(
 
 /// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, contiguous),
 /// head size 64: `[dq, dk, dv]` flattened into one buffer. Recomputes the forward (for its
-/// output and statistics), then `dpo_flash_bwd_dot`, `_dkdv` and `_dq`.
+/// output and statistics), then `dpo_flash_bwd_dot`, `_dkdv`, `_group` and `_dq`.
 pub(super) fn flash_attention_backward(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
@@ -1069,6 +1069,10 @@ pub(super) fn flash_attention_backward(
         unsafe { lb.launch(elementwise_cfg(nq)) }?;
         let (mut dq, mut rest) = grads.split_at_mut(nq * fl.d);
         let (mut dk, mut dv) = rest.split_at_mut(nk * fl.d);
+        // dK and dV per query head (a block per key tile and query head: 8 x 14 x 12 blocks on
+        // the benchmark, where one per KV head gave 192 on 132 SMs), then each group's sum.
+        // SAFETY: written by the kernel (every key of every query head).
+        let (mut dkp, mut dvp) = unsafe { (dev.alloc::<f32>(nq * fl.d)?, dev.alloc::<f32>(nq * fl.d)?) };
         let f = func_named(&dev, &format!("dpo_flash_bwd_dkdv_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
         lb.arg(&fl.q)
@@ -1078,11 +1082,17 @@ pub(super) fn flash_attention_backward(
             .arg(&dy)
             .arg(&stats)
             .arg(&dvec)
-            .arg(&mut dk)
-            .arg(&mut dv);
+            .arg(&mut dkp)
+            .arg(&mut dvp);
         fl.tail(&mut lb);
         // SAFETY: as above.
-        unsafe { lb.launch(fl.cfg(fl.kv)) }?;
+        unsafe { lb.launch(fl.cfg(fl.heads)) }?;
+        let f = func_named(&dev, "dpo_flash_bwd_group_bf16")?;
+        let (n, sd, rep) = ((nk * fl.d) as i64, (fl.seq * fl.d) as i64, (fl.heads / fl.kv) as i32);
+        let mut lb = f.builder();
+        lb.arg(&dkp).arg(&dvp).arg(&mut dk).arg(&mut dv).arg(&n).arg(&sd).arg(&rep);
+        // SAFETY: as above; the partials hold `rep` heads for each of dk's.
+        unsafe { lb.launch(elementwise_cfg(nk * fl.d)) }?;
         let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
         lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
