@@ -658,6 +658,67 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
     }
 }
 
+// A warp's 16 x 64 block of scores (accumulator layout: rows rows[0], rows[1], columns
+// c0 + 8 nt + 2t (+1)), started as bias / scale so that scale * (A B + bias / scale) is the
+// biased score; -inf outside [0, S). `keys_are_rows`: the block is S^T (rows are keys, columns
+// queries). Returns whether some entry lets its query see its key; `seen[h]` |= the same for row
+// rows[h].
+template <int NT>
+__device__ __forceinline__ int bias_tile(float s[][4], const float *__restrict__ brow, const int rows[2], int c0,
+                                         int S, float inv_scale, bool keys_are_rows, int seen[2]) {
+    const int t = threadIdx.x & 3;
+    int any = 0;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int row = rows[i >> 1], col = c0 + nt * 8 + 2 * t + (i & 1);
+            float b = -INFINITY;
+            if (row < S && col < S) {
+                b = keys_are_rows ? brow[(long long)col * S + row] : brow[(long long)row * S + col];
+                const int ok = b > FA_ALLOWED;
+                any |= ok;
+                seen[i >> 1] |= ok;
+                b *= inv_scale;
+            }
+            s[nt][i] = b;
+        }
+    return any;
+}
+
+// s += A B^T for a warp's 16 rows (A fragments `af`, KS k-steps) and the 64 rows of the shared
+// tile `x` [64, LD] (S = Q K^T with x = K; dP = dO V^T with x = V).
+template <int NT, int KS>
+__device__ __forceinline__ void mma_rows(float s[][4], const unsigned af[][4], const __nv_bfloat16 *x, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            unsigned b[2];
+            frag_b_nk(b, x, ld, nt * 8, kk * 16, g, t);
+            mma_bf16_16816(s[nt], af[kk], b);
+        }
+}
+
+// acc += P X for a warp's 16 x 64 block P in accumulator tiles `p` and the shared tile `x`
+// [64, LD] (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+template <int DT>
+__device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], const __nv_bfloat16 *x, int ld) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+        unsigned a[4];
+        frag_a_from_c(a, p, kk);
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt) {
+            unsigned b[2];
+            frag_b_kn(b, x, ld, kk * 16, dt * 8, g, t);
+            mma_bf16_16816(acc[dt], a, b);
+        }
+    }
+}
+
 // Each query's softmax statistics, for the backward: stats [R, H, S, 2] = (max of the scaled,
 // biased scores, 1 / sum of their exponentials).
 template <int D>
@@ -692,38 +753,13 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
         m[0] = m[1] = -INFINITY;
         l[0] = l[1] = 0.0f;
         for (int k0 = 0; k0 < S; k0 += FA_BK) {
-            // The scores start as bias / scale (so that scale * (Q K^T + bias / scale) is the
-            // biased score); keys past the end as -inf.
             float s[NT][4];
-            int any = 0;
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int row = rows[i >> 1], key = k0 + nt * 8 + 2 * t + (i & 1);
-                    float b = -INFINITY;
-                    if (row < S && key < S) {
-                        b = brow[(long long)row * S + key];
-                        const int ok = b > FA_ALLOWED;
-                        any |= ok;
-                        seen[i >> 1] |= ok;
-                        b *= inv_scale;
-                    }
-                    s[nt][i] = b;
-                }
+            const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, seen);
             if (!__syncthreads_or(any) && pass == 0) continue;
             load_tile<D>(ks, k + kvbase, k0, S);
             load_tile<D>(vs, v + kvbase, k0, S);
             __syncthreads();
-            // S += Q K^T for this warp's 16 queries and the tile's 64 keys.
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int kk = 0; kk < KS; ++kk) {
-                    unsigned b[2];
-                    frag_b_nk(b, ks, LD, nt * 8, kk * 16, g, t);
-                    mma_bf16_16816(s[nt], qf[kk], b);
-                }
+            mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
             // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
@@ -755,18 +791,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
                     o[dt][2 * hr + 1] *= corr;
                 }
             }
-            // O += P V, P (bf16) straight from the score fragments.
-#pragma unroll
-            for (int kk = 0; kk < FA_BK / 16; ++kk) {
-                unsigned a[4];
-                frag_a_from_c(a, s, kk);
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    unsigned b[2];
-                    frag_b_kn(b, vs, LD, kk * 16, dt * 8, g, t);
-                    mma_bf16_16816(o[dt], a, b);
-                }
-            }
+            mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
             __syncthreads();  // the tiles are refilled
         }
         // A query that saw no key (masked from all, or every tile skipped): run again unskipped.
@@ -836,6 +861,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const long long kvbase = ((long long)r * KV + kvh) * S * D;
     const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
     const int keys[2] = {k0 + g, k0 + g + 8};
+    int unused[2] = {0, 0};
     unsigned kf[KS][4], vf[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -850,22 +876,8 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const float inv_scale = 1.0f / scale;
     const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
-        // S^T (keys x queries) starts as bias / scale, -inf past the end.
-        float s[NT][4];
-        int any = 0;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int key = keys[i >> 1], query = i0 + nt * 8 + 2 * t + (i & 1);
-                float b = -INFINITY;
-                if (key < S && query < S) {
-                    b = brow[(long long)query * S + key];
-                    any |= b > FA_ALLOWED;
-                    b *= inv_scale;
-                }
-                s[nt][i] = b;
-            }
+        float s[NT][4];  // S^T: keys x queries
+        int any = bias_tile<NT>(s, brow, keys, i0, S, inv_scale, true, unused);
         if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
             any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
         if (!__syncthreads_or(any)) continue;
@@ -878,15 +890,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
             dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
         }
         __syncthreads();
-        // S^T += K Q^T, then P^T.
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                unsigned b[2];
-                frag_b_nk(b, qs, LD, nt * 8, kk * 16, g, t);
-                mma_bf16_16816(s[nt], kf[kk], b);
-            }
+        mma_rows<NT, KS>(s, kf, qs, LD);  // S^T += K Q^T, then P^T
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -894,45 +898,15 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
                 const int c = nt * 8 + 2 * t + (i & 1);
                 s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - ms[c]) * ils[c];
             }
-        // dV += P^T dO.
-#pragma unroll
-        for (int kk = 0; kk < FA_BQ / 16; ++kk) {
-            unsigned a[4];
-            frag_a_from_c(a, s, kk);
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                unsigned b[2];
-                frag_b_kn(b, dos, LD, kk * 16, dt * 8, g, t);
-                mma_bf16_16816(dva[dt], a, b);
-            }
-        }
+        mma_acc<DT>(dva, s, dos, LD);  // dV += P^T dO
         // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
-        float dp[NT][4];
+        float dp[NT][4] = {};
+        mma_rows<NT, KS>(dp, vf, dos, LD);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                unsigned b[2];
-                frag_b_nk(b, dos, LD, nt * 8, kk * 16, g, t);
-                mma_bf16_16816(dp[nt], vf[kk], b);
-            }
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - dd[nt * 8 + 2 * t + (i & 1)]);
-        }
-        // dK += dS^T Q.
-#pragma unroll
-        for (int kk = 0; kk < FA_BQ / 16; ++kk) {
-            unsigned a[4];
-            frag_a_from_c(a, s, kk);
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                unsigned b[2];
-                frag_b_kn(b, qs, LD, kk * 16, dt * 8, g, t);
-                mma_bf16_16816(dka[dt], a, b);
-            }
-        }
+        mma_acc<DT>(dka, s, qs, LD);  // dK += dS^T Q
         __syncthreads();  // the tiles are refilled
     }
 #pragma unroll
@@ -983,6 +957,7 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const long long sbase = ((long long)r * H + h) * S;
     const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
     const int rows[2] = {q0 + g, q0 + g + 8};
+    int unused[2] = {0, 0};
     unsigned qf[KS][4], of[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -1008,56 +983,24 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const float inv_scale = 1.0f / scale;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
         float s[NT][4];
-        int any = 0;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int row = rows[i >> 1], key = k0 + nt * 8 + 2 * t + (i & 1);
-                float b = -INFINITY;
-                if (row < S && key < S) {
-                    b = brow[(long long)row * S + key];
-                    any |= b > FA_ALLOWED;
-                    b *= inv_scale;
-                }
-                s[nt][i] = b;
-            }
+        const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, unused);
         if (!__syncthreads_or(any) && !full) continue;
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);
         __syncthreads();
-        float dp[NT][4];
+        float dp[NT][4] = {};
+        mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T
+        mma_rows<NT, KS>(dp, of, vs, LD);  // dP = dO V^T
+        // dS = scale * P * (dP - dvec).
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) dp[nt][i] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                unsigned b[2];
-                frag_b_nk(b, ks, LD, nt * 8, kk * 16, g, t);
-                mma_bf16_16816(s[nt], qf[kk], b);
-                frag_b_nk(b, vs, LD, nt * 8, kk * 16, g, t);
-                mma_bf16_16816(dp[nt], of[kk], b);
-            }
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int hr = i >> 1;
                 const float p = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - m[hr]) * il[hr];
                 s[nt][i] = scale * p * (dp[nt][i] - dd[hr]);
             }
-        }
-        // dQ += dS K.
-#pragma unroll
-        for (int kk = 0; kk < FA_BK / 16; ++kk) {
-            unsigned a[4];
-            frag_a_from_c(a, s, kk);
-#pragma unroll
-            for (int dt = 0; dt < DT; ++dt) {
-                unsigned b[2];
-                frag_b_kn(b, ks, LD, kk * 16, dt * 8, g, t);
-                mma_bf16_16816(dqa[dt], a, b);
-            }
-        }
+        mma_acc<DT>(dqa, s, ks, LD);  // dQ += dS K
         __syncthreads();  // the tiles are refilled
     }
 #pragma unroll
