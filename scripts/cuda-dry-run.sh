@@ -8,7 +8,7 @@
 # but not run: every number is zero. What it catches is what stops a run on the host side:
 # candle refusing a dtype or layout on CUDA, a CUDA-only branch that errors or panics, a missing
 # dpo_ops kernel, a debug assertion (the binary is a debug build). A run passes when it exits 0,
-# and reports the peak of live device memory (BENCHMARKS.md: 1.5-1.9 GiB under nvidia-smi's).
+# and reports the peak of live device memory (BENCHMARKS.md: 1.0-1.9 GiB under nvidia-smi's).
 #
 #   scripts/cuda-dry-run.sh [NAME...]     # all runs, or the named ones
 set -uo pipefail
