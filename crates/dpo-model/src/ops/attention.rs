@@ -156,7 +156,9 @@ fn flash_backward(
     if !flash_applies(q, k, v, true)? {
         return Ok(None);
     }
-    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy.clone()), scale })?;
+    // The kernels read dy 16 bytes at a time, as q, k and v.
+    let dy = if dy.layout().start_offset().is_multiple_of(8) { dy.clone() } else { dy.force_contiguous()? };
+    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy), scale })?;
     let (nq, nk) = (q.elem_count(), k.elem_count());
     let part = |start: usize, len: usize, like: &Tensor| flat.narrow(0, start, len)?.reshape(like.shape());
     Ok(Some((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?)))

@@ -1045,9 +1045,10 @@ pub(super) fn flash_attention_backward(
     let what = "flash attention backward";
     let dev = q.0.device().clone();
     let fl = Flash::new(q, k, v, bias, scale)?;
-    if fl.d != 64 || dyl.shape() != q.1.shape() {
+    let aligned = dyl.contiguous_offsets().is_some_and(|(start, _)| start.is_multiple_of(8));
+    if fl.d != 64 || dyl.shape() != q.1.shape() || !aligned {
         candle_core::bail!(
-            "{what}: head size {} (64), upstream {:?} for q {:?}",
+            "{what}: head size {} (built for 64), upstream {:?} for q {:?}, contiguous from a multiple of 8 elements",
             fl.d,
             dyl.shape(),
             q.1.shape()
