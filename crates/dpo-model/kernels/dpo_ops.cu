@@ -661,11 +661,11 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
 // A warp's 16 x 64 block of scores (accumulator layout: rows rows[0], rows[1], columns
 // c0 + 8 nt + 2t (+1)), started as bias / scale so that scale * (A B + bias / scale) is the
 // biased score; -inf outside [0, S). `keys_are_rows`: the block is S^T (rows are keys, columns
-// queries). Returns whether some entry lets its query see its key; `seen[h]` |= the same for row
-// rows[h].
+// queries). Returns whether some entry lets its query see its key; `seen[h]` (where not null)
+// |= the same for row rows[h].
 template <int NT>
 __device__ __forceinline__ int bias_tile(float s[][4], const float *__restrict__ brow, const int rows[2], int c0,
-                                         int S, float inv_scale, bool keys_are_rows, int seen[2]) {
+                                         int S, float inv_scale, bool keys_are_rows, int *seen) {
     const int t = threadIdx.x & 3;
     int any = 0;
 #pragma unroll
@@ -678,7 +678,7 @@ __device__ __forceinline__ int bias_tile(float s[][4], const float *__restrict__
                 b = keys_are_rows ? brow[(long long)col * S + row] : brow[(long long)row * S + col];
                 const int ok = b > FA_ALLOWED;
                 any |= ok;
-                seen[i >> 1] |= ok;
+                if (seen) seen[i >> 1] |= ok;
                 b *= inv_scale;
             }
             s[nt][i] = b;
@@ -861,7 +861,6 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const long long kvbase = ((long long)r * KV + kvh) * S * D;
     const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
     const int keys[2] = {k0 + g, k0 + g + 8};
-    int unused[2] = {0, 0};
     unsigned kf[KS][4], vf[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -877,7 +876,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
         float s[NT][4];  // S^T: keys x queries
-        int any = bias_tile<NT>(s, brow, keys, i0, S, inv_scale, true, unused);
+        int any = bias_tile<NT>(s, brow, keys, i0, S, inv_scale, true, nullptr);
         if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
             any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
         if (!__syncthreads_or(any)) continue;
@@ -957,7 +956,6 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const long long sbase = ((long long)r * H + h) * S;
     const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
     const int rows[2] = {q0 + g, q0 + g + 8};
-    int unused[2] = {0, 0};
     unsigned qf[KS][4], of[KS][4];
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) {
@@ -983,7 +981,7 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const float inv_scale = 1.0f / scale;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
         float s[NT][4];
-        const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, unused);
+        const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, nullptr);
         if (!__syncthreads_or(any) && !full) continue;
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);

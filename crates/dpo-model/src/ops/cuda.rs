@@ -1012,9 +1012,17 @@ impl<'a> Flash<'a> {
 }
 
 /// Whether `dev` runs the flash attention kernels (bf16 tensor-core `mma`: compute capability
-/// 8.0+).
+/// 8.0+). Asked of the driver once per device ordinal, not on every attention call.
 pub(super) fn has_flash_attention(dev: &CudaDevice) -> bool {
-    dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8)
+    static KNOWN: Mutex<Vec<(usize, bool)>> = Mutex::new(Vec::new());
+    let ordinal = dev.cuda_stream().context().ordinal();
+    let mut known = KNOWN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, yes)) = known.iter().find(|(o, _)| *o == ordinal) {
+        return yes;
+    }
+    let yes = dev.cuda_stream().context().compute_capability().is_ok_and(|(major, _)| major >= 8);
+    known.push((ordinal, yes));
+    yes
 }
 
 /// `softmax(q k^T * scale + bias) v` by the tensor-core kernel `dpo_flash_fwd_d<D>_bf16` (shapes
