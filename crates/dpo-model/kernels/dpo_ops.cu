@@ -604,6 +604,13 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], const unsigned a[4], 
 #endif
 }
 
+// scale * s rounded to f32 on its own, never fused into the FMA of a following `- m`: the
+// backward must recompute exactly the scores whose maximum m the forward kept. For a query
+// masked from every key (scores near -1e30) an FMA keeps the product's rounding error, about
+// 1e22 there, and exp() of it is 0 or inf where the forward had exp(0) = 1 (unless the scale is
+// a power of two, as at head size 64).
+__device__ __forceinline__ float scaled(float s, float scale) { return __fmul_rn(s, scale); }
+
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
     return (unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(lo)) |
            ((unsigned)__bfloat16_as_ushort(__float2bfloat16_rn(hi)) << 16);
@@ -766,8 +773,8 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
                 float mx = -INFINITY;
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    s[nt][2 * hr] *= scale;
-                    s[nt][2 * hr + 1] *= scale;
+                    s[nt][2 * hr] = scaled(s[nt][2 * hr], scale);
+                    s[nt][2 * hr + 1] = scaled(s[nt][2 * hr + 1], scale);
                     mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
                 }
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -895,7 +902,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int c = nt * 8 + 2 * t + (i & 1);
-                s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - ms[c]) * ils[c];
+                s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(scaled(s[nt][i], scale) - ms[c]) * ils[c];
             }
         mma_acc<DT>(dva, s, dos, LD);  // dV += P^T dO
         // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
@@ -995,7 +1002,7 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int hr = i >> 1;
-                const float p = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] * scale - m[hr]) * il[hr];
+                const float p = s[nt][i] == -INFINITY ? 0.0f : expf(scaled(s[nt][i], scale) - m[hr]) * il[hr];
                 s[nt][i] = scale * p * (dp[nt][i] - dd[hr]);
             }
         mma_acc<DT>(dqa, s, ks, LD);  // dQ += dS K
@@ -1029,11 +1036,10 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         int H, int KV, int bias_rows, float scale) {                                                 \
         flash_bwd_dq<D>(q, k, v, bias, dout, stats, dvec, dq, S, H, KV, bias_rows, scale);           \
     }
-// The head sizes measured on a GPU (an H200, 2026-11-27): the forward at 32 and 64, the backward
-// at 64. The backward at head size 32 disagreed with the CPU there (dq off by 12-87%) while it
-// agrees under the emulation; until that is understood it is not built.
+// Head sizes 32 (the bundled default) and 64 (Qwen2.5-0.5B).
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)
+FLASH_BWD_KERNELS(32)
 FLASH_BWD_KERNELS(64)
 
 extern "C" __global__ void dpo_flash_bwd_group_bf16(const float *dkp, const float *dvp, __nv_bfloat16 *dk,

@@ -106,7 +106,7 @@ pub(crate) fn attention_in_chunks(
 
 /// Whether the tensor-core kernels (`kernels/dpo_ops.cu`, `flash_*`) compute attention for these
 /// inputs: with `DPO_TRAIN_FLASH_ATTENTION=1` (`=forward`: the forward only), on CUDA, bf16, head
-/// size 32 or 64 (the backward: 64), compute capability 8.0 or newer. Off by default: on the GPU
+/// size 32 or 64, compute capability 8.0 or newer. Off by default: on the GPU
 /// benchmark (H200) they were slower than cuBLAS and the materialized softmax (BENCHMARKS.md).
 #[cfg(feature = "cuda")]
 fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, backward: bool) -> Result<bool> {
@@ -118,9 +118,8 @@ fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, backward: bool) -> Result<b
     let candle_core::Device::Cuda(dev) = q.device() else { return Ok(false) };
     let (rows, heads, _, d) = q.dims4()?;
     let aligned = |x: &Tensor| x.layout().start_offset().is_multiple_of(8) && x.is_contiguous();
-    let sizes: &[usize] = if backward { &[64] } else { &[32, 64] };
     Ok(q.dtype() == DType::BF16
-        && sizes.contains(&d)
+        && (d == 32 || d == 64)
         && rows * heads <= 65_535
         && [q, k, v].into_iter().all(aligned)
         && super::cuda::has_flash_attention(dev))

@@ -247,13 +247,19 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         });
     }
     // Attention: grouped KV heads (Qwen2-0.5B: 14 query, 2 KV heads) with a causal + padding
-    // mask; then plain multi-head with a broadcast bias, computed a row at a time.
-    let (r, h, kv, s, d) = if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 70, 64) };
+    // mask, at head size 64 and (the small set) 32, the tensor-core kernels' two; then plain
+    // multi-head with a broadcast bias, computed a row at a time.
+    let mut shapes = vec![if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 70, 64) }];
+    if !big {
+        shapes.push((3, 4, 2, 70, 32));
+    }
+    let mut attention_cases = Vec::new();
+    for (r, h, kv, s, d) in shapes {
+        attention_cases.push(((r, h, kv, s, d), test_mask(r, s)?, super::SCORE_BUDGET));
+    }
     let small = (2, 3, 3, 29, 8);
-    for ((r, h, kv, s, d), bias, budget) in [
-        ((r, h, kv, s, d), test_mask(r, s)?, super::SCORE_BUDGET),
-        (small, random_bias(small.3, small.3, 8)?, 1),
-    ] {
+    attention_cases.push((small, random_bias(small.3, small.3, 8)?, 1));
+    for ((r, h, kv, s, d), bias, budget) in attention_cases {
         let scale = 1.0 / (d as f64).sqrt();
         cases.push(Case {
             op: if budget == 1 { "attention(row-chunks)" } else { "attention" },

@@ -124,6 +124,12 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
 inline double atomicAdd(double *p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
+// A product rounded on its own (nvcc never contracts __fmul_rn into an FMA; the volatile keeps
+// the host compiler from doing so).
+inline float __fmul_rn(float a, float b) {
+    volatile float r = a * b;
+    return r;
+}
 inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, 4);

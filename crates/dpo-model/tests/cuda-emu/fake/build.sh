@@ -49,8 +49,13 @@ CPP
 nm --defined-only "$DIR/src/names.o" | awk '$2 == "T" && $3 ~ /^dpo_/ { print "K(" $3 ")" }' > "$DIR/src/registry.inc"
 [ -s "$DIR/src/registry.inc" ] || { echo "build.sh: no kernels found in dpo_ops.cu" >&2; exit 1; }
 
+# The kernels compiled as nvcc does by default (--fmad=true): a * b + c contracted into an FMA
+# (GCC forms them from -O2), so that a kernel relying on a product being rounded on its own
+# fails here as on a GPU.
+contract="-O2 -ffp-contract=fast"
+if [ "$(uname -m)" = x86_64 ] && grep -qw fma /proc/cpuinfo 2>/dev/null; then contract="$contract -mfma"; fi
 "${CC:-cc}" -c -fPIC -O1 "$DIR/src/stubs.c" -o "$DIR/src/stubs.o"
-"$CXX" -std=c++20 -O1 -fPIC -pthread ${CUDA_EMU_CXXFLAGS:-} -I "$HERE/../include" -I "$HERE/.." -I "$DIR/src" \
+"$CXX" -std=c++20 $contract -fPIC -pthread ${CUDA_EMU_CXXFLAGS:-} -I "$HERE/../include" -I "$HERE/.." -I "$DIR/src" \
     -c "$HERE/libcuda.cpp" -o "$DIR/src/libcuda.o"
 "$CXX" -shared -pthread ${CUDA_EMU_CXXFLAGS:-} -Wl,-soname,libcuda.so -o "$DIR/lib/libcuda.so" \
     "$DIR/src/libcuda.o" "$DIR/src/stubs.o"
