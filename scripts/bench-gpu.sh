@@ -98,16 +98,17 @@ run_ours() {
     --set train_file=\"$W/assets/train.jsonl\" --set output_dir=\"$W/out-$name\" --set max_steps=$STEPS "$@"
   cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
-# In order of what they decide (runs past BUDGET_S are skipped): the online reference plain and
-# with every lever on, the precomputed reference, TRL on the same card, the bf16 curve, where a
-# step's time goes (each phase split into the model's ops, a synchronization around every op:
-# read shares; then phases alone, each ending with a device synchronization), then the levers
-# one at a time.
-run_ours ours-plain
-run_ours ours-share-manual --set prefix_sharing=true --set manual_backward=true
-run_ours ours-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true --set manual_backward=true
-# The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
-run_ours ours-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
+# In order of what they decide (runs past BUDGET_S are skipped): the online reference with every
+# lever on and the precomputed reference, each without and with attention by the tensor-core
+# kernels (DPO_TRAIN_FLASH_ATTENTION=1; off by default until they are measured faster,
+# kernels/dpo_ops.cu), TRL on the same card, the bf16 curves, the plain run, where a step's time
+# goes (each phase split into the model's ops, a synchronization around every op: read shares;
+# then phases alone, each ending with a device synchronization), then the levers one at a time.
+SHARE=(--set prefix_sharing=true --set manual_backward=true)
+run_ours ours-share-manual "${SHARE[@]}"
+DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-share-manual-flash "${SHARE[@]}"
+run_ours ours-precompute-share-manual "${SHARE[@]}" --set precompute_ref_log_probs=true
+DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-precompute-share-manual-flash "${SHARE[@]}" --set precompute_ref_log_probs=true
 
 # 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
 export BENCH_TOKENIZER_DIR=$W/assets/model
@@ -119,10 +120,15 @@ done
 TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
+DPO_TRAIN_FLASH_ATTENTION=1 TIMEOUT=120 measure curve-flash .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" \
+  --set dtype=\"bf16\" --set output_dir=\"$W/curve-flash\"
+cp $W/curve-flash/metrics.jsonl "$OUT/curve-flash-bf16-cuda.jsonl" 2>/dev/null
 
-DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 --set manual_backward=true --set prefix_sharing=true
-# Attention by the tensor-core kernels (off by default: slower so far; kernels/dpo_ops.cu).
-DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-share-manual-flash --set prefix_sharing=true --set manual_backward=true
+run_ours ours-plain
+# The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
+run_ours ours-share-manual-bf16head "${SHARE[@]}" --set lm_head_f32=false
+DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 "${SHARE[@]}"
+DPO_TRAIN_FLASH_ATTENTION=1 DPO_TRAIN_PROFILE=ops run_ours profile-manual-flash-ops --set max_steps=5 "${SHARE[@]}"
 run_ours ours-plain-manual --set manual_backward=true
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5
@@ -136,7 +142,7 @@ DPO_TRAIN_STACK_PROJECTIONS=0 run_ours ours-plain-manual-unstacked --set manual_
 run_ours ours-share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 run_ours ours-plain-keep-attn --set recompute_attention=false
 DPO_TRAIN_PROFILE=ops run_ours profile-plain-ops --set max_steps=5
-for p in profile-plain profile-plain-ops profile-manual-ops; do
+for p in profile-plain profile-plain-ops profile-manual-ops profile-manual-flash-ops; do
   echo "== $p"; grep -h "profile step 4" "$W/$p.log" 2>/dev/null
 done
 [ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
@@ -161,7 +167,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-share-manual-bf16head", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-precompute-share-manual-flash", "ours-share-manual-bf16head", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -181,25 +187,30 @@ for mode in ["trl", "trl-precompute"]:
         rows.append(dict(run=mode, error=str(e)))
 for r in rows:
     print("RESULT " + json.dumps(r))
-# The levers must not change the numbers: each run's losses against ours-plain's (same data, same steps).
+# The levers must not change the numbers: each run's losses against ours-plain's (same data, same
+# steps), the flash runs also against their twins without flash (ours-plain may have been skipped).
 def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
-for name in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc",
-             "ours-share-gc-manual", "ours-share-manual-bf16head"]:
+pairs = [(n, "ours-plain") for n in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events",
+         "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash",
+         "ours-share-gc", "ours-share-gc-manual", "ours-share-manual-bf16head"]]
+pairs += [("ours-share-manual-flash", "ours-share-manual"), ("ours-precompute-share-manual-flash", "ours-precompute-share-manual")]
+for name, base in pairs:
     try:
-        d = max(abs(a - b) for a, b in zip(losses("ours-plain"), losses(name)))
-        print(f"SAME-NUMBERS {name} vs ours-plain: max |loss difference| {d:.2e}")
+        d = max(abs(a - b) for a, b in zip(losses(base), losses(name)))
+        print(f"SAME-NUMBERS {name} vs {base}: max |loss difference| {d:.2e}")
     except Exception as e:
-        print(f"SAME-NUMBERS {name}: error {e}")
+        print(f"SAME-NUMBERS {name} vs {base}: error {e}")
 json.dump(rows, open(f"{OUT}/summary.json", "w"), indent=1)
-try:
-    a = [json.loads(l) for l in open(".device/curve-f32.jsonl") if '"loss"' in l]
-    b = [json.loads(l) for l in open(f"{OUT}/curve-bf16-cuda.jsonl") if '"loss"' in l]
-    d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
-    print("CURVE max|loss_bf16_cuda - loss_f32_cpu| over the first 20 steps:", max(d[:20]), [round(x, 4) for x in d[:20]])
-    print("CURVE over all", len(d), "steps:", max(d))
-except Exception as e:
-    print("CURVE error", e)
+for label, path in [("CURVE", "curve-bf16-cuda.jsonl"), ("CURVE-FLASH", "curve-flash-bf16-cuda.jsonl")]:
+    try:
+        a = [json.loads(l) for l in open(".device/curve-f32.jsonl") if '"loss"' in l]
+        b = [json.loads(l) for l in open(f"{OUT}/{path}") if '"loss"' in l]
+        d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
+        print(label, "max|loss_bf16_cuda - loss_f32_cpu| over the first 20 steps:", max(d[:20]), [round(x, 4) for x in d[:20]])
+        print(label, "over all", len(d), "steps:", max(d))
+    except Exception as e:
+        print(label, "error", e)
 PY
 cp "$OUT/summary.json" "$FINAL_OUT/" 2>/dev/null
 tar czf "$FINAL_OUT/gpu-bench.tgz" -C "$OUT" . && ls -la "$FINAL_OUT"

@@ -89,7 +89,11 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
     bench bench-keep-attn --set recompute_attention=false
     ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()
-    ENV=(DPO_TRAIN_FLASH_ATTENTION=1); bench bench-share-manual-flash --set prefix_sharing=true --set manual_backward=true; ENV=()
+    ENV=(DPO_TRAIN_FLASH_ATTENTION=1); bench bench-share-manual-flash --set prefix_sharing=true --set manual_backward=true
+    bench bench-precompute-share-manual-flash --set prefix_sharing=true --set precompute_ref_log_probs=true \
+        --set manual_backward=true
+    ENV=(DPO_TRAIN_FLASH_ATTENTION=1 DPO_TRAIN_PROFILE=ops); bench bench-profile-flash-ops --set prefix_sharing=true \
+        --set manual_backward=true; ENV=()
 else
     echo "skipped the benchmark workload (no .venv: scripts/setup_python.sh)"
 fi

@@ -573,10 +573,12 @@ extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long 
 // additive f32 bias [R or 1, 1, S, S] (0 where a query sees a key, about -1e30 where not), out
 // [R, H, S, D], all contiguous. One block of 4 warps per tile of 64 queries (blockIdx.x) of a
 // row's head (blockIdx.y = row * H + head); a warp owns 16 queries and walks the keys in tiles
-// of 64, with a running max and sum per query: no [S, S] tensor exists. A key tile whose bias masks the whole 64 x 64 block is skipped (about
-// half of a causal mask, 57% of the prefix-sharing layout's). A query masked from every key
-// (the slow path averages the keys of its least negative bias then) makes its block run again
-// over every tile, which gives that average. P is rounded to bf16 before P V, as the matmul of
+// of 64, with a running max and sum per query: no [S, S] tensor exists. The bias is classified
+// once per call, a 64 x 64 tile at a time (dpo_flash_tiles): a tile it masks whole is skipped
+// (about half of a causal mask, 57% of the prefix-sharing layout's), one it masks nowhere is
+// not read, only the mixed ones (the diagonal's) are. A query masked from every key (the slow
+// path averages the keys of its least negative bias then) makes its tile of queries compute
+// every key tile, which gives that average. P is rounded to bf16 before P V, as the matmul of
 // the unfused path rounds it.
 //
 // mma.sync m16n8k16 (D = A B + C, A 16 x 16 row-major, B 16 x 8 column-major, bf16; C, D f32)
@@ -587,6 +589,9 @@ extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long 
 #define FA_BQ 64
 #define FA_BK 64
 #define FA_ALLOWED (-5e29f)  // a bias above this lets the query see the key
+#define FA_SKIP 0            // tile classes: the bias masks every entry of the tile,
+#define FA_OPEN 1            // no entry,
+#define FA_MIXED 2           // some entries
 
 __device__ __forceinline__ void mma_bf16_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
 #if defined(__CUDA_ARCH__)
@@ -665,33 +670,72 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat1
     }
 }
 
+// The classes of the bias [bias_rows, 1, S, S] by 64 x 64 tiles, for the kernels below: cls
+// [bias_rows, T, T] (T = ceil(S / 64); query tile, key tile) FA_SKIP, FA_OPEN or FA_MIXED over
+// the tile's entries inside [0, S), and full [bias_rows, T]: whether some query of the query
+// tile is masked from every key (its tiles are then all computed, FA_SKIP ones too). A block
+// of 256 threads per query tile (blockIdx.x) and bias row (blockIdx.y); thread 4 i + j reads
+// query i's columns j, j + 4, ... of each key tile.
+__device__ void flash_tiles(const float *__restrict__ bias, unsigned char *__restrict__ cls,
+                            unsigned char *__restrict__ full, int S) {
+    const int T = (S + FA_BK - 1) / FA_BK, qt = blockIdx.x, br = blockIdx.y;
+    const int query = qt * FA_BQ + (int)threadIdx.x / 4, j = threadIdx.x % 4;
+    const float *row = bias + ((long long)br * S + query) * S;
+    int sees = 0;
+    for (int kt = 0; kt < T; ++kt) {
+        int ok = 0, masked = 0;
+        const int end = kt * FA_BK + FA_BK < S ? kt * FA_BK + FA_BK : S;
+        if (query < S)
+            for (int c = kt * FA_BK + j; c < end; c += 4) {
+                const int a = row[c] > FA_ALLOWED;
+                ok |= a;
+                masked |= !a;
+            }
+        sees |= ok;
+        const int any_ok = __syncthreads_or(ok), any_masked = __syncthreads_or(masked);
+        if (threadIdx.x == 0)
+            cls[((long long)br * T + qt) * T + kt] = any_ok ? (any_masked ? FA_MIXED : FA_OPEN) : FA_SKIP;
+    }
+    sees |= __shfl_xor_sync(0xffffffffu, sees, 1);
+    sees |= __shfl_xor_sync(0xffffffffu, sees, 2);
+    const int blind = __syncthreads_or(query < S && !sees);
+    if (threadIdx.x == 0) full[(long long)br * T + qt] = blind;
+}
+
 // A warp's 16 x 64 block of scores (accumulator layout: rows rows[0], rows[1], columns
 // c0 + 8 nt + 2t (+1)), started as bias / scale so that scale * (A B + bias / scale) is the
-// biased score; -inf outside [0, S). `keys_are_rows`: the block is S^T (rows are keys, columns
-// queries). Returns whether some entry lets its query see its key; `seen[h]` (where not null)
-// |= the same for row rows[h].
+// biased score (0 for an FA_OPEN tile: `brow` null, not read); -inf outside [0, S).
+// `keys_are_rows`: the block is S^T (rows are keys, columns queries).
 template <int NT>
-__device__ __forceinline__ int bias_tile(float s[][4], const float *__restrict__ brow, const int rows[2], int c0,
-                                         int S, float inv_scale, bool keys_are_rows, int *seen) {
+__device__ __forceinline__ void init_tile(float s[][4], const float *__restrict__ brow, const int rows[2], int c0,
+                                          int S, float inv_scale, bool keys_are_rows) {
     const int t = threadIdx.x & 3;
-    int any = 0;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int row = rows[i >> 1], col = c0 + nt * 8 + 2 * t + (i & 1);
             float b = -INFINITY;
-            if (row < S && col < S) {
-                b = keys_are_rows ? brow[(long long)col * S + row] : brow[(long long)row * S + col];
-                const int ok = b > FA_ALLOWED;
-                any |= ok;
-                if (seen) seen[i >> 1] |= ok;
-                b *= inv_scale;
-            }
+            if (row < S && col < S)
+                b = !brow ? 0.0f
+                          : (keys_are_rows ? brow[(long long)col * S + row] : brow[(long long)row * S + col]) * inv_scale;
             s[nt][i] = b;
         }
-    return any;
 }
+
+// This block's row of tile classes (query tile `qt`, or with `keys_are_rows` the column of key
+// tile `qt`) and the `full` flags of row r's bias.
+struct Tiles {
+    const unsigned char *cls, *full;
+    int T;
+    __device__ Tiles(const unsigned char *c, const unsigned char *f, int S, int r, int bias_rows)
+        : T((S + FA_BK - 1) / FA_BK) {
+        const long long br = bias_rows == 1 ? 0 : r;
+        cls = c + br * T * T;
+        full = f + br * T;
+    }
+    __device__ int at(int qt, int kt) const { return cls[qt * T + kt]; }
+};
 
 // s += A B^T for a warp's 16 rows (A fragments `af`, KS k-steps) and the 64 rows of the shared
 // tile `x` [64, LD] (S = Q K^T with x = K; dP = dO V^T with x = V).
@@ -731,6 +775,7 @@ __device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], cons
 template <int D>
 __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                           const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
+                          const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
                           __nv_bfloat16 *__restrict__ out, float *__restrict__ stats, int S, int H, int KV,
                           int bias_rows, float scale) {
     constexpr int KS = D / 16;     // k-steps of Q K^T
@@ -750,87 +795,76 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 #pragma unroll
     for (int kk = 0; kk < KS; ++kk) frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
     const float inv_scale = 1.0f / scale;
-    for (int pass = 0; pass < 2; ++pass) {
-        float o[DT][4], m[2], l[2];
-        int seen[2] = {0, 0};
+    const Tiles tiles(cls, full, S, r, bias_rows);
+    const bool every = tiles.full[blockIdx.x];  // a query of the tile sees no key: all tiles count
+    float o[DT][4], m[2], l[2];
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt)
+    for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
-        m[0] = m[1] = -INFINITY;
-        l[0] = l[1] = 0.0f;
-        for (int k0 = 0; k0 < S; k0 += FA_BK) {
-            float s[NT][4];
-            const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, seen);
-            if (!__syncthreads_or(any) && pass == 0) continue;
-            load_tile<D>(ks, k + kvbase, k0, S);
-            load_tile<D>(vs, v + kvbase, k0, S);
-            __syncthreads();
-            mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
-            // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                float mx = -INFINITY;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    s[nt][2 * hr] = scaled(s[nt][2 * hr], scale);
-                    s[nt][2 * hr + 1] = scaled(s[nt][2 * hr + 1], scale);
-                    mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-                }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float mnew = fmaxf(m[hr], mx);
-                const float corr = m[hr] == -INFINITY ? 0.0f : expf(m[hr] - mnew);
-                float sum = 0.0f;
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int i = 2 * hr; i < 2 * hr + 2; ++i) {
-                        const float p = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] - mnew);
-                        s[nt][i] = p;
-                        sum += p;
-                    }
-                l[hr] = l[hr] * corr + sum;
-                m[hr] = mnew;
-#pragma unroll
-                for (int dt = 0; dt < DT; ++dt) {
-                    o[dt][2 * hr] *= corr;
-                    o[dt][2 * hr + 1] *= corr;
-                }
-            }
-            mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
-            __syncthreads();  // the tiles are refilled
-        }
-        // A query that saw no key (masked from all, or every tile skipped): run again unskipped.
-        int bad = 0;
+        for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.0f;
+    for (int k0 = 0; k0 < S; k0 += FA_BK) {
+        const int c = tiles.at(blockIdx.x, k0 / FA_BK);  // the same for the whole block
+        if (c == FA_SKIP && !every) continue;
+        float s[NT][4];
+        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
+        load_tile<D>(ks, k + kvbase, k0, S);
+        load_tile<D>(vs, v + kvbase, k0, S);
+        __syncthreads();
+        mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
+        // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-            int sn = seen[hr];
-            sn |= __shfl_xor_sync(0xffffffffu, sn, 1);
-            sn |= __shfl_xor_sync(0xffffffffu, sn, 2);
-            bad |= rows[hr] < S && !sn;
-        }
-        if (__syncthreads_or(bad) && pass == 0) continue;
-        // Normalize and write.
+            float mx = -INFINITY;
 #pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-            float sum = l[hr];
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-            if (rows[hr] < S) {
-                __nv_bfloat16 *orow = out + qbase + (long long)rows[hr] * D;
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][2 * hr] = scaled(s[nt][2 * hr], scale);
+                s[nt][2 * hr + 1] = scaled(s[nt][2 * hr + 1], scale);
+                mx = fmaxf(mx, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float mnew = fmaxf(m[hr], mx);
+            const float corr = m[hr] == -INFINITY ? 0.0f : expf(m[hr] - mnew);
+            float sum = 0.0f;
 #pragma unroll
-                for (int dt = 0; dt < DT; ++dt)
-                    *(unsigned *)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
-                if (t == 0) {
-                    float *st = stats + 2 * (((long long)r * H + h) * S + rows[hr]);
-                    st[0] = m[hr];
-                    st[1] = inv;
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 2 * hr; i < 2 * hr + 2; ++i) {
+                    const float p = s[nt][i] == -INFINITY ? 0.0f : expf(s[nt][i] - mnew);
+                    s[nt][i] = p;
+                    sum += p;
                 }
+            l[hr] = l[hr] * corr + sum;
+            m[hr] = mnew;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                o[dt][2 * hr] *= corr;
+                o[dt][2 * hr + 1] *= corr;
             }
         }
-        break;
+        mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
+        __syncthreads();  // the tiles are refilled
+    }
+    // Normalize and write.
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        float sum = l[hr];
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+        if (rows[hr] < S) {
+            __nv_bfloat16 *orow = out + qbase + (long long)rows[hr] * D;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt)
+                *(unsigned *)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
+            if (t == 0) {
+                float *st = stats + 2 * (((long long)r * H + h) * S + rows[hr]);
+                st[0] = m[hr];
+                st[1] = inv;
+            }
+        }
     }
 }
 
@@ -841,7 +875,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 //                               head, over the query tiles, into f32 partials per query head;
 //                               dpo_flash_bwd_group sums a KV head's group of them in order)
 //   dQ = dS K                  (dpo_flash_bwd_dq: a block per tile of 64 queries, over the keys)
-// Tiles are skipped as in the forward, except for a tile of a query masked from every key.
+// Tiles are skipped and read as in the forward.
 __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
                               float *__restrict__ out, long long n, int D) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
@@ -855,6 +889,7 @@ __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bf
 template <int D>
 __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                                const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
+                               const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
                                const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
                                const float *__restrict__ dvec, float *__restrict__ dkp, float *__restrict__ dvp,
                                int S, int H, int KV, int bias_rows, float scale) {
@@ -881,12 +916,12 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
         for (int i = 0; i < 4; ++i) dka[dt][i] = dva[dt][i] = 0.0f;
     const float inv_scale = 1.0f / scale;
     const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
+    const Tiles tiles(cls, full, S, r, bias_rows);
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
+        const int c = tiles.at(i0 / FA_BQ, blockIdx.x);
+        if (c == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
         float s[NT][4];  // S^T: keys x queries
-        int any = bias_tile<NT>(s, brow, keys, i0, S, inv_scale, true, nullptr);
-        if (threadIdx.x < FA_BQ && i0 + (int)threadIdx.x < S)
-            any |= stats[2 * (sbase + i0 + threadIdx.x)] <= FA_ALLOWED;  // masked from every key
-        if (!__syncthreads_or(any)) continue;
+        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
         load_tile<D>(qs, q + qbase, i0, S);
         load_tile<D>(dos, dout + qbase, i0, S);
         if (threadIdx.x < FA_BQ) {
@@ -950,6 +985,7 @@ __device__ void flash_bwd_group(const float *__restrict__ dkp, const float *__re
 template <int D>
 __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                              const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
+                             const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
                              const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
                              const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dq, int S, int H, int KV,
                              int bias_rows, float scale) {
@@ -970,16 +1006,15 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         frag_a(of[kk], dout + qbase, D, q0, kk * 16, S, g, t);
     }
     float m[2], il[2], dd[2];
-    int full = 0;
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
         const bool in = rows[hr] < S;
         m[hr] = in ? stats[2 * (sbase + rows[hr])] : 0.0f;
         il[hr] = in ? stats[2 * (sbase + rows[hr]) + 1] : 0.0f;
         dd[hr] = in ? dvec[sbase + rows[hr]] : 0.0f;
-        full |= in && m[hr] <= FA_ALLOWED;  // masked from every key: every tile counts
     }
-    full = __syncthreads_or(full);
+    const Tiles tiles(cls, full, S, r, bias_rows);
+    const bool every = tiles.full[blockIdx.x];
     float dqa[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
@@ -987,9 +1022,10 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         for (int i = 0; i < 4; ++i) dqa[dt][i] = 0.0f;
     const float inv_scale = 1.0f / scale;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
+        const int c = tiles.at(blockIdx.x, k0 / FA_BK);
+        if (c == FA_SKIP && !every) continue;
         float s[NT][4];
-        const int any = bias_tile<NT>(s, brow, rows, k0, S, inv_scale, false, nullptr);
-        if (!__syncthreads_or(any) && !full) continue;
+        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);
         __syncthreads();
@@ -1020,27 +1056,35 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
 #define FLASH_KERNELS(D)                                                                            \
     extern "C" __global__ void dpo_flash_fwd_d##D##_bf16(                                            \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
-        __nv_bfloat16 *out, float *stats, int S, int H, int KV, int bias_rows, float scale) {       \
-        flash_fwd<D>(q, k, v, bias, out, stats, S, H, KV, bias_rows, scale);                         \
+        const unsigned char *cls, const unsigned char *full, __nv_bfloat16 *out, float *stats, int S, \
+        int H, int KV, int bias_rows, float scale) {                                                 \
+        flash_fwd<D>(q, k, v, bias, cls, full, out, stats, S, H, KV, bias_rows, scale);              \
     }
 #define FLASH_BWD_KERNELS(D)                                                                        \
     extern "C" __global__ void dpo_flash_bwd_dkdv_d##D##_bf16(                                       \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
-        const __nv_bfloat16 *dout, const float *stats, const float *dvec, float *dkp, float *dvp,     \
-        int S, int H, int KV, int bias_rows, float scale) {                                          \
-        flash_bwd_dkdv<D>(q, k, v, bias, dout, stats, dvec, dkp, dvp, S, H, KV, bias_rows, scale);   \
+        const unsigned char *cls, const unsigned char *full, const __nv_bfloat16 *dout,               \
+        const float *stats, const float *dvec, float *dkp, float *dvp, int S, int H, int KV,          \
+        int bias_rows, float scale) {                                                                \
+        flash_bwd_dkdv<D>(q, k, v, bias, cls, full, dout, stats, dvec, dkp, dvp, S, H, KV, bias_rows, \
+                          scale);                                                                    \
     }                                                                                                \
     extern "C" __global__ void dpo_flash_bwd_dq_d##D##_bf16(                                         \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
-        const __nv_bfloat16 *dout, const float *stats, const float *dvec, __nv_bfloat16 *dq, int S,  \
-        int H, int KV, int bias_rows, float scale) {                                                 \
-        flash_bwd_dq<D>(q, k, v, bias, dout, stats, dvec, dq, S, H, KV, bias_rows, scale);           \
+        const unsigned char *cls, const unsigned char *full, const __nv_bfloat16 *dout,               \
+        const float *stats, const float *dvec, __nv_bfloat16 *dq, int S, int H, int KV,               \
+        int bias_rows, float scale) {                                                                \
+        flash_bwd_dq<D>(q, k, v, bias, cls, full, dout, stats, dvec, dq, S, H, KV, bias_rows, scale); \
     }
 // Head sizes 32 (the bundled default) and 64 (Qwen2.5-0.5B).
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)
 FLASH_BWD_KERNELS(32)
 FLASH_BWD_KERNELS(64)
+
+extern "C" __global__ void dpo_flash_tiles(const float *bias, unsigned char *cls, unsigned char *full, int S) {
+    flash_tiles(bias, cls, full, S);
+}
 
 extern "C" __global__ void dpo_flash_bwd_group_bf16(const float *dkp, const float *dvp, __nv_bfloat16 *dk,
                                                     __nv_bfloat16 *dv, long long n, long long sd, int rep) {

@@ -58,7 +58,7 @@ fn kernels() -> Vec<String> {
     names.extend([32, 64].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
     names
         .extend(["dkdv", "dq"].iter().flat_map(|k| [32, 64].map(|d| format!("dpo_flash_bwd_{k}_d{d}_bf16"))));
-    names.extend(["dpo_flash_bwd_dot_bf16".into(), "dpo_flash_bwd_group_bf16".into()]);
+    names.extend(["dpo_flash_tiles", "dpo_flash_bwd_dot_bf16", "dpo_flash_bwd_group_bf16"].map(String::from));
     names
 }
 
@@ -88,7 +88,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 26, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 27, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -348,13 +348,48 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// `dpo_flash_tiles` on `bias` `[bias_rows, 1, seq, seq]`, checked against the classes computed
+/// here (0: the bias masks every entry of the 64 x 64 tile inside `seq`, 1: none, 2: some; per
+/// query tile, whether one of its queries is masked from every key); the two buffers, and how
+/// many tiles of each class there are.
+fn flash_tiles(bias: &Tensor, seq: usize) -> Result<([Arg; 2], [usize; 3])> {
+    let rows = bias.dim(0)?;
+    let t = seq.div_ceil(64);
+    let got = launch(
+        "dpo_flash_tiles",
+        (t, rows),
+        (256, 1),
+        &[buf(bias), out(DType::U8, rows * t * t), out(DType::U8, rows * t), Arg::I32(seq as i32)],
+    );
+    let b = bias.flatten_all()?.to_vec1::<f32>()?;
+    let (mut cls, mut full, mut counts) = (vec![0u8; rows * t * t], vec![0u8; rows * t], [0; 3]);
+    for r in 0..rows {
+        for i in 0..seq {
+            let sees = |j: usize| b[(r * seq + i) * seq + j] > -5e29;
+            full[r * t + i / 64] |= u8::from(!(0..seq).any(sees));
+            for j in 0..seq {
+                cls[(r * t + i / 64) * t + j / 64] |= if sees(j) { 1 } else { 2 };
+            }
+        }
+    }
+    // Seen only (1) is open, only masked (2) is skipped (0), both (3) mixed (2).
+    for c in cls.iter_mut() {
+        *c = [0, 1, 0, 2][*c as usize];
+        counts[*c as usize] += 1;
+    }
+    assert_eq!(got[1], cls, "flash attention tile classes, seq {seq}");
+    assert_eq!(got[2], full, "flash attention queries masked from every key, seq {seq}");
+    Ok(([Arg::Buf(cls), Arg::Buf(full)], counts))
+}
+
 /// The tensor-core attention, forward and backward, against the CPU's attention on the same
-/// bf16 inputs: head sizes 32 (the forward only) and 64, grouped-query heads, sequences that end
-/// inside a tile of 64, a bias per row and one broadcast, a causal mask whose tiles above the
-/// diagonal are skipped, and queries masked from every key (their blocks run again unskipped:
-/// the keys' plain average, and its gradient).
+/// bf16 inputs: head sizes 32 and 64, grouped-query heads, sequences that end inside a tile of
+/// 64, a bias per row and one broadcast, a causal mask whose tiles above the diagonal are
+/// skipped and those below not read, and queries masked from every key (their tiles of queries
+/// compute every key tile: the keys' plain average, and its gradient).
 #[test]
 fn flash_attention_forward_and_backward() -> Result<()> {
+    let mut classes = [0; 3];
     for (rows, heads, kv, seq, d, per_row) in
         [(2, 4, 2, 70, 32, true), (1, 2, 1, 130, 64, false), (2, 4, 2, 70, 64, true)]
     {
@@ -374,6 +409,8 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let scale = 1.0 / (d as f64).sqrt();
         let what = |x: &str| format!("flash attention {x} d={d} seq={seq}");
         let want = ops::attention(&q, &k, &v, &bias, scale)?;
+        let (tiles, counts) = flash_tiles(&bias, seq)?;
+        (0..3).for_each(|c| classes[c] += counts[c]);
         let tail = [
             Arg::I32(seq as i32),
             Arg::I32(heads as i32),
@@ -388,6 +425,8 @@ fn flash_attention_forward_and_backward() -> Result<()> {
                 buf(&k),
                 buf(&v),
                 buf(&bias),
+                tiles[0].clone(),
+                tiles[1].clone(),
                 out(DType::BF16, rows * heads * seq * d),
                 out(DType::F32, rows * heads * seq * 2),
             ],
@@ -395,7 +434,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         ]
         .concat();
         let got = launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &fwd);
-        let (o, stats) = (got[4].clone(), got[5].clone());
+        let (o, stats) = (got[6].clone(), got[7].clone());
         assert_close(&tensor(&o, DType::BF16, &[rows, heads, seq, d]), &want, 1.6e-2, &what("forward"));
         let n = rows * heads * seq;
         let dvec = launch(
@@ -404,16 +443,25 @@ fn flash_attention_forward_and_backward() -> Result<()> {
             (256, 1),
             &[Arg::Buf(o), buf(&dy), out(DType::F32, n), Arg::I64(n as i64), Arg::I32(d as i32)],
         );
-        let common =
-            [buf(&q), buf(&k), buf(&v), buf(&bias), buf(&dy), Arg::Buf(stats), Arg::Buf(dvec[2].clone())];
+        let common = [
+            buf(&q),
+            buf(&k),
+            buf(&v),
+            buf(&bias),
+            tiles[0].clone(),
+            tiles[1].clone(),
+            buf(&dy),
+            Arg::Buf(stats),
+            Arg::Buf(dvec[2].clone()),
+        ];
         // dK and dV per query head (f32), then summed over each KV head's group.
         let args =
             [common.to_vec(), vec![out(DType::F32, n * d), out(DType::F32, n * d)], tail.to_vec()].concat();
         let partial = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_q, (128, 1), &args);
         let kvn = rows * kv * seq * d;
         let args = [
-            Arg::Buf(partial[7].clone()),
-            Arg::Buf(partial[8].clone()),
+            Arg::Buf(partial[9].clone()),
+            Arg::Buf(partial[10].clone()),
             out(DType::BF16, kvn),
             out(DType::BF16, kvn),
             Arg::I64(kvn as i64),
@@ -424,10 +472,11 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let args = [common.to_vec(), vec![out(DType::BF16, n * d)], tail.to_vec()].concat();
         let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
         let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy)?;
-        assert_close(&tensor(&dq[7], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
+        assert_close(&tensor(&dq[9], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
         assert_close(&tensor(&dkdv[2], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
         assert_close(&tensor(&dkdv[3], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
     }
+    assert!(classes.iter().all(|&n| n > 0), "tiles skipped, open and mixed: {classes:?}");
     Ok(())
 }
 

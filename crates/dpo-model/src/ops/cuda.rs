@@ -929,6 +929,10 @@ struct Flash<'a> {
     k: CudaView<'a, half::bf16>,
     v: CudaView<'a, half::bf16>,
     bias: CudaView<'a, f32>,
+    /// The bias's 64 x 64 tile classes and each query tile's "some query sees no key" flag
+    /// (`dpo_flash_tiles`), computed once per call for every kernel of it.
+    cls: CudaSlice<u8>,
+    full: CudaSlice<u8>,
     rows: usize,
     heads: usize,
     kv: usize,
@@ -964,11 +968,36 @@ impl<'a> Flash<'a> {
             );
         }
         let ints = [int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?];
+        let bias = view::<f32>(bias, bl, what)?;
+        let tiles = seq.div_ceil(64);
+        let dev = q.device();
+        // SAFETY: the kernel writes every element (none where there are no tiles).
+        let (mut cls, mut full) = unsafe {
+            (
+                dev.alloc::<u8>((bias_rows * tiles * tiles).max(1))?,
+                dev.alloc::<u8>((bias_rows * tiles).max(1))?,
+            )
+        };
+        if bias_rows * tiles > 0 {
+            let f = func_named(dev, "dpo_flash_tiles")?;
+            let mut lb = f.builder();
+            lb.arg(&bias).arg(&mut cls).arg(&mut full).arg(&ints[0]);
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, bias_rows as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: argument types match the kernel's signature; `cls` and `full` hold
+            // `bias_rows x tiles (x tiles)` bytes.
+            unsafe { lb.launch(cfg) }?;
+        }
         Ok(Flash {
             q: view(q, ql, what)?,
             k: view(k, kl, what)?,
             v: view(v, vl, what)?,
-            bias: view(bias, bl, what)?,
+            bias,
+            cls,
+            full,
             rows,
             heads,
             kv,
@@ -1002,7 +1031,8 @@ impl<'a> Flash<'a> {
         if n > 0 {
             let f = func_named(dev, &format!("dpo_flash_fwd_d{}_bf16", self.d))?;
             let mut lb = f.builder();
-            lb.arg(&self.q).arg(&self.k).arg(&self.v).arg(&self.bias).arg(&mut out).arg(&mut stats);
+            lb.arg(&self.q).arg(&self.k).arg(&self.v).arg(&self.bias).arg(&self.cls).arg(&self.full);
+            lb.arg(&mut out).arg(&mut stats);
             self.tail(&mut lb);
             // SAFETY: argument types match the kernel's signature; sizes were checked above.
             unsafe { lb.launch(self.cfg(self.heads)) }?;
@@ -1087,6 +1117,8 @@ pub(super) fn flash_attention_backward(
             .arg(&fl.k)
             .arg(&fl.v)
             .arg(&fl.bias)
+            .arg(&fl.cls)
+            .arg(&fl.full)
             .arg(&dy)
             .arg(&stats)
             .arg(&dvec)
@@ -1103,7 +1135,8 @@ pub(super) fn flash_attention_backward(
         unsafe { lb.launch(elementwise_cfg(nk * fl.d)) }?;
         let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
-        lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
+        lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&fl.cls).arg(&fl.full);
+        lb.arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
         fl.tail(&mut lb);
         // SAFETY: as above.
         unsafe { lb.launch(fl.cfg(fl.heads)) }?;
