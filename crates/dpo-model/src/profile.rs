@@ -7,6 +7,8 @@
 //! A lap recorder, one per thread. [`phase`] books the time since the previous phase mark under
 //! the phase's name, and the ops timed since then under it; an [`op`] guard books the time before
 //! it as `other` and its own time under its name (an op inside another counts in the outer one).
+//! A [`kernel`] guard inside an op times one of the op's kernels into a list of its own (the op's
+//! time holds it too): where an op of several kernels (the flash attention's) spends its time.
 //! Every mark synchronizes the device, which removes the overlap of the CPU's kernel launches
 //! with the device's work: a profiled step is slower than a plain one, so read the shares, not
 //! the sum. Off, a mark costs one thread-local read.
@@ -72,6 +74,8 @@ struct Laps {
     /// Ops since the last phase mark.
     pending: Vec<Lap>,
     booked: Vec<Phase>,
+    /// Kernels timed by [`kernel`] since [`start`].
+    kernels: Vec<Lap>,
 }
 
 thread_local! {
@@ -82,6 +86,7 @@ thread_local! {
         last_op: Instant::now(),
         pending: Vec::new(),
         booked: Vec::new(),
+        kernels: Vec::new(),
     });
 }
 
@@ -130,6 +135,7 @@ pub fn start(device: &Device) -> Result<()> {
         (l.last_phase, l.last_op, l.depth) = (now, now, 0);
         l.pending.clear();
         l.booked.clear();
+        l.kernels.clear();
     })
 }
 
@@ -203,21 +209,50 @@ impl Drop for OpGuard {
     }
 }
 
+/// Times a kernel (or a few) of an op until the guard drops, at [`Level::Ops`]: synchronizes
+/// before and after and books the time under `name` in the kernel list of [`report`].
+pub fn kernel(device: &Device, name: &'static str) -> KernelGuard {
+    if level() != Level::Ops || device.synchronize().is_err() {
+        return KernelGuard(None);
+    }
+    KernelGuard(Some((device.clone(), name, Instant::now())))
+}
+
+/// See [`kernel`].
+#[must_use = "the kernel is timed until the guard drops"]
+pub struct KernelGuard(Option<(Device, &'static str, Instant)>);
+
+impl Drop for KernelGuard {
+    fn drop(&mut self) {
+        if let Some((device, name, t0)) = self.0.take()
+            && device.synchronize().is_ok()
+        {
+            let seconds = t0.elapsed().as_secs_f64();
+            LAPS.with(|l| add(&mut l.borrow_mut().kernels, name, seconds, 1));
+        }
+    }
+}
+
 /// What was booked since [`start`], and forgets it.
 pub fn take() -> Vec<Phase> {
     LAPS.with(|l| std::mem::take(&mut l.borrow_mut().booked))
 }
 
 /// [`take`] as text: one line of phases, then at [`Level::Ops`] a line per phase with its ops,
-/// longest first (milliseconds, and the number of laps where more than one). `None` when off.
+/// longest first (milliseconds, and the number of laps where more than one), and one of the
+/// [`kernel`]s timed, if any. `None` when off.
 pub fn report(step: u64) -> Option<String> {
     if level() == Level::Off {
         return None;
     }
-    let phases = take();
+    let mut phases = take();
+    let kernels = LAPS.with(|l| std::mem::take(&mut l.borrow_mut().kernels));
+    if !kernels.is_empty() {
+        phases.push(Phase { name: "kernels", seconds: 0.0, count: 0, ops: kernels });
+    }
     let ms = |s: f64| format!("{:.1}ms", s * 1e3);
     let mut out = format!("profile step {step}:");
-    for p in &phases {
+    for p in phases.iter().filter(|p| p.count > 0) {
         let _ = write!(out, " {}={}", p.name, ms(p.seconds));
     }
     for p in phases.iter().filter(|p| !p.ops.is_empty()) {
@@ -312,5 +347,37 @@ mod tests {
         assert!(lines[0].starts_with("profile step 7: fwd="), "{text}");
         assert!(lines[1].starts_with("profile step 7 fwd: slow="), "{text}");
         assert!(lines[1].contains("ms/2"), "{text}");
+    }
+
+    #[test]
+    fn kernels_inside_an_op_get_a_line_of_their_own() {
+        let dev = Device::Cpu;
+        set_level(Level::Ops);
+        start(&dev).unwrap();
+        {
+            let _g = op(&dev, "attention");
+            for _ in 0..2 {
+                let _k = kernel(&dev, "fwd");
+                ms(5);
+            }
+            let _k = kernel(&dev, "bwd");
+            ms(2);
+        }
+        phase(&dev, "backward").unwrap();
+        let text = report(3).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("profile step 3: backward=") && !lines[0].contains("kernels"), "{text}");
+        assert!(lines[1].starts_with("profile step 3 backward: attention="), "{text}");
+        assert!(
+            lines[2].starts_with("profile step 3 kernels: fwd=") && lines[2].contains("ms/2 bwd="),
+            "{text}"
+        );
+        set_level(Level::Phases);
+        start(&dev).unwrap();
+        drop(kernel(&dev, "fwd"));
+        phase(&dev, "p").unwrap();
+        assert_eq!(report(4).unwrap().lines().count(), 1, "no kernels below Level::Ops");
+        set_level(Level::Off);
     }
 }

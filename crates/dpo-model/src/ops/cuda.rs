@@ -987,6 +987,7 @@ impl<'a> Flash<'a> {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let _timed = kernel_timer(dev, "flash_tiles");
             // SAFETY: argument types match the kernel's signature; `cls` and `full` hold
             // `bias_rows x tiles (x tiles)` bytes.
             unsafe { lb.launch(cfg) }?;
@@ -1034,11 +1035,17 @@ impl<'a> Flash<'a> {
             lb.arg(&self.q).arg(&self.k).arg(&self.v).arg(&self.bias).arg(&self.cls).arg(&self.full);
             lb.arg(&mut out).arg(&mut stats);
             self.tail(&mut lb);
+            let _timed = kernel_timer(dev, "flash_fwd");
             // SAFETY: argument types match the kernel's signature; sizes were checked above.
             unsafe { lb.launch(self.cfg(self.heads)) }?;
         }
         Ok((out, stats))
     }
+}
+
+/// Times a kernel under `DPO_TRAIN_PROFILE=ops` ([`crate::profile::kernel`]).
+fn kernel_timer(dev: &CudaDevice, name: &'static str) -> crate::profile::KernelGuard {
+    crate::profile::kernel(&candle_core::Device::Cuda(dev.clone()), name)
 }
 
 /// Whether `dev` runs the flash attention kernels (bf16 tensor-core `mma`: compute capability
@@ -1103,8 +1110,10 @@ pub(super) fn flash_attention_backward(
         let (n64, d32) = (nq as i64, fl.d as i32);
         let mut lb = f.builder();
         lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32);
+        let timed = kernel_timer(&dev, "flash_bwd_dot");
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(elementwise_cfg(nq)) }?;
+        drop(timed);
         let (mut dq, mut rest) = grads.split_at_mut(nq * fl.d);
         let (mut dk, mut dv) = rest.split_at_mut(nk * fl.d);
         // dK and dV per query head (a block per key tile and query head: 8 x 14 x 12 blocks on
@@ -1125,19 +1134,24 @@ pub(super) fn flash_attention_backward(
             .arg(&mut dkp)
             .arg(&mut dvp);
         fl.tail(&mut lb);
+        let timed = kernel_timer(&dev, "flash_bwd_dkdv");
         // SAFETY: as above.
         unsafe { lb.launch(fl.cfg(fl.heads)) }?;
+        drop(timed);
         let f = func_named(&dev, "dpo_flash_bwd_group_bf16")?;
         let (n, sd, rep) = ((nk * fl.d) as i64, (fl.seq * fl.d) as i64, (fl.heads / fl.kv) as i32);
         let mut lb = f.builder();
         lb.arg(&dkp).arg(&dvp).arg(&mut dk).arg(&mut dv).arg(&n).arg(&sd).arg(&rep);
+        let timed = kernel_timer(&dev, "flash_bwd_group");
         // SAFETY: as above; the partials hold `rep` heads for each of dk's.
         unsafe { lb.launch(elementwise_cfg(nk * fl.d)) }?;
+        drop(timed);
         let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
         lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&fl.cls).arg(&fl.full);
         lb.arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
         fl.tail(&mut lb);
+        let _timed = kernel_timer(&dev, "flash_bwd_dq");
         // SAFETY: as above.
         unsafe { lb.launch(fl.cfg(fl.heads)) }?;
     }
