@@ -878,11 +878,24 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 // Tiles are skipped and read as in the forward.
 __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
                               float *__restrict__ out, long long n, int D) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
+    // D / 8 lanes per row (D = 32 or 64), 16 bytes of each operand a lane, summed by shuffles.
+    const int per_row = D / 8, lane = threadIdx.x & 31, part = lane % per_row;
+    const long long rows_per_warp = 32 / per_row, warps = (long long)gridDim.x * blockDim.x / 32;
+    for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * rows_per_warp; i0 < n;
+         i0 += warps * rows_per_warp) {
+        const long long i = i0 + lane / per_row;
         float acc = 0.0f;
-        for (int c = 0; c < D; ++c) acc += to_acc(o[i * D + c]) * to_acc(dout[i * D + c]);
-        out[i] = acc;
+        if (i < n) {
+            const uint4 a4 = *(const uint4 *)(o + i * D + part * 8), b4 = *(const uint4 *)(dout + i * D + part * 8);
+            const unsigned a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
+            // Two bf16 a word, the lower index in the low half; a bf16 is the top half of its f32.
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                acc += __int_as_float((int)(a[c] << 16)) * __int_as_float((int)(b[c] << 16)) +
+                       __int_as_float((int)(a[c] & 0xffff0000u)) * __int_as_float((int)(b[c] & 0xffff0000u));
+        }
+        for (int off = per_row / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (i < n && part == 0) out[i] = acc;
     }
 }
 

@@ -439,10 +439,14 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let n = rows * heads * seq;
         let dvec = launch(
             "dpo_flash_bwd_dot_bf16",
-            elementwise_cfg(n).0,
+            elementwise_cfg(n * d / 8).0,
             (256, 1),
-            &[Arg::Buf(o), buf(&dy), out(DType::F32, n), Arg::I64(n as i64), Arg::I32(d as i32)],
+            &[Arg::Buf(o.clone()), buf(&dy), out(DType::F32, n), Arg::I64(n as i64), Arg::I32(d as i32)],
         );
+        // rowsum(dO * O), which the two kernels below read.
+        let o = tensor(&o, DType::BF16, &[n, d]).to_dtype(DType::F32)?;
+        let want_dvec = (o * dy.to_dtype(DType::F32)?.reshape((n, d))?)?.sum(1)?;
+        assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
         let common = [
             buf(&q),
             buf(&k),

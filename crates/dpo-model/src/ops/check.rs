@@ -247,12 +247,10 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         });
     }
     // Attention: grouped KV heads (Qwen2-0.5B: 14 query, 2 KV heads) with a causal + padding
-    // mask, at head size 64 and (the small set) 32, the tensor-core kernels' two; then plain
-    // multi-head with a broadcast bias, computed a row at a time.
-    let mut shapes = vec![if big { (16, 14, 2, 512, 64) } else { (3, 4, 2, 70, 64) }];
-    if !big {
-        shapes.push((3, 4, 2, 70, 32));
-    }
+    // mask, at head sizes 64 and 32 (the tensor-core kernels' two); then plain multi-head with a
+    // broadcast bias, computed a row at a time.
+    let shapes =
+        if big { [(16, 14, 2, 512, 64), (4, 8, 2, 256, 32)] } else { [(3, 4, 2, 70, 64), (3, 4, 2, 70, 32)] };
     let mut attention_cases = Vec::new();
     for (r, h, kv, s, d) in shapes {
         attention_cases.push(((r, h, kv, s, d), test_mask(r, s)?, super::SCORE_BUDGET));

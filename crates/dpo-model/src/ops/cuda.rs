@@ -1111,8 +1111,9 @@ pub(super) fn flash_attention_backward(
         let mut lb = f.builder();
         lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32);
         let timed = kernel_timer(&dev, "flash_bwd_dot");
-        // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(nq)) }?;
+        // SAFETY: argument types match the kernel's signature (d / 8 threads a row, 16-byte
+        // aligned rows: checked in `Flash::new` and above).
+        unsafe { lb.launch(elementwise_cfg(nq * fl.d / 8)) }?;
         drop(timed);
         let (mut dq, mut rest) = grads.split_at_mut(nq * fl.d);
         let (mut dk, mut dv) = rest.split_at_mut(nk * fl.d);
