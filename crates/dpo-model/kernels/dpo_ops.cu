@@ -771,8 +771,10 @@ __device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], cons
 }
 
 // Each query's softmax statistics, for the backward: stats [R, H, S, 2] = (max of the scaled,
-// biased scores, 1 / sum of their exponentials).
-template <int D>
+// biased scores, 1 / sum of their exponentials). With OUT false only those (dpo_flash_stats:
+// the backward of an output that was kept): no V, no P V, `out` not written; the statistics come
+// out the same, bit for bit.
+template <int D, bool OUT>
 __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                           const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
                           const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
@@ -810,7 +812,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
         float s[NT][4];
         init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
-        load_tile<D>(vs, v + kvbase, k0, S);
+        if (OUT) load_tile<D>(vs, v + kvbase, k0, S);
         __syncthreads();
         mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
         // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
@@ -844,7 +846,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
                 o[dt][2 * hr + 1] *= corr;
             }
         }
-        mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
+        if (OUT) mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
         __syncthreads();  // the tiles are refilled
     }
     // Normalize and write.
@@ -857,7 +859,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
         if (rows[hr] < S) {
             __nv_bfloat16 *orow = out + qbase + (long long)rows[hr] * D;
 #pragma unroll
-            for (int dt = 0; dt < DT; ++dt)
+            for (int dt = 0; dt < DT && OUT; ++dt)
                 *(unsigned *)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
             if (t == 0) {
                 float *st = stats + 2 * (((long long)r * H + h) * S + rows[hr]);
@@ -869,7 +871,8 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 }
 
 // The backward, FlashAttention-2's way, deterministic (no atomics): with the forward's output O
-// and statistics, dvec = rowsum(dO * O) (dpo_flash_bwd_dot), then
+// (kept by the caller, or computed again) and statistics (computed again: dpo_flash_stats),
+// dvec = rowsum(dO * O) (dpo_flash_bwd_dot), then
 //   P = exp(scale * S + bias - m) / l,  dP = dO V^T,  dS = scale * P * (dP - dvec)
 //   dV = P^T dO,  dK = dS^T Q  (dpo_flash_bwd_dkdv: a block per tile of 64 keys and query
 //                               head, over the query tiles, into f32 partials per query head;
@@ -877,8 +880,11 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 //   dQ = dS K                  (dpo_flash_bwd_dq: a block per tile of 64 queries, over the keys)
 // Tiles are skipped and read as in the forward.
 __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
-                              float *__restrict__ out, long long n, int D) {
-    // D / 8 lanes per row (D = 32 or 64), 16 bytes of each operand a lane, summed by shuffles.
+                              float *__restrict__ out, long long n, int D, int H, int S, long long o_row,
+                              long long o_head, long long o_pos) {
+    // Row i = (r, h, s) of dout [R, H, S, D] (contiguous); o's row at r o_row + h o_head + s o_pos
+    // (the forward's output as kept: [R, H, S, D], or heads merged, [R, S, H D]). D / 8 lanes a
+    // row (D = 32 or 64), 16 bytes of each operand a lane, summed by shuffles.
     const int per_row = D / 8, lane = threadIdx.x & 31, part = lane % per_row;
     const long long rows_per_warp = 32 / per_row, warps = (long long)gridDim.x * blockDim.x / 32;
     for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * rows_per_warp; i0 < n;
@@ -886,7 +892,8 @@ __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bf
         const long long i = i0 + lane / per_row;
         float acc = 0.0f;
         if (i < n) {
-            const uint4 a4 = *(const uint4 *)(o + i * D + part * 8), b4 = *(const uint4 *)(dout + i * D + part * 8);
+            const long long at = i / ((long long)H * S) * o_row + i / S % H * o_head + i % S * o_pos;
+            const uint4 a4 = *(const uint4 *)(o + at + part * 8), b4 = *(const uint4 *)(dout + i * D + part * 8);
             const unsigned a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
             // Two bf16 a word, the lower index in the low half; a bf16 is the top half of its f32.
 #pragma unroll
@@ -1071,7 +1078,12 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
         const unsigned char *cls, const unsigned char *full, __nv_bfloat16 *out, float *stats, int S, \
         int H, int KV, int bias_rows, float scale) {                                                 \
-        flash_fwd<D>(q, k, v, bias, cls, full, out, stats, S, H, KV, bias_rows, scale);              \
+        flash_fwd<D, true>(q, k, v, bias, cls, full, out, stats, S, H, KV, bias_rows, scale);        \
+    }                                                                                                \
+    extern "C" __global__ void dpo_flash_stats_d##D##_bf16(                                          \
+        const __nv_bfloat16 *q, const __nv_bfloat16 *k, const float *bias, const unsigned char *cls,  \
+        const unsigned char *full, float *stats, int S, int H, int KV, int bias_rows, float scale) {  \
+        flash_fwd<D, false>(q, k, nullptr, bias, cls, full, nullptr, stats, S, H, KV, bias_rows, scale); \
     }
 #define FLASH_BWD_KERNELS(D)                                                                        \
     extern "C" __global__ void dpo_flash_bwd_dkdv_d##D##_bf16(                                       \
@@ -1105,6 +1117,7 @@ extern "C" __global__ void dpo_flash_bwd_group_bf16(const float *dkp, const floa
 }
 
 extern "C" __global__ void dpo_flash_bwd_dot_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *dout, float *out,
-                                                  long long n, int D) {
-    flash_bwd_dot(o, dout, out, n, D);
+                                                  long long n, int D, int H, int S, long long o_row,
+                                                  long long o_head, long long o_pos) {
+    flash_bwd_dot(o, dout, out, n, D, H, S, o_row, o_head, o_pos);
 }

@@ -55,7 +55,7 @@ fn kernels() -> Vec<String> {
         per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
     names.extend(mixed.iter().flat_map(|k| ["bf16", "f16"].map(|dt| format!("{k}_{dt}"))));
     names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
-    names.extend([32, 64].map(|d| format!("dpo_flash_fwd_d{d}_bf16")));
+    names.extend(["fwd", "stats"].iter().flat_map(|k| [32, 64].map(|d| format!("dpo_flash_{k}_d{d}_bf16"))));
     names
         .extend(["dkdv", "dq"].iter().flat_map(|k| [32, 64].map(|d| format!("dpo_flash_bwd_{k}_d{d}_bf16"))));
     names.extend(["dpo_flash_tiles", "dpo_flash_bwd_dot_bf16", "dpo_flash_bwd_group_bf16"].map(String::from));
@@ -88,7 +88,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 27, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 28, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -436,17 +436,38 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let got = launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &fwd);
         let (o, stats) = (got[6].clone(), got[7].clone());
         assert_close(&tensor(&o, DType::BF16, &[rows, heads, seq, d]), &want, 1.6e-2, &what("forward"));
+        // The statistics alone (the backward of a kept output): the same bits.
+        let args = [
+            vec![buf(&q), buf(&k), buf(&bias), tiles[0].clone(), tiles[1].clone()],
+            vec![out(DType::F32, rows * heads * seq * 2)],
+            tail.to_vec(),
+        ]
+        .concat();
+        let alone = launch(&format!("dpo_flash_stats_d{d}_bf16"), grid_q, (128, 1), &args);
+        assert!(alone[5] == stats, "{}: differ from the forward's", what("statistics alone"));
+        // rowsum(dO * O), which the two kernels below read, with O as the forward wrote it and
+        // with its heads merged ([rows, seq, heads, d], as the manual backward keeps it).
         let n = rows * heads * seq;
-        let dvec = launch(
-            "dpo_flash_bwd_dot_bf16",
-            elementwise_cfg(n * d / 8).0,
-            (256, 1),
-            &[Arg::Buf(o.clone()), buf(&dy), out(DType::F32, n), Arg::I64(n as i64), Arg::I32(d as i32)],
-        );
-        // rowsum(dO * O), which the two kernels below read.
-        let o = tensor(&o, DType::BF16, &[n, d]).to_dtype(DType::F32)?;
-        let want_dvec = (o * dy.to_dtype(DType::F32)?.reshape((n, d))?)?.sum(1)?;
-        assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
+        let o_heads = tensor(&o, DType::BF16, &[rows, heads, seq, d]);
+        let want_dvec = (o_heads.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?.sum(3)?.flatten_all()?;
+        let merged = o_heads.transpose(1, 2)?.contiguous()?;
+        let mut dvec = Vec::new();
+        for (o, strides) in
+            [(&o_heads, [heads * seq * d, seq * d, d]), (&merged, [seq * heads * d, d, heads * d])]
+        {
+            let args = [
+                buf(o),
+                buf(&dy),
+                out(DType::F32, n),
+                Arg::I64(n as i64),
+                Arg::I32(d as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(seq as i32),
+            ];
+            let args = [args.to_vec(), strides.map(|x| Arg::I64(x as i64)).to_vec()].concat();
+            dvec = launch("dpo_flash_bwd_dot_bf16", elementwise_cfg(n * d / 8).0, (256, 1), &args);
+            assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
+        }
         let common = [
             buf(&q),
             buf(&k),
@@ -475,7 +496,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let dkdv = launch("dpo_flash_bwd_group_bf16", elementwise_cfg(kvn).0, (256, 1), &args);
         let args = [common.to_vec(), vec![out(DType::BF16, n * d)], tail.to_vec()].concat();
         let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
-        let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy)?;
+        let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy, None)?;
         assert_close(&tensor(&dq[9], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
         assert_close(&tensor(&dkdv[2], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
         assert_close(&tensor(&dkdv[3], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));

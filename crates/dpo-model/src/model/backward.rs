@@ -164,8 +164,11 @@ impl CausalLm {
         // Attention.
         let nh = self.config.num_attention_heads;
         let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
-        let (dq, dk, dv) =
-            ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, self.attention_scale(), &da)?;
+        // The forward's output as kept (heads merged), viewed as heads: no copy.
+        let (rows, seq, _) = s.a.dims3()?;
+        let a = s.a.reshape((rows, seq, nh, self.config.head_dim))?.transpose(1, 2)?;
+        let scale = self.attention_scale();
+        let (dq, dk, dv) = ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, scale, &da, Some(&a))?;
         let x1 = ops::rms_norm_to(&s.h, &b.input_norm, eps, dt)?;
         let dx1 = match &b.qkv {
             // Stacked: RoPE's backward writes the heads side by side as the forward's output.

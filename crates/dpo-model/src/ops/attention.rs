@@ -138,11 +138,11 @@ pub(super) fn flash_forward(
     if !flash_applies(q, k, v, false)? {
         return Ok(None);
     }
-    Ok(Some(q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: None, scale })?))
+    Ok(Some(q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: None, out: None, scale })?))
 }
 
 /// `(dq, dk, dv)` by the kernels, where [`flash_applies`] (`dy` contiguous in `q`'s dtype);
-/// `None` elsewhere.
+/// `None` elsewhere. `out`: the forward's output, where kept (see [`attention_backward`]).
 #[cfg(feature = "cuda")]
 fn flash_backward(
     q: &Tensor,
@@ -150,6 +150,7 @@ fn flash_backward(
     v: &Tensor,
     bias: &Tensor,
     dy: &Tensor,
+    out: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     if !flash_applies(q, k, v, true)? {
@@ -157,7 +158,8 @@ fn flash_backward(
     }
     // The kernels read dy 16 bytes at a time, as q, k and v.
     let dy = if dy.layout().start_offset().is_multiple_of(8) { dy.clone() } else { dy.force_contiguous()? };
-    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy), scale })?;
+    let out = out.filter(|o| o.dtype() == q.dtype() && o.device().same_device(q.device())).cloned();
+    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy), out, scale })?;
     let (nq, nk) = (q.elem_count(), k.elem_count());
     let part = |start: usize, len: usize, like: &Tensor| flat.narrow(0, start, len)?.reshape(like.shape());
     Ok(Some((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?)))
@@ -181,17 +183,20 @@ fn flash_backward(
     _: &Tensor,
     _: &Tensor,
     _: &Tensor,
+    _: Option<&Tensor>,
     _: f64,
 ) -> Result<Option<(Tensor, Tensor, Tensor)>> {
     Ok(None)
 }
 
 /// The kernels as an op of `(q, k, v)`, the bias and scale carried: the output, or with the
-/// upstream `dy` the gradients `[dq, dk, dv]` flattened.
+/// upstream `dy` the gradients `[dq, dk, dv]` flattened (from the forward's output `out`, where
+/// kept).
 #[cfg(feature = "cuda")]
 struct Flash {
     bias: Tensor,
     dy: Option<Tensor>,
+    out: Option<Tensor>,
     scale: f64,
 }
 
@@ -233,16 +238,31 @@ impl candle_core::CustomOp3 for Flash {
             Some(dy) => {
                 let dy = dy.storage_and_layout();
                 let dy = super::on_device::<CudaStorage>(&dy, "the upstream gradient")?;
-                let out =
-                    super::cuda::flash_attention_backward((q, ql), (k, kl), (v, vl), bias, dy, self.scale)?;
-                Ok((out, Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count())))
+                let out = self.out.as_ref().map(|o| o.storage_and_layout());
+                let out = match &out {
+                    Some(o) => Some(super::on_device::<CudaStorage>(o, "the attention output")?),
+                    None => None,
+                };
+                let grads = super::cuda::flash_attention_backward(
+                    (q, ql),
+                    (k, kl),
+                    (v, vl),
+                    bias,
+                    dy,
+                    out,
+                    self.scale,
+                )?;
+                Ok((grads, Shape::from(ql.shape().elem_count() + 2 * kl.shape().elem_count())))
             }
         }
     }
 }
 
 /// The backward of [`attention`]: `(dq, dk, dv)` for the upstream `dy` `[rows, heads, seq, d]`
-/// (no graph; recomputes the probabilities). `bias` as for [`attention`].
+/// (no graph; recomputes the probabilities). `bias` as for [`attention`]. `out`: the forward's
+/// output `[rows, heads, seq, d]` (any strides with contiguous rows: heads merged is fine) where
+/// the caller kept it; the tensor-core backward then recomputes only the softmax statistics, not
+/// `P V`. The other paths do not need it.
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -250,13 +270,15 @@ pub fn attention_backward(
     bias: &Tensor,
     scale: f64,
     dy: &Tensor,
+    out: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let _timed = crate::profile::op(q.device(), "attention_bwd");
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    backward_in_chunks(&q, &k, &v, &bias, scale, dy, SCORE_BUDGET)
+    backward_in_chunks(&q, &k, &v, &bias, scale, dy, out, SCORE_BUDGET)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn backward_in_chunks(
     q: &Tensor,
     k: &Tensor,
@@ -264,11 +286,12 @@ fn backward_in_chunks(
     bias: &Tensor,
     scale: f64,
     dy: &Tensor,
+    out: Option<&Tensor>,
     budget: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
     let dy = dy.to_dtype(q.dtype())?.contiguous()?;
-    if let Some(grads) = flash_backward(&q, &k, &v, bias, &dy, scale)? {
+    if let Some(grads) = flash_backward(&q, &k, &v, bias, &dy, out, scale)? {
         return Ok(grads);
     }
     let (mut dk, mut dv) = (Vec::new(), Vec::new());
@@ -410,11 +433,11 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timed = crate::profile::op(q.device(), "attention_bwd");
-        let (dq, dk, dv) = backward_in_chunks(q, k, v, &self.bias, self.scale, grad, self.budget)?;
+        let (dq, dk, dv) = backward_in_chunks(q, k, v, &self.bias, self.scale, grad, Some(res), self.budget)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }

@@ -1041,6 +1041,34 @@ impl<'a> Flash<'a> {
         }
         Ok((out, stats))
     }
+
+    /// Only the softmax statistics of [`Self::forward`] (`dpo_flash_stats`: no `V`, no `P V`),
+    /// the same bit for bit.
+    fn stats(&self, dev: &CudaDevice) -> Result<CudaSlice<f32>> {
+        let n = self.rows * self.heads * self.seq;
+        // SAFETY: the kernel writes every element.
+        let mut stats = unsafe { dev.alloc::<f32>(2 * n)? };
+        if n > 0 {
+            let f = func_named(dev, &format!("dpo_flash_stats_d{}_bf16", self.d))?;
+            let mut lb = f.builder();
+            lb.arg(&self.q).arg(&self.k).arg(&self.bias).arg(&self.cls).arg(&self.full).arg(&mut stats);
+            self.tail(&mut lb);
+            let _timed = kernel_timer(dev, "flash_stats");
+            // SAFETY: argument types match the kernel's signature; sizes were checked in `new`.
+            unsafe { lb.launch(self.cfg(self.heads)) }?;
+        }
+        Ok(stats)
+    }
+}
+
+/// Whether the forward's output `[rows, heads, seq, d]` as kept (layout `ol`) serves the
+/// backward of the call whose `q` has layout `ql`: its shape, bf16 rows contiguous, and every
+/// row starting 16 bytes aligned (the kernel reads 16 bytes at a time). The forward's own
+/// output, or its heads merged (`[rows, seq, heads * d]` viewed as heads), both do.
+pub(super) fn saved_output_fits(ol: &Layout, ql: &Layout) -> bool {
+    ol.shape() == ql.shape()
+        && super::rope::head_strides(ol)
+            .is_ok_and(|[offset, r, h, p]| [offset, r, h, p].iter().all(|x| x.is_multiple_of(8)))
 }
 
 /// Times a kernel under `DPO_TRAIN_PROFILE=ops` ([`crate::profile::kernel`]).
@@ -1077,14 +1105,17 @@ pub(super) fn flash_attention(
 }
 
 /// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, contiguous):
-/// `[dq, dk, dv]` flattened into one buffer. Recomputes the forward (for its
-/// output and statistics), then `dpo_flash_bwd_dot`, `_dkdv`, `_group` and `_dq`.
+/// `[dq, dk, dv]` flattened into one buffer. With the forward's output `out` where the caller
+/// kept it (see [`saved_output_fits`]), computes the softmax statistics again
+/// (`dpo_flash_stats`, no `P V`); without, the whole forward. Then `dpo_flash_bwd_dot`, `_dkdv`,
+/// `_group` and `_dq`.
 pub(super) fn flash_attention_backward(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
     bias: (&CudaStorage, &Layout),
     (dy, dyl): (&CudaStorage, &Layout),
+    out: Option<(&CudaStorage, &Layout)>,
     scale: f64,
 ) -> Result<CudaStorage> {
     let what = "flash attention backward";
@@ -1103,13 +1134,26 @@ pub(super) fn flash_attention_backward(
     // SAFETY: the kernels write every element.
     let mut grads = unsafe { dev.alloc::<half::bf16>((nq + 2 * nk) * fl.d)? };
     if nq > 0 {
-        let (o, stats) = fl.forward(&dev)?;
+        let recomputed;
+        let (o, [o_row, o_head, o_pos], stats) = match out {
+            Some((o, ol)) if saved_output_fits(ol, q.1) => {
+                let [_, r, h, p] = super::rope::head_strides(ol)?;
+                (head_rows_view::<half::bf16>(o, ol)?, [r, h, p].map(|x| x as i64), fl.stats(&dev)?)
+            }
+            _ => {
+                let stats;
+                (recomputed, stats) = fl.forward(&dev)?;
+                let (s, d) = (fl.seq, fl.d);
+                (recomputed.slice(..), [fl.heads * s * d, s * d, d].map(|x| x as i64), stats)
+            }
+        };
         // SAFETY: written by the kernel.
         let mut dvec = unsafe { dev.alloc::<f32>(nq)? };
         let f = func_named(&dev, "dpo_flash_bwd_dot_bf16")?;
         let (n64, d32) = (nq as i64, fl.d as i32);
         let mut lb = f.builder();
-        lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32);
+        lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32).arg(&fl.ints[1]).arg(&fl.ints[0]);
+        lb.arg(&o_row).arg(&o_head).arg(&o_pos);
         let timed = kernel_timer(&dev, "flash_bwd_dot");
         // SAFETY: argument types match the kernel's signature (d / 8 threads a row, 16-byte
         // aligned rows: checked in `Flash::new` and above).
