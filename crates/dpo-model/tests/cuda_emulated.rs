@@ -419,17 +419,11 @@ fn flash_attention_forward_and_backward() -> Result<()> {
             Arg::F32(scale as f32),
         ];
         let grid_q = (seq.div_ceil(64), rows * heads);
+        // What every attention kernel reads first: q, k, v, the bias and its tile classes.
+        let inputs = [buf(&q), buf(&k), buf(&v), buf(&bias), tiles[0].clone(), tiles[1].clone()];
         let fwd = [
-            vec![
-                buf(&q),
-                buf(&k),
-                buf(&v),
-                buf(&bias),
-                tiles[0].clone(),
-                tiles[1].clone(),
-                out(DType::BF16, rows * heads * seq * d),
-                out(DType::F32, rows * heads * seq * 2),
-            ],
+            inputs.to_vec(),
+            vec![out(DType::BF16, rows * heads * seq * d), out(DType::F32, rows * heads * seq * 2)],
             tail.to_vec(),
         ]
         .concat();
@@ -468,17 +462,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
             dvec = launch("dpo_flash_bwd_dot_bf16", elementwise_cfg(n * d / 8).0, (256, 1), &args);
             assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
         }
-        let common = [
-            buf(&q),
-            buf(&k),
-            buf(&v),
-            buf(&bias),
-            tiles[0].clone(),
-            tiles[1].clone(),
-            buf(&dy),
-            Arg::Buf(stats),
-            Arg::Buf(dvec[2].clone()),
-        ];
+        let common = [inputs.to_vec(), vec![buf(&dy), Arg::Buf(stats), Arg::Buf(dvec[2].clone())]].concat();
         // dK and dV per query head (f32), then summed over each KV head's group.
         let args =
             [common.to_vec(), vec![out(DType::F32, n * d), out(DType::F32, n * d)], tail.to_vec()].concat();
