@@ -99,24 +99,25 @@ run_ours() {
   cp "$W/out-$name/metrics.jsonl" "$OUT/$name.metrics.jsonl" 2>/dev/null
 }
 # In order of what they decide (runs past BUDGET_S are skipped): the online reference with every
-# lever on and the precomputed reference, each without and with attention by the tensor-core
-# kernels (DPO_TRAIN_FLASH_ATTENTION=1; off by default until they are measured faster,
-# kernels/dpo_ops.cu), TRL on the same card, the bf16 curves, the plain run, where a step's time
-# goes (each phase split into the model's ops, a synchronization around every op: read shares;
-# then phases alone, each ending with a device synchronization), then the levers one at a time.
+# lever on, without and with attention by the tensor-core kernels (DPO_TRAIN_FLASH_ATTENTION=1;
+# off by default until they are measured faster, kernels/dpo_ops.cu), and TRL on the same card
+# (the harness of ../shared/perf, its model built from the same config); the same with
+# precomputed reference log-probs; the bf16 curves, the plain run, where a step's time goes (each
+# phase split into the model's ops, a synchronization around every op: read shares; then phases
+# alone, each ending with a device synchronization), then the levers one at a time.
 SHARE=(--set prefix_sharing=true --set manual_backward=true)
+export BENCH_TOKENIZER_DIR=$W/assets/model
+run_trl() {
+  TIMEOUT=200 measure "$1" python3 .device/bench_trl_gpu.py --mode "$1" --steps $STEPS --warmup $WARMUP --out "$OUT"
+}
 run_ours ours-share-manual "${SHARE[@]}"
 DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-share-manual-flash "${SHARE[@]}"
+run_trl trl
 run_ours ours-precompute-share-manual "${SHARE[@]}" --set precompute_ref_log_probs=true
 DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-precompute-share-manual-flash "${SHARE[@]}" --set precompute_ref_log_probs=true
+run_trl trl-precompute
 
-# 3. TRL, same card, same call (the harness of ../shared/perf, its model built from the same config).
-export BENCH_TOKENIZER_DIR=$W/assets/model
-for mode in trl trl-precompute; do
-  TIMEOUT=200 measure "$mode" python3 .device/bench_trl_gpu.py --mode $mode --steps $STEPS --warmup $WARMUP --out "$OUT"
-done
-
-# 4. The learning curve of the bundled default: CUDA bf16 vs the CPU f32 run in .device/curve-f32.jsonl.
+# 3. The learning curve of the bundled default: CUDA bf16 vs the CPU f32 run in .device/curve-f32.jsonl.
 TIMEOUT=120 measure curve .device/dpo-train "${CURVE_ARGS[@]}" --set device=\"cuda\" --set dtype=\"bf16\" \
   --set output_dir=\"$W/curve\"
 cp $W/curve/metrics.jsonl "$OUT/curve-bf16-cuda.jsonl" 2>/dev/null
@@ -147,7 +148,7 @@ for p in profile-plain profile-plain-ops profile-manual-ops profile-manual-flash
 done
 [ -n "${WITH_UNFUSED:-}" ] && run_ours ours-unfused --set fused_ops=false --set prefix_sharing=true
 
-# 5. Summary.
+# 4. Summary.
 python3 - "$W" "$OUT" "$STEPS" "$WARMUP" <<'PY'
 import glob, json, os, statistics, sys
 W, OUT, steps, warmup = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
