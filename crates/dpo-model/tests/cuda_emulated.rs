@@ -69,6 +69,11 @@ fn every_kernel_is_in_the_registry() {
     let names = kernels();
     let mut found = 0;
     for decl in cu.split("extern \"C\" __global__ void ").skip(1) {
+        // Past `__launch_bounds__(...)`, where a kernel has them.
+        let decl = match decl.strip_prefix("__launch_bounds__(") {
+            Some(rest) => rest.split_once(") ").map_or(rest, |(_, name)| name),
+            None => decl,
+        };
         let name: String =
             decl.chars().take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '#').collect();
         let known = match name.strip_suffix("_##SUF") {

@@ -26,6 +26,7 @@ inline dim3 blockDim, gridDim;
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __launch_bounds__(...)
 #define __restrict__ __restrict
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
