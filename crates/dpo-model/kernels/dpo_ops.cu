@@ -723,8 +723,8 @@ __device__ __forceinline__ void init_tile(float s[][4], const float *__restrict_
         }
 }
 
-// This block's row of tile classes (query tile `qt`, or with `keys_are_rows` the column of key
-// tile `qt`) and the `full` flags of row r's bias.
+// Row r's tile classes, at(query tile, key tile), and its query tiles' `full` flags (one table
+// for every row where the bias is broadcast).
 struct Tiles {
     const unsigned char *cls, *full;
     int T;
