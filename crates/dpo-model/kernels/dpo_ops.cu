@@ -807,10 +807,10 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
     m[0] = m[1] = -INFINITY;
     l[0] = l[1] = 0.0f;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
-        const int c = tiles.at(blockIdx.x, k0 / FA_BK);  // the same for the whole block
-        if (c == FA_SKIP && !every) continue;
+        const int kind = tiles.at(blockIdx.x, k0 / FA_BK);  // the same for the whole block
+        if (kind == FA_SKIP && !every) continue;
         float s[NT][4];
-        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
         if (OUT) load_tile<D>(vs, v + kvbase, k0, S);
         __syncthreads();
@@ -938,10 +938,10 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const long long qbase = ((long long)r * H + hq) * S * D, sbase = ((long long)r * H + hq) * S;
     const Tiles tiles(cls, full, S, r, bias_rows);
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
-        const int c = tiles.at(i0 / FA_BQ, blockIdx.x);
-        if (c == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
+        const int kind = tiles.at(i0 / FA_BQ, blockIdx.x);
+        if (kind == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
         float s[NT][4];  // S^T: keys x queries
-        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
         load_tile<D>(qs, q + qbase, i0, S);
         load_tile<D>(dos, dout + qbase, i0, S);
         if (threadIdx.x < FA_BQ) {
@@ -1042,10 +1042,10 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         for (int i = 0; i < 4; ++i) dqa[dt][i] = 0.0f;
     const float inv_scale = 1.0f / scale;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
-        const int c = tiles.at(blockIdx.x, k0 / FA_BK);
-        if (c == FA_SKIP && !every) continue;
+        const int kind = tiles.at(blockIdx.x, k0 / FA_BK);
+        if (kind == FA_SKIP && !every) continue;
         float s[NT][4];
-        init_tile<NT>(s, c == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);
         __syncthreads();
