@@ -245,21 +245,19 @@ pub fn report(step: u64) -> Option<String> {
     if level() == Level::Off {
         return None;
     }
-    let mut phases = take();
+    let phases = take();
     let kernels = LAPS.with(|l| std::mem::take(&mut l.borrow_mut().kernels));
-    if !kernels.is_empty() {
-        phases.push(Phase { name: "kernels", seconds: 0.0, count: 0, ops: kernels });
-    }
     let ms = |s: f64| format!("{:.1}ms", s * 1e3);
     let mut out = format!("profile step {step}:");
-    for p in phases.iter().filter(|p| p.count > 0) {
+    for p in &phases {
         let _ = write!(out, " {}={}", p.name, ms(p.seconds));
     }
-    for p in phases.iter().filter(|p| !p.ops.is_empty()) {
-        let mut ops = p.ops.clone();
-        ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-        let _ = write!(out, "\nprofile step {step} {}:", p.name);
-        for o in ops {
+    let lines = phases.iter().map(|p| (p.name, &p.ops)).chain([("kernels", &kernels)]);
+    for (name, laps) in lines.filter(|(_, laps)| !laps.is_empty()) {
+        let mut laps = laps.clone();
+        laps.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        let _ = write!(out, "\nprofile step {step} {name}:");
+        for o in laps {
             let n = if o.count > 1 { format!("/{}", o.count) } else { String::new() };
             let _ = write!(out, " {}={}{n}", o.name, ms(o.seconds));
         }

@@ -1065,15 +1065,17 @@ impl<'a> Flash<'a> {
 /// backward of the call whose `q` has layout `ql`: its shape, bf16 rows contiguous, and every
 /// row starting 16 bytes aligned (the kernel reads 16 bytes at a time). The forward's own
 /// output, or its heads merged (`[rows, seq, heads * d]` viewed as heads), both do.
-pub(super) fn saved_output_fits(ol: &Layout, ql: &Layout) -> bool {
+fn saved_output_fits(ol: &Layout, ql: &Layout) -> bool {
     ol.shape() == ql.shape()
         && super::rope::head_strides(ol)
             .is_ok_and(|[offset, r, h, p]| [offset, r, h, p].iter().all(|x| x.is_multiple_of(8)))
 }
 
-/// Times a kernel under `DPO_TRAIN_PROFILE=ops` ([`crate::profile::kernel`]).
-fn kernel_timer(dev: &CudaDevice, name: &'static str) -> crate::profile::KernelGuard {
-    crate::profile::kernel(&candle_core::Device::Cuda(dev.clone()), name)
+/// Times a kernel under `DPO_TRAIN_PROFILE=ops` ([`crate::profile::kernel`]); nothing (not even a
+/// device handle) otherwise.
+fn kernel_timer(dev: &CudaDevice, name: &'static str) -> Option<crate::profile::KernelGuard> {
+    use crate::profile::{Level, kernel, level};
+    (level() == Level::Ops).then(|| kernel(&candle_core::Device::Cuda(dev.clone()), name))
 }
 
 /// Whether `dev` runs the flash attention kernels (bf16 tensor-core `mma`: compute capability
