@@ -516,7 +516,18 @@ impl BatchIter {
 
     /// Runs this iterator on a background thread with up to `capacity` batches ready.
     pub fn prefetch(self, capacity: usize) -> Result<Prefetch> {
-        Prefetch::new(self, capacity)
+        Prefetch::new(self, capacity, |batch| batch)
+    }
+
+    /// [`BatchIter::prefetch`], with `prepare` run on each batch on the background thread too:
+    /// whatever a consumer would otherwise build from the batch between its steps (a trainer's
+    /// device layout).
+    pub fn prefetch_with<T: Send + 'static>(
+        self,
+        capacity: usize,
+        prepare: impl FnMut(Batch) -> T + Send + 'static,
+    ) -> Result<Prefetch<T>> {
+        Prefetch::new(self, capacity, prepare)
     }
 }
 
@@ -705,37 +716,44 @@ pub fn count_batches(
     Ok(EpochStats { rows: dataset.len(), pairs, batches, skips, longest })
 }
 
-enum Message {
-    Item(Result<(Batch, DataPosition)>, SkipCounts),
+enum Message<T> {
+    Item(Result<(T, DataPosition)>, SkipCounts),
     /// The epoch ended: final position and counts (rows dropped after the last batch included).
     End(DataPosition, SkipCounts),
 }
 
-/// A [`BatchIter`] run on a background thread; yields each batch with the position after it.
+/// A [`BatchIter`] run on a background thread; yields each batch (or what the thread prepared
+/// from it, [`BatchIter::prefetch_with`]) with the position after it.
 ///
 /// Errors arrive in order and end the iteration. Dropping it stops the thread (after the batch
 /// it is working on).
 #[derive(Debug)]
-pub struct Prefetch {
-    rx: Option<Receiver<Message>>,
+pub struct Prefetch<T = Batch> {
+    rx: Option<Receiver<Message<T>>>,
     handle: Option<JoinHandle<()>>,
     position: DataPosition,
     skips: SkipCounts,
 }
 
-impl Prefetch {
-    /// Starts the background thread with a channel of `capacity` batches.
-    pub fn new(iter: BatchIter, capacity: usize) -> Result<Self> {
+impl<T: Send + 'static> Prefetch<T> {
+    /// Starts the background thread with a channel of `capacity` items, each `prepare(batch)`.
+    pub fn new(
+        iter: BatchIter,
+        capacity: usize,
+        prepare: impl FnMut(Batch) -> T + Send + 'static,
+    ) -> Result<Self> {
         let position = iter.position();
         let skips = iter.skips().clone();
         let (tx, rx) = sync_channel(capacity);
         let handle = std::thread::Builder::new()
             .name("dpo-prefetch".into())
-            .spawn(move || produce(iter, tx))
+            .spawn(move || produce(iter, prepare, tx))
             .map_err(LoaderError::Thread)?;
         Ok(Self { rx: Some(rx), handle: Some(handle), position, skips })
     }
+}
 
+impl<T> Prefetch<T> {
     /// Position after the last batch received (like [`BatchIter::position`]).
     pub fn position(&self) -> DataPosition {
         self.position
@@ -754,10 +772,10 @@ impl Prefetch {
     }
 }
 
-fn produce(mut iter: BatchIter, tx: SyncSender<Message>) {
+fn produce<T>(mut iter: BatchIter, mut prepare: impl FnMut(Batch) -> T, tx: SyncSender<Message<T>>) {
     while let Some(item) = iter.next() {
         let failed = item.is_err();
-        let item = item.map(|batch| (batch, iter.position()));
+        let item = item.map(|batch| (prepare(batch), iter.position()));
         if tx.send(Message::Item(item, iter.skips().clone())).is_err() || failed {
             return;
         }
@@ -765,8 +783,8 @@ fn produce(mut iter: BatchIter, tx: SyncSender<Message>) {
     let _ = tx.send(Message::End(iter.position(), iter.skips().clone()));
 }
 
-impl Iterator for Prefetch {
-    type Item = Result<(Batch, DataPosition)>;
+impl<T> Iterator for Prefetch<T> {
+    type Item = Result<(T, DataPosition)>;
 
     fn next(&mut self) -> Option<Self::Item> {
         match self.rx.as_ref()?.recv() {
@@ -792,7 +810,7 @@ impl Iterator for Prefetch {
     }
 }
 
-impl Drop for Prefetch {
+impl<T> Drop for Prefetch<T> {
     fn drop(&mut self) {
         self.rx = None;
         if let Some(handle) = self.handle.take() {

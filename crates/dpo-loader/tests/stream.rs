@@ -198,6 +198,36 @@ fn prefetch_yields_the_same_batches_positions_and_counts() {
     }
 }
 
+/// `prefetch_with` runs its preparation on the background thread, once per batch in order, and
+/// yields what it made with the same positions as `prefetch`.
+#[test]
+fn prefetch_with_prepares_each_batch_on_the_background_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let data = dataset(dir.path(), "d.jsonl", 10);
+    let cfg = config(3, false);
+    let plain: Vec<_> = batches(data.clone(), tok.clone(), cfg.clone(), DataPosition::default())
+        .unwrap()
+        .prefetch(2)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let iter = batches(data, tok, cfg, DataPosition::default()).unwrap();
+    let prepared = iter
+        .prefetch_with(2, |batch| {
+            let thread = std::thread::current().name().map(str::to_owned);
+            (batch.sources.iter().map(|s| s.line).collect::<Vec<_>>(), thread)
+        })
+        .unwrap();
+    let got: Vec<_> = prepared.map(Result::unwrap).collect();
+    assert_eq!(got.len(), plain.len());
+    for (((lines, thread), position), (batch, expected)) in got.iter().zip(&plain) {
+        assert_eq!(thread.as_deref(), Some("dpo-prefetch"));
+        assert_eq!(lines, &batch.sources.iter().map(|s| s.line).collect::<Vec<_>>());
+        assert_eq!(position, expected);
+    }
+}
+
 #[test]
 fn prefetch_propagates_errors_and_stops_when_dropped() {
     let dir = tempfile::tempdir().unwrap();

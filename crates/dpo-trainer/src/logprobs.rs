@@ -62,31 +62,27 @@ impl CompletionIndex {
         seq: usize,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        let mut positions = Vec::new();
-        let mut targets = Vec::new();
-        let mut owner = Vec::new();
-        let mut counts = vec![0usize; rows];
+        Self::from_parts(&Self::scored(input_ids, completion_mask, rows, seq), rows, device)
+    }
+
+    /// The scored positions of `[rows, seq]` `input_ids` and `completion_mask`, in row order,
+    /// as [`CompletionIndex::from_parts`] takes them: each position whose next token is a
+    /// completion token.
+    pub fn scored(
+        input_ids: &[u32],
+        completion_mask: &[u8],
+        rows: usize,
+        seq: usize,
+    ) -> Vec<(u32, u32, usize)> {
+        let mut parts = Vec::new();
         for r in 0..rows {
             for t in 0..seq.saturating_sub(1) {
                 if completion_mask[r * seq + t + 1] != 0 {
-                    positions.push((r * seq + t) as u32);
-                    targets.push(input_ids[r * seq + t + 1]);
-                    owner.push(r);
-                    counts[r] += 1;
+                    parts.push(((r * seq + t) as u32, input_ids[r * seq + t + 1], r));
                 }
             }
         }
-        let n = positions.len();
-        let mut seg = vec![0f32; rows * n];
-        for (i, &r) in owner.iter().enumerate() {
-            seg[r * n + i] = 1.0;
-        }
-        Ok(CompletionIndex {
-            positions: Tensor::from_vec(positions, n, device)?,
-            targets: Tensor::from_vec(targets, n, device)?,
-            segments: Tensor::from_vec(seg, (rows, n), device)?,
-            counts,
-        })
+        parts
     }
 }
 

@@ -14,7 +14,7 @@ use dpo_model::CausalLm;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainError};
-use crate::step::DeviceBatch;
+use crate::step::HostBatch;
 
 /// A pair's identity across runs: its file (by name) and line, as one integer.
 fn row_key(src: &dpo_loader::RowRef) -> i64 {
@@ -90,14 +90,16 @@ impl RefCache {
         // Every kept pair, the last short batch included: a shuffled epoch may use any of them.
         let cfg = DataConfig { shuffle: false, drop_last: false, ..data_cfg };
         let (mut lines, mut chosen, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
-        for batch in batches(dataset.clone(), tokenizer.clone(), cfg, DataPosition::start_of(0))? {
-            let batch = batch?;
-            let window = reference.config.sliding_window;
-            let db = if prefix_sharing {
-                DeviceBatch::shared_prefix(&batch, window, device)?
-            } else {
-                DeviceBatch::new(&batch, window, device)?
-            };
+        let window = reference.config.sliding_window;
+        let layout = move |batch: Batch| {
+            let host = HostBatch::of(&batch, prefix_sharing, window);
+            (batch, host)
+        };
+        for item in batches(dataset.clone(), tokenizer.clone(), cfg, DataPosition::start_of(0))?
+            .prefetch_with(2, layout)?
+        {
+            let ((batch, host), _) = item?;
+            let db = host.upload(device)?;
             let logps: Vec<f32> = db.logps(reference, chunk)?.to_dtype(DType::F32)?.to_vec1()?;
             for (i, src) in batch.sources.iter().enumerate() {
                 lines.push(row_key(src));

@@ -20,19 +20,49 @@ pub struct DeviceBatch {
     pub tokens: usize,
 }
 
-impl DeviceBatch {
-    pub fn new(batch: &Batch, window: Option<usize>, device: &Device) -> Result<Self> {
+/// A batch laid out for the model but still on the host: the trainer builds it on the
+/// prefetch thread, so that a step only uploads it ([`HostBatch::upload`]). The prefix-sharing
+/// layout's mask alone is `pairs * width^2` entries (4.7 M for 8 pairs of 256 + 256 + 256).
+#[derive(Debug, Clone)]
+pub struct HostBatch {
+    ids: Vec<u32>,
+    rows: usize,
+    seq: usize,
+    mask: HostMask,
+    /// Scored positions: `(flat position r * seq + t, target token, owning sequence)`.
+    scored: Vec<(u32, u32, usize)>,
+    completion_lengths: Vec<usize>,
+    pairs: usize,
+    tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+enum HostMask {
+    /// Causal, with key padding (1 on real tokens) and an optional sliding window.
+    Causal { key_valid: Vec<u8>, window: Option<usize> },
+    /// `allowed[(r * seq + i) * seq + j]` (0/1) and each token's rotary position.
+    Custom { allowed: Vec<u8>, positions: Vec<u32> },
+}
+
+impl HostBatch {
+    /// `batch` in the prefix-sharing layout where `prefix_sharing`, else as collated.
+    pub fn of(batch: &Batch, prefix_sharing: bool, window: Option<usize>) -> Self {
+        if prefix_sharing { Self::shared_prefix(batch, window) } else { Self::standard(batch, window) }
+    }
+
+    /// The batch as collated: one row per sequence, `[chosen..., rejected...]`.
+    pub fn standard(batch: &Batch, window: Option<usize>) -> Self {
         let (rows, seq) = (batch.n_rows(), batch.seq_len);
-        Ok(DeviceBatch {
-            ids: Tensor::from_slice(&batch.input_ids, (rows, seq), device)?,
-            mask: AttentionMask::causal(&batch.attention_mask, rows, seq, window, device)?,
-            index: CompletionIndex::new(&batch.input_ids, &batch.completion_mask, rows, seq, device)?,
-            completion_lengths: (batch.completion_mask.chunks(seq.max(1)))
-                .map(|row| row.iter().filter(|&&m| m != 0).count())
-                .collect(),
+        HostBatch {
+            ids: batch.input_ids.clone(),
+            rows,
+            seq,
+            mask: HostMask::Causal { key_valid: batch.attention_mask.clone(), window },
+            scored: CompletionIndex::scored(&batch.input_ids, &batch.completion_mask, rows, seq),
+            completion_lengths: completion_lengths(batch),
             pairs: batch.n_pairs,
             tokens: batch.n_tokens,
-        })
+        }
     }
 
     /// The same pairs with each prompt computed once (prefix sharing): one row per pair,
@@ -40,7 +70,7 @@ impl DeviceBatch {
     /// ones and restart their positions after the prompt. Log-probs are those of the standard
     /// layout; about a third fewer tokens go through the model when prompt and completions
     /// are of similar length.
-    pub fn shared_prefix(batch: &Batch, window: Option<usize>, device: &Device) -> Result<Self> {
+    pub fn shared_prefix(batch: &Batch, window: Option<usize>) -> Self {
         let (b, seq) = (batch.n_pairs, batch.seq_len);
         let row = |r: usize| -> (&[u32], usize, usize) {
             let mask = &batch.completion_mask[r * seq..(r + 1) * seq];
@@ -53,8 +83,8 @@ impl DeviceBatch {
         // Padding slots hold token 0; they only attend to themselves and are never scored.
         let mut ids = vec![0u32; b * width];
         let mut positions = vec![0u32; b * width];
-        let mut allowed = vec![false; b * width * width];
-        let mut parts = Vec::new();
+        let mut allowed = vec![0u8; b * width * width];
+        let mut scored = Vec::new();
         for (i, ((chosen, p, lc), (rejected, p_r, lr))) in layouts.iter().enumerate() {
             debug_assert_eq!(p, p_r, "chosen and rejected rows share their prompt");
             let (p, lc, lr) = (*p, *lc, *lr);
@@ -76,42 +106,82 @@ impl DeviceBatch {
                 } else {
                     lc
                 };
-                row[..p.min(t + 1)].fill(true);
-                row[branch_start.max(p.min(t + 1))..=t].fill(true);
+                row[..p.min(t + 1)].fill(1);
+                row[branch_start.max(p.min(t + 1))..=t].fill(1);
                 if let Some(w) = window {
                     for (u, a) in row.iter_mut().enumerate().take(t + 1) {
-                        *a = *a && pos_of(t) < pos_of(u) + w;
+                        *a &= u8::from(pos_of(t) < pos_of(u) + w);
                     }
                 }
             }
             for t in lc + seg_r..width {
-                allowed[(base + t) * width + t] = true; // padding: attend to itself only
+                allowed[(base + t) * width + t] = 1; // padding: attend to itself only
             }
             // Scored positions: hidden state predicting each completion token (TRL never scores
             // the first token of a sequence, so with an empty prompt the first is skipped).
             for k in 0..lc - p {
                 let target_slot = p + k;
                 if target_slot > 0 {
-                    parts.push(((base + target_slot - 1) as u32, chosen[p + k], i));
+                    scored.push(((base + target_slot - 1) as u32, chosen[p + k], i));
                 }
             }
             for k in 0..seg_r {
                 let pred = if k == 0 { p.checked_sub(1) } else { Some(lc + k - 1) };
                 if let Some(pred) = pred {
-                    parts.push(((base + pred) as u32, rejected[p + k], b + i));
+                    scored.push(((base + pred) as u32, rejected[p + k], b + i));
                 }
             }
         }
-        Ok(DeviceBatch {
-            ids: Tensor::from_vec(ids, (b, width), device)?,
-            mask: AttentionMask::custom(&allowed, positions, b, width, device)?,
-            index: CompletionIndex::from_parts(&parts, 2 * b, device)?,
-            completion_lengths: (batch.completion_mask.chunks(seq.max(1)))
-                .map(|row| row.iter().filter(|&&m| m != 0).count())
-                .collect(),
+        HostBatch {
+            ids,
+            rows: b,
+            seq: width,
+            mask: HostMask::Custom { allowed, positions },
+            scored,
+            completion_lengths: completion_lengths(batch),
             pairs: b,
             tokens: batch.n_tokens,
+        }
+    }
+
+    /// The batch on `device`: the host's arrays uploaded, nothing recomputed.
+    pub fn upload(&self, device: &Device) -> Result<DeviceBatch> {
+        let (rows, seq) = (self.rows, self.seq);
+        let mask = match &self.mask {
+            HostMask::Causal { key_valid, window } => {
+                AttentionMask::causal(key_valid, rows, seq, *window, device)?
+            }
+            HostMask::Custom { allowed, positions } => {
+                AttentionMask::custom(allowed, positions.clone(), rows, seq, device)?
+            }
+        };
+        Ok(DeviceBatch {
+            ids: Tensor::from_slice(&self.ids, (rows, seq), device)?,
+            mask,
+            index: CompletionIndex::from_parts(&self.scored, 2 * self.pairs, device)?,
+            completion_lengths: self.completion_lengths.clone(),
+            pairs: self.pairs,
+            tokens: self.tokens,
         })
+    }
+}
+
+/// Completion tokens per row of a collated batch (TRL's `completion_mask.sum(1)`).
+fn completion_lengths(batch: &Batch) -> Vec<usize> {
+    (batch.completion_mask.chunks(batch.seq_len.max(1)))
+        .map(|row| row.iter().filter(|&&m| m != 0).count())
+        .collect()
+}
+
+impl DeviceBatch {
+    /// `batch` as collated ([`HostBatch::standard`]), on `device`.
+    pub fn new(batch: &Batch, window: Option<usize>, device: &Device) -> Result<Self> {
+        HostBatch::standard(batch, window).upload(device)
+    }
+
+    /// `batch` in the prefix-sharing layout ([`HostBatch::shared_prefix`]), on `device`.
+    pub fn shared_prefix(batch: &Batch, window: Option<usize>, device: &Device) -> Result<Self> {
+        HostBatch::shared_prefix(batch, window).upload(device)
     }
 
     /// Per-sequence completion log-probs under `model`, `[2 * pairs]`: chosen rows, then rejected.

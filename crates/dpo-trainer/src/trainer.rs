@@ -22,7 +22,7 @@ use crate::optim::{AdamW, AdamWConfig, clip_factor, global_norm};
 use crate::outputs::Outputs;
 use crate::ref_cache::{self, RefCache};
 use crate::schedule::lr_factor;
-use crate::step::{DeviceBatch, loss_of, pair_logps, score};
+use crate::step::{DeviceBatch, HostBatch, loss_of, pair_logps, score};
 
 /// Hooks for a front end (progress bar); all optional.
 pub trait Observer {
@@ -254,8 +254,8 @@ impl Trainer {
             // 2. Forward both models, backward the policy; each micro-batch weighs 1 / n.
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
             profile::start(&self.device)?;
-            for batch in &micro {
-                let db = self.device_batch(batch)?;
+            for (batch, host) in &micro {
+                let db = host.upload(&self.device)?;
                 profile::phase(&self.device, "batch")?;
                 let (micro_grads, stats) = self.micro_step(batch, &db, micro.len())?;
                 accumulate(&mut grads, &micro_grads, &self.policy.params)?;
@@ -611,12 +611,8 @@ impl Trainer {
 
     /// A batch on the device in the configured layout (standard, or prefix-shared).
     fn device_batch(&self, batch: &dpo_loader::Batch) -> Result<DeviceBatch> {
-        let window = self.policy.model.config.sliding_window;
-        Ok(if self.cfg.prefix_sharing {
-            DeviceBatch::shared_prefix(batch, window, &self.device)?
-        } else {
-            DeviceBatch::new(batch, window, &self.device)?
-        })
+        Ok(HostBatch::of(batch, self.cfg.prefix_sharing, self.policy.model.config.sliding_window)
+            .upload(&self.device)?)
     }
 
     /// Reference log-probs of a training batch: precomputed, or a forward of the reference.
@@ -681,8 +677,14 @@ impl Trainer {
     fn epoch_stream(&self, start: DataPosition, seen: usize) -> Result<EpochStream> {
         let data_cfg = self.cfg.data_config(self.cfg.batch_size);
         let iter = batches(self.train.clone(), self.tokenizer.clone(), data_cfg, start)?;
+        // The device layout is built on the prefetch thread too: the step only uploads it.
+        let (sharing, window) = (self.cfg.prefix_sharing, self.policy.model.config.sliding_window);
+        let layout = move |batch: dpo_loader::Batch| {
+            let host = HostBatch::of(&batch, sharing, window);
+            (batch, host)
+        };
         Ok(EpochStream {
-            batches: iter.prefetch(4)?,
+            batches: iter.prefetch_with(4, layout)?,
             position: start,
             seen,
             per_epoch: self.counts.train.batches,
@@ -691,7 +693,7 @@ impl Trainer {
 
     /// The next optimizer step's micro-batches: `gradient_accumulation_steps` of them, or the
     /// rest of the epoch if fewer remain (as the HF Trainer does).
-    fn next_micro_batches(&self, data: &mut EpochStream) -> Result<Vec<dpo_loader::Batch>> {
+    fn next_micro_batches(&self, data: &mut EpochStream) -> Result<Vec<(dpo_loader::Batch, HostBatch)>> {
         let mut micro = Vec::with_capacity(self.cfg.gradient_accumulation_steps);
         while micro.len() < self.cfg.gradient_accumulation_steps {
             match data.batches.next() {
@@ -729,7 +731,8 @@ impl Trainer {
 
 /// The batches of the current epoch and how far into it the run is.
 struct EpochStream {
-    batches: Prefetch,
+    /// Each batch with its device layout.
+    batches: Prefetch<(dpo_loader::Batch, HostBatch)>,
     /// Position after the last micro-batch taken.
     position: DataPosition,
     seen: usize,
