@@ -130,6 +130,71 @@ __device__ void softmax_bwd(const T *__restrict__ p, const T *__restrict__ dp, T
     }
 }
 
+// The same two for rows of at most 32 * SOFTMAX_WARP_C entries, one warp per row (row = warp of
+// the grid, blockDim.x / 32 rows a block): the row stays in registers, so global memory is read
+// once and written once, and the reductions are warp shuffles without block barriers. Lane l
+// holds entries l, l + 32, ... (coalesced). The forward takes the row's exact maximum first,
+// then one sum; masked entries (-inf) and those past K count 0.
+#define SOFTMAX_WARP_C 32
+template <typename T>
+__device__ void softmax_fwd_warp(const T *__restrict__ s, const float *__restrict__ bias, T *__restrict__ p,
+                                 long long rows, int K, int Q, int HQ, int bias_bcast, double scale_) {
+    typedef ACC(T) A;
+    const int lane = threadIdx.x & 31;
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;  // the whole warp
+    const long long brow = (bias_bcast ? 0 : row / HQ) * Q + row % Q;
+    const T *x = s + row * K;
+    const float *b = bias + brow * K;
+    const A scale = (A)scale_, ninf = neg_inf((A)0);
+    A v[SOFTMAX_WARP_C], m = ninf;
+#pragma unroll
+    for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
+        const int k = c * 32 + lane;
+        v[c] = k < K ? to_acc(x[k]) * scale + (A)b[k] : ninf;
+        m = v[c] > m ? v[c] : m;
+    }
+    m = warp_max(m);
+    A sum = 0;
+#pragma unroll
+    for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
+        v[c] = v[c] == ninf ? (A)0 : acc_exp(v[c] - m);  // NaN stays NaN
+        sum += v[c];
+    }
+    sum = warp_sum(sum);
+    T *y = p + row * K;
+#pragma unroll
+    for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
+        const int k = c * 32 + lane;
+        if (k < K) y[k] = from_acc<T>(v[c] / sum);
+    }
+}
+
+template <typename T>
+__device__ void softmax_bwd_warp(const T *__restrict__ p, const T *__restrict__ dp, T *__restrict__ ds,
+                                 long long rows, int K, double scale_) {
+    typedef ACC(T) A;
+    const int lane = threadIdx.x & 31;
+    const long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (row >= rows) return;  // the whole warp
+    const long long off = row * K;
+    const A scale = (A)scale_;
+    A pv[SOFTMAX_WARP_C], dv[SOFTMAX_WARP_C], dot = 0;
+#pragma unroll
+    for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
+        const int k = c * 32 + lane;
+        pv[c] = k < K ? to_acc(p[off + k]) : (A)0;
+        dv[c] = k < K ? to_acc(dp[off + k]) : (A)0;
+        dot += pv[c] * dv[c];
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
+        const int k = c * 32 + lane;
+        if (k < K) ds[off + k] = from_acc<T>(scale * pv[c] * (dv[c] - dot));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = O(T(x * r) * w), r = 1 / sqrt(sum(x^2) * (1/D) + eps), rows of length D; the
 // output type O is T, or bf16/f16 for f32 inputs (the norm and the cast to the matmul dtype).
@@ -443,6 +508,14 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
     extern "C" __global__ void dpo_softmax_bwd_##SUF(const T *p, const T *dp, T *ds, int K,          \
                                                      double scale) {                                 \
         softmax_bwd<T>(p, dp, ds, K, scale);                                                         \
+    }                                                                                                \
+    extern "C" __global__ void dpo_softmax_fwd_warp_##SUF(const T *s, const float *bias, T *p, long long rows, \
+                                                          int K, int Q, int HQ, int bias_bcast, double scale) { \
+        softmax_fwd_warp<T>(s, bias, p, rows, K, Q, HQ, bias_bcast, scale);                          \
+    }                                                                                                \
+    extern "C" __global__ void dpo_softmax_bwd_warp_##SUF(const T *p, const T *dp, T *ds, long long rows, \
+                                                          int K, double scale) {                     \
+        softmax_bwd_warp<T>(p, dp, ds, rows, K, scale);                                              \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_fwd_##SUF(const T *x, const T *w, T *y, int D, double eps) { \
         rmsnorm_fwd<T>(x, w, y, D, eps);                                                             \

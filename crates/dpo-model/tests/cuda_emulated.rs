@@ -31,6 +31,8 @@ fn kernels() -> Vec<String> {
     let per_dtype = [
         "dpo_softmax_fwd",
         "dpo_softmax_bwd",
+        "dpo_softmax_fwd_warp",
+        "dpo_softmax_bwd_warp",
         "dpo_rmsnorm_fwd",
         "dpo_rmsnorm_bwd_dx",
         "dpo_rmsnorm_bwd_dx_add",
@@ -93,7 +95,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 28, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 30, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -317,6 +319,63 @@ fn masked_softmax() -> Result<()> {
             tol(dt),
             &format!("softmax backward {dt:?}"),
         );
+    }
+    Ok(())
+}
+
+/// The warp-per-row softmax kernels (rows of at most 1,024 entries), as `src/ops/cuda.rs`
+/// launches them (8 rows a block): row lengths below, at and past a multiple of 32, the longest,
+/// a row count that leaves the last block part empty, a bias broadcast over rows and one per
+/// row, fully masked rows.
+#[test]
+fn masked_softmax_warp_per_row() -> Result<()> {
+    for (r, h, q, k, bcast) in
+        [(1, 3, 3, 5, false), (2, 2, 5, 37, true), (1, 1, 3, 64, false), (1, 2, 2, 1024, false)]
+    {
+        let bias_rows = if bcast { 1 } else { r };
+        // Query i of row j sees keys up to i + 30 - j; the last query of each row sees none.
+        let bias = Tensor::from_vec(
+            (0..bias_rows * q * k)
+                .map(|e| {
+                    let (row, i, key) = (e / (q * k), (e / k) % q, e % k);
+                    if i == q - 1 || key + row > i + 30 { -1e30f32 } else { 0.0 }
+                })
+                .collect::<Vec<_>>(),
+            (bias_rows, 1, q, k),
+            &CPU,
+        )?;
+        let rows = r * h * q;
+        let (grid, block) = ((rows.div_ceil(8), 1), (256, 1));
+        for dt in DTYPES {
+            let s = candle_core::Var::from_tensor(&randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?)?;
+            let p = ops::masked_softmax(&s, &bias, 0.5)?;
+            let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
+            let want_ds = (&p * &dp)?.sum_all()?.backward()?.get(&s).unwrap().clone();
+            let what = format!("softmax {r}x{h}x{q}x{k} {dt:?}");
+            let args = [
+                buf(&s),
+                buf(&bias),
+                out(dt, rows * k),
+                Arg::I64(rows as i64),
+                Arg::I32(k as i32),
+                Arg::I32(q as i32),
+                Arg::I32((h * q) as i32),
+                Arg::I32(i32::from(bcast && r != 1)),
+                Arg::F64(0.5),
+            ];
+            let got = launch(&format!("dpo_softmax_fwd_warp_{}", dt.as_str()), grid, block, &args);
+            assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &p, tol(dt), &what);
+            let args = [
+                buf(&p),
+                buf(&dp),
+                out(dt, rows * k),
+                Arg::I64(rows as i64),
+                Arg::I32(k as i32),
+                Arg::F64(0.5),
+            ];
+            let got = launch(&format!("dpo_softmax_bwd_warp_{}", dt.as_str()), grid, block, &args);
+            assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &want_ds, tol(dt), &format!("{what} backward"));
+        }
     }
     Ok(())
 }

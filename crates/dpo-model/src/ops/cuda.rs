@@ -208,6 +208,16 @@ fn rows_cfg(rows: usize, len: usize, what: &str) -> Result<LaunchConfig> {
     })
 }
 
+/// The longest rows the warp-per-row kernels take (`dpo_softmax_*_warp`: 32 lanes x
+/// `SOFTMAX_WARP_C` entries in registers); longer rows get a block each.
+const WARP_ROW_MAX: usize = 1024;
+
+/// One warp per row, 8 rows a block.
+fn warp_rows_cfg(rows: usize, what: &str) -> Result<LaunchConfig> {
+    let blocks = int(rows.div_ceil(8), what)? as u32;
+    Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+}
+
 /// A grid-stride element-wise launch over `n` elements.
 fn elementwise_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
@@ -242,7 +252,15 @@ fn softmax_fwd_t<T: Kern>(
     let (k32, q32, hq32) = (int(k, "softmax")?, int(q, "softmax")?, int(h * q, "softmax")?);
     // SAFETY: every element is written by the kernel.
     let mut out = unsafe { dev.alloc::<T>(rows * k)? };
-    if rows * k > 0 {
+    if rows * k > 0 && k <= WARP_ROW_MAX {
+        let f = func::<T>(&dev, "dpo_softmax_fwd_warp")?;
+        let mut lb = f.builder();
+        let rows64 = rows as i64;
+        lb.arg(&x).arg(&bias).arg(&mut out).arg(&rows64).arg(&k32).arg(&q32).arg(&hq32).arg(&bias_bcast);
+        lb.arg(&scale);
+        // SAFETY: argument types match the kernel's signature; sizes were checked above.
+        unsafe { lb.launch(warp_rows_cfg(rows, "softmax")?) }?;
+    } else if rows * k > 0 {
         let f = func::<T>(&dev, "dpo_softmax_fwd")?;
         let mut lb = f.builder();
         lb.arg(&x).arg(&bias).arg(&mut out).arg(&k32).arg(&q32).arg(&hq32).arg(&bias_bcast).arg(&scale);
@@ -277,7 +295,14 @@ fn softmax_bwd_t<T: Kern>(
     let k32 = int(k, "softmax backward")?;
     // SAFETY: every element is written by the kernel.
     let mut out = unsafe { dev.alloc::<T>(n)? };
-    if n > 0 {
+    if n > 0 && k <= WARP_ROW_MAX {
+        let f = func::<T>(&dev, "dpo_softmax_bwd_warp")?;
+        let mut lb = f.builder();
+        let rows64 = (n / k) as i64;
+        lb.arg(&pv).arg(&dpv).arg(&mut out).arg(&rows64).arg(&k32).arg(&scale);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(warp_rows_cfg(n / k, "softmax backward")?) }?;
+    } else if n > 0 {
         let f = func::<T>(&dev, "dpo_softmax_bwd")?;
         let mut lb = f.builder();
         lb.arg(&pv).arg(&dpv).arg(&mut out).arg(&k32).arg(&scale);
