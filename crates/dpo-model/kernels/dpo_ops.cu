@@ -216,12 +216,70 @@ __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, O 
 }
 
 // The residual add with the branch cast to f32: out = h + float(y).
+// Element-wise kernels run `step(i, Width<W>())` on elements i .. i + W of [0, n), grid-stride:
+// W = VEC_W, read and written as 16-byte vectors, while VEC_W elements remain and every buffer
+// is 16-byte aligned (`vec`); W = 1 for the rest. A 2-byte type read an element at a time keeps
+// too few bytes in flight per thread to use the DRAM's bandwidth.
+#define VEC_W 8
+template <int W> struct Width {
+    static constexpr int w = W;
+};
+
+__device__ __forceinline__ bool aligned16(const void *p) { return ((unsigned long long)p & 15) == 0; }
+
+template <typename Step> __device__ __forceinline__ void elementwise(long long n, bool vec, Step step) {
+    const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long stride = (long long)gridDim.x * blockDim.x;
+    long long done = 0;
+    if (vec) {
+        const long long nv = n / VEC_W;
+        for (long long v = first; v < nv; v += stride) step(v * VEC_W, Width<VEC_W>());
+        done = nv * VEC_W;
+    }
+    for (long long i = done + first; i < n; i += stride) step(i, Width<1>());
+}
+
+// W elements at p: whole 16-byte vectors where W of T make them, else one at a time.
+template <int W, typename T> __device__ __forceinline__ void load_w(T (&e)[W], const T *p) {
+    if constexpr (W * sizeof(T) % 16 == 0) {
+#pragma unroll
+        for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
+            const uint4 raw = ((const uint4 *)p)[c];
+            memcpy((char *)e + 16 * c, &raw, 16);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) e[j] = p[j];
+    }
+}
+
+template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const T (&e)[W]) {
+    if constexpr (W * sizeof(T) % 16 == 0) {
+#pragma unroll
+        for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
+            uint4 raw;
+            memcpy(&raw, (const char *)e + 16 * c, 16);
+            ((uint4 *)p)[c] = raw;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) p[j] = e[j];
+    }
+}
+
 template <typename T>
 __device__ void add_cast(const float *__restrict__ h, const T *__restrict__ y, float *__restrict__ out,
                          long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        out[i] = h[i] + to_acc(y[i]);
+    elementwise(n, aligned16(h) && aligned16(y) && aligned16(out), [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        float a[W], o[W];
+        T b[W];
+        load_w<W>(a, h + i);
+        load_w<W>(b, y + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) o[j] = a[j] + to_acc(b[j]);
+        store_w<W>(out + i, o);
+    });
 }
 
 // dx = r * (g - n * sum(g * n) / D), with n = x * r and g = dy * w; stores r per row in `rs`.
@@ -369,24 +427,41 @@ __device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__rest
 template <typename T>
 __device__ void silu_mul_fwd(const T *__restrict__ g, const T *__restrict__ u, T *__restrict__ y, long long n) {
     typedef ACC(T) A;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const A gv = to_acc(g[i]);
-        y[i] = from_acc<T>(gv / ((A)1 + acc_exp(-gv)) * to_acc(u[i]));
-    }
+    elementwise(n, aligned16(g) && aligned16(u) && aligned16(y), [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        T a[W], b[W], o[W];
+        load_w<W>(a, g + i);
+        load_w<W>(b, u + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            const A gv = to_acc(a[j]);
+            o[j] = from_acc<T>(gv / ((A)1 + acc_exp(-gv)) * to_acc(b[j]));
+        }
+        store_w<W>(y + i, o);
+    });
 }
 
 template <typename T>
 __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, const T *__restrict__ dy,
                              T *__restrict__ out, long long n) {
     typedef ACC(T) A;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const A gv = to_acc(g[i]), uv = to_acc(u[i]), d = to_acc(dy[i]);
-        const A sig = (A)1 / ((A)1 + acc_exp(-gv));
-        out[i] = from_acc<T>(d * uv * sig * ((A)1 + gv * ((A)1 - sig)));
-        out[n + i] = from_acc<T>(d * gv * sig);
-    }
+    const bool vec = aligned16(g) && aligned16(u) && aligned16(dy) && aligned16(out) && aligned16(out + n);
+    elementwise(n, vec, [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        T a[W], b[W], d[W], dg[W], du[W];
+        load_w<W>(a, g + i);
+        load_w<W>(b, u + i);
+        load_w<W>(d, dy + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            const A gv = to_acc(a[j]), uv = to_acc(b[j]), dv = to_acc(d[j]);
+            const A sig = (A)1 / ((A)1 + acc_exp(-gv));
+            dg[j] = from_acc<T>(dv * uv * sig * ((A)1 + gv * ((A)1 - sig)));
+            du[j] = from_acc<T>(dv * gv * sig);
+        }
+        store_w<W>(out + i, dg);
+        store_w<W>(out + n + i, du);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -218,6 +218,12 @@ fn warp_rows_cfg(rows: usize, what: &str) -> Result<LaunchConfig> {
     Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
 }
 
+/// An element-wise launch over `n` elements for the kernels that take `VEC_W` (8) at a time
+/// (`elementwise` in `dpo_ops.cu`): a thread per 8 elements.
+fn vector_cfg(n: usize) -> LaunchConfig {
+    elementwise_cfg(n.div_ceil(8))
+}
+
 /// A grid-stride element-wise launch over `n` elements.
 fn elementwise_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
@@ -385,7 +391,8 @@ fn add_cast_t<T: Kern>(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layou
     elementwise2::<f32, T, f32>(h, hl, y, yl, "dpo_add_cast", "add_cast")
 }
 
-/// `<kernel>_<B>(a, b, out, n)`: one output element of `O` per element of `a` (`A`) and `b` (`B`),
+/// `<kernel>_<B>(a, b, out, n)` (8 elements a thread, [`vector_cfg`]): one output element of `O`
+/// per element of `a` (`A`) and `b` (`B`),
 /// both contiguous with `a`'s element count.
 fn elementwise2<A: Kern, B: Kern, O: Kern>(
     a: &CudaStorage,
@@ -407,7 +414,7 @@ fn elementwise2<A: Kern, B: Kern, O: Kern>(
         let mut lb = f.builder();
         lb.arg(&av).arg(&bv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }?;
+        unsafe { lb.launch(vector_cfg(n)) }?;
     }
     Ok(O::wrap_cuda_slice(out, dev))
 }
@@ -688,7 +695,7 @@ fn silu_mul_bwd_t<T: Kern>(
         let mut lb = f.builder();
         lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }?;
+        unsafe { lb.launch(vector_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
