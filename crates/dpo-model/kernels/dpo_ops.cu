@@ -356,48 +356,106 @@ __device__ void rmsnorm_bwd_dw_final(const ACC(T) *__restrict__ partial, T *__re
 // through its element strides sr, sh, sp over R, H, S (head rows contiguous), y is contiguous.
 // forward:  y_j = x_j c_j + (j < h ? -x_{j+h} : x_{j-h}) s_j
 // backward: dx_j = dy_j c_j + (j < h ? dy_{j+h} s_{j+h} : -dy_{j-h} s_{j-h})
+// A thread takes W entries j0 .. j0 + W of a head row's first half and their partners j0 + h ..
+// in the second (rope_pair): W = 8 where h is a multiple of 8, as 16-byte vectors where every
+// buffer and row allows (`vec`), else W = 1. A row's indices are divided out once per 2 W entries.
+template <int W, typename T>
+__device__ __forceinline__ void load_or_read(T (&e)[W], const T *p, bool vec) {
+    if (vec) {
+        load_w<W>(e, p);
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) e[j] = p[j];
+    }
+}
+
+template <int W, typename T>
+__device__ __forceinline__ void store_or_write(T *p, const T (&e)[W], bool vec) {
+    if (vec) {
+        store_w<W>(p, e);
+    } else {
+#pragma unroll
+        for (int j = 0; j < W; ++j) p[j] = e[j];
+    }
+}
+
+// y (a head row) at j0 .. j0 + W and j0 + h .. from the head row xr and the cos/sin rows cr, sr.
+template <int W, typename T>
+__device__ __forceinline__ void rope_pair(const T *xr, const T *cr, const T *sr, T *yr, int j0, int h, bool vec,
+                                          int bwd) {
+    typedef ACC(T) A;
+    T lo[W], hi[W], clo[W], chi[W], slo[W], shi[W], ylo[W], yhi[W];
+    load_or_read<W>(lo, xr + j0, vec);
+    load_or_read<W>(hi, xr + j0 + h, vec);
+    load_or_read<W>(clo, cr + j0, vec);
+    load_or_read<W>(chi, cr + j0 + h, vec);
+    load_or_read<W>(slo, sr + j0, vec);
+    load_or_read<W>(shi, sr + j0 + h, vec);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+        const A a = to_acc(lo[j]), b = to_acc(hi[j]);
+        if (!bwd) {
+            ylo[j] = from_acc<T>(a * to_acc(clo[j]) + -b * to_acc(slo[j]));
+            yhi[j] = from_acc<T>(b * to_acc(chi[j]) + a * to_acc(shi[j]));
+        } else {
+            const A pb = b * to_acc(shi[j]), pa = a * to_acc(slo[j]);
+            ylo[j] = from_acc<T>(a * to_acc(clo[j]) + pb);
+            yhi[j] = from_acc<T>(b * to_acc(chi[j]) + -pa);
+        }
+    }
+    store_or_write<W>(yr + j0, ylo, vec);
+    store_or_write<W>(yr + j0 + h, yhi, vec);
+}
+
+// Whether rows of `stride` elements of T keep 16-byte alignment.
+template <typename T> __device__ __forceinline__ bool rows16(long long stride) {
+    return (stride * (long long)sizeof(T)) % 16 == 0;
+}
+
 template <typename T>
 __device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, const T *__restrict__ sn,
                             T *__restrict__ y, long long n, int H, int S, int Dh, long long sr, long long sh,
                             long long sp, int per_row, int bwd) {
-    typedef ACC(T) A;
     const int h = Dh / 2;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int j = (int)(i % Dh);
-        const long long t = i / Dh;  // (r * H + head) * S + s
+    const bool by8 = h % VEC_W == 0;
+    const bool vec = by8 && aligned16(x) && aligned16(cs) && aligned16(sn) && aligned16(y) && rows16<T>(sr) &&
+                     rows16<T>(sh) && rows16<T>(sp) && rows16<T>(Dh);
+    const int W = by8 ? VEC_W : 1;
+    const long long per = h / W, items = n / Dh * per;  // W-entry pieces a head row, and in all
+    for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (long long)gridDim.x * blockDim.x) {
+        const long long t = it / per;  // (r * H + head) * S + s
+        const int j0 = (int)(it % per) * W;
         const int s = (int)(t % S);
         const int head = (int)((t / S) % H);
         const long long r = t / ((long long)H * S);
         const long long c = (per_row ? r * S + s : (long long)s) * Dh;
         const T *xr = x + r * sr + head * sh + s * sp;  // this head row of x (strided view)
-        const int pj = j < h ? j + h : j - h;
-        A v;
-        if (!bwd) {
-            const A rot = j < h ? -to_acc(xr[pj]) : to_acc(xr[pj]);
-            v = to_acc(xr[j]) * to_acc(cs[c + j]) + rot * to_acc(sn[c + j]);
-        } else {
-            const A ps = to_acc(xr[pj]) * to_acc(sn[c + pj]);
-            v = to_acc(xr[j]) * to_acc(cs[c + j]) + (j < h ? ps : -ps);
-        }
-        y[i] = from_acc<T>(v);
+        if (by8)
+            rope_pair<VEC_W>(xr, cs + c, sn + c, y + t * Dh, j0, h, vec, bwd);
+        else
+            rope_pair<1>(xr, cs + c, sn + c, y + t * Dh, j0, h, false, bwd);
     }
 }
 
 // RoPE's backward on dq [R, HQ, S, Dh] and dk [R, HK, S, Dh], merged with dv [R, HK, S, Dh] into
-// the stacked projection's layout y [R, S, HQ + 2 HK, Dh] (one thread per element of y).
+// the stacked projection's layout y [R, S, HQ + 2 HK, Dh], the pieces of rope_kernel a thread.
 template <typename T>
 __device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__restrict__ dk,
                                        const T *__restrict__ dv, const T *__restrict__ cs,
                                        const T *__restrict__ sn, T *__restrict__ y, long long n, int HQ,
                                        int HK, int S, int Dh, int per_row) {
-    typedef ACC(T) A;
     const int h = Dh / 2;
     const int HT = HQ + 2 * HK;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const int j = (int)(i % Dh);
-        const long long t = i / Dh;  // (r * S + s) * HT + head
+    const bool by8 = h % VEC_W == 0;
+    const bool vec = by8 && aligned16(dq) && aligned16(dk) && aligned16(dv) && aligned16(cs) && aligned16(sn) &&
+                     aligned16(y) && rows16<T>(Dh);
+    const int W = by8 ? VEC_W : 1;
+    const long long per = h / W, items = n / Dh * per;
+    for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < items;
+         it += (long long)gridDim.x * blockDim.x) {
+        const long long t = it / per;  // (r * S + s) * HT + head
+        const int j0 = (int)(it % per) * W;
         const int head = (int)(t % HT);
         const int s = (int)((t / HT) % S);
         const long long r = t / ((long long)HT * S);
@@ -411,14 +469,19 @@ __device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__rest
             src = dv; nh = HK; at = head - HQ - HK;
         }
         const T *xr = src + ((r * nh + at) * S + s) * Dh;  // this head row of the source
-        if (head >= HQ + HK) {
-            y[i] = xr[j];
+        T *yr = y + t * Dh;
+        if (head >= HQ + HK) {  // dv: copied
+            for (int j = j0; j < j0 + W; ++j) {
+                yr[j] = xr[j];
+                yr[j + h] = xr[j + h];
+            }
             continue;
         }
         const long long c = (per_row ? r * S + s : (long long)s) * Dh;
-        const int pj = j < h ? j + h : j - h;
-        const A ps = to_acc(xr[pj]) * to_acc(sn[c + pj]);
-        y[i] = from_acc<T>(to_acc(xr[j]) * to_acc(cs[c + j]) + (j < h ? ps : -ps));
+        if (by8)
+            rope_pair<VEC_W>(xr, cs + c, sn + c, yr, j0, h, vec, 1);
+        else
+            rope_pair<1>(xr, cs + c, sn + c, yr, j0, h, false, 1);
     }
 }
 

@@ -609,12 +609,18 @@ fn gather_and_scatter_rows() -> Result<()> {
 }
 
 /// RoPE on the heads of a stacked projection's output read in place (strided, with an offset),
-/// shared and per-row tables, forward and backward (which the trainer gives contiguous).
+/// shared and per-row tables, forward and backward (which the trainer gives contiguous). Head
+/// size 8 (a thread per entry and its partner), 16 (8 of each: 16-byte vectors, and with a row
+/// padded by one element, which breaks their alignment, one at a time).
 #[test]
 fn rope_strided_heads() -> Result<()> {
-    let (r, h, s, d) = (2, 3, 9, 8);
-    for dt in DTYPES {
-        for per_row in [false, true] {
+    let (r, h, s) = (2, 3, 9);
+    for (d, dt, per_row, pad) in
+        [8, 16].into_iter().flat_map(|d| DTYPES.map(|dt| (d, dt))).flat_map(|(d, dt)| {
+            [(false, 0), (true, 0), (true, usize::from(d == 16))].map(|(p, pad)| (d, dt, p, pad))
+        })
+    {
+        {
             let positions: Vec<f32> = (0..if per_row { r } else { 1 })
                 .flat_map(|row| {
                     (0..s).flat_map(move |p| {
@@ -625,11 +631,13 @@ fn rope_strided_heads() -> Result<()> {
             let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
             let angles = Tensor::from_vec(positions, shape, &CPU)?;
             let (cos, sin) = (angles.cos()?.to_dtype(dt)?, angles.sin()?.to_dtype(dt)?);
-            // x [r, s, h + 2, d]; the view [r, h, s, d] from head 1.
-            let x = randn(&[r, s, h + 2, d], 4, 1.0).to_dtype(dt)?;
-            let view = x.transpose(1, 2)?.narrow(1, 1, h)?;
+            // x [r, s, (h + 2) d + pad]; the view [r, h, s, d] from head 1.
+            let width = (h + 2) * d + pad;
+            let x = randn(&[r, s, width], 4, 1.0).to_dtype(dt)?;
+            let view =
+                x.narrow(2, 0, (h + 2) * d)?.reshape((r, s, h + 2, d))?.transpose(1, 2)?.narrow(1, 1, h)?;
             let n = r * h * s * d;
-            let (grid, block) = elementwise_cfg(n);
+            let (grid, block) = elementwise_cfg(n.div_ceil(16));
             let run = |input: Vec<u8>, strides: [usize; 3], bwd: bool| -> Tensor {
                 let args = [
                     Arg::Buf(input),
@@ -654,8 +662,8 @@ fn rope_strided_heads() -> Result<()> {
             };
             // The view starts `d` elements into x (head 1 of row 0, position 0).
             let strided = bytes(&x)[d * dt.size_in_bytes()..].to_vec();
-            let strides = [s * (h + 2) * d, d, (h + 2) * d];
-            let what = format!("rope {dt:?} per_row={per_row}");
+            let strides = [s * width, d, width];
+            let what = format!("rope {dt:?} d={d} per_row={per_row} pad={pad}");
             assert_close(
                 &run(strided.clone(), strides, false),
                 &ops::rope(&view, &cos, &sin)?,
@@ -681,10 +689,11 @@ fn rope_strided_heads() -> Result<()> {
     Ok(())
 }
 
+/// Head sizes 8 (a thread per entry and its partner) and 16 (8 of each, 16-byte vectors).
 #[test]
 fn rope_backward_merged_into_stacked_layout() -> Result<()> {
-    let (r, hq, hk, s, d) = (2, 3, 2, 7, 8);
-    for dt in DTYPES {
+    let (r, hq, hk, s) = (2, 3, 2, 7);
+    for (d, dt) in [8, 16].into_iter().flat_map(|d| DTYPES.map(|dt| (d, dt))) {
         for per_row in [false, true] {
             let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
             let angles = (randn(shape, 9, 1.0) * 3.0)?;
@@ -694,7 +703,7 @@ fn rope_backward_merged_into_stacked_layout() -> Result<()> {
             let dv = randn(&[r, hk, s, d], 8, 1.0).to_dtype(dt)?;
             let want = ops::rope_backward_merged(&dq, &dk, &dv, &cos, &sin)?;
             let n = r * s * (hq + 2 * hk) * d;
-            let (grid, block) = elementwise_cfg(n);
+            let (grid, block) = elementwise_cfg(n.div_ceil(16));
             let args = [
                 buf(&dq),
                 buf(&dk),
@@ -710,7 +719,7 @@ fn rope_backward_merged_into_stacked_layout() -> Result<()> {
                 Arg::I32(i32::from(per_row)),
             ];
             let got = launch(&format!("dpo_rope_bwd_merged_{}", dt.as_str()), grid, block, &args);
-            let what = format!("rope_backward_merged {dt:?} per_row={per_row}");
+            let what = format!("rope_backward_merged {dt:?} d={d} per_row={per_row}");
             assert_close(&tensor(&got[5], dt, want.dims()), &want, tol(dt), &what);
         }
     }

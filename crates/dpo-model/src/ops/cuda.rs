@@ -224,6 +224,12 @@ fn vector_cfg(n: usize) -> LaunchConfig {
     elementwise_cfg(n.div_ceil(8))
 }
 
+/// The RoPE kernels over `n` elements: a thread per 8 entries of a head row's first half and
+/// their 8 partners in the second (`rope_kernel` in `dpo_ops.cu`).
+fn rope_cfg(n: usize) -> LaunchConfig {
+    elementwise_cfg(n.div_ceil(16))
+}
+
 /// A grid-stride element-wise launch over `n` elements.
 fn elementwise_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
@@ -596,7 +602,7 @@ fn rope_backward_merged_t<T: Kern>(
             .arg(&d32)
             .arg(&per_row);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }?;
+        unsafe { lb.launch(rope_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
@@ -638,7 +644,7 @@ fn rope_t<T: Kern>(
             .arg(&per_row)
             .arg(&bwd);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(elementwise_cfg(n)) }?;
+        unsafe { lb.launch(rope_cfg(n)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
 }
