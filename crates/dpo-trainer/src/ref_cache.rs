@@ -14,7 +14,7 @@ use dpo_model::CausalLm;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainError};
-use crate::step::HostBatch;
+use crate::step::with_layout;
 
 /// A pair's identity across runs: its file (by name) and line, as one integer.
 fn row_key(src: &dpo_loader::RowRef) -> i64 {
@@ -90,11 +90,7 @@ impl RefCache {
         // Every kept pair, the last short batch included: a shuffled epoch may use any of them.
         let cfg = DataConfig { shuffle: false, drop_last: false, ..data_cfg };
         let (mut lines, mut chosen, mut rejected) = (Vec::new(), Vec::new(), Vec::new());
-        let window = reference.config.sliding_window;
-        let layout = move |batch: Batch| {
-            let host = HostBatch::of(&batch, prefix_sharing, window);
-            (batch, host)
-        };
+        let layout = with_layout(prefix_sharing, reference.config.sliding_window);
         for item in batches(dataset.clone(), tokenizer.clone(), cfg, DataPosition::start_of(0))?
             .prefetch_with(2, layout)?
         {

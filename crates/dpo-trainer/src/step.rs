@@ -166,6 +166,18 @@ impl HostBatch {
     }
 }
 
+/// For [`dpo_loader::BatchIter::prefetch_with`]: each batch with its layout
+/// ([`HostBatch::of`]), made on the prefetch thread.
+pub fn with_layout(
+    prefix_sharing: bool,
+    window: Option<usize>,
+) -> impl FnMut(Batch) -> (Batch, HostBatch) + Send {
+    move |batch| {
+        let host = HostBatch::of(&batch, prefix_sharing, window);
+        (batch, host)
+    }
+}
+
 /// Completion tokens per row of a collated batch (TRL's `completion_mask.sum(1)`).
 fn completion_lengths(batch: &Batch) -> Vec<usize> {
     (batch.completion_mask.chunks(batch.seq_len.max(1)))

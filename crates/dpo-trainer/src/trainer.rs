@@ -22,7 +22,7 @@ use crate::optim::{AdamW, AdamWConfig, clip_factor, global_norm};
 use crate::outputs::Outputs;
 use crate::ref_cache::{self, RefCache};
 use crate::schedule::lr_factor;
-use crate::step::{DeviceBatch, HostBatch, loss_of, pair_logps, score};
+use crate::step::{DeviceBatch, HostBatch, loss_of, pair_logps, score, with_layout};
 
 /// Hooks for a front end (progress bar); all optional.
 pub trait Observer {
@@ -678,11 +678,7 @@ impl Trainer {
         let data_cfg = self.cfg.data_config(self.cfg.batch_size);
         let iter = batches(self.train.clone(), self.tokenizer.clone(), data_cfg, start)?;
         // The device layout is built on the prefetch thread too: the step only uploads it.
-        let (sharing, window) = (self.cfg.prefix_sharing, self.policy.model.config.sliding_window);
-        let layout = move |batch: dpo_loader::Batch| {
-            let host = HostBatch::of(&batch, sharing, window);
-            (batch, host)
-        };
+        let layout = with_layout(self.cfg.prefix_sharing, self.policy.model.config.sliding_window);
         Ok(EpochStream {
             batches: iter.prefetch_with(4, layout)?,
             position: start,
