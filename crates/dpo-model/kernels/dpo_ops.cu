@@ -530,7 +530,8 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
 // ---------------------------------------------------------------------------------------------
 // Log-probs of target tokens, one block per row of logits z [N, V]:
 // forward:  lse = log sum_v exp(z_v), logp = z_t - lse, into out [2, N] (logp row, lse row);
-// backward: dz_v = g [v = t] - g exp(z_v - lse), with lse_g [2, N] (lse row, g row).
+// backward: dz_v = g [v = t] - g exp(z_v - lse), with lse_g [2, N] (lse row, g row); z may be
+//           the vocabulary's columns first .. first + V (a target outside them: no one-hot).
 // A NaN logit makes the row's lse NaN; a target outside [0, V) gives a NaN logp.
 template <typename T>
 __device__ void target_logprobs_fwd(const T *__restrict__ z, const unsigned int *__restrict__ tgt,
@@ -564,13 +565,14 @@ __device__ void target_logprobs_fwd(const T *__restrict__ z, const unsigned int 
 
 template <typename T>
 __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__restrict__ lse_g,
-                                    const unsigned int *__restrict__ tgt, T *__restrict__ dz, int V, int N) {
+                                    const unsigned int *__restrict__ tgt, T *__restrict__ dz, int V, int N,
+                                    long long first) {
     typedef ACC(T) A;
     const long long row = blockIdx.x, off = row * V;
     const A lse = lse_g[row], g = lse_g[N + row];
-    const unsigned int t = tgt[row];
+    const long long t = (long long)tgt[row] - first;  // the target's column here, if in [0, V)
     for (int k = threadIdx.x; k < V; k += blockDim.x) {
-        const A hot = (unsigned int)k == t ? g : (A)0;
+        const A hot = k == t ? g : (A)0;
         dz[off + k] = from_acc<T>(hot - acc_exp(to_acc(z[off + k]) - lse) * g);
     }
 }
@@ -698,8 +700,8 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
     }                                                                                                \
     extern "C" __global__ void dpo_target_logprobs_bwd_##SUF(const T *z, const AccOf<T>::type *lse_g, \
                                                              const unsigned int *t, T *dz, int V,    \
-                                                             int N) {                                \
-        target_logprobs_bwd<T>(z, lse_g, t, dz, V, N);                                               \
+                                                             int N, long long first) {               \
+        target_logprobs_bwd<T>(z, lse_g, t, dz, V, N, first);                                        \
     }                                                                                                \
     extern "C" __global__ void dpo_gather_rows_##SUF(const T *table, const unsigned int *ids, T *out, \
                                                      long long n, int H, int V) {                    \

@@ -5,7 +5,8 @@
 //! ```
 //! Only positions whose next token is a completion token are scored (TRL's shifted completion
 //! mask). The LM head runs over those rows in chunks, inside a custom op whose backward
-//! recomputes each chunk's logits and, from the logsumexp the forward kept, its softmax: the
+//! recomputes the logits a slice of the vocabulary at a time (all rows, the same number of
+//! logits as a forward chunk) and, from the logsumexp the forward kept, their softmax: the
 //! graph keeps `h` and `W`, never `[positions, vocab]` logits. Gradients:
 //! `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`. With the fused ops
 //! each chunk's log-softmax at the targets, and its gradient, is one pass over the logits
@@ -122,12 +123,20 @@ impl LmHead {
         }
     }
 
-    /// `d(sum_i g_i logp_i) / d logits`, in the logits' dtype.
-    fn logprobs_grad(&self, logits: &Tensor, lse: &Tensor, targets: &Tensor, g: &Tensor) -> Result<Tensor> {
+    /// `d(sum_i g_i logp_i) / d logits` for `logits`, the vocabulary's columns `first..`, in
+    /// their dtype (`lse`: the whole rows').
+    fn logprobs_grad(
+        &self,
+        logits: &Tensor,
+        lse: &Tensor,
+        targets: &Tensor,
+        g: &Tensor,
+        first: usize,
+    ) -> Result<Tensor> {
         if self.fused {
-            ops::target_logprobs_backward(logits, lse, targets, g)
+            ops::target_logprobs_backward_cols(logits, lse, targets, g, first)
         } else {
-            ops::target_logprobs_backward_slow(logits, lse, targets, g)
+            ops::target_logprobs_backward_cols_slow(logits, lse, targets, g, first)
         }
     }
 }
@@ -244,29 +253,32 @@ impl CustomOp2 for ChunkedLogProbs {
         let _timed = dpo_model::profile::op(h.device(), "log_probs_bwd");
         let (h, w) = (h.detach(), w.detach());
         let acc = accum_dtype(h.dtype());
-        let n = h.dim(0)?;
-        let mut grad_h = Vec::new();
-        let mut grad_w: Option<Tensor> = None;
-        let mut start = 0;
-        while start < n {
-            let len = self.head.chunk.min(n - start);
-            let hc = h.narrow(0, start, len)?;
-            let logits = matmul(&hc, &w.t()?)?;
-            let part = |t: &Tensor| t.narrow(0, start, len);
-            let dz =
-                self.head.logprobs_grad(&logits, &part(&self.lse)?, &part(&self.targets)?, &part(grad)?)?;
-            grad_h.push(matmul(&dz, &w)?);
-            let dw = matmul(&dz.t()?, &hc)?.to_dtype(acc)?;
-            grad_w = Some(match grad_w {
-                Some(sum) => (sum + dw)?,
-                None => dw,
+        let (n, vocab) = (h.dim(0)?, w.dim(0)?);
+        // By slices of the vocabulary, `n x cols` logits at a time (the forward's `chunk x
+        // vocab` budget): each slice's dW rows are written once, not summed over row chunks,
+        // and only `dh` (`n x hidden`) is summed over slices.
+        let cols = (self.head.chunk.saturating_mul(vocab) / n.max(1)).clamp(1, vocab.max(1));
+        let mut grad_h: Option<Tensor> = None;
+        let mut grad_w = Vec::new();
+        let mut first = 0;
+        while first < vocab {
+            let len = cols.min(vocab - first);
+            let wc = w.narrow(0, first, len)?;
+            let logits = matmul(&h, &wc.t()?)?;
+            let dz = self.head.logprobs_grad(&logits, &self.lse, &self.targets, grad, first)?;
+            let dh = matmul(&dz, &wc)?.to_dtype(acc)?;
+            grad_h = Some(match grad_h {
+                Some(sum) => (sum + dh)?,
+                None => dh,
             });
-            start += len;
+            grad_w.push(matmul(&dz.t()?, &h)?);
+            first += len;
         }
-        let grad_w = match grad_w {
-            Some(g) => g.to_dtype(w.dtype())?,
-            None => w.zeros_like()?,
+        let grad_h = match grad_h {
+            Some(g) => g.to_dtype(h.dtype())?,
+            None => h.zeros_like()?,
         };
-        Ok((Some(Tensor::cat(&grad_h, 0)?), Some(grad_w)))
+        let grad_w = if grad_w.is_empty() { w.zeros_like()? } else { Tensor::cat(&grad_w, 0)? };
+        Ok((Some(grad_h), Some(grad_w)))
     }
 }

@@ -841,6 +841,9 @@ fn target_logprobs_t<T: Kern>(
     Ok(T::Acc::wrap_cuda_slice(out, dev))
 }
 
+/// The gradient of the logits `z`, the vocabulary's columns `first..` (see `target_logprobs_bwd`
+/// in `dpo_ops.cu`).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn target_logprobs_bwd(
     z: &CudaStorage,
     zl: &Layout,
@@ -848,10 +851,12 @@ pub(super) fn target_logprobs_bwd(
     lgl: &Layout,
     t: &CudaStorage,
     tl: &Layout,
+    first: usize,
 ) -> Result<CudaStorage> {
-    dispatch!(z.dtype(), target_logprobs_bwd_t(z, zl, lg, lgl, t, tl))
+    dispatch!(z.dtype(), target_logprobs_bwd_t(z, zl, lg, lgl, t, tl, first))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn target_logprobs_bwd_t<T: Kern>(
     z: &CudaStorage,
     zl: &Layout,
@@ -859,6 +864,7 @@ fn target_logprobs_bwd_t<T: Kern>(
     lgl: &Layout,
     t: &CudaStorage,
     tl: &Layout,
+    first: usize,
 ) -> Result<CudaStorage> {
     let dev = z.device().clone();
     let zv = view::<T>(z, zl, "target_logprobs_backward")?;
@@ -871,7 +877,8 @@ fn target_logprobs_bwd_t<T: Kern>(
     if n * v > 0 {
         let f = func::<T>(&dev, "dpo_target_logprobs_bwd")?;
         let mut lb = f.builder();
-        lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32);
+        let first = first as i64;
+        lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32).arg(&first);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
         unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }?;
     }

@@ -56,6 +56,41 @@ pub fn target_logprobs_backward(
     targets: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor> {
+    backward_op(logits, lse, targets, g, TargetLogProbsBwd { first: None })
+}
+
+/// [`target_logprobs_backward`] for `logits` that are the vocabulary's columns `first..first +
+/// cols` (the LM head's backward by vocabulary slices): `lse` is still the whole row's, and a
+/// target outside these columns adds no one-hot (targets are checked against the vocabulary by
+/// the forward, [`target_logprobs`], not here).
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let (z, t) = (Tensor::new(&[[0f32, 1.0, 2.0, 3.0]], &Device::Cpu)?, Tensor::new(&[2u32], &Device::Cpu)?);
+/// let (_, lse) = dpo_model::ops::target_logprobs(&z, &t)?;
+/// let g = Tensor::new(&[1f32], &Device::Cpu)?;
+/// let whole = dpo_model::ops::target_logprobs_backward(&z, &lse, &t, &g)?;
+/// let right = dpo_model::ops::target_logprobs_backward_cols(&z.narrow(1, 2, 2)?, &lse, &t, &g, 2)?;
+/// assert_eq!(right.to_vec2::<f32>()?, whole.narrow(1, 2, 2)?.to_vec2::<f32>()?);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn target_logprobs_backward_cols(
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    first: usize,
+) -> Result<Tensor> {
+    backward_op(logits, lse, targets, g, TargetLogProbsBwd { first: Some(first) })
+}
+
+fn backward_op(
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    op: TargetLogProbsBwd,
+) -> Result<Tensor> {
     let _timed = crate::profile::op(logits.device(), "target_logprobs_bwd");
     check(logits, targets, "target_logprobs_backward")?;
     let acc = accum_dtype(logits.dtype());
@@ -63,7 +98,7 @@ pub fn target_logprobs_backward(
     if lse_g.dims() != [2, logits.dim(0)?] {
         candle_core::bail!("target_logprobs_backward: lse and g must be [{}]", logits.dim(0)?);
     }
-    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &TargetLogProbsBwd)
+    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &op)
 }
 
 /// The reference for [`target_logprobs_backward`]: the same values from candle ops.
@@ -73,12 +108,24 @@ pub fn target_logprobs_backward_slow(
     targets: &Tensor,
     g: &Tensor,
 ) -> Result<Tensor> {
+    target_logprobs_backward_cols_slow(logits, lse, targets, g, 0)
+}
+
+/// The reference for [`target_logprobs_backward_cols`]: the same values from candle ops.
+pub fn target_logprobs_backward_cols_slow(
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    first: usize,
+) -> Result<Tensor> {
     let acc = accum_dtype(logits.dtype());
     let z = logits.to_dtype(acc)?;
     let g = g.to_dtype(acc)?.unsqueeze(1)?;
     let probs = z.broadcast_sub(&lse.to_dtype(acc)?.unsqueeze(1)?)?.exp()?;
-    let onehot_g = z.zeros_like()?.scatter_add(&targets.unsqueeze(1)?, &g, 1)?;
-    (onehot_g - probs.broadcast_mul(&g)?)?.to_dtype(logits.dtype())
+    let cols = Tensor::arange(first as u32, (first + z.dim(1)?) as u32, z.device())?;
+    let onehot = cols.unsqueeze(0)?.broadcast_eq(&targets.unsqueeze(1)?)?.to_dtype(acc)?;
+    (onehot.broadcast_mul(&g)? - probs.broadcast_mul(&g)?)?.to_dtype(logits.dtype())
 }
 
 fn check(logits: &Tensor, targets: &Tensor, what: &str) -> Result<()> {
@@ -96,8 +143,11 @@ fn check(logits: &Tensor, targets: &Tensor, what: &str) -> Result<()> {
 
 struct TargetLogProbs;
 
-/// `(lse_g, targets) -> dlogits` for logits `[rows, vocab]`, `lse_g` `[2, rows]` (lse, then g).
-pub(super) struct TargetLogProbsBwd;
+/// `(lse_g, targets) -> dlogits` for logits `[rows, vocab]`, `lse_g` `[2, rows]` (lse, then g):
+/// the whole vocabulary (`first: None`, targets checked against it) or its columns `first..`.
+pub(super) struct TargetLogProbsBwd {
+    pub(super) first: Option<usize>,
+}
 
 /// The targets, each checked against the vocabulary.
 fn cpu_targets<'a>(t: &'a CpuStorage, tl: &Layout, vocab: usize, what: &str) -> Result<&'a [u32]> {
@@ -132,17 +182,22 @@ fn bwd_cpu<T: Elem>(
     lgl: &Layout,
     t: &CpuStorage,
     tl: &Layout,
+    first: Option<usize>,
 ) -> Result<CpuStorage> {
     let z = cpu_slice::<T>(z, zl, "target_logprobs_backward")?;
     let (rows, vocab) = zl.shape().dims2()?;
-    let t = cpu_targets(t, tl, vocab, "target_logprobs_backward")?;
+    let t = match first {
+        None => cpu_targets(t, tl, vocab, "target_logprobs_backward")?,
+        Some(_) => cpu_slice::<u32>(t, tl, "target_logprobs_backward")?,
+    };
+    let first = first.unwrap_or(0);
     let (lse, g) = cpu_slice::<T::A>(lg, lgl, "target_logprobs_backward lse and g")?.split_at(rows);
     let zero = T::cst(0.0);
     let mut out = vec![T::from_acc(zero); z.len()];
     out.par_chunks_mut(vocab).zip(z.par_chunks(vocab)).enumerate().for_each(|(i, (dz, z))| {
         let (lse, g, t) = (lse[i], g[i], t[i] as usize);
         for (v, (dz, &x)) in dz.iter_mut().zip(z).enumerate() {
-            let hot = if v == t { g } else { zero };
+            let hot = if v + first == t { g } else { zero };
             *dz = T::from_acc(hot - (x.acc() - lse).exp() * g);
         }
     });
@@ -191,7 +246,7 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_dispatch!(z, bwd_cpu(z, zl, lg, lgl, t, tl))?;
+        let out = cpu_dispatch!(z, bwd_cpu(z, zl, lg, lgl, t, tl, self.first))?;
         Ok((out, zl.shape().clone()))
     }
 
@@ -205,6 +260,7 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &candle_core::CudaStorage,
         tl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl)?, zl.shape().clone()))
+        let first = self.first.unwrap_or(0);
+        Ok((super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl, first)?, zl.shape().clone()))
     }
 }

@@ -131,6 +131,31 @@ fn target_logprobs_match_slow_path() {
     check_op("target_logprobs_backward");
 }
 
+/// The gradient by vocabulary slices (the LM head's backward): each slice's columns of the whole
+/// row's gradient, fused and composed, a slice holding some rows' targets and not others'.
+#[test]
+fn target_logprobs_backward_by_columns() {
+    for dt in [DType::F32, DType::F64] {
+        let z = randn_tensor(&[5, 40], 3, 4.0).unwrap().to_dtype(dt).unwrap();
+        let t = Tensor::new(&[0u32, 12, 13, 39, 25], &CPU).unwrap();
+        let g = randn_tensor(&[5], 4, 1.0).unwrap().to_dtype(dt).unwrap();
+        let (_, lse) = target_logprobs(&z, &t).unwrap();
+        let whole = target_logprobs_backward(&z, &lse, &t, &g).unwrap();
+        for (first, cols) in [(0, 13), (13, 13), (26, 14)] {
+            let part = z.narrow(1, first, cols).unwrap();
+            let want = whole.narrow(1, first, cols).unwrap();
+            let fused = target_logprobs_backward_cols(&part, &lse, &t, &g, first).unwrap();
+            let slow = target_logprobs_backward_cols_slow(&part, &lse, &t, &g, first).unwrap();
+            for (got, what) in [(fused, "fused"), (slow, "composed")] {
+                let d =
+                    (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap();
+                let d = d.to_scalar::<f64>().unwrap();
+                assert!(d < 1e-6, "{dt:?} {what} columns {first}..+{cols}: off by {d}");
+            }
+        }
+    }
+}
+
 /// A target outside the vocabulary is an error naming it; a NaN logit reaches its row's lse and
 /// log-prob (and no other row's); extreme logits stay finite.
 #[test]
