@@ -51,7 +51,7 @@ impl AttentionMask {
     /// An arbitrary layout: `allowed[(r * seq + i) * seq + j]` (0 or 1) says whether query `i`
     /// of row `r` sees key `j`; `positions[r * seq + i]` is the token's rotary position.
     ///
-    /// On a GPU the mask travels as bytes and becomes the f32 bias there (`bias_from_allowed`):
+    /// On CUDA the mask travels as bytes and becomes the f32 bias there (`bias_from_allowed`):
     /// a quarter of the upload, and no pass over `rows * seq^2` entries on the host.
     pub fn custom(
         allowed: &[u8],
@@ -62,11 +62,11 @@ impl AttentionMask {
     ) -> Result<Self> {
         assert_eq!(allowed.len(), rows * seq * seq, "mask has the wrong size");
         assert_eq!(positions.len(), rows * seq, "positions have the wrong size");
-        let bias = if device.is_cpu() {
+        let bias = if device.is_cuda() {
+            bias_from_allowed(&Tensor::from_slice(allowed, (rows, 1, seq, seq), device)?)?
+        } else {
             let bias: Vec<f32> = allowed.iter().map(|&a| if a != 0 { 0.0 } else { MASKED }).collect();
             Tensor::from_vec(bias, (rows, 1, seq, seq), device)?
-        } else {
-            bias_from_allowed(&Tensor::from_slice(allowed, (rows, 1, seq, seq), device)?)?
         };
         Ok(AttentionMask {
             bias,
@@ -86,7 +86,7 @@ fn bias_from_allowed(allowed: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
 
-    /// The bias made where the mask lies (a GPU's path, run here on the CPU) is the host's, bit
+    /// The bias made where the mask lies (CUDA's path, run here on the CPU) is the host's, bit
     /// for bit.
     #[test]
     fn bias_from_bytes_is_the_hosts() {
