@@ -162,7 +162,8 @@ pub struct TrainConfig {
     /// `cpu`, `cuda`, `cuda:N` or `metal`.
     pub device: String,
     pub dtype: Precision,
-    /// LM-head rows computed at once when scoring completions.
+    /// LM-head rows computed at once when scoring completions: `logprob_chunk x vocab` logits
+    /// exist at a time (the backward computes as many, by slices of the vocabulary).
     pub logprob_chunk: usize,
     /// Show a progress bar on a terminal.
     pub progress_bar: bool,

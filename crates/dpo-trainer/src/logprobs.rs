@@ -16,7 +16,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use dpo_model::ops;
 use dpo_model::{accum_dtype, matmul};
 
-/// Rows of the LM head computed at once; `chunk x vocab` f32 logits exist at a time.
+/// Rows of the LM head computed at once; `chunk x vocab` logits exist at a time.
 pub const DEFAULT_CHUNK: usize = 1024;
 
 /// Which positions of a padded batch are scored.
@@ -92,7 +92,8 @@ impl CompletionIndex {
 pub struct LmHead {
     /// `[vocab, hidden]`, in the head's dtype.
     pub weight: Tensor,
-    /// Rows of logits computed at once: `chunk x vocab` logits exist at a time.
+    /// Rows of logits computed at once: `chunk x vocab` logits exist at a time (the backward
+    /// computes as many, all rows by slices of the vocabulary).
     pub chunk: usize,
     /// The log-softmax at the targets and its gradient by the fused ops
     /// ([`ops::target_logprobs`]), else by candle ops (the model's `fused_ops`).
