@@ -760,23 +760,21 @@ extern "C" __global__ void dpo_adamw_f32(float *__restrict__ p, float *__restric
     }
 }
 
-// Sum of squares of x (f32), accumulated into out[0] (f64) with one atomic per block.
-extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long n, double *out) {
+// Sum of squares of x (f32), one partial sum (f64) per block into out[blockIdx.x], for the caller
+// to add in order: the same sum, bit for bit, on every run (atomic adds land in any order). 8
+// elements a thread at a time (16-byte vectors where x is aligned).
+extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long n, double *__restrict__ out) {
     __shared__ double part[32];
     double acc = 0.0;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const double xi = x[i];
-        acc += xi * xi;
-    }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffff, acc, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        acc = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0;
-        for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffff, acc, o);
-        if (threadIdx.x == 0) atomicAdd(out, acc);
-    }
+    elementwise(n, aligned16(x), [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        float e[W];
+        load_w<W>(e, x + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) acc += (double)e[j] * (double)e[j];
+    });
+    acc = block_sum(acc, part);
+    if (threadIdx.x == 0) out[blockIdx.x] = acc;
 }
 
 // ---------------------------------------------------------------------------------------------

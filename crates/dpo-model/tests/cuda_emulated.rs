@@ -899,10 +899,15 @@ fn adamw_and_sum_of_squares() -> Result<()> {
     for ((i, want), what) in [(0, &p2), (1, &m2), (2, &v2)].into_iter().zip(["p", "m", "v"]) {
         assert_close(&tensor(&got[i], DType::F32, &[n]), want, 1e-6, &format!("adamw {what}"));
     }
-    let blocks = n.div_ceil(256).clamp(1, 4096);
-    let got =
-        launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &[buf(&p), Arg::I64(n as i64), Arg::Buf(vec![0; 8])]);
-    let want = p.to_dtype(DType::F64)?.sqr()?.sum_all()?;
-    assert_close(&tensor(&got[1], DType::F64, &[]), &want, 1e-12, "sum of squares");
+    // One partial sum a block. 2,999 elements: 374 vectors of 8 and a tail of 7; two blocks of
+    // 256 threads take 512 vectors a round, one block 256 (its loop goes round).
+    let x = p.narrow(0, 0, 2999)?;
+    let want = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+    for blocks in [1, 2] {
+        let args = [buf(&x), Arg::I64(2999), out(DType::F64, blocks)];
+        let got = launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &args);
+        let partials = tensor(&got[1], DType::F64, &[blocks]);
+        assert_close(&partials.sum_all()?, &want, 1e-12, &format!("sum of squares, {blocks} blocks"));
+    }
     Ok(())
 }

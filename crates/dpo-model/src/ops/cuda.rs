@@ -785,26 +785,39 @@ pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => candle_core::bail!("sum_squares: not on a CUDA device"),
     };
+    // Blocks of 256 threads, 8 elements a thread per round; a block's partial sum each.
+    let blocks = |n: usize| n.div_ceil(256 * 8).clamp(1, 4096);
+    let total: usize = xs.iter().filter(|x| x.elem_count() > 0).map(|x| blocks(x.elem_count())).sum();
+    if total == 0 {
+        return Ok(0.0);
+    }
     let stream = dev.cuda_stream();
-    let mut acc = stream.alloc_zeros::<f64>(1).w()?;
+    // SAFETY: each launch writes its blocks' partials, and the launches cover every one.
+    let mut partial = unsafe { stream.alloc::<f64>(total) }.w()?;
     let f = func_named(&dev, "dpo_sumsq_f32")?;
+    let mut at = 0;
     for x in xs {
         let n = x.elem_count();
         if n == 0 {
             continue;
         }
-        let ptr = f32_ptr(x, "sum_squares")?;
+        let (ptr, b) = (f32_ptr(x, "sum_squares")?, blocks(n));
         let n64 = n as i64;
+        let mut out = partial.slice_mut(at..at + b);
         let mut lb = f.builder();
-        lb.arg(&ptr).arg(&n64).arg(&mut acc);
-        let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
-        // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements.
+        lb.arg(&ptr).arg(&n64).arg(&mut out);
+        // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements; `out` has b slots.
         unsafe {
-            lb.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+            lb.launch(LaunchConfig {
+                grid_dim: (b as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
         }?;
+        at += b;
     }
-    let host = stream.clone_dtoh(&acc).w()?;
-    Ok(host[0])
+    // Added in order on the host: the same sum on every run.
+    Ok(stream.clone_dtoh(&partial).w()?.iter().sum())
 }
 
 // ---------------------------------------------------------------------------------------------
