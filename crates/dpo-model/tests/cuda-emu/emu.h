@@ -2,8 +2,8 @@
 // thread of a block is a std::thread, a block's threads run together, blocks one at a time.
 // Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
 // __syncthreads(_or), warp shuffles and votes (__shfl_xor_sync, __shfl_down_sync, __ballot_sync;
-// every lane of a warp takes part, as the kernels' full masks promise), __popc, atomicAdd on
-// double, the float intrinsics, and the bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
+// every lane of a warp takes part, as the kernels' full masks promise), __popc, the float
+// intrinsics, and the bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
 #pragma once
 #include <array>
 #include <atomic>
@@ -122,8 +122,6 @@ inline unsigned __ballot_sync(unsigned, int p) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-
-inline double atomicAdd(double *p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 // A product rounded on its own (nvcc never contracts __fmul_rn into an FMA; the volatile keeps
 // the host compiler from doing so).
