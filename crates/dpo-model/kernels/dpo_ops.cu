@@ -239,32 +239,37 @@ template <typename Step> __device__ __forceinline__ void elementwise(long long n
     for (long long i = done + first; i < n; i += stride) step(i, Width<1>());
 }
 
-// W elements at p: whole 16-byte vectors where W of T make them, else one at a time.
-template <int W, typename T> __device__ __forceinline__ void load_w(T (&e)[W], const T *p) {
+// W elements at p: whole 16-byte vectors where W of T make them and `vec` (p aligned), else one
+// at a time.
+template <int W, typename T> __device__ __forceinline__ void load_w(T (&e)[W], const T *p, bool vec = true) {
     if constexpr (W * sizeof(T) % 16 == 0) {
+        if (vec) {
 #pragma unroll
-        for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
-            const uint4 raw = ((const uint4 *)p)[c];
-            memcpy((char *)e + 16 * c, &raw, 16);
+            for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
+                const uint4 raw = ((const uint4 *)p)[c];
+                memcpy((char *)e + 16 * c, &raw, 16);
+            }
+            return;
         }
-    } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) e[j] = p[j];
     }
+#pragma unroll
+    for (int j = 0; j < W; ++j) e[j] = p[j];
 }
 
-template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const T (&e)[W]) {
+template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const T (&e)[W], bool vec = true) {
     if constexpr (W * sizeof(T) % 16 == 0) {
+        if (vec) {
 #pragma unroll
-        for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
-            uint4 raw;
-            memcpy(&raw, (const char *)e + 16 * c, 16);
-            ((uint4 *)p)[c] = raw;
+            for (int c = 0; c < (int)(W * sizeof(T) / 16); ++c) {
+                uint4 raw;
+                memcpy(&raw, (const char *)e + 16 * c, 16);
+                ((uint4 *)p)[c] = raw;
+            }
+            return;
         }
-    } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) p[j] = e[j];
     }
+#pragma unroll
+    for (int j = 0; j < W; ++j) p[j] = e[j];
 }
 
 template <typename T>
@@ -359,38 +364,18 @@ __device__ void rmsnorm_bwd_dw_final(const ACC(T) *__restrict__ partial, T *__re
 // A thread takes W entries j0 .. j0 + W of a head row's first half and their partners j0 + h ..
 // in the second (rope_pair): W = 8 where h is a multiple of 8, as 16-byte vectors where every
 // buffer and row allows (`vec`), else W = 1. A row's indices are divided out once per 2 W entries.
-template <int W, typename T>
-__device__ __forceinline__ void load_or_read(T (&e)[W], const T *p, bool vec) {
-    if (vec) {
-        load_w<W>(e, p);
-    } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) e[j] = p[j];
-    }
-}
-
-template <int W, typename T>
-__device__ __forceinline__ void store_or_write(T *p, const T (&e)[W], bool vec) {
-    if (vec) {
-        store_w<W>(p, e);
-    } else {
-#pragma unroll
-        for (int j = 0; j < W; ++j) p[j] = e[j];
-    }
-}
-
 // y (a head row) at j0 .. j0 + W and j0 + h .. from the head row xr and the cos/sin rows cr, sr.
 template <int W, typename T>
 __device__ __forceinline__ void rope_pair(const T *xr, const T *cr, const T *sr, T *yr, int j0, int h, bool vec,
                                           int bwd) {
     typedef ACC(T) A;
     T lo[W], hi[W], clo[W], chi[W], slo[W], shi[W], ylo[W], yhi[W];
-    load_or_read<W>(lo, xr + j0, vec);
-    load_or_read<W>(hi, xr + j0 + h, vec);
-    load_or_read<W>(clo, cr + j0, vec);
-    load_or_read<W>(chi, cr + j0 + h, vec);
-    load_or_read<W>(slo, sr + j0, vec);
-    load_or_read<W>(shi, sr + j0 + h, vec);
+    load_w<W>(lo, xr + j0, vec);
+    load_w<W>(hi, xr + j0 + h, vec);
+    load_w<W>(clo, cr + j0, vec);
+    load_w<W>(chi, cr + j0 + h, vec);
+    load_w<W>(slo, sr + j0, vec);
+    load_w<W>(shi, sr + j0 + h, vec);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
         const A a = to_acc(lo[j]), b = to_acc(hi[j]);
@@ -403,8 +388,8 @@ __device__ __forceinline__ void rope_pair(const T *xr, const T *cr, const T *sr,
             yhi[j] = from_acc<T>(b * to_acc(chi[j]) + -pa);
         }
     }
-    store_or_write<W>(yr + j0, ylo, vec);
-    store_or_write<W>(yr + j0 + h, yhi, vec);
+    store_w<W>(yr + j0, ylo, vec);
+    store_w<W>(yr + j0 + h, yhi, vec);
 }
 
 // Whether rows of `stride` elements of T keep 16-byte alignment.
