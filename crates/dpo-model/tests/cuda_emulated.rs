@@ -396,7 +396,7 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
         let close = if dt == DType::F64 { 1e-12 } else { 1e-5 };
         assert_close(&got.get(0)?, &logp, close, &format!("logp {dt:?}"));
         assert_close(&got.get(1)?, &lse, close, &format!("lse {dt:?}"));
-        let want = ops::target_logprobs_backward(&z, &lse, &targets, &g)?;
+        let want = ops::target_logprobs_backward(&z, &lse, &targets, &g, 0)?;
         let lse_g = Tensor::stack(&[&lse, &g], 0)?;
         let bwd = |z: &Tensor, first: usize| {
             let cols = z.dim(1).unwrap();

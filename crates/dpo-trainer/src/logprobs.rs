@@ -135,9 +135,9 @@ impl LmHead {
         first: usize,
     ) -> Result<Tensor> {
         if self.fused {
-            ops::target_logprobs_backward_cols(logits, lse, targets, g, first)
+            ops::target_logprobs_backward(logits, lse, targets, g, first)
         } else {
-            ops::target_logprobs_backward_cols_slow(logits, lse, targets, g, first)
+            ops::target_logprobs_backward_slow(logits, lse, targets, g, first)
         }
     }
 }

@@ -522,9 +522,9 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         fused: Box::new(move |x| pair(super::target_logprobs, x)),
         slow: Box::new(move |x| pair(super::target_logprobs_slow, x)),
     });
-    type LogProbsBwd = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Result<Tensor>;
+    type LogProbsBwd = fn(&Tensor, &Tensor, &Tensor, &Tensor, usize) -> Result<Tensor>;
     let backward = |f: LogProbs, b: LogProbsBwd, x: &[Tensor]| -> Result<Tensor> {
-        b(&x[0], &f(&x[0], &x[1])?.1, &x[1], &x[2])
+        b(&x[0], &f(&x[0], &x[1])?.1, &x[1], &x[2], 0)
     };
     cases.push(Case {
         op: "target_logprobs_backward",

@@ -211,12 +211,12 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
         assert_close(&logpd, &logp, tol(acc), &format!("logp {dt:?}"));
         assert_close(&lsed, &lse, tol(acc), &format!("lse {dt:?}"));
         let lse_g = Tensor::stack(&[&lse, &randn(&[n], 2, 1.0, acc)], 0)?;
-        let op = TargetLogProbsBwd { first: None };
+        let op = TargetLogProbsBwd { first: 0 };
         let want = z.apply_op3_no_bwd(&lse_g, &targets, &op)?;
         let got = zd.apply_op3_no_bwd(&up(&lse_g, &dev), &td, &op)?;
         assert_close(&got, &want, tol(dt), &format!("dlogits {dt:?}"));
         // Columns 500.. 1,020 alone (targets 512 and 1000 inside, the others not).
-        let op = TargetLogProbsBwd { first: Some(500) };
+        let op = TargetLogProbsBwd { first: 500 };
         // (Uploaded as a contiguous block: the emulated driver has no copy kernel.)
         let zc = z.narrow(1, 500, 520)?.contiguous()?;
         let zcd = up(&zc, &dev);

@@ -49,47 +49,27 @@ pub fn target_logprobs_slow(logits: &Tensor, targets: &Tensor) -> Result<(Tensor
 }
 
 /// The gradient of `sum_i g_i logp_i` with respect to `logits`, in their dtype, from the `lse`
-/// that [`target_logprobs`] returned for them and `g` `[rows]` (any float dtype).
-pub fn target_logprobs_backward(
-    logits: &Tensor,
-    lse: &Tensor,
-    targets: &Tensor,
-    g: &Tensor,
-) -> Result<Tensor> {
-    backward_op(logits, lse, targets, g, TargetLogProbsBwd { first: None })
-}
-
-/// [`target_logprobs_backward`] for `logits` that are the vocabulary's columns `first..first +
-/// cols` (the LM head's backward by vocabulary slices): `lse` is still the whole row's, and a
-/// target outside these columns adds no one-hot (targets are checked against the vocabulary by
-/// the forward, [`target_logprobs`], not here).
+/// that [`target_logprobs`] returned for the whole rows and `g` `[rows]` (any float dtype).
+/// `logits` are the vocabulary's columns `first..first + cols` (0 and the whole vocabulary, or
+/// a slice: the LM head's backward runs by slices); a target outside them adds no one-hot.
+/// Targets are checked against the vocabulary by the forward, not here.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
 /// let (z, t) = (Tensor::new(&[[0f32, 1.0, 2.0, 3.0]], &Device::Cpu)?, Tensor::new(&[2u32], &Device::Cpu)?);
 /// let (_, lse) = dpo_model::ops::target_logprobs(&z, &t)?;
 /// let g = Tensor::new(&[1f32], &Device::Cpu)?;
-/// let whole = dpo_model::ops::target_logprobs_backward(&z, &lse, &t, &g)?;
-/// let right = dpo_model::ops::target_logprobs_backward_cols(&z.narrow(1, 2, 2)?, &lse, &t, &g, 2)?;
+/// let whole = dpo_model::ops::target_logprobs_backward(&z, &lse, &t, &g, 0)?;
+/// let right = dpo_model::ops::target_logprobs_backward(&z.narrow(1, 2, 2)?, &lse, &t, &g, 2)?;
 /// assert_eq!(right.to_vec2::<f32>()?, whole.narrow(1, 2, 2)?.to_vec2::<f32>()?);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
-pub fn target_logprobs_backward_cols(
+pub fn target_logprobs_backward(
     logits: &Tensor,
     lse: &Tensor,
     targets: &Tensor,
     g: &Tensor,
     first: usize,
-) -> Result<Tensor> {
-    backward_op(logits, lse, targets, g, TargetLogProbsBwd { first: Some(first) })
-}
-
-fn backward_op(
-    logits: &Tensor,
-    lse: &Tensor,
-    targets: &Tensor,
-    g: &Tensor,
-    op: TargetLogProbsBwd,
 ) -> Result<Tensor> {
     let _timed = crate::profile::op(logits.device(), "target_logprobs_bwd");
     check(logits, targets, "target_logprobs_backward")?;
@@ -98,21 +78,11 @@ fn backward_op(
     if lse_g.dims() != [2, logits.dim(0)?] {
         candle_core::bail!("target_logprobs_backward: lse and g must be [{}]", logits.dim(0)?);
     }
-    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &op)
+    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &TargetLogProbsBwd { first })
 }
 
 /// The reference for [`target_logprobs_backward`]: the same values from candle ops.
 pub fn target_logprobs_backward_slow(
-    logits: &Tensor,
-    lse: &Tensor,
-    targets: &Tensor,
-    g: &Tensor,
-) -> Result<Tensor> {
-    target_logprobs_backward_cols_slow(logits, lse, targets, g, 0)
-}
-
-/// The reference for [`target_logprobs_backward_cols`]: the same values from candle ops.
-pub fn target_logprobs_backward_cols_slow(
     logits: &Tensor,
     lse: &Tensor,
     targets: &Tensor,
@@ -143,10 +113,10 @@ fn check(logits: &Tensor, targets: &Tensor, what: &str) -> Result<()> {
 
 struct TargetLogProbs;
 
-/// `(lse_g, targets) -> dlogits` for logits `[rows, vocab]`, `lse_g` `[2, rows]` (lse, then g):
-/// the whole vocabulary (`first: None`, targets checked against it) or its columns `first..`.
+/// `(lse_g, targets) -> dlogits` for logits `[rows, cols]`, the vocabulary's columns `first..`,
+/// and `lse_g` `[2, rows]` (lse, then g).
 pub(super) struct TargetLogProbsBwd {
-    pub(super) first: Option<usize>,
+    pub(super) first: usize,
 }
 
 /// The targets, each checked against the vocabulary.
@@ -182,15 +152,11 @@ fn bwd_cpu<T: Elem>(
     lgl: &Layout,
     t: &CpuStorage,
     tl: &Layout,
-    first: Option<usize>,
+    first: usize,
 ) -> Result<CpuStorage> {
     let z = cpu_slice::<T>(z, zl, "target_logprobs_backward")?;
     let (rows, vocab) = zl.shape().dims2()?;
-    let t = match first {
-        None => cpu_targets(t, tl, vocab, "target_logprobs_backward")?,
-        Some(_) => cpu_slice::<u32>(t, tl, "target_logprobs_backward")?,
-    };
-    let first = first.unwrap_or(0);
+    let t = cpu_slice::<u32>(t, tl, "target_logprobs_backward")?;
     let (lse, g) = cpu_slice::<T::A>(lg, lgl, "target_logprobs_backward lse and g")?.split_at(rows);
     let zero = T::cst(0.0);
     let mut out = vec![T::from_acc(zero); z.len()];
@@ -260,7 +226,6 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &candle_core::CudaStorage,
         tl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let first = self.first.unwrap_or(0);
-        Ok((super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl, first)?, zl.shape().clone()))
+        Ok((super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl, self.first)?, zl.shape().clone()))
     }
 }

@@ -140,12 +140,12 @@ fn target_logprobs_backward_by_columns() {
         let t = Tensor::new(&[0u32, 12, 13, 39, 25], &CPU).unwrap();
         let g = randn_tensor(&[5], 4, 1.0).unwrap().to_dtype(dt).unwrap();
         let (_, lse) = target_logprobs(&z, &t).unwrap();
-        let whole = target_logprobs_backward(&z, &lse, &t, &g).unwrap();
+        let whole = target_logprobs_backward(&z, &lse, &t, &g, 0).unwrap();
         for (first, cols) in [(0, 13), (13, 13), (26, 14)] {
             let part = z.narrow(1, first, cols).unwrap();
             let want = whole.narrow(1, first, cols).unwrap();
-            let fused = target_logprobs_backward_cols(&part, &lse, &t, &g, first).unwrap();
-            let slow = target_logprobs_backward_cols_slow(&part, &lse, &t, &g, first).unwrap();
+            let fused = target_logprobs_backward(&part, &lse, &t, &g, first).unwrap();
+            let slow = target_logprobs_backward_slow(&part, &lse, &t, &g, first).unwrap();
             for (got, what) in [(fused, "fused"), (slow, "composed")] {
                 let d =
                     (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_dtype(DType::F64).unwrap();
@@ -170,7 +170,7 @@ fn target_logprobs_bad_targets_and_extreme_logits() {
     assert!(lse[1].is_nan() && logp[1].is_nan());
     assert_eq!((lse[2], logp[2]), (1e30, 0.0));
     let g = Tensor::new(&[1f32, 1.0, 1.0], &CPU).unwrap();
-    let dz = target_logprobs_backward(&z, &Tensor::new(&lse[..], &CPU).unwrap(), &t, &g).unwrap();
+    let dz = target_logprobs_backward(&z, &Tensor::new(&lse[..], &CPU).unwrap(), &t, &g, 0).unwrap();
     let dz = dz.to_vec2::<f32>().unwrap();
     assert!(dz[1].iter().all(|v| v.is_nan()));
     assert_eq!(dz[2], vec![0.0, 0.0, 0.0]);
