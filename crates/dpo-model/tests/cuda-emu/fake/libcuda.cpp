@@ -15,9 +15,16 @@
 // meaningless (zeros), but every CUDA code path runs, and candle's host-side refusals (a dtype
 // or layout it has no kernel for) and our launchers' checks show without a GPU. At exit it
 // reports the peak of live device memory.
+//
+// With CUDA_EMU_CENSUS=FILE as well, it writes FILE at exit: a line per kernel name with its
+// launches and threads (candle's kernels run about a thread per element), the bytes of the
+// allocations our kernels' pointer arguments point into (an upper bound on their traffic), and a
+// line per cuBLAS GEMM shape with its FLOPs. scripts/cuda-census.sh takes the difference of two
+// runs, one step apart: what one training step launches.
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
+#include <set>
 #include <string_view>
 
 #include <sys/mman.h>
@@ -36,6 +43,21 @@ std::recursive_mutex lock;
 std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
 size_t live = 0, peak = 0;                  // bytes allocated now, and at most
 size_t n_allocs = 0, n_ours = 0, n_candle = 0;  // allocations, launches of our kernels and candle's
+const char *census_file = std::getenv("CUDA_EMU_CENSUS");
+struct Tally {
+    size_t launches = 0;
+    double threads = 0, bytes = 0, flops = 0;
+};
+std::map<std::string, Tally> census;  // by kernel name, or GEMM shape
+// CUDA_EMU_CENSUS_SHAPES set: a census line per kernel and launch size ("NAME N threads").
+const bool census_shapes = std::getenv("CUDA_EMU_CENSUS_SHAPES") != nullptr;
+std::string census_key(const std::string &name, double threads) {
+    return census_shapes ? name + " " + std::to_string(size_t(threads)) + " threads" : name;
+}
+// CUDA_EMU_TRAP="<a census line's name>" (CUDA_EMU_TRAP_AT=N, default 1): stop at that line's
+// Nth launch; under gdb, `bt` shows who launched it.
+const std::pair<const char *, size_t> trap{std::getenv("CUDA_EMU_TRAP"),
+                                           std::getenv("CUDA_EMU_TRAP_AT") ? std::atol(std::getenv("CUDA_EMU_TRAP_AT")) : 1};
 
 // At exit, a dry run reports its peak of live device memory (a lower bound on a GPU's: no
 // context, no allocator caching, no cuBLAS workspace) and what it launched (cuBLAS not counted).
@@ -44,6 +66,16 @@ struct Report {
         if (!dry) return;
         std::fprintf(stderr, "cuda-emu: peak device memory %.3f GiB; %zu allocations, %zu launches (%zu of dpo_ops)\n",
                      peak / double(1 << 30), n_allocs, n_ours + n_candle, n_ours);
+        if (!census_file || !*census_file) return;
+        FILE *f = std::fopen(census_file, "w");
+        if (!f) {
+            std::fprintf(stderr, "cuda-emu: cannot write %s\n", census_file);
+            return;
+        }
+        std::fprintf(f, "name\tlaunches\tthreads\tbytes\tflops\n");
+        for (const auto &[name, t] : census)
+            std::fprintf(f, "%s\t%zu\t%.0f\t%.0f\t%.0f\n", name.c_str(), t.launches, t.threads, t.bytes, t.flops);
+        std::fclose(f);
     }
 } report;
 
@@ -103,9 +135,12 @@ CUresult release(CUdeviceptr p) {
     return OK;
 }
 
+// A dry run copies only from and to the host (the device's contents are meaningless, and
+// touching them would charge page faults to the host time it measures).
 CUresult copy(void *dst, const void *src, size_t n, CUdeviceptr dev_dst, CUdeviceptr dev_src) {
     if (dev_dst && !inside(dev_dst, n)) return refuse(INVALID_VALUE, "copy past the end of its destination");
     if (dev_src && !inside(dev_src, n)) return refuse(INVALID_VALUE, "copy past the end of its source");
+    if (dry && dev_dst && dev_src) return OK;
     std::memmove(dst, src, n);
     return OK;
 }
@@ -200,14 +235,14 @@ API CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, vo
 API CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     std::lock_guard g(lock);
     if (!inside(dst, n)) return refuse(INVALID_VALUE, "memset past the end of an allocation");
-    std::memset(reinterpret_cast<void *>(dst), v, n);
+    if (!dry) std::memset(reinterpret_cast<void *>(dst), v, n);
     return OK;
 }
 API CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, void *) { return cuMemsetD8_v2(dst, v, n); }
 API CUresult cuMemsetD32_v2(CUdeviceptr dst, unsigned v, size_t n) {
     std::lock_guard g(lock);
     if (!inside(dst, 4 * n)) return refuse(INVALID_VALUE, "memset past the end of an allocation");
-    for (size_t i = 0; i < n; ++i) std::memcpy(reinterpret_cast<char *>(dst) + 4 * i, &v, 4);
+    for (size_t i = 0; i < n && !dry; ++i) std::memcpy(reinterpret_cast<char *>(dst) + 4 * i, &v, 4);
     return OK;
 }
 API CUresult cuMemsetD32Async(CUdeviceptr dst, unsigned v, size_t n, void *) { return cuMemsetD32_v2(dst, v, n); }
@@ -253,10 +288,17 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
         return refuse(INVALID_CONFIG, name + ": launch shape " + std::to_string(gx) + "x" + std::to_string(gy) + "x" +
                                           std::to_string(gz) + " blocks of " + std::to_string(bx) + "x" +
                                           std::to_string(by) + "x" + std::to_string(bz));
+    const double all = double(gx) * gy * gz * threads;
+    const std::string key = census_key(name, all);
+    Tally &tally = census[key];
+    ++tally.launches;
+    tally.threads += all;
+    if (trap.first && key == trap.first && tally.launches == trap.second) __builtin_trap();
     if (!fn->kernel) return ++n_candle, OK;  // candle's, in a dry run
     ++n_ours;
     if (shared) return refuse(INVALID_VALUE, name + ": dynamic shared memory is not emulated");
     const auto &ps = fn->kernel->params;
+    std::set<CUdeviceptr> touched;  // the allocations the pointer arguments point into
     if (!ps.empty() && !params) return refuse(INVALID_VALUE, name + ": no arguments");
     for (size_t i = 0; i < ps.size(); ++i) {
         if (!ps[i].first) continue;
@@ -265,7 +307,9 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
         if (p && !inside(p, 1))
             return refuse(INVALID_VALUE, name + ": argument " + std::to_string(i) + " is a pointer parameter and " +
                                              "points at no device allocation");
+        if (p) touched.insert(std::prev(allocations.upper_bound(p))->first);
     }
+    for (CUdeviceptr a : touched) tally.bytes += allocations[a];
     if (!dry) emu::launch({gx, gy, gz}, {bx, by, bz}, [&] { fn->kernel->call(params); });
     return OK;
 }
@@ -276,6 +320,25 @@ API CUresult cuGetErrorString(CUresult e, const char **s) {
 }
 API CUresult cuGetErrorName(CUresult e, const char **s) {
     *s = e == OK ? "CUDA_SUCCESS" : "CUDA_ERROR_CUDA_EMU";
+    return OK;
+}
+
+// The GEMM candle runs every matmul with (cuda_backend/mod.rs): counted in a dry run's census.
+API int cublasGemmStridedBatchedEx(void *, int ta, int tb, int m, int n, int k, const void *, const void *, int at,
+                                   int, long long, const void *, int bt, int, long long, const void *, void *, int ct,
+                                   int, long long, int batch, int, int) {
+    if (!dry) return refuse(999, "cublasGemmStridedBatchedEx is not emulated");
+    std::lock_guard g(lock);
+    const auto size = [](int type) { return type == 0 ? 4 : 2; };  // CUDA_R_32F, else 16-bit
+    const char *types[] = {"f32", "?", "f16", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "bf16"};
+    const auto type = [&](int t) { return t >= 0 && t < 15 ? types[t] : "?"; };
+    const std::string key = std::string("gemm ") + type(at) + (ta ? "T" : "N") + type(bt) + (tb ? "T" : "N") + "->" +
+                            type(ct) + " m" + std::to_string(m) + " n" + std::to_string(n) + " k" + std::to_string(k) +
+                            " x" + std::to_string(batch);
+    Tally &t = census[key];
+    ++t.launches;
+    t.flops += 2.0 * m * n * k * batch;
+    t.bytes += (double(m) * k * size(at) + double(k) * n * size(bt) + double(m) * n * size(ct)) * batch;
     return OK;
 }
 
