@@ -128,6 +128,9 @@ cp $W/curve-flash/metrics.jsonl "$OUT/curve-flash-bf16-cuda.jsonl" 2>/dev/null
 run_ours ours-plain
 # The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
 run_ours ours-share-manual-bf16head "${SHARE[@]}" --set lm_head_f32=false
+# The f32 head's matmuls from f32 operands on TF32 tensor cores (the default until the twelfth
+# session; now bf16 operands into f32 logits).
+run_ours ours-share-manual-tf32head "${SHARE[@]}" --set lm_head_bf16_operands=false
 DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 "${SHARE[@]}"
 DPO_TRAIN_FLASH_ATTENTION=1 DPO_TRAIN_PROFILE=ops run_ours profile-manual-flash-ops --set max_steps=5 "${SHARE[@]}"
 run_ours ours-plain-manual --set manual_backward=true
@@ -168,7 +171,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-precompute-share-manual-flash", "ours-share-manual-bf16head", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-precompute-share-manual-flash", "ours-share-manual-bf16head", "ours-share-manual-tf32head", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -194,7 +197,7 @@ def losses(name):
     return [json.loads(l)["loss"] for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
 pairs = [(n, "ours-plain") for n in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events",
          "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash",
-         "ours-share-gc", "ours-share-gc-manual", "ours-share-manual-bf16head"]]
+         "ours-share-gc", "ours-share-gc-manual", "ours-share-manual-bf16head", "ours-share-manual-tf32head"]]
 pairs += [("ours-share-manual-flash", "ours-share-manual"), ("ours-precompute-share-manual-flash", "ours-precompute-share-manual")]
 for name, base in pairs:
     try:

@@ -86,6 +86,7 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     bench bench-precompute-share-manual --set prefix_sharing=true --set precompute_ref_log_probs=true \
         --set manual_backward=true
     bench bench-share-manual-bf16head --set prefix_sharing=true --set manual_backward=true --set lm_head_f32=false
+    bench bench-share-manual-tf32head --set prefix_sharing=true --set manual_backward=true --set lm_head_bf16_operands=false
     bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
     bench bench-keep-attn --set recompute_attention=false
     ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()

@@ -25,7 +25,7 @@ pub use checkpoint::{Checkpoint, save_safetensors_atomic};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use error::ModelError;
 pub use mask::AttentionMask;
-pub use matmul::{cublas_takes, matmul};
+pub use matmul::{cublas_takes, matmul, matmul_bf16_f32};
 pub use model::{
     CausalLm, FUSED_ON_CPU, Policy, accum_dtype, default_fused_ops, has_fused_kernels, parameter_shapes,
 };

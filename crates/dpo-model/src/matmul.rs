@@ -23,11 +23,84 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{Layout, Result, Tensor};
+use candle_core::{DType, Layout, Result, Tensor};
 
 /// `a @ b` (candle's [`Tensor::matmul`]); in debug builds an error first if cuBLAS would not take
 /// the operands' layouts ([`cublas_takes`]), on any device.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_layouts(a, b)?;
+    a.matmul(b)
+}
+
+/// `a @ b` in f32 for bf16 `a` `[m, k]` and `b` `[k, n]`: the products of the operands' bf16
+/// values summed in f32, nothing rounded after the operands. On CUDA one cuBLAS GEMM with bf16
+/// operands and an f32 result (bf16 tensor-core speed, twice TF32's on an H100); elsewhere the
+/// operands cast to f32 and multiplied. No gradient (the LM head's op has its own backward).
+///
+/// ```
+/// use candle_core::{DType, Device, Tensor};
+/// // 1 + 2^-8 is no bf16: the operands are rounded first, the products and the sum are not.
+/// let a = Tensor::new(&[[1f32 + 1.0 / 256.0, 3.0]], &Device::Cpu)?.to_dtype(DType::BF16)?;
+/// let b = Tensor::new(&[[1f32 / 3.0], [1.0 / 3.0]], &Device::Cpu)?.to_dtype(DType::BF16)?;
+/// let y = dpo_model::matmul_bf16_f32(&a, &b)?;
+/// assert_eq!(y.dtype(), DType::F32);
+/// // bf16(1/3) = 0.333984375; 1 * 0.333984375 + 3 * 0.333984375, exactly.
+/// assert_eq!(y.to_vec2::<f32>()?, [[1.3359375]]);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn matmul_bf16_f32(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let ((_, k), (kb, _)) = (a.dims2()?, b.dims2()?);
+    if a.dtype() != DType::BF16 || b.dtype() != DType::BF16 || k != kb {
+        candle_core::bail!(
+            "matmul_bf16_f32 of {:?} {:?} and {:?} {:?}: two bf16 matrices [m, k] and [k, n]",
+            a.dtype(),
+            a.dims(),
+            b.dtype(),
+            b.dims()
+        );
+    }
+    check_layouts(a, b)?;
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda() && a.elem_count() > 0 && b.elem_count() > 0 {
+        return a.apply_op2_no_bwd(b, &MatmulBf16F32);
+    }
+    matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)
+}
+
+/// [`matmul_bf16_f32`] on CUDA.
+#[cfg(feature = "cuda")]
+struct MatmulBf16F32;
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp2 for MatmulBf16F32 {
+    fn name(&self) -> &'static str {
+        "matmul-bf16-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("matmul-bf16-f32 runs as an op on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let (m, n) = (al.dims()[0], bl.dims()[1]);
+        Ok((crate::ops::gemm_bf16_f32((a, al), (b, bl))?, (m, n).into()))
+    }
+}
+
+/// In debug builds, an error if cuBLAS would not take the operands' layouts ([`cublas_takes`]).
+fn check_layouts(a: &Tensor, b: &Tensor) -> Result<()> {
     if cfg!(debug_assertions) && !cublas_takes(a.layout(), b.layout()) {
         candle_core::bail!(
             "matmul of {:?} (strides {:?}) and {:?} (strides {:?}): a layout cuBLAS does not take \
@@ -38,7 +111,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
             b.stride()
         );
     }
-    a.matmul(b)
+    Ok(())
 }
 
 /// Whether candle's CUDA matmul passes `lhs` `[.., m, k]` and `rhs` `[.., k, n]` to cuBLAS

@@ -253,8 +253,11 @@ pub struct CausalLm {
     norm: Tensor,
     lm_head: Option<Tensor>,
     compute_dtype: DType,
-    /// The dtype of the LM head's matmul (f32 keeps bf16 runs' log-probs precise).
+    /// The dtype of the LM head's logits and log-softmax (f32 keeps bf16 runs' log-probs precise).
     head_dtype: DType,
+    /// The dtype the LM head's matmul operands are rounded to: `head_dtype`, or bf16 with an f32
+    /// head (f32 sums of bf16 products: [`crate::matmul_bf16_f32`]).
+    head_operands: DType,
     fused: bool,
     /// With `fused`: attention through [`ops::attention`] (probabilities recomputed in the
     /// backward) rather than the fused masked softmax between two autograd matmuls.
@@ -338,6 +341,7 @@ impl CausalLm {
             recompute_attention: true,
             stack_projections: true,
             head_dtype: compute_dtype,
+            head_operands: compute_dtype,
             embed,
             norm: get("model.norm.weight")?,
             blocks,
@@ -427,6 +431,7 @@ impl CausalLm {
             lm_head: self.lm_head.as_ref().map(Tensor::detach),
             compute_dtype: self.compute_dtype,
             head_dtype: self.head_dtype,
+            head_operands: self.head_operands,
             fused: self.fused,
             recompute_attention: self.recompute_attention,
             stack_projections: self.stack_projections,
@@ -473,16 +478,39 @@ impl CausalLm {
         self.embed.device()
     }
 
-    /// The LM head `[vocab, hidden]` (the embedding when tied) in the head dtype.
+    /// The LM head `[vocab, hidden]` (the embedding when tied): a trainable model's in the head
+    /// dtype (its gradient's), a frozen one's as its matmul takes it ([`Self::head_operands`]).
     pub fn lm_head(&self) -> Result<Tensor> {
-        self.lm_head.as_ref().unwrap_or(&self.embed).to_dtype(self.head_dtype)
+        let dtype = if self.trainable() { self.head_dtype } else { self.head_operands };
+        self.lm_head.as_ref().unwrap_or(&self.embed).to_dtype(dtype)
     }
 
     /// The same model with the LM head computed in `dtype` (e.g. f32 in a bf16 run: bf16
-    /// logits are rounded to ~0.06 at magnitude 10, which is noise in a sum of log-probs).
+    /// logits are rounded to ~0.06 at magnitude 10, which is noise in a sum of log-probs), its
+    /// matmul's operands too.
     pub fn with_head_dtype(mut self, dtype: DType) -> Self {
         self.head_dtype = dtype;
+        self.head_operands = dtype;
         self
+    }
+
+    /// The dtype of the LM head's logits and log-softmax.
+    pub fn head_dtype(&self) -> DType {
+        self.head_dtype
+    }
+
+    /// The same model with the LM head's matmul operands rounded to `dtype`: bf16 in an f32
+    /// head takes the hidden states as the blocks leave them and the weight rounded as every
+    /// block's is, and sums their products in f32 into f32 logits (bf16 tensor cores on CUDA,
+    /// twice TF32's rate); the head dtype (the default) multiplies in it.
+    pub fn with_head_operands(mut self, dtype: DType) -> Self {
+        self.head_operands = dtype;
+        self
+    }
+
+    /// The dtype the LM head's matmul operands are rounded to ([`Self::with_head_operands`]).
+    pub fn head_operands(&self) -> DType {
+        self.head_operands
     }
 
     /// Final hidden states `[rows, seq, hidden]` (after the last norm) for `input_ids`

@@ -147,8 +147,13 @@ pub struct TrainConfig {
     pub manual_backward: bool,
     /// Put each pair on one row, `[prompt, chosen, rejected]`, so the prompt is computed once.
     pub prefix_sharing: bool,
-    /// In a bf16 run, compute the LM head (logits, log-softmax) in f32 (TF32 matmul on CUDA).
+    /// In a bf16 run, compute the LM head's logits and log-softmax in f32.
     pub lm_head_f32: bool,
+    /// With `lm_head_f32` in a bf16 run: the head's matmuls take bf16 operands (the hidden states
+    /// as the blocks leave them, the weight rounded as every block's is) and sum their products
+    /// in f32 into f32 logits, on bf16 tensor cores on CUDA. Off: f32 operands, TF32 on CUDA (half
+    /// bf16's tensor-core rate, 3 more bits of each operand kept).
+    pub lm_head_bf16_operands: bool,
     /// Use the fused ops with a hand-written backward (RMSNorm, RoPE, masked softmax, SiLU*up).
     pub fused_ops: bool,
     /// With `fused_ops`: recompute attention probabilities in the backward instead of keeping
@@ -226,6 +231,7 @@ impl Default for TrainConfig {
             recompute_attention: true,
             probe_largest_batch: true,
             lm_head_f32: true,
+            lm_head_bf16_operands: true,
             device: "cpu".into(),
             dtype: Precision::F32,
             logprob_chunk: crate::logprobs::DEFAULT_CHUNK,

@@ -14,7 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use dpo_model::ops;
-use dpo_model::{accum_dtype, matmul};
+use dpo_model::{accum_dtype, matmul, matmul_bf16_f32};
 
 /// Rows of the LM head computed at once; `chunk x vocab` logits exist at a time.
 pub const DEFAULT_CHUNK: usize = 1024;
@@ -90,7 +90,8 @@ impl CompletionIndex {
 /// A model's LM head as the log-probs use it.
 #[derive(Debug, Clone)]
 pub struct LmHead {
-    /// `[vocab, hidden]`, in the head's dtype.
+    /// `[vocab, hidden]`: a trainable model's in the head's dtype, a frozen one's as the
+    /// matmul takes it (`CausalLm::lm_head`).
     pub weight: Tensor,
     /// Rows of logits computed at once: `chunk x vocab` logits exist at a time (the backward
     /// computes as many, all rows by slices of the vocabulary).
@@ -98,12 +99,35 @@ pub struct LmHead {
     /// The log-softmax at the targets and its gradient by the fused ops
     /// ([`ops::target_logprobs`]), else by candle ops (the model's `fused_ops`).
     pub fused: bool,
+    /// f32 logits from bf16 operands ([`matmul_bf16_f32`]; the model's `head_operands`), else
+    /// one matmul in the weight's dtype.
+    pub bf16_operands: bool,
 }
 
 impl LmHead {
     /// `model`'s head (`CausalLm::lm_head`), fused where its blocks are.
     pub fn of(model: &dpo_model::CausalLm, chunk: usize) -> Result<Self> {
-        Ok(LmHead { weight: model.lm_head()?, chunk, fused: model.fused_ops() })
+        let bf16_operands = model.head_dtype() == DType::F32 && model.head_operands() == DType::BF16;
+        Ok(LmHead { weight: model.lm_head()?, chunk, fused: model.fused_ops(), bf16_operands })
+    }
+
+    /// The dtype of the matmul's operands: what `h` is cast to.
+    pub fn operand_dtype(&self) -> DType {
+        if self.bf16_operands { DType::BF16 } else { self.weight.dtype() }
+    }
+
+    /// `w` (rows of the weight) as the matmul takes it.
+    fn operand(&self, w: &Tensor) -> Result<Tensor> {
+        w.to_dtype(self.operand_dtype())
+    }
+
+    /// `a @ b` as the head multiplies: f32 from bf16 operands, or in their dtype.
+    fn mm(&self, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.bf16_operands {
+            matmul_bf16_f32(&a.to_dtype(DType::BF16)?, &b.to_dtype(DType::BF16)?)
+        } else {
+            matmul(a, b)
+        }
     }
 
     /// The rows of `hidden` `[n, h]` at `positions` (differentiable).
@@ -143,15 +167,16 @@ impl LmHead {
 }
 
 /// Per-token log-probs `[n]` (f32, or f64 for f64 inputs) of `targets` under
-/// `softmax(h @ head.weight^T)`, for `h: [n, hidden]` (the weight's dtype), differentiable in `h`
-/// and the weight.
+/// `softmax(h @ head.weight^T)`, for `h: [n, hidden]` (the head's operand dtype), differentiable
+/// in `h` and the weight.
 pub fn token_logps(h: &Tensor, head: &LmHead, targets: &Tensor) -> Result<Tensor> {
     let _timed = dpo_model::profile::op(h.device(), "log_probs");
-    let (value, lse) = token_logps_nograd(&h.detach(), &head.weight.detach(), targets, head)?;
+    let w = head.operand(&head.weight.detach())?; // cast once, for the backward too
+    let (value, lse) = token_logps_nograd(&h.detach(), &w, targets, head)?;
     if !(h.track_op() || head.weight.track_op()) {
         return Ok(value); // the reference: no graph to record, no copy
     }
-    h.apply_op2(&head.weight, ChunkedLogProbs { value, lse, targets: targets.clone(), head: head.clone() })
+    h.apply_op2(&head.weight, ChunkedLogProbs { value, lse, targets: targets.clone(), head: head.clone(), w })
 }
 
 /// Per-sequence completion log-probs `[rows]` (f32) from final hidden states `[rows, seq, hidden]`.
@@ -161,8 +186,10 @@ pub fn sequence_logps(hidden: &Tensor, head: &LmHead, index: &CompletionIndex) -
         return Tensor::zeros(rows, DType::F32, hidden.device());
     }
     let selected = head.select(&hidden.reshape((rows * seq, h))?, &index.positions)?;
-    let per_token = token_logps(&selected.to_dtype(head.weight.dtype())?, head, &index.targets)?;
-    matmul(&index.segments.to_dtype(per_token.dtype())?, &per_token.unsqueeze(1)?)?.squeeze(1)
+    let per_token = token_logps(&selected.to_dtype(head.operand_dtype())?, head, &index.targets)?;
+    // A masked sum rather than a matmul: with TF32 switched on (`lm_head_bf16_operands = false`)
+    // an f32 matmul would round each log-prob to 10 bits of mantissa (0.006 at -12) first.
+    index.segments.to_dtype(per_token.dtype())?.broadcast_mul(&per_token.unsqueeze(0)?)?.sum(1)
 }
 
 /// `sum_t KL(softmax(hp_t Wp^T) || softmax(hr_t Wr^T))` over the rows of `hp`/`hr` (`[n, hidden]`,
@@ -172,12 +199,12 @@ pub fn token_kl_sum(hp: &Tensor, p: &LmHead, hr: &Tensor, r: &LmHead) -> Result<
     let n = hp.dim(0)?;
     let zeros = Tensor::zeros(p.chunk.min(n), DType::U32, hp.device())?;
     let log_softmax = |h: &Tensor, head: &LmHead, start: usize, len: usize| -> Result<Tensor> {
-        let logits = matmul(&h.narrow(0, start, len)?, &head.weight.t()?)?;
+        let logits = head.mm(&h.narrow(0, start, len)?, &head.weight.t()?)?;
         // Only the logsumexp is wanted: any target will do.
         let (_, lse) = head.logprobs(&logits, &zeros.narrow(0, 0, len)?)?;
         logits.to_dtype(lse.dtype())?.broadcast_sub(&lse.unsqueeze(1)?)
     };
-    let (hp, hr) = (hp.to_dtype(p.weight.dtype())?, hr.to_dtype(r.weight.dtype())?);
+    let (hp, hr) = (hp.to_dtype(p.operand_dtype())?, hr.to_dtype(r.operand_dtype())?);
     let (hp, hr) = (&hp, &hr);
     let mut total = 0f64;
     let mut start = 0;
@@ -191,14 +218,14 @@ pub fn token_kl_sum(hp: &Tensor, p: &LmHead, hr: &Tensor, r: &LmHead) -> Result<
     Ok(total)
 }
 
-/// Per-token `(logp, lse)`, each `[n]`, chunk by chunk.
+/// Per-token `(logp, lse)`, each `[n]`, chunk by chunk (`w`: the weight as the matmul takes it).
 fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, head: &LmHead) -> Result<(Tensor, Tensor)> {
     let n = h.dim(0)?;
     let (mut logp, mut lse) = (Vec::new(), Vec::new());
     let mut start = 0;
     while start < n {
         let len = head.chunk.min(n - start);
-        let logits = matmul(&h.narrow(0, start, len)?, &w.t()?)?;
+        let logits = head.mm(&h.narrow(0, start, len)?, &w.t()?)?;
         let (l, s) = head.logprobs(&logits, &targets.narrow(0, start, len)?)?;
         logp.push(l);
         lse.push(s);
@@ -213,6 +240,8 @@ struct ChunkedLogProbs {
     lse: Tensor,
     targets: Tensor,
     head: LmHead,
+    /// The weight as the matmul takes it (the forward's cast, kept for the backward).
+    w: Tensor,
 }
 
 impl CustomOp2 for ChunkedLogProbs {
@@ -247,12 +276,12 @@ impl CustomOp2 for ChunkedLogProbs {
     fn bwd(
         &self,
         h: &Tensor,
-        w: &Tensor,
+        weight: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _timed = dpo_model::profile::op(h.device(), "log_probs_bwd");
-        let (h, w) = (h.detach(), w.detach());
+        let (h, w) = (h.detach(), &self.w);
         let acc = accum_dtype(h.dtype());
         let (n, vocab) = (h.dim(0)?, w.dim(0)?);
         // By slices of the vocabulary, `n x cols` logits at a time (the forward's `chunk x
@@ -265,21 +294,71 @@ impl CustomOp2 for ChunkedLogProbs {
         while first < vocab {
             let len = cols.min(vocab - first);
             let wc = w.narrow(0, first, len)?;
-            let logits = matmul(&h, &wc.t()?)?;
+            let logits = self.head.mm(&h, &wc.t()?)?;
             let dz = self.head.logprobs_grad(&logits, &self.lse, &self.targets, grad, first)?;
-            let dh = matmul(&dz, &wc)?.to_dtype(acc)?;
+            let dz = self.head.operand(&dz)?;
+            let dh = self.head.mm(&dz, &wc)?.to_dtype(acc)?;
             grad_h = Some(match grad_h {
                 Some(sum) => (sum + dh)?,
                 None => dh,
             });
-            grad_w.push(matmul(&dz.t()?, &h)?);
+            grad_w.push(self.head.mm(&dz.t()?, &h)?.to_dtype(weight.dtype())?);
             first += len;
         }
         let grad_h = match grad_h {
             Some(g) => g.to_dtype(h.dtype())?,
             None => h.zeros_like()?,
         };
-        let grad_w = if grad_w.is_empty() { w.zeros_like()? } else { Tensor::cat(&grad_w, 0)? };
+        let grad_w = if grad_w.is_empty() { weight.zeros_like()? } else { Tensor::cat(&grad_w, 0)? };
         Ok((Some(grad_h), Some(grad_w)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, Device, Var};
+    use dpo_model::ops::randn_tensor;
+
+    use super::*;
+
+    fn max_rel(got: &Tensor, want: &Tensor) -> f64 {
+        let f64s =
+            |t: &Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let (got, want) = (f64s(got), f64s(want));
+        let scale = want.iter().fold(1e-30f64, |m, w| m.max(w.abs()));
+        got.iter().zip(&want).fold(0f64, |m, (g, w)| m.max((g - w).abs())) / scale
+    }
+
+    /// An f32 head from bf16 operands (`bf16_operands`: bf16 `h`, f32 weight rounded to bf16 for
+    /// the matmul) against candle's autograd through the same roundings, in chunks of 3 rows and
+    /// vocabulary slices of 21, 21 and 8: the log-probs, `dh` (bf16) and `dW` (f32, the master
+    /// weight's dtype; from `dz` rounded to bf16, hence the tolerance).
+    #[test]
+    fn bf16_operands_match_autograd() -> Result<()> {
+        let (n, hidden, vocab) = (7, 16, 50);
+        let h = Var::from_tensor(&randn_tensor(&[n, hidden], 1, 1.0)?.to_dtype(DType::BF16)?)?;
+        let w = Var::from_tensor(&randn_tensor(&[vocab, hidden], 2, 0.5)?)?;
+        let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 20, 1], &Device::Cpu)?;
+        let g = randn_tensor(&[n], 3, 1.0)?;
+        for fused in [true, false] {
+            let head = LmHead { weight: w.as_tensor().clone(), chunk: 3, fused, bf16_operands: true };
+            assert_eq!(head.operand_dtype(), DType::BF16);
+            let got = token_logps(h.as_tensor(), &head, &targets)?;
+            let grads = (&got * &g)?.sum_all()?.backward()?;
+
+            let wr = w.as_tensor().to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let logits = h.as_tensor().to_dtype(DType::F32)?.matmul(&wr.t()?)?;
+            let logp = logits.broadcast_sub(&logits.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+            let want = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+            let want_grads = (&want * &g)?.sum_all()?.backward()?;
+
+            assert!(max_rel(&got, &want) < 1e-6, "log-probs (fused {fused})");
+            let (dh, dw) = (grads.get(h.as_tensor()).unwrap(), grads.get(w.as_tensor()).unwrap());
+            assert_eq!((dh.dtype(), dw.dtype()), (DType::BF16, DType::F32));
+            let dh_err = max_rel(dh, want_grads.get(h.as_tensor()).unwrap());
+            let dw_err = max_rel(dw, want_grads.get(w.as_tensor()).unwrap());
+            assert!(dh_err < 1e-2 && dw_err < 5e-3, "fused {fused}: dh off by {dh_err:e}, dW by {dw_err:e}");
+        }
+        Ok(())
     }
 }

@@ -33,21 +33,23 @@ pub struct RefCache {
 
 /// What the cached numbers of `data` depend on: the model, the data's bytes
 /// (`data_fingerprint`) and its shard paths (pairs are looked up by file and line), the
-/// tokenizer, `max_length` and the compute dtype.
+/// tokenizer, `max_length` and the precision: the compute dtype, the LM head's and its matmul
+/// operands' (`CausalLm::head_dtype`, `head_operands`).
 pub fn cache_key(
     model_fingerprint: &str,
     data_fingerprint: &str,
     data: &PreferenceDataset,
     model_dir: &Path,
     max_length: Option<usize>,
-    dtype: DType,
+    (compute, head, operands): (DType, DType, DType),
 ) -> Result<String> {
     let mut h = Sha256::new();
-    // "v3": v1 caches lack the pairs `dataloader_drop_last` leaves out, and v2 ones were keyed by
-    // the training data for the eval set too: neither is reused.
+    // "v4": v1 caches lack the pairs `dataloader_drop_last` leaves out, v2 ones were keyed by
+    // the training data for the eval set too, v3 ones not by the head's precision: none is reused.
     let shards = data.shard_paths().map(|p| p.to_string_lossy().into_owned());
+    let precision = format!("{compute:?}/head {head:?} from {operands:?}");
     let parts =
-        [model_fingerprint.to_owned(), data_fingerprint.to_owned(), format!("v3/{max_length:?}/{dtype:?}")];
+        [model_fingerprint.to_owned(), data_fingerprint.to_owned(), format!("v4/{max_length:?}/{precision}")];
     for part in parts.into_iter().chain(shards) {
         h.update(part.as_bytes());
         h.update([0]);

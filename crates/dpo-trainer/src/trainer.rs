@@ -172,7 +172,7 @@ impl Trainer {
             tracing::info!(seconds = started.elapsed().as_secs_f64(), "fused kernels agree with the CPU's");
         }
         let ck = Checkpoint::open(&cfg.model, cfg.model_weights.as_deref())?;
-        if cfg.lm_head_f32 && compute == DType::BF16 && device.is_cuda() {
+        if cfg.lm_head_f32 && !cfg.lm_head_bf16_operands && compute == DType::BF16 && device.is_cuda() {
             // f32 head matmuls on tensor cores (TF32); bf16 matmuls keep f32 accumulation.
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
         }
@@ -651,8 +651,15 @@ impl Trainer {
         let data_cfg = cfg.data_config(cfg.eval_batch_size.unwrap_or(cfg.batch_size));
         // Each dataset is keyed by its own bytes (hashed once at setup, see `DataCounts`).
         let compute = |split: &str, ds: &Arc<PreferenceDataset>, data_fingerprint: &str| {
-            let (model, dtype) = (&fingerprint.model, self.compute_dtype);
-            let key = ref_cache::cache_key(model, data_fingerprint, ds, &cfg.model, cfg.max_length, dtype)?;
+            let precision = (self.compute_dtype, reference.head_dtype(), reference.head_operands());
+            let key = ref_cache::cache_key(
+                &fingerprint.model,
+                data_fingerprint,
+                ds,
+                &cfg.model,
+                cfg.max_length,
+                precision,
+            )?;
             RefCache::load_or_compute(
                 dir.join(format!("{split}-{key}.safetensors")),
                 ds,
@@ -759,7 +766,7 @@ fn fused_ops(cfg: &TrainConfig, has_kernels: bool) -> std::result::Result<bool, 
     }
 }
 
-/// The forward options of the config: fused ops, attention recompute, and the LM head's dtype.
+/// The forward options of the config: fused ops, attention recompute, and the LM head's dtypes.
 ///
 /// Stacked projections ([`CausalLm::with_stacked_projections`]) copy the weights they stack. The
 /// copy replaces a frozen model's weights, and the bf16 cast the manual backward makes of the
@@ -767,11 +774,12 @@ fn fused_ops(cfg: &TrainConfig, has_kernels: bool) -> std::result::Result<bool, 
 /// `DPO_TRAIN_STACK_PROJECTIONS=0` keeps every model unstacked (same math), to measure.
 fn configure(model: CausalLm, cfg: &TrainConfig, compute: DType) -> Result<CausalLm> {
     let head = if cfg.lm_head_f32 { DType::F32 } else { compute };
+    let operands = if cfg.lm_head_bf16_operands && compute == DType::BF16 { DType::BF16 } else { head };
     let stack = std::env::var("DPO_TRAIN_STACK_PROJECTIONS").as_deref() != Ok("0")
         && (!model.trainable() || compute != DType::F32);
     let fused = cfg.fused_ops && dpo_model::has_fused_kernels(model.device());
     let model = model.with_fused_ops(fused).with_attention_recompute(cfg.recompute_attention);
-    Ok(model.with_head_dtype(head).with_stacked_projections(stack)?)
+    Ok(model.with_head_dtype(head).with_head_operands(operands).with_stacked_projections(stack)?)
 }
 
 /// Adds this micro-batch's gradients to the running sums, one per parameter.

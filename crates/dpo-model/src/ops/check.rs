@@ -540,6 +540,31 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
             backward(super::target_logprobs_slow, super::target_logprobs_backward_slow, x)
         }),
     });
+    // The LM head's matmuls from bf16 operands into f32 (cuBLAS on CUDA), in its three layouts:
+    // logits `h W^T`, `dh = dz W`, `dW = dz^T h`, flattened into one output.
+    let (rows, cols, hidden) = if big { (256, 37_984, 896) } else { (29, 301, 64) };
+    let mut mats = Vec::new();
+    for (name, dims, seed) in [("h", [rows, hidden], 18), ("w", [cols, hidden], 19), ("dz", [rows, cols], 20)]
+    {
+        mats.push(Input { name, value: randn_tensor(&dims, seed, 1.0)?, grad: false, keep_f32: false });
+    }
+    let head_matmuls = |mm: fn(&Tensor, &Tensor) -> Result<Tensor>, x: &[Tensor]| -> Result<Tensor> {
+        let (h, w, dz) =
+            (x[0].to_dtype(DType::BF16)?, x[1].to_dtype(DType::BF16)?, x[2].to_dtype(DType::BF16)?);
+        let outs = [mm(&h, &w.t()?)?, mm(&dz, &w)?, mm(&dz.t()?, &h)?];
+        Tensor::cat(&outs.iter().map(|o| o.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?
+            .to_dtype(x[0].dtype())
+    };
+    cases.push(Case {
+        op: "matmul_bf16_f32",
+        out_dims: Some(vec![rows * cols + rows * hidden + cols * hidden]),
+        shape: format!("[{rows}, {hidden}] x [{cols}, {hidden}]^T"),
+        inputs: mats,
+        fused: Box::new(move |x| head_matmuls(crate::matmul_bf16_f32, x)),
+        slow: Box::new(move |x| {
+            head_matmuls(|a, b| crate::matmul(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?), x)
+        }),
+    });
     Ok(cases)
 }
 

@@ -1262,3 +1262,81 @@ pub(super) fn flash_attention_backward(
     }
     Ok(half::bf16::wrap_cuda_slice(grads, dev))
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// `a @ b` into a new f32 `[m, n]` for bf16 `a` `[m, k]` and `b` `[k, n]`, each row-major or the
+/// transpose of a row-major matrix ([`crate::cublas_takes`]), by one cuBLAS GEMM with bf16
+/// operands, f32 result and f32 compute ([`crate::matmul_bf16_f32`]).
+pub(crate) fn gemm_bf16_f32(
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let what = "matmul_bf16_f32";
+    let ((m, k), n) = (al.shape().dims2()?, bl.shape().dims2()?.1);
+    // cuBLAS is column-major: row-major `C = A B` is its `C^T = B^T A^T`, so its first operand is
+    // `b` and its second `a` (candle's `gemm_config`). A `[rows, cols]` matrix is row-major
+    // (leading dimension `cols`, no transpose) or the transpose of one (`rows`, transposed).
+    let op = |l: &Layout, rows: usize, cols: usize| -> Result<(sys::cublasOperation_t, i32)> {
+        let (major, minor) = (l.stride()[0], l.stride()[1]);
+        if (minor == 1 || cols == 1) && (major == cols || rows == 1) {
+            Ok((sys::cublasOperation_t::CUBLAS_OP_N, int(cols, what)?))
+        } else if (minor == rows || cols == 1) && (major == 1 || rows == 1) {
+            Ok((sys::cublasOperation_t::CUBLAS_OP_T, int(rows, what)?))
+        } else {
+            candle_core::bail!(
+                "{what}: {:?} with strides {:?} is no matrix cuBLAS takes",
+                l.dims(),
+                l.stride()
+            )
+        }
+    };
+    let ((op_b, ldb), (op_a, lda)) = (op(bl, k, n)?, op(al, m, k)?);
+    let dev = a.device().clone();
+    let av = a.as_cuda_slice::<half::bf16>()?.slice(al.start_offset()..);
+    let bv = b.as_cuda_slice::<half::bf16>()?.slice(bl.start_offset()..);
+    // SAFETY: the GEMM writes every element (beta = 0).
+    let mut c = unsafe { dev.alloc::<f32>(m * n)? };
+    let (alpha, beta) = (1f32, 0f32);
+    let stream = dev.cuda_stream();
+    {
+        let (ap, _ga) = av.device_ptr(&stream);
+        let (bp, _gb) = bv.device_ptr(&stream);
+        let (cp, _gc) = c.device_ptr_mut(&stream);
+        let blas = dev.cublas_handle();
+        let _timed = kernel_timer(&dev, "gemm_bf16_f32");
+        // SAFETY: the operands hold the matrices their leading dimensions describe (checked
+        // above, from their layouts), the result `m x n` f32; one batch.
+        unsafe {
+            gemm_strided_batched_ex(
+                *blas.handle(),
+                op_b,
+                op_a,
+                int(n, what)?,
+                int(m, what)?,
+                int(k, what)?,
+                (&alpha as *const f32).cast(),
+                bp as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ldb,
+                (k * n) as i64,
+                ap as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                lda,
+                (m * k) as i64,
+                (&beta as *const f32).cast(),
+                cp as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                int(n, what)?,
+                (m * n) as i64,
+                1,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .w()?;
+    }
+    Ok(f32::wrap_cuda_slice(c, dev))
+}

@@ -368,3 +368,26 @@ fn adamw_and_sum_of_squares() -> Result<()> {
     assert!((got - want).abs() <= 1e-12 * want, "sum of squares {got} vs {want}");
     Ok(())
 }
+
+/// `crate::matmul_bf16_f32` by cuBLAS against the CPU's (operands cast to f32), in the layouts
+/// the LM head uses: `h W^T` (a transposed weight slice), `dz W`, `dz^T h`; each operand starting
+/// inside its buffer. Products of bf16 values are exact in f32: only the order of the sums differs.
+#[test]
+fn gemm_bf16_f32_layouts() -> Result<()> {
+    let dev = gpu();
+    let (m, k, n) = (9, 7, 5);
+    let bf = |shape: &[usize], seed| randn(shape, seed, 1.0, DType::BF16);
+    let (h, w, dz) = (bf(&[m, k], 1), bf(&[n + 2, k], 2), bf(&[m, n], 3));
+    let w_rows = w.narrow(0, 1, n)?; // a slice of the vocabulary's rows
+    let (hd, wd, dzd) = (up(&h, &dev), up(&w, &dev).narrow(0, 1, n)?, up(&dz, &dev));
+    let cases = [
+        ("h W^T", crate::matmul_bf16_f32(&hd, &wd.t()?)?, crate::matmul_bf16_f32(&h, &w_rows.t()?)?),
+        ("dz W", crate::matmul_bf16_f32(&dzd, &wd)?, crate::matmul_bf16_f32(&dz, &w_rows)?),
+        ("dz^T h", crate::matmul_bf16_f32(&dzd.t()?, &hd)?, crate::matmul_bf16_f32(&dz.t()?, &h)?),
+    ];
+    for (what, got, want) in cases {
+        assert_eq!(got.dtype(), DType::F32, "{what}");
+        assert_close(&got, &want, 1e-5, what);
+    }
+    Ok(())
+}

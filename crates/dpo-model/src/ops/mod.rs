@@ -39,6 +39,8 @@ mod tests;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
 pub use check::{randn_tensor, self_check, verify};
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::gemm_bf16_f32;
 
 /// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous) from the gradient
 /// `g * grad_scale` (the clipping factor, applied as `g` is read): `Ok(false)` when the tensors

@@ -4,7 +4,8 @@
 // by build.sh with stand-ins for the other CUDA libraries the `cuda` build links.
 //
 // What a GPU would not forgive, it refuses with an error (and a line on stderr): a launch of a
-// kernel it does not have (candle's own kernels and cuBLAS run only on a GPU), a pointer argument
+// kernel it does not have (candle's own kernels run only on a GPU; of cuBLAS, the one GEMM
+// function candle and ops::matmul_bf16_f32 call runs, in f32 on the CPU), a pointer argument
 // outside every live allocation, a block of more than 1024 threads, a copy past an allocation's
 // end. New allocations are filled with NaN bytes (0xff), so an output element a kernel fails to
 // write shows. Work runs synchronously, in the order submitted; launches one at a time.
@@ -60,7 +61,7 @@ const std::pair<const char *, size_t> trap{std::getenv("CUDA_EMU_TRAP"),
                                            std::getenv("CUDA_EMU_TRAP_AT") ? std::atol(std::getenv("CUDA_EMU_TRAP_AT")) : 1};
 
 // At exit, a dry run reports its peak of live device memory (a lower bound on a GPU's: no
-// context, no allocator caching, no cuBLAS workspace) and what it launched (cuBLAS not counted).
+// context, no allocator caching, no cuBLAS workspace) and what it launched (GEMMs not counted: see the census).
 struct Report {
     ~Report() {
         if (!dry) return;
@@ -323,15 +324,18 @@ API CUresult cuGetErrorName(CUresult e, const char **s) {
     return OK;
 }
 
-// The GEMM candle runs every matmul with (cuda_backend/mod.rs): counted in a dry run's census.
-API int cublasGemmStridedBatchedEx(void *, int ta, int tb, int m, int n, int k, const void *, const void *, int at,
-                                   int, long long, const void *, int bt, int, long long, const void *, void *, int ct,
-                                   int, long long, int batch, int, int) {
-    if (!dry) return refuse(999, "cublasGemmStridedBatchedEx is not emulated");
+// The GEMM candle runs every matmul with (cuda_backend/mod.rs), and ops::matmul_bf16_f32:
+// column-major C = alpha op(A) op(B) + beta C per batch, for f32 and bf16 operands and results
+// with f32 compute (CUBLAS_COMPUTE_32F and its _FAST_ variants), summed in f32. A dry run counts
+// it in the census and computes nothing; otherwise its operands must lie inside allocations.
+API int cublasGemmStridedBatchedEx(void *, int ta, int tb, int m, int n, int k, const void *alpha, const void *A,
+                                   int at, int lda, long long sa, const void *B, int bt, int ldb, long long sb,
+                                   const void *beta, void *C, int ct, int ldc, long long sc, int batch, int compute,
+                                   int) {
+    enum { R_32F = 0, R_16BF = 14 };
     std::lock_guard g(lock);
-    const auto size = [](int type) { return type == 0 ? 4 : 2; };  // CUDA_R_32F, else 16-bit
-    const char *types[] = {"f32", "?", "f16", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?", "bf16"};
-    const auto type = [&](int t) { return t >= 0 && t < 15 ? types[t] : "?"; };
+    const auto size = [](int type) { return type == R_32F ? 4 : 2; };
+    const auto type = [](int t) { return t == R_32F ? "f32" : t == R_16BF ? "bf16" : "?"; };
     const std::string key = std::string("gemm ") + type(at) + (ta ? "T" : "N") + type(bt) + (tb ? "T" : "N") + "->" +
                             type(ct) + " m" + std::to_string(m) + " n" + std::to_string(n) + " k" + std::to_string(k) +
                             " x" + std::to_string(batch);
@@ -339,6 +343,40 @@ API int cublasGemmStridedBatchedEx(void *, int ta, int tb, int m, int n, int k, 
     ++t.launches;
     t.flops += 2.0 * m * n * k * batch;
     t.bytes += (double(m) * k * size(at) + double(k) * n * size(bt) + double(m) * n * size(ct)) * batch;
+    if (dry) return OK;
+    for (int x : {at, bt, ct})
+        if (x != R_32F && x != R_16BF) return refuse(999, key + ": only f32 and bf16 are emulated");
+    if (compute < 68 || compute > 77) return refuse(999, key + ": only f32 compute types are emulated");
+    if (m <= 0 || n <= 0 || batch <= 0) return OK;
+    // The last element each matrix reaches (rows x cols column-major, leading dimension ld).
+    const auto last = [&](int rows, int cols, int ld, long long stride) {
+        return (rows - 1) + (long long)(cols - 1) * ld + (batch - 1) * stride;
+    };
+    const auto ptr = [](const void *p) { return reinterpret_cast<CUdeviceptr>(p); };
+    if (k > 0 && (!inside(ptr(A), size(at) * (1 + last(ta ? k : m, ta ? m : k, lda, sa))) ||
+                  !inside(ptr(B), size(bt) * (1 + last(tb ? n : k, tb ? k : n, ldb, sb)))))
+        return refuse(INVALID_VALUE, key + ": an operand reaches past its allocation");
+    if (!inside(ptr(C), size(ct) * (1 + last(m, n, ldc, sc))))
+        return refuse(INVALID_VALUE, key + ": the result reaches past its allocation");
+    const auto load = [](const void *p, int type, long long i) {
+        return type == R_32F ? static_cast<const float *>(p)[i]
+                             : __bfloat162float(static_cast<const __nv_bfloat16 *>(p)[i]);
+    };
+    const float al = *static_cast<const float *>(alpha), be = *static_cast<const float *>(beta);
+    for (int b = 0; b < batch; ++b)
+        for (int j = 0; j < n; ++j)
+            for (int i = 0; i < m; ++i) {
+                float acc = 0;
+                for (int l = 0; l < k; ++l)
+                    acc += load(A, at, b * sa + (ta ? l + (long long)i * lda : i + (long long)l * lda)) *
+                           load(B, bt, b * sb + (tb ? j + (long long)l * ldb : l + (long long)j * ldb));
+                const long long c = b * sc + i + (long long)j * ldc;
+                const float v = al * acc + (be != 0 ? be * load(C, ct, c) : 0.f);
+                if (ct == R_32F)
+                    static_cast<float *>(C)[c] = v;
+                else
+                    static_cast<__nv_bfloat16 *>(C)[c] = __float2bfloat16_rn(v);
+            }
     return OK;
 }
 
