@@ -548,9 +548,9 @@ __device__ void target_logprobs_fwd(const T *__restrict__ z, const unsigned int 
     }
 }
 
-template <typename T>
+template <typename T, typename O = T>
 __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__restrict__ lse_g,
-                                    const unsigned int *__restrict__ tgt, T *__restrict__ dz, int V, int N,
+                                    const unsigned int *__restrict__ tgt, O *__restrict__ dz, int V, int N,
                                     long long first) {
     typedef ACC(T) A;
     const long long row = blockIdx.x, off = row * V;
@@ -558,7 +558,7 @@ __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__res
     const long long t = (long long)tgt[row] - first;  // the target's column here, if in [0, V)
     for (int k = threadIdx.x; k < V; k += blockDim.x) {
         const A hot = k == t ? g : (A)0;
-        dz[off + k] = from_acc<T>(hot - acc_exp(to_acc(z[off + k]) - lse) * g);
+        dz[off + k] = from_acc<O>(hot - acc_exp(to_acc(z[off + k]) - lse) * g);
     }
 }
 
@@ -702,7 +702,8 @@ INSTANTIATE(double, f64)
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)
 
-// f32 residual stream, bf16/f16 matmuls: the norm that feeds a matmul, the add that leaves one.
+// f32 residual stream, bf16/f16 matmuls: the norm that feeds a matmul, the add that leaves one;
+// f32 logits, bf16/f16 matmul operands: the logits' gradient, rounded once as the next matmul takes it.
 #define INSTANTIATE_MIXED(T, SUF)                                                                    \
     extern "C" __global__ void dpo_rmsnorm_fwd_f32_to_##SUF(const float *x, const float *w, T *y, int D, \
                                                           double eps) {                             \
@@ -719,6 +720,11 @@ INSTANTIATE(__half, f16)
     }                                                                                                \
     extern "C" __global__ void dpo_add_cast_##SUF(const float *h, const T *y, float *out, long long n) { \
         add_cast<T>(h, y, out, n);                                                                   \
+    }                                                                                                \
+    extern "C" __global__ void dpo_target_logprobs_bwd_f32_to_##SUF(const float *z, const float *lse_g, \
+                                                                    const unsigned int *t, T *dz, int V, \
+                                                                    int N, long long first) {        \
+        target_logprobs_bwd<float, T>(z, lse_g, t, dz, V, N, first);                                 \
     }
 
 INSTANTIATE_MIXED(__nv_bfloat16, bf16)

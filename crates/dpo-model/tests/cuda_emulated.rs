@@ -52,6 +52,7 @@ fn kernels() -> Vec<String> {
         "dpo_rmsnorm_bwd_dx_add_f32_from",
         "dpo_rmsnorm_bwd_dw_partial_f32_from",
         "dpo_add_cast",
+        "dpo_target_logprobs_bwd_f32_to",
     ];
     let mut names: Vec<String> =
         per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
@@ -95,7 +96,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 30, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 31, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -398,25 +399,35 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
         assert_close(&got.get(1)?, &lse, close, &format!("lse {dt:?}"));
         let want = ops::target_logprobs_backward(&z, &lse, &targets, &g, 0)?;
         let lse_g = Tensor::stack(&[&lse, &g], 0)?;
-        let bwd = |z: &Tensor, first: usize| {
+        let bwd = |z: &Tensor, first: usize, name: &str, to: DType| {
             let cols = z.dim(1).unwrap();
             let args = [
                 buf(z),
                 buf(&lse_g),
                 buf(&targets),
-                out(dt, n * cols),
+                out(to, n * cols),
                 Arg::I32(cols as i32),
                 Arg::I32(n as i32),
                 Arg::I64(first as i64),
             ];
-            let got = launch(&format!("dpo_target_logprobs_bwd_{}", dt.as_str()), grid, block, &args);
-            tensor(&got[3], dt, &[n, cols])
+            let got = launch(name, grid, block, &args);
+            tensor(&got[3], to, &[n, cols])
         };
-        assert_close(&bwd(&z, 0), &want, tol(dt), &format!("dlogits {dt:?}"));
+        let name = format!("dpo_target_logprobs_bwd_{}", dt.as_str());
+        assert_close(&bwd(&z, 0, &name, dt), &want, tol(dt), &format!("dlogits {dt:?}"));
         // The vocabulary's columns 500.. 1,020 alone: targets 512 and 1000 inside, the rest not.
         let cols = z.narrow(1, 500, 520)?.contiguous()?;
         let what = format!("dlogits {dt:?}, columns 500..");
-        assert_close(&bwd(&cols, 500), &want.narrow(1, 500, 520)?, tol(dt), &what);
+        assert_close(&bwd(&cols, 500, &name, dt), &want.narrow(1, 500, 520)?, tol(dt), &what);
+        // From f32 logits, rounded once into the 16-bit dtypes.
+        if dt == DType::F32 {
+            for to in [DType::BF16, DType::F16] {
+                let want = ops::target_logprobs_backward_to(&cols, &lse, &targets, &g, 500, to)?;
+                assert_eq!(want.dtype(), to);
+                let name = format!("dpo_target_logprobs_bwd_f32_to_{}", to.as_str());
+                assert_close(&bwd(&cols, 500, &name, to), &want, tol(to), &format!("dlogits f32 -> {to:?}"));
+            }
+        }
     }
     Ok(())
 }

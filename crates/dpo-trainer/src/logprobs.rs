@@ -148,8 +148,8 @@ impl LmHead {
         }
     }
 
-    /// `d(sum_i g_i logp_i) / d logits` for `logits`, the vocabulary's columns `first..`, in
-    /// their dtype (`lse`: the whole rows').
+    /// `d(sum_i g_i logp_i) / d logits` for `logits`, the vocabulary's columns `first..`, as the
+    /// matmuls take it (`lse`: the whole rows').
     fn logprobs_grad(
         &self,
         logits: &Tensor,
@@ -159,9 +159,9 @@ impl LmHead {
         first: usize,
     ) -> Result<Tensor> {
         if self.fused {
-            ops::target_logprobs_backward(logits, lse, targets, g, first)
+            ops::target_logprobs_backward_to(logits, lse, targets, g, first, self.operand_dtype())
         } else {
-            ops::target_logprobs_backward_slow(logits, lse, targets, g, first)
+            ops::target_logprobs_backward_slow(logits, lse, targets, g, first)?.to_dtype(self.operand_dtype())
         }
     }
 }
@@ -296,7 +296,6 @@ impl CustomOp2 for ChunkedLogProbs {
             let wc = w.narrow(0, first, len)?;
             let logits = self.head.mm(&h, &wc.t()?)?;
             let dz = self.head.logprobs_grad(&logits, &self.lse, &self.targets, grad, first)?;
-            let dz = self.head.operand(&dz)?;
             let dh = self.head.mm(&dz, &wc)?.to_dtype(acc)?;
             grad_h = Some(match grad_h {
                 Some(sum) => (sum + dh)?,

@@ -855,7 +855,8 @@ fn target_logprobs_t<T: Kern>(
 }
 
 /// The gradient of the logits `z`, the vocabulary's columns `first..` (see `target_logprobs_bwd`
-/// in `dpo_ops.cu`).
+/// in `dpo_ops.cu`), in `out`: `dpo_target_logprobs_bwd_<dtype>`, or from f32 logits into
+/// bf16/f16 `dpo_target_logprobs_bwd_f32_to_<dtype>`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn target_logprobs_bwd(
     z: &CudaStorage,
@@ -865,19 +866,32 @@ pub(super) fn target_logprobs_bwd(
     t: &CudaStorage,
     tl: &Layout,
     first: usize,
+    out: DType,
 ) -> Result<CudaStorage> {
-    dispatch!(z.dtype(), target_logprobs_bwd_t(z, zl, lg, lgl, t, tl, first))
+    let args = (z, zl, lg, lgl, t, tl, first);
+    match (z.dtype(), out) {
+        (dt, out) if dt == out => dispatch!(dt, target_logprobs_bwd_same(args)),
+        (DType::F32, DType::BF16) => {
+            target_logprobs_bwd_t::<f32, half::bf16>(args, "dpo_target_logprobs_bwd_f32_to")
+        }
+        (DType::F32, DType::F16) => {
+            target_logprobs_bwd_t::<f32, half::f16>(args, "dpo_target_logprobs_bwd_f32_to")
+        }
+        (dt, out) => candle_core::bail!("target_logprobs_backward: {dt:?} logits into {out:?}"),
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn target_logprobs_bwd_t<T: Kern>(
-    z: &CudaStorage,
-    zl: &Layout,
-    lg: &CudaStorage,
-    lgl: &Layout,
-    t: &CudaStorage,
-    tl: &Layout,
-    first: usize,
+type LogProbsBwdArgs<'a> =
+    (&'a CudaStorage, &'a Layout, &'a CudaStorage, &'a Layout, &'a CudaStorage, &'a Layout, usize);
+
+fn target_logprobs_bwd_same<T: Kern>(args: LogProbsBwdArgs) -> Result<CudaStorage> {
+    target_logprobs_bwd_t::<T, T>(args, "dpo_target_logprobs_bwd")
+}
+
+/// `T` logits into an `O` gradient by the kernel `<base>_<O>`.
+fn target_logprobs_bwd_t<T: Kern, O: Kern>(
+    (z, zl, lg, lgl, t, tl, first): LogProbsBwdArgs,
+    base: &str,
 ) -> Result<CudaStorage> {
     let dev = z.device().clone();
     let zv = view::<T>(z, zl, "target_logprobs_backward")?;
@@ -886,16 +900,16 @@ fn target_logprobs_bwd_t<T: Kern>(
     let (n, v) = zl.shape().dims2()?;
     let (n32, v32) = (int(n, "target_logprobs_backward")?, int(v, "target_logprobs_backward")?);
     // SAFETY: every element is written by the kernel.
-    let mut out = unsafe { dev.alloc::<T>(n * v)? };
+    let mut out = unsafe { dev.alloc::<O>(n * v)? };
     if n * v > 0 {
-        let f = func::<T>(&dev, "dpo_target_logprobs_bwd")?;
+        let f = func::<O>(&dev, base)?;
         let mut lb = f.builder();
         let first = first as i64;
         lb.arg(&zv).arg(&lgv).arg(&tv).arg(&mut out).arg(&v32).arg(&n32).arg(&first);
         // SAFETY: argument types match the kernel's signature; sizes were checked above.
         unsafe { lb.launch(rows_cfg(n, v, "target_logprobs_backward")?) }?;
     }
-    Ok(T::wrap_cuda_slice(out, dev))
+    Ok(O::wrap_cuda_slice(out, dev))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -211,12 +211,12 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
         assert_close(&logpd, &logp, tol(acc), &format!("logp {dt:?}"));
         assert_close(&lsed, &lse, tol(acc), &format!("lse {dt:?}"));
         let lse_g = Tensor::stack(&[&lse, &randn(&[n], 2, 1.0, acc)], 0)?;
-        let op = TargetLogProbsBwd { first: 0 };
+        let op = TargetLogProbsBwd { first: 0, out: dt };
         let want = z.apply_op3_no_bwd(&lse_g, &targets, &op)?;
         let got = zd.apply_op3_no_bwd(&up(&lse_g, &dev), &td, &op)?;
         assert_close(&got, &want, tol(dt), &format!("dlogits {dt:?}"));
         // Columns 500.. 1,020 alone (targets 512 and 1000 inside, the others not).
-        let op = TargetLogProbsBwd { first: 500 };
+        let op = TargetLogProbsBwd { first: 500, out: dt };
         // (Uploaded as a contiguous block: the emulated driver has no copy kernel.)
         let zc = z.narrow(1, 500, 520)?.contiguous()?;
         let zcd = up(&zc, &dev);
@@ -228,6 +228,13 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
             &format!("dlogits {dt:?} cols"),
         );
         assert_close(&got, &want.narrow(1, 500, 520)?, tol(dt), &format!("dlogits {dt:?} cols of the whole"));
+        // From f32 logits into the 16-bit dtypes (the LM head's bf16 operands).
+        for to in [DType::BF16, DType::F16].into_iter().filter(|_| dt == DType::F32) {
+            let op = TargetLogProbsBwd { first: 500, out: to };
+            let got = zcd.apply_op3_no_bwd(&up(&lse_g, &dev), &td, &op)?;
+            let want = zc.apply_op3_no_bwd(&lse_g, &targets, &op)?;
+            assert_close(&got, &want, tol(to), &format!("dlogits {dt:?} cols into {to:?}"));
+        }
     }
     Ok(())
 }

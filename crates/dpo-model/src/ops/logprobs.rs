@@ -71,14 +71,31 @@ pub fn target_logprobs_backward(
     g: &Tensor,
     first: usize,
 ) -> Result<Tensor> {
+    target_logprobs_backward_to(logits, lse, targets, g, first, logits.dtype())
+}
+
+/// [`target_logprobs_backward`] rounded to `out`: the logits' dtype, or bf16/f16 from f32 logits
+/// (the LM head's gradient as a bf16 matmul takes it: no f32 `[rows, cols]` tensor and no cast
+/// pass).
+pub fn target_logprobs_backward_to(
+    logits: &Tensor,
+    lse: &Tensor,
+    targets: &Tensor,
+    g: &Tensor,
+    first: usize,
+    out: DType,
+) -> Result<Tensor> {
     let _timed = crate::profile::op(logits.device(), "target_logprobs_bwd");
     check(logits, targets, "target_logprobs_backward")?;
+    if out != logits.dtype() && !(logits.dtype() == DType::F32 && matches!(out, DType::BF16 | DType::F16)) {
+        candle_core::bail!("target_logprobs_backward: {:?} logits into {out:?}", logits.dtype());
+    }
     let acc = accum_dtype(logits.dtype());
     let lse_g = Tensor::stack(&[lse.to_dtype(acc)?, g.to_dtype(acc)?], 0)?;
     if lse_g.dims() != [2, logits.dim(0)?] {
         candle_core::bail!("target_logprobs_backward: lse and g must be [{}]", logits.dim(0)?);
     }
-    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &TargetLogProbsBwd { first })
+    logits.contiguous()?.apply_op3_no_bwd(&lse_g, &targets.contiguous()?, &TargetLogProbsBwd { first, out })
 }
 
 /// The reference for [`target_logprobs_backward`]: the same values from candle ops.
@@ -114,9 +131,10 @@ fn check(logits: &Tensor, targets: &Tensor, what: &str) -> Result<()> {
 struct TargetLogProbs;
 
 /// `(lse_g, targets) -> dlogits` for logits `[rows, cols]`, the vocabulary's columns `first..`,
-/// and `lse_g` `[2, rows]` (lse, then g).
+/// and `lse_g` `[2, rows]` (lse, then g), in `out` (the logits' dtype, or bf16/f16 from f32).
 pub(super) struct TargetLogProbsBwd {
     pub(super) first: usize,
+    pub(super) out: DType,
 }
 
 /// The targets, each checked against the vocabulary.
@@ -154,20 +172,33 @@ fn bwd_cpu<T: Elem>(
     tl: &Layout,
     first: usize,
 ) -> Result<CpuStorage> {
+    bwd_cpu_to::<T, T>(z, zl, lg, lgl, t, tl, first)
+}
+
+/// [`bwd_cpu`] rounded to `O` (of the same accumulator: bf16/f16 from f32 logits).
+fn bwd_cpu_to<T: Elem, O: Elem<A = T::A>>(
+    z: &CpuStorage,
+    zl: &Layout,
+    lg: &CpuStorage,
+    lgl: &Layout,
+    t: &CpuStorage,
+    tl: &Layout,
+    first: usize,
+) -> Result<CpuStorage> {
     let z = cpu_slice::<T>(z, zl, "target_logprobs_backward")?;
     let (rows, vocab) = zl.shape().dims2()?;
     let t = cpu_slice::<u32>(t, tl, "target_logprobs_backward")?;
     let (lse, g) = cpu_slice::<T::A>(lg, lgl, "target_logprobs_backward lse and g")?.split_at(rows);
     let zero = T::cst(0.0);
-    let mut out = vec![T::from_acc(zero); z.len()];
+    let mut out = vec![O::from_acc(zero); z.len()];
     out.par_chunks_mut(vocab).zip(z.par_chunks(vocab)).enumerate().for_each(|(i, (dz, z))| {
         let (lse, g, t) = (lse[i], g[i], t[i] as usize);
         for (v, (dz, &x)) in dz.iter_mut().zip(z).enumerate() {
             let hot = if v + first == t { g } else { zero };
-            *dz = T::from_acc(hot - (x.acc() - lse).exp() * g);
+            *dz = O::from_acc(hot - (x.acc() - lse).exp() * g);
         }
     });
-    Ok(T::to_cpu_storage_owned(out))
+    Ok(O::to_cpu_storage_owned(out))
 }
 
 impl CustomOp2 for TargetLogProbs {
@@ -212,7 +243,12 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_dispatch!(z, bwd_cpu(z, zl, lg, lgl, t, tl, self.first))?;
+        let out = match (candle_core::backend::BackendStorage::dtype(z), self.out) {
+            (dt, out) if dt == out => cpu_dispatch!(z, bwd_cpu(z, zl, lg, lgl, t, tl, self.first))?,
+            (DType::F32, DType::BF16) => bwd_cpu_to::<f32, half::bf16>(z, zl, lg, lgl, t, tl, self.first)?,
+            (DType::F32, DType::F16) => bwd_cpu_to::<f32, half::f16>(z, zl, lg, lgl, t, tl, self.first)?,
+            (dt, out) => candle_core::bail!("target_logprobs_backward: {dt:?} logits into {out:?}"),
+        };
         Ok((out, zl.shape().clone()))
     }
 
@@ -226,6 +262,9 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &candle_core::CudaStorage,
         tl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl, self.first)?, zl.shape().clone()))
+        Ok((
+            super::cuda::target_logprobs_bwd(z, zl, lg, lgl, t, tl, self.first, self.out)?,
+            zl.shape().clone(),
+        ))
     }
 }

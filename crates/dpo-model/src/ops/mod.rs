@@ -80,7 +80,8 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
 pub use gather::{gather_rows, gather_rows_slow};
 pub use logprobs::{
-    target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_slow,
+    target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_backward_to,
+    target_logprobs_slow,
 };
 pub use residual::add_cast;
 pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_slow, rms_norm_to};
