@@ -471,7 +471,9 @@ __device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__rest
 }
 
 // ---------------------------------------------------------------------------------------------
-// SiLU gate: y = silu(g) * u; backward writes dg to out[0 .. n] and du to out[n .. 2n].
+// SiLU gate: y = silu(g) * u; backward writes dg to out[0 .. n] and du to out[n .. 2n], and with
+// `with_y` y again to out[2n .. 3n] (the hand-written backward needs it for dW of the down
+// projection: one pass over g and u for both, not two).
 template <typename T>
 __device__ void silu_mul_fwd(const T *__restrict__ g, const T *__restrict__ u, T *__restrict__ y, long long n) {
     typedef ACC(T) A;
@@ -491,12 +493,12 @@ __device__ void silu_mul_fwd(const T *__restrict__ g, const T *__restrict__ u, T
 
 template <typename T>
 __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, const T *__restrict__ dy,
-                             T *__restrict__ out, long long n) {
+                             T *__restrict__ out, long long n, int with_y) {
     typedef ACC(T) A;
     const bool vec = aligned16(g) && aligned16(u) && aligned16(dy) && aligned16(out) && aligned16(out + n);
     elementwise(n, vec, [&](long long i, auto width) {
         constexpr int W = decltype(width)::w;
-        T a[W], b[W], d[W], dg[W], du[W];
+        T a[W], b[W], d[W], dg[W], du[W], y[W];
         load_w<W>(a, g + i);
         load_w<W>(b, u + i);
         load_w<W>(d, dy + i);
@@ -506,9 +508,11 @@ __device__ void silu_mul_bwd(const T *__restrict__ g, const T *__restrict__ u, c
             const A sig = (A)1 / ((A)1 + acc_exp(-gv));
             dg[j] = from_acc<T>(dv * uv * sig * ((A)1 + gv * ((A)1 - sig)));
             du[j] = from_acc<T>(dv * gv * sig);
+            y[j] = from_acc<T>(gv / ((A)1 + acc_exp(-gv)) * uv);  // silu_mul_fwd's formula, bit for bit
         }
         store_w<W>(out + i, dg);
         store_w<W>(out + n + i, du);
+        if (with_y) store_w<W>(out + 2 * n + i, y);
     });
 }
 
@@ -676,8 +680,8 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
         silu_mul_fwd<T>(g, u, y, n);                                                                 \
     }                                                                                                \
     extern "C" __global__ void dpo_silu_mul_bwd_##SUF(const T *g, const T *u, const T *dy, T *out,    \
-                                                      long long n) {                                 \
-        silu_mul_bwd<T>(g, u, dy, out, n);                                                           \
+                                                      long long n, int with_y) {                     \
+        silu_mul_bwd<T>(g, u, dy, out, n, with_y);                                                   \
     }                                                                                                \
     extern "C" __global__ void dpo_target_logprobs_fwd_##SUF(const T *z, const unsigned int *t,      \
                                                              AccOf<T>::type *out, int V, int N) {    \

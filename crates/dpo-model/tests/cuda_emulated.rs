@@ -862,7 +862,8 @@ fn rms_norm_to_and_add_cast() -> Result<()> {
     Ok(())
 }
 
-/// The SiLU gate, forward and backward (`[d gate; d up]` in one buffer), with fewer threads than
+/// The SiLU gate, forward and backward (`[d gate; d up]` in one buffer, and with `with_y` the
+/// forward's value after them), with fewer threads than
 /// 8-element vectors: 1,500 elements (a tail of 4; the backward's second half 16-byte aligned in
 /// f32 and f64 only, so read element by element in bf16 and f16) and 10,240.
 #[test]
@@ -876,13 +877,24 @@ fn silu_mul() -> Result<()> {
         let grid = (2, gy); // fewer threads than vectors (at 10,240): the grid-stride loops go round
         let args = [buf(&g), buf(&u), out(dt, n), Arg::I64(n as i64)];
         let got = launch(&format!("dpo_silu_mul_fwd_{}", dt.as_str()), grid, block, &args);
+        let y_kernel = tensor(&got[2], dt, &[r, c]);
         let want = ops::silu_mul(&g, &u)?;
-        assert_close(&tensor(&got[2], dt, &[r, c]), &want, tol(dt), &format!("silu_mul {dt:?} [{r}, {c}]"));
-        let args = [buf(&g), buf(&u), buf(&dy), out(dt, 2 * n), Arg::I64(n as i64)];
-        let got = launch(&format!("dpo_silu_mul_bwd_{}", dt.as_str()), grid, block, &args);
-        let want = ops::silu_mul_backward_stacked(&g, &u, &dy)?;
-        let what = format!("silu_mul backward {dt:?} [{r}, {c}]");
-        assert_close(&tensor(&got[3], dt, &[2 * r, c]), &want, tol(dt), &what);
+        assert_close(&y_kernel, &want, tol(dt), &format!("silu_mul {dt:?} [{r}, {c}]"));
+        let (dg, du, y) = ops::silu_mul_backward_and_value(&g, &u, &dy)?;
+        let want_grads = Tensor::cat(&[&dg, &du], 0)?;
+        for with_y in [0, 1] {
+            let parts = 2 + with_y as usize;
+            let args = [buf(&g), buf(&u), buf(&dy), out(dt, parts * n), Arg::I64(n as i64), Arg::I32(with_y)];
+            let got = launch(&format!("dpo_silu_mul_bwd_{}", dt.as_str()), grid, block, &args);
+            let got = tensor(&got[3], dt, &[parts * r, c]);
+            let what = format!("silu_mul backward {dt:?} [{r}, {c}], with_y {with_y}");
+            assert_close(&got.narrow(0, 0, 2 * r)?, &want_grads, tol(dt), &what);
+            if with_y == 1 {
+                // The forward kernel's value, bit for bit; and the CPU's (the forward's, bit for bit).
+                assert_close(&got.narrow(0, 2 * r, r)?, &y_kernel, 0.0, &what);
+                assert_close(&y, &want, 0.0, &format!("{what}: the CPU's y"));
+            }
+        }
     }
     Ok(())
 }

@@ -17,7 +17,8 @@
 //! ```
 //! `T` is the cast to the compute dtype (bf16 in bf16 runs; the residual stream and the norms
 //! stay in f32). Kept per block: `h` and `h2` (the residual stream), `q`, `k`, `v`, `a`, `gate`
-//! and `up`; `x1`, `x2` and `act` are recomputed, one elementwise pass each. The weight
+//! and `up`; `x1` and `x2` are recomputed, one elementwise pass each, and `act` comes out of
+//! the SiLU gate's backward, which reads `gate` and `up` anyway (`dact` is computed first). The weight
 //! gradients come out in the dtype of the weights (f32 master weights). The ops are those of
 //! [`crate::ops`] (fused RMSNorm, RoPE, SiLU gate and attention) and matmuls.
 //!
@@ -131,8 +132,8 @@ impl CausalLm {
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<Tensor> {
         let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
-        // MLP.
-        let act = ops::silu_mul(&s.gate, &s.up)?;
+        // MLP. `dact = dout Wd` first: the SiLU gate's backward then gives `act` too, from the
+        // same pass over `gate` and `up`, for `dWd = dout^T act`.
         let x2 = ops::rms_norm_to(&s.h2, &b.post_norm, eps, dt)?;
         let dx2 = match &b.gate_up {
             // Stacked, transposed (see `block_saving`): gate^T, up^T and act^T are [inter, n].
@@ -141,20 +142,28 @@ impl CausalLm {
                 let dy = dout.to_dtype(dt)?.reshape((rows * seq, hidden))?;
                 let dact_t = {
                     let _timed = crate::profile::op(dy.device(), "linear_bwd");
-                    Linear::add_weight_grads(&[&keys.down], &act.t()?, &dy, dt, grads)?;
                     matmul(&b.down.w.to_dtype(dt)?.t()?, &dy.t()?)? // (dy Wd)^T
                 };
-                drop(act);
-                let dgu_t = ops::silu_mul_backward_stacked(&s.gate, &s.up, &dact_t)?;
+                let (dgu_t, act_t) = ops::silu_mul_backward_stacked_and_value(&s.gate, &s.up, &dact_t)?;
                 let _timed = crate::profile::op(dy.device(), "linear_bwd");
+                Linear::add_weight_grads(&[&keys.down], &act_t.t()?, &dy, dt, grads)?;
+                drop(act_t);
                 let x2 = x2.reshape((rows * seq, hidden))?;
                 Linear::add_weight_grads(&[&keys.gate, &keys.up], &x2, &dgu_t.t()?, dt, grads)?;
                 matmul(&dgu_t.t()?, &gate_up.w.to_dtype(dt)?)?.reshape((rows, seq, hidden))?
             }
             None => {
-                let dact = b.down.backward(&[&keys.down], &act, &dout.to_dtype(dt)?, dt, grads)?;
+                let dy = dout.to_dtype(dt)?.flatten_to(1)?;
+                let dact = {
+                    let _timed = crate::profile::op(dy.device(), "linear_bwd");
+                    matmul(&dy, &b.down.w.to_dtype(dt)?)?.reshape(s.gate.shape())? // dy Wd
+                };
+                let (dgate, dup, act) = ops::silu_mul_backward_and_value(&s.gate, &s.up, &dact)?;
+                {
+                    let _timed = crate::profile::op(dy.device(), "linear_bwd");
+                    Linear::add_weight_grads(&[&keys.down], &act.flatten_to(1)?, &dy, dt, grads)?;
+                }
                 drop(act);
-                let (dgate, dup) = ops::silu_mul_backward(&s.gate, &s.up, &dact)?;
                 (b.gate.backward(&[&keys.gate], &x2, &dgate, dt, grads)?
                     + b.up.backward(&[&keys.up], &x2, &dup, dt, grads)?)?
             }

@@ -669,6 +669,7 @@ fn silu_mul_fwd_t<T: Kern>(
     elementwise2::<T, T, T>(g, gl, u, ul, "dpo_silu_mul_fwd", "silu_mul")
 }
 
+/// `[dg, du]` (`[dg, du, y]` `with_y`) packed into one buffer.
 pub(super) fn silu_mul_bwd(
     g: &CudaStorage,
     gl: &Layout,
@@ -676,8 +677,9 @@ pub(super) fn silu_mul_bwd(
     ul: &Layout,
     dy: &CudaStorage,
     dyl: &Layout,
+    with_y: bool,
 ) -> Result<CudaStorage> {
-    dispatch!(g.dtype(), silu_mul_bwd_t(g, gl, u, ul, dy, dyl))
+    dispatch!(g.dtype(), silu_mul_bwd_t(g, gl, u, ul, dy, dyl, with_y))
 }
 
 fn silu_mul_bwd_t<T: Kern>(
@@ -687,6 +689,7 @@ fn silu_mul_bwd_t<T: Kern>(
     ul: &Layout,
     dy: &CudaStorage,
     dyl: &Layout,
+    with_y: bool,
 ) -> Result<CudaStorage> {
     let dev = g.device().clone();
     let gv = view::<T>(g, gl, "silu_mul backward")?;
@@ -694,12 +697,14 @@ fn silu_mul_bwd_t<T: Kern>(
     let dyv = view::<T>(dy, dyl, "silu_mul backward")?;
     let n = gl.shape().elem_count();
     let n64 = n as i64;
-    // SAFETY: every element of both halves is written by the kernel.
-    let mut out = unsafe { dev.alloc::<T>(2 * n)? };
+    let parts = if with_y { 3 } else { 2 };
+    // SAFETY: every element of every part is written by the kernel.
+    let mut out = unsafe { dev.alloc::<T>(parts * n)? };
     if n > 0 {
         let f = func::<T>(&dev, "dpo_silu_mul_bwd")?;
         let mut lb = f.builder();
-        lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64);
+        let with_y = with_y as i32;
+        lb.arg(&gv).arg(&uv).arg(&dyv).arg(&mut out).arg(&n64).arg(&with_y);
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(vector_cfg(n)) }?;
     }

@@ -185,13 +185,14 @@ fn silu_mul_forward_and_backward() -> Result<()> {
             (randn(&[9, 130], 1, 2.0, dt), randn(&[9, 130], 2, 1.0, dt), randn(&[9, 130], 3, 1.0, dt));
         let (gd, ud, dyd) = (up(&g, &dev), up(&u, &dev), up(&dy, &dev));
         assert_close(&silu_mul(&gd, &ud)?, &silu_mul(&g, &u)?, tol(dt), &what);
-        let want = silu_mul_backward_stacked(&g, &u, &dy)?;
-        assert_close(
-            &silu_mul_backward_stacked(&gd, &ud, &dyd)?,
-            &want,
-            tol(dt),
-            &format!("{what} backward"),
-        );
+        let (dg, du) = silu_mul_backward(&gd, &ud, &dyd)?;
+        let (want_dg, want_du) = silu_mul_backward(&g, &u, &dy)?;
+        assert_close(&dg, &want_dg, tol(dt), &format!("{what} backward, d gate"));
+        assert_close(&du, &want_du, tol(dt), &format!("{what} backward, d up"));
+        // With the value (the stacked layout of the hand-written backward).
+        let (dgu, y) = silu_mul_backward_stacked_and_value(&gd, &ud, &dyd)?;
+        assert_close(&dgu, &Tensor::cat(&[&want_dg, &want_du], 0)?, tol(dt), &format!("{what} stacked"));
+        assert_close(&y, &silu_mul(&gd, &ud)?, 0.0, &format!("{what}: the value, as the forward's"));
     }
     Ok(())
 }

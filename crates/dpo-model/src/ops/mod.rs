@@ -86,7 +86,10 @@ pub use logprobs::{
 pub use residual::add_cast;
 pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_slow, rms_norm_to};
 pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow};
-pub use silu::{silu_mul, silu_mul_backward, silu_mul_backward_stacked, silu_mul_slow};
+pub use silu::{
+    silu_mul, silu_mul_backward, silu_mul_backward_and_value, silu_mul_backward_stacked_and_value,
+    silu_mul_slow,
+};
 pub use softmax::{masked_softmax, masked_softmax_slow};
 
 /// A device's storage inside a [`candle_core::Storage`].

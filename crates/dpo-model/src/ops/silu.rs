@@ -30,35 +30,60 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// The backward of [`silu_mul`]: `(d gate, d up)` for the upstream `dy` (no graph).
 pub fn silu_mul_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let packed = backward_packed(gate, up, dy)?;
+    let packed = backward_packed(gate, up, dy, false)?;
     Ok((packed.get(0)?.reshape(gate.shape())?, packed.get(1)?.reshape(up.shape())?))
 }
 
-/// [`silu_mul_backward`] for `gate`, `up` `[r, c]`, as one `[2r, c]` tensor: `d gate` stacked
-/// on `d up` (the layout of the stacked projection's transposed output).
-pub fn silu_mul_backward_stacked(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let (r, c) = gate.dims2()?;
-    backward_packed(gate, up, dy)?.reshape((2 * r, c))
+/// [`silu_mul_backward`] and the forward's value `silu(gate) * up` (as [`silu_mul`] computes it,
+/// bit for bit), from one pass over `gate` and `up`: `(d gate, d up, y)`.
+pub fn silu_mul_backward_and_value(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let packed = backward_packed(gate, up, dy, true)?;
+    let part = |i| packed.get(i)?.reshape(gate.shape());
+    Ok((part(0)?, part(1)?, part(2)?))
 }
 
-/// `[d gate, d up]` as one `[2, n]` tensor.
-fn backward_packed(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<Tensor> {
+/// [`silu_mul_backward_and_value`] for `gate`, `up` `[r, c]`: `d gate` stacked on `d up` as one
+/// `[2r, c]` tensor (the layout of the stacked projection's transposed output), and `y` `[r, c]`.
+pub fn silu_mul_backward_stacked_and_value(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (r, c) = gate.dims2()?;
+    let packed = backward_packed(gate, up, dy, true)?;
+    Ok((packed.narrow(0, 0, 2)?.reshape((2 * r, c))?, packed.get(2)?.reshape((r, c))?))
+}
+
+/// `[d gate, d up]` (`with_y`: `[d gate, d up, y]`) as one `[2 or 3, n]` tensor.
+fn backward_packed(gate: &Tensor, up: &Tensor, dy: &Tensor, with_y: bool) -> Result<Tensor> {
     let _timed = crate::profile::op(gate.device(), "silu_mul_bwd");
     let (g, u) = (gate.contiguous()?, up.contiguous()?);
-    g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd)
+    g.apply_op3_no_bwd(&u, &dy.to_dtype(g.dtype())?.contiguous()?, &SiluMulBwd { with_y })
 }
 
 struct SiluMul;
 
-/// `(g, u, dy) -> [dg, du]` packed in one `[2, n]` tensor.
-struct SiluMulBwd;
+/// `(g, u, dy) -> [dg, du]` (`with_y`: `[dg, du, y]`) packed in one `[2 or 3, n]` tensor.
+struct SiluMulBwd {
+    with_y: bool,
+}
 
 fn fwd_cpu<T: Elem>(g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> Result<CpuStorage> {
     let g = cpu_slice::<T>(g, gl, "silu_mul")?;
     let u = cpu_slice::<T>(u, ul, "silu_mul")?;
-    let one = T::cst(1.0);
     let mut out = vec![T::from_acc(T::cst(0.0)); g.len()];
-    out.par_chunks_mut(CPU_CHUNK).zip(g.par_chunks(CPU_CHUNK).zip(u.par_chunks(CPU_CHUNK))).for_each(
+    fwd_into(g, u, &mut out);
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+/// `y = silu(g) * u`.
+fn fwd_into<T: Elem>(g: &[T], u: &[T], y: &mut [T]) {
+    let one = T::cst(1.0);
+    y.par_chunks_mut(CPU_CHUNK).zip(g.par_chunks(CPU_CHUNK).zip(u.par_chunks(CPU_CHUNK))).for_each(
         |(y, (g, u))| {
             for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
                 let g = g.acc();
@@ -66,9 +91,9 @@ fn fwd_cpu<T: Elem>(g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) ->
             }
         },
     );
-    Ok(T::to_cpu_storage_owned(out))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bwd_cpu<T: Elem>(
     g: &CpuStorage,
     gl: &Layout,
@@ -76,14 +101,16 @@ fn bwd_cpu<T: Elem>(
     ul: &Layout,
     dy: &CpuStorage,
     dyl: &Layout,
+    with_y: bool,
 ) -> Result<CpuStorage> {
     let g = cpu_slice::<T>(g, gl, "silu_mul backward")?;
     let u = cpu_slice::<T>(u, ul, "silu_mul backward")?;
     let dy = cpu_slice::<T>(dy, dyl, "silu_mul backward")?;
     let n = g.len();
     let one = T::cst(1.0);
-    let mut out = vec![T::from_acc(T::cst(0.0)); 2 * n];
-    let (dg, du) = out.split_at_mut(n);
+    let mut out = vec![T::from_acc(T::cst(0.0)); if with_y { 3 * n } else { 2 * n }];
+    let (dg, rest) = out.split_at_mut(n);
+    let (du, y) = rest.split_at_mut(n);
     dg.par_chunks_mut(CPU_CHUNK)
         .zip(du.par_chunks_mut(CPU_CHUNK))
         .zip(g.par_chunks(CPU_CHUNK).zip(u.par_chunks(CPU_CHUNK)).zip(dy.par_chunks(CPU_CHUNK)))
@@ -95,6 +122,9 @@ fn bwd_cpu<T: Elem>(
                 du[i] = T::from_acc(d * g * sig);
             }
         });
+    if with_y {
+        fwd_into(g, u, y); // the forward's own loop: its value bit for bit
+    }
     Ok(T::to_cpu_storage_owned(out))
 }
 
@@ -154,8 +184,8 @@ impl CustomOp3 for SiluMulBwd {
         if gl.shape() != dyl.shape() {
             candle_core::bail!("silu_mul backward: {:?} vs {:?}", gl.shape(), dyl.shape());
         }
-        let out = cpu_dispatch!(g, bwd_cpu(g, gl, u, ul, dy, dyl))?;
-        Ok((out, Shape::from((2, gl.shape().elem_count()))))
+        let out = cpu_dispatch!(g, bwd_cpu(g, gl, u, ul, dy, dyl, self.with_y))?;
+        Ok((out, Shape::from((if self.with_y { 3 } else { 2 }, gl.shape().elem_count()))))
     }
 
     #[cfg(feature = "cuda")]
@@ -171,7 +201,7 @@ impl CustomOp3 for SiluMulBwd {
         if gl.shape() != dyl.shape() {
             candle_core::bail!("silu_mul backward: {:?} vs {:?}", gl.shape(), dyl.shape());
         }
-        let out = super::cuda::silu_mul_bwd(g, gl, u, ul, dy, dyl)?;
-        Ok((out, Shape::from((2, gl.shape().elem_count()))))
+        let out = super::cuda::silu_mul_bwd(g, gl, u, ul, dy, dyl, self.with_y)?;
+        Ok((out, Shape::from((if self.with_y { 3 } else { 2 }, gl.shape().elem_count()))))
     }
 }
