@@ -780,7 +780,8 @@ extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long 
 // [R, H, S, D], all contiguous. One block of 4 warps per tile of 64 queries (blockIdx.x) of a
 // row's head (blockIdx.y = row * H + head); a warp owns 16 queries and walks the keys in tiles
 // of 64, with a running max and sum per query: no [S, S] tensor exists. The bias is classified
-// once per call, a 64 x 64 tile at a time (dpo_flash_tiles): a tile it masks whole is skipped
+// once per mask (the launcher keeps the last mask's classes: once a step, not once per call), a
+// 64 x 64 tile at a time (dpo_flash_tiles): a tile it masks whole is skipped
 // (about half of a causal mask, 57% of the prefix-sharing layout's), one it masks nowhere is
 // not read, only the mixed ones (the diagonal's) are. A query masked from every key (the slow
 // path averages the keys of its least negative bias then) makes its tile of queries compute

@@ -232,7 +232,7 @@ impl candle_core::CustomOp3 for Flash {
         let bias = super::on_device::<CudaStorage>(&bias, "the attention bias")?;
         match &self.dy {
             None => Ok((
-                super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.scale)?,
+                super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.bias.id(), self.scale)?,
                 ql.shape().clone(),
             )),
             Some(dy) => {
@@ -247,7 +247,7 @@ impl candle_core::CustomOp3 for Flash {
                     (q, ql),
                     (k, kl),
                     (v, vl),
-                    bias,
+                    (bias, self.bias.id()),
                     dy,
                     out,
                     self.scale,

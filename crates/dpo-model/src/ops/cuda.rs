@@ -1007,9 +1007,8 @@ struct Flash<'a> {
     v: CudaView<'a, half::bf16>,
     bias: CudaView<'a, f32>,
     /// The bias's 64 x 64 tile classes and each query tile's "some query sees no key" flag
-    /// (`dpo_flash_tiles`), computed once per call for every kernel of it.
-    cls: CudaSlice<u8>,
-    full: CudaSlice<u8>,
+    /// (`dpo_flash_tiles`), computed once per bias tensor ([`flash_tiles`]).
+    tiles: Arc<FlashTiles>,
     rows: usize,
     heads: usize,
     kv: usize,
@@ -1020,12 +1019,63 @@ struct Flash<'a> {
     scale: f32,
 }
 
+/// `cls` and `full` of [`Flash`].
+struct FlashTiles {
+    cls: CudaSlice<u8>,
+    full: CudaSlice<u8>,
+}
+
+/// The tile classes of the bias tensor `id` (`bias` `[bias_rows, 1, seq, seq]`), from the last
+/// call's when it had the same bias: every attention call of a step (each layer's, forward and
+/// backward, the reference's and the policy's) shares one mask, so `dpo_flash_tiles` runs once
+/// a step, not once a call (72 times with an online reference). Tensor ids are never reused, so
+/// a later mask, wherever its memory lies, never meets classes that are not its own.
+fn flash_tiles(
+    dev: &CudaDevice,
+    bias: &CudaView<'_, f32>,
+    id: candle_core::TensorId,
+    bias_rows: usize,
+    ints: &[i32; 4],
+) -> Result<Arc<FlashTiles>> {
+    static LAST: Mutex<Option<(candle_core::TensorId, Arc<FlashTiles>)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((known, tiles)) = last.as_ref()
+        && *known == id
+    {
+        return Ok(tiles.clone());
+    }
+    let tiles = (ints[0] as usize).div_ceil(64);
+    // SAFETY: the kernel writes every element (none where there are no tiles).
+    let (mut cls, mut full) = unsafe {
+        (dev.alloc::<u8>((bias_rows * tiles * tiles).max(1))?, dev.alloc::<u8>((bias_rows * tiles).max(1))?)
+    };
+    if bias_rows * tiles > 0 {
+        let f = func_named(dev, "dpo_flash_tiles")?;
+        let mut lb = f.builder();
+        lb.arg(bias).arg(&mut cls).arg(&mut full).arg(&ints[0]);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, bias_rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let _timed = kernel_timer(dev, "flash_tiles");
+        // SAFETY: argument types match the kernel's signature; `cls` and `full` hold
+        // `bias_rows x tiles (x tiles)` bytes.
+        unsafe { lb.launch(cfg) }?;
+    }
+    let computed = Arc::new(FlashTiles { cls, full });
+    *last = Some((id, computed.clone()));
+    Ok(computed)
+}
+
 impl<'a> Flash<'a> {
+    /// `bias_id`: the bias tensor's id, for [`flash_tiles`].
     fn new(
         (q, ql): (&'a CudaStorage, &Layout),
         (k, kl): (&'a CudaStorage, &Layout),
         (v, vl): (&'a CudaStorage, &Layout),
         (bias, bl): (&'a CudaStorage, &Layout),
+        bias_id: candle_core::TensorId,
         scale: f64,
     ) -> Result<Self> {
         let what = "flash attention";
@@ -1046,36 +1096,13 @@ impl<'a> Flash<'a> {
         }
         let ints = [int(seq, what)?, int(heads, what)?, int(kv, what)?, int(bias_rows, what)?];
         let bias = view::<f32>(bias, bl, what)?;
-        let tiles = seq.div_ceil(64);
-        let dev = q.device();
-        // SAFETY: the kernel writes every element (none where there are no tiles).
-        let (mut cls, mut full) = unsafe {
-            (
-                dev.alloc::<u8>((bias_rows * tiles * tiles).max(1))?,
-                dev.alloc::<u8>((bias_rows * tiles).max(1))?,
-            )
-        };
-        if bias_rows * tiles > 0 {
-            let f = func_named(dev, "dpo_flash_tiles")?;
-            let mut lb = f.builder();
-            lb.arg(&bias).arg(&mut cls).arg(&mut full).arg(&ints[0]);
-            let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, bias_rows as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let _timed = kernel_timer(dev, "flash_tiles");
-            // SAFETY: argument types match the kernel's signature; `cls` and `full` hold
-            // `bias_rows x tiles (x tiles)` bytes.
-            unsafe { lb.launch(cfg) }?;
-        }
+        let tiles = flash_tiles(q.device(), &bias, bias_id, bias_rows, &ints)?;
         Ok(Flash {
             q: view(q, ql, what)?,
             k: view(k, kl, what)?,
             v: view(v, vl, what)?,
             bias,
-            cls,
-            full,
+            tiles,
             rows,
             heads,
             kv,
@@ -1109,7 +1136,12 @@ impl<'a> Flash<'a> {
         if n > 0 {
             let f = func_named(dev, &format!("dpo_flash_fwd_d{}_bf16", self.d))?;
             let mut lb = f.builder();
-            lb.arg(&self.q).arg(&self.k).arg(&self.v).arg(&self.bias).arg(&self.cls).arg(&self.full);
+            lb.arg(&self.q)
+                .arg(&self.k)
+                .arg(&self.v)
+                .arg(&self.bias)
+                .arg(&self.tiles.cls)
+                .arg(&self.tiles.full);
             lb.arg(&mut out).arg(&mut stats);
             self.tail(&mut lb);
             let _timed = kernel_timer(dev, "flash_fwd");
@@ -1128,7 +1160,12 @@ impl<'a> Flash<'a> {
         if n > 0 {
             let f = func_named(dev, &format!("dpo_flash_stats_d{}_bf16", self.d))?;
             let mut lb = f.builder();
-            lb.arg(&self.q).arg(&self.k).arg(&self.bias).arg(&self.cls).arg(&self.full).arg(&mut stats);
+            lb.arg(&self.q)
+                .arg(&self.k)
+                .arg(&self.bias)
+                .arg(&self.tiles.cls)
+                .arg(&self.tiles.full)
+                .arg(&mut stats);
             self.tail(&mut lb);
             let _timed = kernel_timer(dev, "flash_stats");
             // SAFETY: argument types match the kernel's signature; sizes were checked in `new`.
@@ -1176,10 +1213,11 @@ pub(super) fn flash_attention(
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
     bias: (&CudaStorage, &Layout),
+    bias_id: candle_core::TensorId,
     scale: f64,
 ) -> Result<CudaStorage> {
     let dev = q.0.device().clone();
-    let (out, _) = Flash::new(q, k, v, bias, scale)?.forward(&dev)?;
+    let (out, _) = Flash::new(q, k, v, bias, bias_id, scale)?.forward(&dev)?;
     Ok(half::bf16::wrap_cuda_slice(out, dev))
 }
 
@@ -1192,14 +1230,14 @@ pub(super) fn flash_attention_backward(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
     v: (&CudaStorage, &Layout),
-    bias: (&CudaStorage, &Layout),
+    (bias, bias_id): ((&CudaStorage, &Layout), candle_core::TensorId),
     (dy, dyl): (&CudaStorage, &Layout),
     out: Option<(&CudaStorage, &Layout)>,
     scale: f64,
 ) -> Result<CudaStorage> {
     let what = "flash attention backward";
     let dev = q.0.device().clone();
-    let fl = Flash::new(q, k, v, bias, scale)?;
+    let fl = Flash::new(q, k, v, bias, bias_id, scale)?;
     let aligned = dyl.contiguous_offsets().is_some_and(|(start, _)| start.is_multiple_of(8));
     if dyl.shape() != q.1.shape() || !aligned {
         candle_core::bail!(
@@ -1250,8 +1288,8 @@ pub(super) fn flash_attention_backward(
             .arg(&fl.k)
             .arg(&fl.v)
             .arg(&fl.bias)
-            .arg(&fl.cls)
-            .arg(&fl.full)
+            .arg(&fl.tiles.cls)
+            .arg(&fl.tiles.full)
             .arg(&dy)
             .arg(&stats)
             .arg(&dvec)
@@ -1272,7 +1310,7 @@ pub(super) fn flash_attention_backward(
         drop(timed);
         let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
-        lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&fl.cls).arg(&fl.full);
+        lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&fl.tiles.cls).arg(&fl.tiles.full);
         lb.arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
         fl.tail(&mut lb);
         let _timed = kernel_timer(&dev, "flash_bwd_dq");
