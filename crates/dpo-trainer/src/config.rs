@@ -168,7 +168,9 @@ pub struct TrainConfig {
     pub device: String,
     pub dtype: Precision,
     /// LM-head rows computed at once when scoring completions: `logprob_chunk x vocab` logits
-    /// exist at a time (the backward computes as many, by slices of the vocabulary).
+    /// exist at a time (the backward computes as many, by slices of the vocabulary). Where one
+    /// chunk holds a batch's every scored position, the backward reuses the forward's logits
+    /// instead (one matmul less a step, those logits kept until the head's backward).
     pub logprob_chunk: usize,
     /// Show a progress bar on a terminal.
     pub progress_bar: bool,

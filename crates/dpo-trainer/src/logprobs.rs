@@ -7,7 +7,8 @@
 //! mask). The LM head runs over those rows in chunks, inside a custom op whose backward
 //! recomputes the logits a slice of the vocabulary at a time (all rows, the same number of
 //! logits as a forward chunk) and, from the logsumexp the forward kept, their softmax: the
-//! graph keeps `h` and `W`, never `[positions, vocab]` logits. Gradients:
+//! graph keeps `h` and `W`, and `[positions, vocab]` logits only where one chunk held every
+//! position (`chunk >= positions`: memory for one matmul less, the backward's). Gradients:
 //! `d logp_t / d z = onehot(y_t) - softmax(z)`, `dh = dz W`, `dW = dz^T h`. With the fused ops
 //! each chunk's log-softmax at the targets, and its gradient, is one pass over the logits
 //! ([`ops::target_logprobs`]).
@@ -172,11 +173,16 @@ impl LmHead {
 pub fn token_logps(h: &Tensor, head: &LmHead, targets: &Tensor) -> Result<Tensor> {
     let _timed = dpo_model::profile::op(h.device(), "log_probs");
     let w = head.operand(&head.weight.detach())?; // cast once, for the backward too
-    let (value, lse) = token_logps_nograd(&h.detach(), &w, targets, head)?;
-    if !(h.track_op() || head.weight.track_op()) {
+    let grad = h.track_op() || head.weight.track_op();
+    let (value, lse, logits) = token_logps_nograd(&h.detach(), &w, targets, head, grad)?;
+    if !grad {
         return Ok(value); // the reference: no graph to record, no copy
     }
-    h.apply_op2(&head.weight, ChunkedLogProbs { value, lse, targets: targets.clone(), head: head.clone(), w })
+    let logits = std::sync::Mutex::new(logits);
+    h.apply_op2(
+        &head.weight,
+        ChunkedLogProbs { value, lse, targets: targets.clone(), head: head.clone(), w, logits },
+    )
 }
 
 /// Per-sequence completion log-probs `[rows]` (f32) from final hidden states `[rows, seq, hidden]`.
@@ -218,10 +224,19 @@ pub fn token_kl_sum(hp: &Tensor, p: &LmHead, hr: &Tensor, r: &LmHead) -> Result<
     Ok(total)
 }
 
-/// Per-token `(logp, lse)`, each `[n]`, chunk by chunk (`w`: the weight as the matmul takes it).
-fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, head: &LmHead) -> Result<(Tensor, Tensor)> {
+/// Per-token `(logp, lse)`, each `[n]`, chunk by chunk (`w`: the weight as the matmul takes it),
+/// and with `keep`, the logits `[n, vocab]` where one chunk held every row (the backward then
+/// reuses them instead of computing them again).
+fn token_logps_nograd(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    head: &LmHead,
+    keep: bool,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let n = h.dim(0)?;
     let (mut logp, mut lse) = (Vec::new(), Vec::new());
+    let mut kept = None;
     let mut start = 0;
     while start < n {
         let len = head.chunk.min(n - start);
@@ -229,9 +244,12 @@ fn token_logps_nograd(h: &Tensor, w: &Tensor, targets: &Tensor, head: &LmHead) -
         let (l, s) = head.logprobs(&logits, &targets.narrow(0, start, len)?)?;
         logp.push(l);
         lse.push(s);
+        if keep && len == n {
+            kept = Some(logits);
+        }
         start += len;
     }
-    Ok((Tensor::cat(&logp, 0)?, Tensor::cat(&lse, 0)?))
+    Ok((Tensor::cat(&logp, 0)?, Tensor::cat(&lse, 0)?, kept))
 }
 
 struct ChunkedLogProbs {
@@ -242,6 +260,9 @@ struct ChunkedLogProbs {
     head: LmHead,
     /// The weight as the matmul takes it (the forward's cast, kept for the backward).
     w: Tensor,
+    /// The forward's logits, where one chunk held every row (`chunk >= n`): the backward's
+    /// one vocabulary slice is then these, not a second matmul (taken by the backward).
+    logits: std::sync::Mutex<Option<Tensor>>,
 }
 
 impl CustomOp2 for ChunkedLogProbs {
@@ -290,11 +311,16 @@ impl CustomOp2 for ChunkedLogProbs {
         let cols = (self.head.chunk.saturating_mul(vocab) / n.max(1)).clamp(1, vocab.max(1));
         let mut grad_h: Option<Tensor> = None;
         let mut grad_w = Vec::new();
+        // Where the forward kept them, `cols` is the whole vocabulary: one slice, these logits.
+        let mut kept = self.logits.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut first = 0;
         while first < vocab {
             let len = cols.min(vocab - first);
             let wc = w.narrow(0, first, len)?;
-            let logits = self.head.mm(&h, &wc.t()?)?;
+            let logits = match kept.take() {
+                Some(z) if z.dims() == [n, len] => z,
+                _ => self.head.mm(&h, &wc.t()?)?,
+            };
             let dz = self.head.logprobs_grad(&logits, &self.lse, &self.targets, grad, first)?;
             let dh = self.head.mm(&dz, &wc)?.to_dtype(acc)?;
             grad_h = Some(match grad_h {
@@ -330,8 +356,9 @@ mod tests {
 
     /// An f32 head from bf16 operands (`bf16_operands`: bf16 `h`, f32 weight rounded to bf16 for
     /// the matmul) against candle's autograd through the same roundings, in chunks of 3 rows and
-    /// vocabulary slices of 21, 21 and 8: the log-probs, `dh` (bf16) and `dW` (f32, the master
-    /// weight's dtype; from `dz` rounded to bf16, hence the tolerance).
+    /// vocabulary slices of 21, 21 and 8, and in one chunk whose logits the backward reuses: the
+    /// log-probs, `dh` (bf16) and `dW` (f32, the master weight's dtype; from `dz` rounded to
+    /// bf16, hence the tolerance).
     #[test]
     fn bf16_operands_match_autograd() -> Result<()> {
         let (n, hidden, vocab) = (7, 16, 50);
@@ -339,8 +366,9 @@ mod tests {
         let w = Var::from_tensor(&randn_tensor(&[vocab, hidden], 2, 0.5)?)?;
         let targets = Tensor::new(&[3u32, 0, 49, 7, 7, 20, 1], &Device::Cpu)?;
         let g = randn_tensor(&[n], 3, 1.0)?;
-        for fused in [true, false] {
-            let head = LmHead { weight: w.as_tensor().clone(), chunk: 3, fused, bf16_operands: true };
+        // Chunks of 3: the backward computes the logits again; of 7: it reuses the forward's.
+        for (fused, chunk) in [(true, 3), (false, 3), (true, 7), (false, 7)] {
+            let head = LmHead { weight: w.as_tensor().clone(), chunk, fused, bf16_operands: true };
             assert_eq!(head.operand_dtype(), DType::BF16);
             let got = token_logps(h.as_tensor(), &head, &targets)?;
             let grads = (&got * &g)?.sum_all()?.backward()?;
@@ -351,12 +379,15 @@ mod tests {
             let want = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
             let want_grads = (&want * &g)?.sum_all()?.backward()?;
 
-            assert!(max_rel(&got, &want) < 1e-6, "log-probs (fused {fused})");
+            assert!(max_rel(&got, &want) < 1e-6, "log-probs (fused {fused}, chunk {chunk})");
             let (dh, dw) = (grads.get(h.as_tensor()).unwrap(), grads.get(w.as_tensor()).unwrap());
             assert_eq!((dh.dtype(), dw.dtype()), (DType::BF16, DType::F32));
             let dh_err = max_rel(dh, want_grads.get(h.as_tensor()).unwrap());
             let dw_err = max_rel(dw, want_grads.get(w.as_tensor()).unwrap());
-            assert!(dh_err < 1e-2 && dw_err < 5e-3, "fused {fused}: dh off by {dh_err:e}, dW by {dw_err:e}");
+            assert!(
+                dh_err < 1e-2 && dw_err < 5e-3,
+                "fused {fused}, chunk {chunk}: dh off by {dh_err:e}, dW by {dw_err:e}"
+            );
         }
         Ok(())
     }
