@@ -134,10 +134,21 @@ pub fn cublas_takes(lhs: &Layout, rhs: &Layout) -> bool {
 /// A `[rows, cols]` matrix with these trailing strides: row-major with leading dimension `cols`,
 /// or column-major with leading dimension `rows` (`gemm_config`'s `transa`/`transb` cases).
 fn matrix_ok(stride: &[usize], rows: usize, cols: usize) -> bool {
+    cublas_operand(stride, rows, cols).is_some()
+}
+
+/// How cuBLAS takes a `[rows, cols]` matrix with these trailing strides: `(false, cols)`
+/// row-major (no transpose, leading dimension `cols`), `(true, rows)` the transpose of a
+/// row-major matrix; `None` neither ([`matrix_ok`]; [`matmul_bf16_f32`]'s GEMM on CUDA).
+pub(crate) fn cublas_operand(stride: &[usize], rows: usize, cols: usize) -> Option<(bool, usize)> {
     let (minor, major) = (stride[stride.len() - 1], stride[stride.len() - 2]);
-    let row_major = (minor == 1 || cols == 1) && (major == cols || rows == 1);
-    let col_major = (minor == rows || cols == 1) && (major == 1 || rows == 1);
-    row_major || col_major
+    if (minor == 1 || cols == 1) && (major == cols || rows == 1) {
+        Some((false, cols))
+    } else if (minor == rows || cols == 1) && (major == 1 || rows == 1) {
+        Some((true, rows))
+    } else {
+        None
+    }
 }
 
 /// The batch dimensions (all but the last two) reduce to one batch stride.

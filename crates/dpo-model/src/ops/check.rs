@@ -541,10 +541,6 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         }),
     });
     // The same into bf16 (the head's bf16 operands): from f32 logits when the dtype is f32.
-    let backward_bf16 = |b: LogProbsBwd, x: &[Tensor]| -> Result<Tensor> {
-        let lse = super::target_logprobs(&x[0], &x[1])?.1;
-        b(&x[0], &lse, &x[1], &x[2], 0)?.to_dtype(x[0].dtype())
-    };
     cases.push(Case {
         op: "target_logprobs_backward_to_bf16",
         out_dims: None,
@@ -554,13 +550,13 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
             let to = |z: &Tensor, lse: &Tensor, t: &Tensor, g: &Tensor, first| {
                 super::target_logprobs_backward_to(z, lse, t, g, first, DType::BF16)
             };
-            backward_bf16(to, x)
+            backward(super::target_logprobs, to, x)?.to_dtype(x[0].dtype())
         }),
         slow: Box::new(move |x| {
             let slow = |z: &Tensor, lse: &Tensor, t: &Tensor, g: &Tensor, first| {
                 super::target_logprobs_backward_slow(z, lse, t, g, first)?.to_dtype(DType::BF16)
             };
-            backward_bf16(slow, x)
+            backward(super::target_logprobs_slow, slow, x)?.to_dtype(x[0].dtype())
         }),
     });
     // The LM head's matmuls from bf16 operands into f32 (cuBLAS on CUDA), in its three layouts:

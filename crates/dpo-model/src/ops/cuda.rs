@@ -1337,17 +1337,16 @@ pub(crate) fn gemm_bf16_f32(
     // `b` and its second `a` (candle's `gemm_config`). A `[rows, cols]` matrix is row-major
     // (leading dimension `cols`, no transpose) or the transpose of one (`rows`, transposed).
     let op = |l: &Layout, rows: usize, cols: usize| -> Result<(sys::cublasOperation_t, i32)> {
-        let (major, minor) = (l.stride()[0], l.stride()[1]);
-        if (minor == 1 || cols == 1) && (major == cols || rows == 1) {
-            Ok((sys::cublasOperation_t::CUBLAS_OP_N, int(cols, what)?))
-        } else if (minor == rows || cols == 1) && (major == 1 || rows == 1) {
-            Ok((sys::cublasOperation_t::CUBLAS_OP_T, int(rows, what)?))
-        } else {
-            candle_core::bail!(
+        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        match crate::matmul::cublas_operand(l.stride(), rows, cols) {
+            Some((transposed, ld)) => {
+                Ok((if transposed { CUBLAS_OP_T } else { CUBLAS_OP_N }, int(ld, what)?))
+            }
+            None => candle_core::bail!(
                 "{what}: {:?} with strides {:?} is no matrix cuBLAS takes",
                 l.dims(),
                 l.stride()
-            )
+            ),
         }
     };
     let ((op_b, ldb), (op_a, lda)) = (op(bl, k, n)?, op(al, m, k)?);

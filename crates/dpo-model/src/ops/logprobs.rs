@@ -87,9 +87,6 @@ pub fn target_logprobs_backward_to(
 ) -> Result<Tensor> {
     let _timed = crate::profile::op(logits.device(), "target_logprobs_bwd");
     check(logits, targets, "target_logprobs_backward")?;
-    if out != logits.dtype() && !(logits.dtype() == DType::F32 && matches!(out, DType::BF16 | DType::F16)) {
-        candle_core::bail!("target_logprobs_backward: {:?} logits into {out:?}", logits.dtype());
-    }
     let acc = accum_dtype(logits.dtype());
     let lse_g = Tensor::stack(&[lse.to_dtype(acc)?, g.to_dtype(acc)?], 0)?;
     if lse_g.dims() != [2, logits.dim(0)?] {
@@ -163,28 +160,16 @@ fn fwd_cpu<T: Elem>(z: &CpuStorage, zl: &Layout, t: &CpuStorage, tl: &Layout) ->
     Ok(T::A::to_cpu_storage_owned(out))
 }
 
-fn bwd_cpu<T: Elem>(
-    z: &CpuStorage,
-    zl: &Layout,
-    lg: &CpuStorage,
-    lgl: &Layout,
-    t: &CpuStorage,
-    tl: &Layout,
-    first: usize,
-) -> Result<CpuStorage> {
-    bwd_cpu_to::<T, T>(z, zl, lg, lgl, t, tl, first)
+/// `(logits, lse_g, targets)` with their layouts, and the slice's first column.
+type BwdArgs<'a> =
+    (&'a CpuStorage, &'a Layout, &'a CpuStorage, &'a Layout, &'a CpuStorage, &'a Layout, usize);
+
+fn bwd_cpu<T: Elem>(args: BwdArgs) -> Result<CpuStorage> {
+    bwd_cpu_to::<T, T>(args)
 }
 
 /// [`bwd_cpu`] rounded to `O` (of the same accumulator: bf16/f16 from f32 logits).
-fn bwd_cpu_to<T: Elem, O: Elem<A = T::A>>(
-    z: &CpuStorage,
-    zl: &Layout,
-    lg: &CpuStorage,
-    lgl: &Layout,
-    t: &CpuStorage,
-    tl: &Layout,
-    first: usize,
-) -> Result<CpuStorage> {
+fn bwd_cpu_to<T: Elem, O: Elem<A = T::A>>((z, zl, lg, lgl, t, tl, first): BwdArgs) -> Result<CpuStorage> {
     let z = cpu_slice::<T>(z, zl, "target_logprobs_backward")?;
     let (rows, vocab) = zl.shape().dims2()?;
     let t = cpu_slice::<u32>(t, tl, "target_logprobs_backward")?;
@@ -243,10 +228,11 @@ impl CustomOp3 for TargetLogProbsBwd {
         t: &CpuStorage,
         tl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let args = (z, zl, lg, lgl, t, tl, self.first);
         let out = match (candle_core::backend::BackendStorage::dtype(z), self.out) {
-            (dt, out) if dt == out => cpu_dispatch!(z, bwd_cpu(z, zl, lg, lgl, t, tl, self.first))?,
-            (DType::F32, DType::BF16) => bwd_cpu_to::<f32, half::bf16>(z, zl, lg, lgl, t, tl, self.first)?,
-            (DType::F32, DType::F16) => bwd_cpu_to::<f32, half::f16>(z, zl, lg, lgl, t, tl, self.first)?,
+            (dt, out) if dt == out => cpu_dispatch!(z, bwd_cpu(args))?,
+            (DType::F32, DType::BF16) => bwd_cpu_to::<f32, half::bf16>(args)?,
+            (DType::F32, DType::F16) => bwd_cpu_to::<f32, half::f16>(args)?,
             (dt, out) => candle_core::bail!("target_logprobs_backward: {dt:?} logits into {out:?}"),
         };
         Ok((out, zl.shape().clone()))
