@@ -289,11 +289,13 @@ __device__ void add_cast(const float *__restrict__ h, const T *__restrict__ y, f
 
 // dx = r * (g - n * sum(g * n) / D), with n = x * r and g = dy * w; stores r per row in `rs`.
 // Writes dx (plus res, the gradient arriving through the residual connection, where given) into
-// out[0 .. N*D]. dy is of type U: T, or bf16/f16 for f32 x (a matmul's output gradient).
+// out[0 .. N*D], and where out_lo is not null the same values rounded to U into out_lo (the
+// gradient the matmul before the norm reads, without a cast pass). dy is of type U: T, or
+// bf16/f16 for f32 x (a matmul's output gradient).
 template <typename T, typename U = T>
 __device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w, const U *__restrict__ dy,
-                               const T *__restrict__ res, T *__restrict__ out, ACC(T) *__restrict__ rs, int D,
-                               double eps) {
+                               const T *__restrict__ res, T *__restrict__ out, U *__restrict__ out_lo,
+                               ACC(T) *__restrict__ rs, int D, double eps) {
     typedef ACC(T) A;
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
@@ -312,7 +314,9 @@ __device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w,
         const A n = to_acc(x[off + j]) * r;
         const A g = to_acc(dy[off + j]) * to_acc(w[j]);
         const A v = r * (g - n * c);
-        out[off + j] = from_acc<T>(res ? v + to_acc(res[off + j]) : v);
+        const T o = from_acc<T>(res ? v + to_acc(res[off + j]) : v);
+        out[off + j] = o;
+        if (out_lo) out_lo[off + j] = from_acc<U>(to_acc(o));
     }
     if (threadIdx.x == 0) rs[blockIdx.x] = r;
 }
@@ -357,21 +361,33 @@ __device__ void rmsnorm_bwd_dw_final(const ACC(T) *__restrict__ partial, T *__re
 }
 
 // ---------------------------------------------------------------------------------------------
-// Rotate-half RoPE on x [R, H, S, Dh] with cos/sin [S, Dh] (per_row = 0) or [R, S, Dh]; x is read
+// Rotate-half RoPE on x [R, H, S, Dh] (+ bias [H, Dh]) with cos/sin [S, Dh] (per_row = 0) or [R, S, Dh]; x is read
 // through its element strides sr, sh, sp over R, H, S (head rows contiguous), y is contiguous.
 // forward:  y_j = x_j c_j + (j < h ? -x_{j+h} : x_{j-h}) s_j
 // backward: dx_j = dy_j c_j + (j < h ? dy_{j+h} s_{j+h} : -dy_{j-h} s_{j-h})
 // A thread takes W entries j0 .. j0 + W of a head row's first half and their partners j0 + h ..
 // in the second (rope_pair): W = 8 where h is a multiple of 8, as 16-byte vectors where every
 // buffer and row allows (`vec`), else W = 1. A row's indices are divided out once per 2 W entries.
-// y (a head row) at j0 .. j0 + W and j0 + h .. from the head row xr and the cos/sin rows cr, sr.
+// y (a head row) at j0 .. j0 + W and j0 + h .. from the head row xr and the cos/sin rows cr, sr;
+// with a bias row br (not null), from T(x + b) (the projection's bias added, rounded as the add
+// of its own rounds it).
 template <int W, typename T>
-__device__ __forceinline__ void rope_pair(const T *xr, const T *cr, const T *sr, T *yr, int j0, int h, bool vec,
-                                          int bwd) {
+__device__ __forceinline__ void rope_pair(const T *xr, const T *br, const T *cr, const T *sr, T *yr, int j0, int h,
+                                          bool vec, int bwd) {
     typedef ACC(T) A;
     T lo[W], hi[W], clo[W], chi[W], slo[W], shi[W], ylo[W], yhi[W];
     load_w<W>(lo, xr + j0, vec);
     load_w<W>(hi, xr + j0 + h, vec);
+    if (br) {
+        T blo[W], bhi[W];
+        load_w<W>(blo, br + j0, vec);
+        load_w<W>(bhi, br + j0 + h, vec);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            lo[j] = from_acc<T>(to_acc(lo[j]) + to_acc(blo[j]));
+            hi[j] = from_acc<T>(to_acc(hi[j]) + to_acc(bhi[j]));
+        }
+    }
     load_w<W>(clo, cr + j0, vec);
     load_w<W>(chi, cr + j0 + h, vec);
     load_w<W>(slo, sr + j0, vec);
@@ -397,14 +413,15 @@ template <typename T> __device__ __forceinline__ bool rows16(long long stride) {
     return (stride * (long long)sizeof(T)) % 16 == 0;
 }
 
+// `bias` (null, or [H, Dh]: head `head`'s row added to each of its rows first; forward only).
 template <typename T>
-__device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, const T *__restrict__ sn,
-                            T *__restrict__ y, long long n, int H, int S, int Dh, long long sr, long long sh,
-                            long long sp, int per_row, int bwd) {
+__device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ bias, const T *__restrict__ cs,
+                            const T *__restrict__ sn, T *__restrict__ y, long long n, int H, int S, int Dh,
+                            long long sr, long long sh, long long sp, int per_row, int bwd) {
     const int h = Dh / 2;
     const bool by8 = h % VEC_W == 0;
-    const bool vec = by8 && aligned16(x) && aligned16(cs) && aligned16(sn) && aligned16(y) && rows16<T>(sr) &&
-                     rows16<T>(sh) && rows16<T>(sp) && rows16<T>(Dh);
+    const bool vec = by8 && aligned16(x) && (!bias || aligned16(bias)) && aligned16(cs) && aligned16(sn) &&
+                     aligned16(y) && rows16<T>(sr) && rows16<T>(sh) && rows16<T>(sp) && rows16<T>(Dh);
     const int W = by8 ? VEC_W : 1;
     const long long per = h / W, items = n / Dh * per;  // W-entry pieces a head row, and in all
     for (long long it = (long long)blockIdx.x * blockDim.x + threadIdx.x; it < items;
@@ -416,10 +433,11 @@ __device__ void rope_kernel(const T *__restrict__ x, const T *__restrict__ cs, c
         const long long r = t / ((long long)H * S);
         const long long c = (per_row ? r * S + s : (long long)s) * Dh;
         const T *xr = x + r * sr + head * sh + s * sp;  // this head row of x (strided view)
+        const T *br = bias ? bias + (long long)head * Dh : nullptr;
         if (by8)
-            rope_pair<VEC_W>(xr, cs + c, sn + c, y + t * Dh, j0, h, vec, bwd);
+            rope_pair<VEC_W>(xr, br, cs + c, sn + c, y + t * Dh, j0, h, vec, bwd);
         else
-            rope_pair<1>(xr, cs + c, sn + c, y + t * Dh, j0, h, false, bwd);
+            rope_pair<1>(xr, br, cs + c, sn + c, y + t * Dh, j0, h, false, bwd);
     }
 }
 
@@ -464,9 +482,9 @@ __device__ void rope_bwd_merged_kernel(const T *__restrict__ dq, const T *__rest
         }
         const long long c = (per_row ? r * S + s : (long long)s) * Dh;
         if (by8)
-            rope_pair<VEC_W>(xr, cs + c, sn + c, yr, j0, h, vec, 1);
+            rope_pair<VEC_W>(xr, (const T *)nullptr, cs + c, sn + c, yr, j0, h, vec, 1);
         else
-            rope_pair<1>(xr, cs + c, sn + c, yr, j0, h, false, 1);
+            rope_pair<1>(xr, (const T *)nullptr, cs + c, sn + c, yr, j0, h, false, 1);
     }
 }
 
@@ -579,7 +597,8 @@ __device__ void gather_rows(const T *__restrict__ table, const unsigned int *__r
     }
 }
 
-// Its backward into out [V, H] (zeroed beforehand): row v = sum of dy[j] over the positions j
+// Its backward into out [V, H] (zeroed beforehand; with `accumulate`, added to what out holds,
+// out[v] + sum, and rows no id names left untouched): row v = sum of dy[j] over the positions j
 // with ids[j] = v, in position order. One block per position j and slice of up to blockDim.x
 // columns (blockIdx.y); the block of an id's first position writes its row, the others leave.
 // Its first warp lists the id's positions in order (a ballot over 32 positions at a time) into
@@ -590,7 +609,7 @@ __device__ void gather_rows(const T *__restrict__ table, const unsigned int *__r
 #define SCATTER_LIST 256
 template <typename T>
 __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__restrict__ ids, T *__restrict__ out,
-                             int N, int H, int V, long long skip) {
+                             int N, int H, int V, long long skip, int accumulate) {
     typedef ACC(T) A;
     __shared__ int list[SCATTER_LIST];
     __shared__ int count, next;
@@ -625,7 +644,10 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
         from = next;
         __syncthreads();  // the list is refilled
     }
-    if (c < H) out[(long long)id * H + c] = from_acc<T>(acc);
+    if (c < H) {
+        T *o = out + (long long)id * H + c;
+        *o = from_acc<T>(accumulate ? to_acc(*o) + acc : acc);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -651,12 +673,12 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dx_##SUF(const T *x, const T *w, const T *dy, T *out,  \
                                                         AccOf<T>::type *rs, int D, double eps) {      \
-        rmsnorm_bwd_dx<T>(x, w, dy, nullptr, out, rs, D, eps);                                       \
+        rmsnorm_bwd_dx<T>(x, w, dy, nullptr, out, (T *)nullptr, rs, D, eps);                         \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dx_add_##SUF(const T *x, const T *w, const T *dy,      \
                                                             const T *res, T *out,                    \
                                                             AccOf<T>::type *rs, int D, double eps) { \
-        rmsnorm_bwd_dx<T>(x, w, dy, res, out, rs, D, eps);                                           \
+        rmsnorm_bwd_dx<T>(x, w, dy, res, out, (T *)nullptr, rs, D, eps);                             \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dw_partial_##SUF(                                     \
         const T *x, const T *dy, const AccOf<T>::type *rs, AccOf<T>::type *partial, int N, int D) {   \
@@ -666,10 +688,10 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
                                                               long long offset, int G, int D) {      \
         rmsnorm_bwd_dw_final<T>(partial, out, offset, G, D);                                         \
     }                                                                                                \
-    extern "C" __global__ void dpo_rope_##SUF(const T *x, const T *cs, const T *sn, T *y, long long n,  \
-                                              int H, int S, int Dh, long long sr, long long sh,      \
-                                              long long sp, int per_row, int bwd) {                  \
-        rope_kernel<T>(x, cs, sn, y, n, H, S, Dh, sr, sh, sp, per_row, bwd);                         \
+    extern "C" __global__ void dpo_rope_##SUF(const T *x, const T *bias, const T *cs, const T *sn, T *y, \
+                                              long long n, int H, int S, int Dh, long long sr,       \
+                                              long long sh, long long sp, int per_row, int bwd) {    \
+        rope_kernel<T>(x, bias, cs, sn, y, n, H, S, Dh, sr, sh, sp, per_row, bwd);                   \
     }                                                                                                \
     extern "C" __global__ void dpo_rope_bwd_merged_##SUF(const T *dq, const T *dk, const T *dv, const T *cs,   \
                                                         const T *sn, T *y, long long n, int HQ, int HK,  \
@@ -697,8 +719,9 @@ __device__ void scatter_rows(const T *__restrict__ dy, const unsigned int *__res
         gather_rows<T>(table, ids, out, n, H, V);                                                    \
     }                                                                                                \
     extern "C" __global__ void dpo_scatter_rows_##SUF(const T *dy, const unsigned int *ids, T *out,   \
-                                                      int N, int H, int V, long long skip) {         \
-        scatter_rows<T>(dy, ids, out, N, H, V, skip);                                                \
+                                                      int N, int H, int V, long long skip,           \
+                                                      int accumulate) {                              \
+        scatter_rows<T>(dy, ids, out, N, H, V, skip, accumulate);                                    \
     }
 
 INSTANTIATE(float, f32)
@@ -714,9 +737,9 @@ INSTANTIATE(__half, f16)
         rmsnorm_fwd<float, T>(x, w, y, D, eps);                                                      \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dx_add_f32_from_##SUF(                                \
-        const float *x, const float *w, const T *dy, const float *res, float *out, float *rs, int D,   \
-        double eps) {                                                                                \
-        rmsnorm_bwd_dx<float, T>(x, w, dy, res, out, rs, D, eps);                                    \
+        const float *x, const float *w, const T *dy, const float *res, float *out, T *out_lo, float *rs, \
+        int D, double eps) {                                                                         \
+        rmsnorm_bwd_dx<float, T>(x, w, dy, res, out, out_lo, rs, D, eps);                            \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dw_partial_f32_from_##SUF(                            \
         const float *x, const T *dy, const float *rs, float *partial, int N, int D) {                \

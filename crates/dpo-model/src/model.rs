@@ -602,6 +602,8 @@ impl CausalLm {
         head_weights.extend(self.lm_head.as_ref());
         collect(&mut grads, &store, head_weights)?;
         let mut upstream = grad_of(&store, &leaf)?;
+        // The manual backward's upstream in the compute dtype too (block_backward).
+        let mut upstream_lo = None;
         drop(store);
         crate::profile::phase(input_ids.device(), "head_loss")?;
         for (l, b) in self.blocks.iter().enumerate().rev() {
@@ -611,7 +613,10 @@ impl CausalLm {
                     Some(s) => s,
                     None => frozen.block_saving(fb, &inputs[l], &cos, &sin, mask)?.1,
                 };
-                frozen.block_backward(fb, b, s, &upstream, &cos, &sin, mask, &mut grads)?
+                let dout = (&upstream, upstream_lo.take());
+                let (dh, dh_lo) = frozen.block_backward(fb, b, s, dout, &cos, &sin, mask, &mut grads)?;
+                upstream_lo = Some(dh_lo);
+                dh
             } else {
                 // Recomputed with its graph: d(sum(out * g))/d(in).
                 let leaf = Var::from_tensor(&inputs[l])?;
@@ -622,9 +627,20 @@ impl CausalLm {
             };
             inputs.truncate(l);
         }
-        // The embedding, as an input.
-        let store = backward_from(&self.embed_input(input_ids)?, &upstream)?;
-        collect(&mut grads, &store, vec![&self.embed])?;
+        // The embedding, as an input: with the fused ops its rows' sums are added to the
+        // gradient it has as a tied LM head (in place on CUDA: no [vocab, hidden] pass).
+        if self.fused && self.embed.track_op() {
+            let acc = match grads.remove(&self.embed.id()) {
+                Some(g) => g,
+                None => self.embed.zeros_like()?,
+            };
+            let (ids, dy) = (input_ids.flatten_all()?, upstream.flatten_to(1)?);
+            let g = ops::add_gather_rows_backward(acc, &dy, &ids, self.config.pad_token_id)?;
+            grads.insert(self.embed.id(), g);
+        } else {
+            let store = backward_from(&self.embed_input(input_ids)?, &upstream)?;
+            collect(&mut grads, &store, vec![&self.embed])?;
+        }
         Ok((value.detach(), grads))
     }
 
@@ -764,9 +780,30 @@ impl CausalLm {
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (q, k, v) = match &b.qkv {
             Some(qkv) => {
+                // Without a graph the bias is added where q, k and v are read anyway: by the
+                // fused RoPE and by the copy of V into heads (the same roundings; no pass of its
+                // own over the projection's output).
+                let bias = qkv
+                    .b
+                    .as_ref()
+                    .filter(|b| self.fused && !(x.track_op() || qkv.w.track_op() || b.track_op()));
+                let y = match bias {
+                    Some(_) => Linear { w: qkv.w.clone(), b: None }.forward(x, dt)?,
+                    None => qkv.forward(x, dt)?,
+                };
                 // [rows, seq, (nq + 2 nkv) * hd] -> heads [rows, nq + 2 nkv, seq, hd]: views.
-                let y = qkv.forward(x, dt)?.reshape((rows, seq, nq + 2 * nkv, hd))?.transpose(1, 2)?;
-                (y.narrow(1, 0, nq)?, y.narrow(1, nq, nkv)?, y.narrow(1, nq + nkv, nkv)?)
+                let y = y.reshape((rows, seq, nq + 2 * nkv, hd))?.transpose(1, 2)?;
+                let (q, k, v) = (y.narrow(1, 0, nq)?, y.narrow(1, nq, nkv)?, y.narrow(1, nq + nkv, nkv)?);
+                if let Some(bias) = bias {
+                    let bias = bias.to_dtype(dt)?;
+                    let part = |first: usize, n: usize| bias.narrow(0, first * hd, n * hd);
+                    return Ok((
+                        ops::rope_with_bias(&q, &part(0, nq)?, cos, sin)?,
+                        ops::rope_with_bias(&k, &part(nq, nkv)?, cos, sin)?,
+                        v.broadcast_add(&part(nq + nkv, nkv)?.reshape((1, nkv, 1, hd))?)?,
+                    ));
+                }
+                (q, k, v)
             }
             None => {
                 let heads = |t: Tensor, n: usize| t.reshape((rows, seq, n, hd))?.transpose(1, 2);

@@ -574,8 +574,9 @@ fn flash_attention_forward_and_backward() -> Result<()> {
 }
 
 /// Rows by index and their backward: repeated ids (summed in position order), a skipped id,
-/// rows never picked (zero), a row wider than a block, and an id at more positions than the
-/// kernel lists at once (`SCATTER_LIST`, 256), across two ballots of 32 positions that it ends in.
+/// rows never picked (zero, or untouched when the backward adds to what the output holds), a row
+/// wider than a block, and an id at more positions than the kernel lists at once
+/// (`SCATTER_LIST`, 256), across two ballots of 32 positions that it ends in.
 #[test]
 fn gather_and_scatter_rows() -> Result<()> {
     // Id 1 at 262 of 333 positions; 0, 2 (skipped) and 3 at multiples of 11, 13 and 17.
@@ -602,34 +603,44 @@ fn gather_and_scatter_rows() -> Result<()> {
             ];
             let got = launch(&format!("dpo_gather_rows_{}", dt.as_str()), grid, block, &args);
             assert_close(&tensor(&got[2], dt, &[n, h]), &y, 0.0, &format!("gather_rows {dt:?} h={h}"));
-            let args = [
-                buf(&dy),
-                buf(&ids),
-                Arg::Buf(vec![0; vocab * h * dt.size_in_bytes()]),
-                Arg::I32(n as i32),
-                Arg::I32(h as i32),
-                Arg::I32(vocab as i32),
-                Arg::I64(2),
-            ];
-            let got = launch(
-                &format!("dpo_scatter_rows_{}", dt.as_str()),
-                (n, h.div_ceil(1024)),
-                (h.next_multiple_of(32).min(1024), 1),
-                &args,
-            );
-            assert_close(
-                &tensor(&got[2], dt, &[vocab, h]),
-                &want_dw,
-                0.0,
-                &format!("gather_rows backward {dt:?} h={h}"),
-            );
+            // Into zeros, and added to what the output holds (`accumulate`).
+            let acc = randn(&[vocab, h], 3, 1.0).to_dtype(dt)?;
+            for (accumulate, init, want) in
+                [(0, acc.zeros_like()?, want_dw.clone()), (1, acc.clone(), (&acc + &want_dw)?)]
+            {
+                let args = [
+                    buf(&dy),
+                    buf(&ids),
+                    buf(&init),
+                    Arg::I32(n as i32),
+                    Arg::I32(h as i32),
+                    Arg::I32(vocab as i32),
+                    Arg::I64(2),
+                    Arg::I32(accumulate),
+                ];
+                let got = launch(
+                    &format!("dpo_scatter_rows_{}", dt.as_str()),
+                    (n, h.div_ceil(1024)),
+                    (h.next_multiple_of(32).min(1024), 1),
+                    &args,
+                );
+                // Added in f32 and rounded once, where the reference rounds the sum first.
+                let exact = accumulate == 0 || matches!(dt, DType::F32 | DType::F64);
+                assert_close(
+                    &tensor(&got[2], dt, &[vocab, h]),
+                    &want,
+                    if exact { 0.0 } else { tol(dt) },
+                    &format!("gather_rows backward {dt:?} h={h} accumulate={accumulate}"),
+                );
+            }
         }
     }
     Ok(())
 }
 
 /// RoPE on the heads of a stacked projection's output read in place (strided, with an offset),
-/// shared and per-row tables, forward and backward (which the trainer gives contiguous). Head
+/// shared and per-row tables, forward (with the projection's bias added first, and without) and
+/// backward (which the trainer gives contiguous). Head
 /// size 8 (a thread per entry and its partner), 16 (8 of each: 16-byte vectors, and with a row
 /// padded by one element, which breaks their alignment, one at a time).
 #[test]
@@ -657,9 +668,10 @@ fn rope_strided_heads() -> Result<()> {
                 x.narrow(2, 0, (h + 2) * d)?.reshape((r, s, h + 2, d))?.transpose(1, 2)?.narrow(1, 1, h)?;
             let n = r * h * s * d;
             let (grid, block) = elementwise_cfg(n.div_ceil(16));
-            let run = |input: Vec<u8>, strides: [usize; 3], bwd: bool| -> Tensor {
+            let run_biased = |input: Vec<u8>, bias: Vec<u8>, strides: [usize; 3], bwd: bool| -> Tensor {
                 let args = [
                     Arg::Buf(input),
+                    Arg::Buf(bias), // empty: a null pointer, no bias
                     buf(&cos),
                     buf(&sin),
                     out(dt, n),
@@ -674,11 +686,13 @@ fn rope_strided_heads() -> Result<()> {
                     Arg::I32(i32::from(bwd)),
                 ];
                 tensor(
-                    &launch(&format!("dpo_rope_{}", dt.as_str()), grid, block, &args)[3],
+                    &launch(&format!("dpo_rope_{}", dt.as_str()), grid, block, &args)[4],
                     dt,
                     &[r, h, s, d],
                 )
             };
+            let run =
+                |input: Vec<u8>, strides: [usize; 3], bwd: bool| run_biased(input, Vec::new(), strides, bwd);
             // The view starts `d` elements into x (head 1 of row 0, position 0).
             let strided = bytes(&x)[d * dt.size_in_bytes()..].to_vec();
             let strides = [s * width, d, width];
@@ -689,6 +703,13 @@ fn rope_strided_heads() -> Result<()> {
                 tol(dt),
                 &what,
             );
+            // A projection's bias folded in (`ops::rope_with_bias`): RoPE of the view plus a
+            // row per head, rounded to dt as the add's output is.
+            let bias = randn(&[h * d], 5, 1.0).to_dtype(dt)?;
+            let biased = view.broadcast_add(&bias.reshape((h, 1, d))?)?;
+            let want = ops::rope(&biased, &cos, &sin)?;
+            assert_close(&run_biased(strided.clone(), bytes(&bias), strides, false), &want, tol(dt), &what);
+            assert_close(&ops::rope_with_bias(&view, &bias, &cos, &sin)?, &want, 0.0, &what);
             let want_bwd = ops::rope_backward(&view, &cos, &sin)?;
             assert_close(
                 &run(strided, strides, true),
@@ -764,21 +785,26 @@ fn rms_norm_backward_add() -> Result<()> {
         };
         let n = rows * dim;
         let (grid, block) = rows_cfg(rows, dim);
-        let dx_args = [
-            buf(&x),
-            buf(&w),
-            buf(&dy),
-            buf(&res),
-            out(xt, n + dim),
-            out(acc(xt), rows),
-            Arg::I32(dim as i32),
-            Arg::F64(eps),
-        ];
+        // The mixed kernels also write dx in dy's dtype (`out_lo`).
+        let mut dx_args = vec![buf(&x), buf(&w), buf(&dy), buf(&res), out(xt, n + dim)];
+        if xt != dyt {
+            dx_args.push(out(dyt, n));
+        }
+        dx_args.extend([out(acc(xt), rows), Arg::I32(dim as i32), Arg::F64(eps)]);
         let got = launch(&name("dpo_rmsnorm_bwd_dx_add"), grid, block, &dx_args);
         let what = format!("rms_norm_backward_add x {xt:?} dy {dyt:?}");
         let dx = tensor(&got[4][..n * xt.size_in_bytes()], xt, &[rows, dim]);
         assert_close(&dx, &want_dx, tol(xt), &format!("{what} dx"));
-        let rs = got[5].clone();
+        if xt != dyt {
+            // Bit for bit the kernel's own dx, cast.
+            assert_close(
+                &tensor(&got[5], dyt, &[rows, dim]),
+                &dx.to_dtype(dyt)?,
+                0.0,
+                &format!("{what} dx lo"),
+            );
+        }
+        let rs = got[got.len() - 1].clone();
         let groups = rows.div_ceil(8 * 16).clamp(1, 1024);
         let part_args = [
             buf(&x),

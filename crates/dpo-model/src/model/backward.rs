@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Result, Tensor, TensorId};
 
 use super::{Block, CausalLm, Linear, merge_heads};
-use crate::{AttentionMask, accum_dtype, matmul, ops};
+use crate::{AttentionMask, accum_dtype, matmul, matmul_bf16_f32, ops};
 
 /// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`,
 /// the rotated `q`, `k` and the values `v` (KV heads not repeated), the attention output `a`
@@ -89,12 +89,23 @@ impl Linear {
         dt: DType,
         grads: &mut HashMap<TensorId, Tensor>,
     ) -> Result<()> {
-        // Cast once to the weights' dtype (f32 master weights): each layer's part is then a
-        // view of rows, which add_grad keeps without a copy.
-        let dw = matmul(&dy.t()?, x)?.to_dtype(keys.first().map_or(dt, |k| k.w.dtype()))?;
-        let db = match keys.iter().any(|k| k.b.is_some()) {
-            true => Some(dy.to_dtype(accum_dtype(dt))?.sum(0)?),
-            false => None,
+        // In the weights' dtype (f32 master weights), each layer's part then a view of rows,
+        // which add_grad keeps without a copy. With bf16 operands and f32 weights, straight from
+        // the GEMM: the bf16 products summed in f32 and written in f32, nothing rounded to bf16
+        // (and no cast pass); `db = 1^T dy` likewise, a GEMM with a row of ones.
+        let wdt = keys.first().map_or(dt, |k| k.w.dtype());
+        let to_f32 = dt == DType::BF16 && wdt == DType::F32;
+        let dw = match to_f32 {
+            true => matmul_bf16_f32(&dy.t()?, x)?,
+            false => matmul(&dy.t()?, x)?.to_dtype(wdt)?,
+        };
+        let db = match (keys.iter().any(|k| k.b.is_some()), to_f32) {
+            (false, _) => None,
+            (true, true) => {
+                let ones = Tensor::ones((1, dy.dim(0)?), DType::BF16, dy.device())?;
+                Some(matmul_bf16_f32(&ones, dy)?.squeeze(0)?)
+            }
+            (true, false) => Some(dy.to_dtype(accum_dtype(dt))?.sum(0)?),
         };
         let mut start = 0;
         for key in keys {
@@ -116,22 +127,28 @@ fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
 }
 
 impl CausalLm {
-    /// `d loss / d h` of a block from `dout = d loss / d out`; adds the gradients of its weights
-    /// to `grads`, keyed by the ids of `keys`' weights (the trainable tensors; `b` holds the same
-    /// values without a graph).
+    /// `d loss / d h` of a block from `dout = d loss / d out`, and the same in the compute dtype
+    /// (for the next block's `dout_lo`: the norm's backward writes both, so that no cast pass
+    /// reads the f32 gradient again; `dout_lo` None: `dout` is cast); adds the gradients of its
+    /// weights to `grads`, keyed by the ids of `keys`' weights (the trainable tensors; `b` holds
+    /// the same values without a graph).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn block_backward(
         &self,
         b: &Block,
         keys: &Block,
         s: Saved,
-        dout: &Tensor,
+        (dout, dout_lo): (&Tensor, Option<Tensor>),
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
         grads: &mut HashMap<TensorId, Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let (dt, eps) = (self.compute_dtype, self.config.rms_norm_eps);
+        let dout_lo = match dout_lo {
+            Some(lo) => lo,
+            None => dout.to_dtype(dt)?,
+        };
         // MLP. `dact = dout Wd` first: the SiLU gate's backward then gives `act` too, from the
         // same pass over `gate` and `up`, for `dWd = dout^T act`.
         let x2 = ops::rms_norm_to(&s.h2, &b.post_norm, eps, dt)?;
@@ -139,7 +156,7 @@ impl CausalLm {
             // Stacked, transposed (see `block_saving`): gate^T, up^T and act^T are [inter, n].
             Some(gate_up) => {
                 let (rows, seq, hidden) = dout.dims3()?;
-                let dy = dout.to_dtype(dt)?.reshape((rows * seq, hidden))?;
+                let dy = dout_lo.reshape((rows * seq, hidden))?;
                 let dact_t = {
                     let _timed = crate::profile::op(dy.device(), "linear_bwd");
                     matmul(&b.down.w.to_dtype(dt)?.t()?, &dy.t()?)? // (dy Wd)^T
@@ -153,7 +170,7 @@ impl CausalLm {
                 matmul(&dgu_t.t()?, &gate_up.w.to_dtype(dt)?)?.reshape((rows, seq, hidden))?
             }
             None => {
-                let dy = dout.to_dtype(dt)?.flatten_to(1)?;
+                let dy = dout_lo.flatten_to(1)?;
                 let dact = {
                     let _timed = crate::profile::op(dy.device(), "linear_bwd");
                     matmul(&dy, &b.down.w.to_dtype(dt)?)?.reshape(s.gate.shape())? // dy Wd
@@ -168,11 +185,11 @@ impl CausalLm {
                     + b.up.backward(&[&keys.up], &x2, &dup, dt, grads)?)?
             }
         };
-        let (dh2, dg2) = ops::rms_norm_backward_add(&s.h2, &b.post_norm, eps, &dx2, dout)?;
+        let (dh2, dg2, dh2_lo) = ops::rms_norm_backward_add_lo(&s.h2, &b.post_norm, eps, &dx2, dout, dt)?;
         add_grad(grads, &keys.post_norm, &dg2)?;
         // Attention.
         let nh = self.config.num_attention_heads;
-        let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2.to_dtype(dt)?, dt, grads)?, nh)?;
+        let da = split_heads(&b.o.backward(&[&keys.o], &s.a, &dh2_lo, dt, grads)?, nh)?;
         // The forward's output as kept (heads merged), viewed as heads: no copy.
         let (rows, seq, _) = s.a.dims3()?;
         let a = s.a.reshape((rows, seq, nh, self.config.head_dim))?.transpose(1, 2)?;
@@ -192,8 +209,8 @@ impl CausalLm {
                     + b.v.backward(&[&keys.v], &x1, &merge_heads(&dv)?, dt, grads)?)?
             }
         };
-        let (dh, dg1) = ops::rms_norm_backward_add(&s.h, &b.input_norm, eps, &dx1, &dh2)?;
+        let (dh, dg1, dh_lo) = ops::rms_norm_backward_add_lo(&s.h, &b.input_norm, eps, &dx1, &dh2, dt)?;
         add_grad(grads, &keys.input_norm, &dg1)?;
-        Ok(dh)
+        Ok((dh, dh_lo))
     }
 }

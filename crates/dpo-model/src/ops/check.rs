@@ -471,7 +471,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     });
     // Rows by index (the embedding): repeated ids, a skipped (pad) id, rows never picked.
     let (vocab, hidden, n) = if big { (32_000, 896, 8192) } else { (53, 40, 97) };
-    let ids: Vec<u32> = (0..n as u64).map(|j| ((j * j * 7 + 3 * j) % vocab as u64 / 2) as u32).collect();
+    let ids = ids_for(n, vocab);
     let no_grad = ids[5];
     cases.push(Case {
         op: "gather_rows",
@@ -493,6 +493,31 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         ],
         fused: Box::new(move |x| super::gather_rows(&x[0], &x[1], Some(no_grad))),
         slow: Box::new(move |x| super::gather_rows_slow(&x[0], &x[1], Some(no_grad))),
+    });
+    // Its backward added to a gradient the table has already (a tied embedding's as the LM
+    // head; in place on CUDA for f32), against candle's index_add.
+    let ids = Tensor::from_vec(ids_for(n, vocab), n, &Device::Cpu)?;
+    cases.push(Case {
+        op: "gather_rows_backward_added",
+        out_dims: Some(vec![vocab, hidden]),
+        shape: format!("[{vocab}, {hidden}] at {n} ids"),
+        inputs: vec![
+            Input {
+                name: "acc",
+                value: randn_tensor(&[vocab, hidden], 19, 1.0)?,
+                grad: false,
+                keep_f32: false,
+            },
+            Input { name: "dy", value: randn_tensor(&[n, hidden], 20, 1.0)?, grad: false, keep_f32: false },
+            Input { name: "ids", value: ids, grad: false, keep_f32: true },
+        ],
+        // A copy: the op writes into the gradient it is given, and the inputs serve every run.
+        fused: Box::new(move |x| super::add_gather_rows_backward(x[0].copy()?, &x[1], &x[2], Some(no_grad))),
+        slow: Box::new(move |x| {
+            let keep = x[2].ne(no_grad)?.to_dtype(x[1].dtype())?.unsqueeze(1)?;
+            let dy = x[1].broadcast_mul(&keep)?;
+            &x[0] + x[0].zeros_like()?.index_add(&x[2], &dy, 0)?
+        }),
     });
     // The LM head's log-softmax at the targets: logits of a vocabulary not a multiple of the
     // block, one target per row (the first and the last token among them), spread logits; the
@@ -794,4 +819,9 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
         .sum::<Result<f64>>()?;
     let got = super::sum_squares_fused(&[p.clone(), g.clone()])?.unwrap_or(f64::NAN);
     Ok((adam, (got - want).abs() / want))
+}
+
+/// `n` ids below `vocab / 2`, repeated and in no order (the gather cases' positions).
+fn ids_for(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64).map(|j| ((j * j * 7 + 3 * j) % vocab as u64 / 2) as u32).collect()
 }

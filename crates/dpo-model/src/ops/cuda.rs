@@ -437,15 +437,16 @@ pub(super) fn rms_norm_bwd(
     dyl: &Layout,
     res: Option<(&CudaStorage, &Layout)>,
     eps: f64,
-) -> Result<CudaStorage> {
+    lo: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     use half::{bf16, f16};
     match (x.dtype(), dy.dtype()) {
-        (DType::F32, DType::BF16) => rms_norm_bwd_t::<f32, bf16>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::F32, DType::F16) => rms_norm_bwd_t::<f32, f16>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::F32, DType::F32) => rms_norm_bwd_t::<f32, f32>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::F64, DType::F64) => rms_norm_bwd_t::<f64, f64>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::BF16, DType::BF16) => rms_norm_bwd_t::<bf16, bf16>(x, xl, w, wl, dy, dyl, res, eps),
-        (DType::F16, DType::F16) => rms_norm_bwd_t::<f16, f16>(x, xl, w, wl, dy, dyl, res, eps),
+        (DType::F32, DType::BF16) => rms_norm_bwd_t::<f32, bf16>(x, xl, w, wl, dy, dyl, res, eps, lo),
+        (DType::F32, DType::F16) => rms_norm_bwd_t::<f32, f16>(x, xl, w, wl, dy, dyl, res, eps, lo),
+        (DType::F32, DType::F32) => rms_norm_bwd_t::<f32, f32>(x, xl, w, wl, dy, dyl, res, eps, lo),
+        (DType::F64, DType::F64) => rms_norm_bwd_t::<f64, f64>(x, xl, w, wl, dy, dyl, res, eps, lo),
+        (DType::BF16, DType::BF16) => rms_norm_bwd_t::<bf16, bf16>(x, xl, w, wl, dy, dyl, res, eps, lo),
+        (DType::F16, DType::F16) => rms_norm_bwd_t::<f16, f16>(x, xl, w, wl, dy, dyl, res, eps, lo),
         (a, b) => candle_core::bail!("rms_norm backward: no kernel for x {a:?} with dy {b:?}"),
     }
 }
@@ -454,7 +455,8 @@ pub(super) fn rms_norm_bwd(
 const DW_ROWS_PER_THREAD: usize = 16;
 
 /// The kernels for `x` in `T` and `dy` in `U`: `<name>_<T>` where `U` is `T`, else (`T` f32)
-/// `<name>_f32_from_<U>`, which exist with the residual gradient only.
+/// `<name>_f32_from_<U>`, which exist with the residual gradient only, and write (with `lo`) the
+/// output's `dx` in `U` too, returned second.
 #[allow(clippy::too_many_arguments)]
 fn rms_norm_bwd_t<T: Kern, U: Kern>(
     x: &CudaStorage,
@@ -465,7 +467,8 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     dyl: &Layout,
     res: Option<(&CudaStorage, &Layout)>,
     eps: f64,
-) -> Result<CudaStorage> {
+    lo: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let dev = x.device().clone();
     let xv = view::<T>(x, xl, "rms_norm backward")?;
     let wv = view::<T>(w, wl, "rms_norm backward")?;
@@ -479,6 +482,9 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
             T::DTYPE
         );
     }
+    if lo && !mixed {
+        candle_core::bail!("rms_norm backward: dx in dy's dtype is for f32 x and bf16/f16 dy");
+    }
     let kernel = |name: &str| match mixed {
         true => func::<U>(&dev, &format!("{name}_f32_from")),
         false => func::<T>(&dev, name),
@@ -489,10 +495,13 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
     let (d32, rows32) = (int(d, "rms_norm backward")?, int(rows, "rms_norm backward")?);
     if rows == 0 {
         let zeros = dev.alloc_zeros::<T>(n + d)?;
-        return Ok(T::wrap_cuda_slice(zeros, dev));
+        let out_lo =
+            lo.then(|| dev.alloc_zeros::<U>(n)).transpose()?.map(|z| U::wrap_cuda_slice(z, dev.clone()));
+        return Ok((T::wrap_cuda_slice(zeros, dev), out_lo));
     }
-    // SAFETY: the dx kernel writes out[..n] and rs, the final kernel out[n..].
+    // SAFETY: the dx kernel writes out[..n], out_lo and rs, the final kernel out[n..].
     let mut out = unsafe { dev.alloc::<T>(n + d)? };
+    let mut out_lo = lo.then(|| unsafe { dev.alloc::<U>(n) }).transpose()?;
     let mut rs = unsafe { dev.alloc::<T::Acc>(rows)? };
     let groups = rows.div_ceil(8 * DW_ROWS_PER_THREAD).clamp(1, 1024);
     let g32 = groups as i32;
@@ -505,8 +514,17 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
         if let Some(resv) = &resv {
             lb.arg(resv);
         }
-        lb.arg(&mut out).arg(&mut rs).arg(&d32).arg(&eps);
-        // SAFETY: argument types match the kernel's signature (with `res` where it has one).
+        lb.arg(&mut out);
+        let null = 0u64; // no dx in U
+        if mixed {
+            match &mut out_lo {
+                Some(lo) => lb.arg(lo),
+                None => lb.arg(&null),
+            };
+        }
+        lb.arg(&mut rs).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature (with `res` and `out_lo` where it
+        // has them).
         unsafe { lb.launch(rows_cfg(rows, d, "rms_norm backward")?) }?;
     }
     {
@@ -534,21 +552,25 @@ fn rms_norm_bwd_t<T: Kern, U: Kern>(
         // SAFETY: argument types match the kernel's signature.
         unsafe { lb.launch(cfg) }?;
     }
-    Ok(T::wrap_cuda_slice(out, dev))
+    let out_lo = out_lo.map(|lo| U::wrap_cuda_slice(lo, dev.clone()));
+    Ok((T::wrap_cuda_slice(out, dev), out_lo))
 }
 
 // ---------------------------------------------------------------------------------------------
 
+/// [`super::rope`] (`bias` contiguous `[heads * d]`, added first: [`super::rope_with_bias`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn rope(
     x: &CudaStorage,
     xl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
     c: &CudaStorage,
     cl: &Layout,
     s: &CudaStorage,
     sl: &Layout,
     bwd: bool,
 ) -> Result<CudaStorage> {
-    dispatch!(x.dtype(), rope_t(x, xl, c, cl, s, sl, bwd))
+    dispatch!(x.dtype(), rope_t(x, xl, bias, c, cl, s, sl, bwd))
 }
 
 /// [`super::rope_backward_merged`]: `dq`, `dk`, `dv` contiguous, then the tables.
@@ -607,9 +629,11 @@ fn rope_backward_merged_t<T: Kern>(
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rope_t<T: Kern>(
     x: &CudaStorage,
     xl: &Layout,
+    bias: Option<(&CudaStorage, &Layout)>,
     c: &CudaStorage,
     cl: &Layout,
     s: &CudaStorage,
@@ -618,6 +642,10 @@ fn rope_t<T: Kern>(
 ) -> Result<CudaStorage> {
     let dev = x.device().clone();
     let xv = head_rows_view::<T>(x, xl)?;
+    let bv = bias.map(|(b, bl)| view::<T>(b, bl, "rope bias")).transpose()?;
+    if bv.as_ref().is_some_and(|b| b.len() != xl.dims()[1] * xl.dims()[3]) {
+        candle_core::bail!("rope: a bias of {} elements for x {:?}", bv.map_or(0, |b| b.len()), xl.dims());
+    }
     let cv = view::<T>(c, cl, "rope cos")?;
     let sv = view::<T>(s, sl, "rope sin")?;
     let (_, h, seq, d) = xl.shape().dims4()?;
@@ -630,8 +658,13 @@ fn rope_t<T: Kern>(
     if n > 0 {
         let f = func::<T>(&dev, "dpo_rope")?;
         let mut lb = f.builder();
-        lb.arg(&xv)
-            .arg(&cv)
+        let null = 0u64; // the bias pointer where there is none
+        lb.arg(&xv);
+        match &bv {
+            Some(bv) => lb.arg(bv),
+            None => lb.arg(&null),
+        };
+        lb.arg(&cv)
             .arg(&sv)
             .arg(&mut out)
             .arg(&n64)
@@ -983,17 +1016,58 @@ fn scatter_rows_t<T: Kern>(
     if n * h > 0 {
         let f = func::<T>(&dev, "dpo_scatter_rows")?;
         let mut lb = f.builder();
-        lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip);
-        // One block per position and slice of up to 1024 columns, a thread per column.
-        let cfg = LaunchConfig {
-            grid_dim: (n as u32, h.div_ceil(1024) as u32, 1),
-            block_dim: (h.next_multiple_of(32).min(1024) as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let accumulate = 0i32;
+        lb.arg(&dv).arg(&iv).arg(&mut out).arg(&n32).arg(&h32).arg(&v32).arg(&skip).arg(&accumulate);
         // SAFETY: argument types match the kernel's signature.
-        unsafe { lb.launch(cfg) }?;
+        unsafe { lb.launch(scatter_cfg(n, h)) }?;
     }
     Ok(T::wrap_cuda_slice(out, dev))
+}
+
+/// One block per position and slice of up to 1024 columns, a thread per column.
+fn scatter_cfg(n: usize, h: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, h.div_ceil(1024) as u32, 1),
+        block_dim: (h.next_multiple_of(32).min(1024) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `acc[v] += sum_{j : ids[j] = v} dy[j]` in place (f32, `acc` `[vocab, h]` contiguous): the
+/// rows no id names are not touched.
+pub(crate) fn scatter_rows_add_inplace(
+    acc: &candle_core::Tensor,
+    dy: &candle_core::Tensor,
+    ids: &candle_core::Tensor,
+    no_grad: Option<u32>,
+) -> Result<()> {
+    let what = "gather_rows backward into a gradient";
+    let ((vocab, h), (n, hd)) = (acc.dims2()?, dy.dims2()?);
+    if h != hd || ids.dims() != [n] || ids.dtype() != DType::U32 {
+        candle_core::bail!("{what}: acc {:?}, dy {:?}, ids {:?}", acc.shape(), dy.shape(), ids.shape());
+    }
+    let dev = match acc.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("{what}: not on a CUDA device"),
+    };
+    let (accp, dyp) = (f32_ptr(acc, what)?, f32_ptr(dy, what)?);
+    let (is, il) = ids.storage_and_layout();
+    let candle_core::Storage::Cuda(is) = &*is else { candle_core::bail!("{what}: ids not on a CUDA device") };
+    let iv = view::<u32>(is, il, what)?;
+    if n * h == 0 {
+        return Ok(());
+    }
+    let (n32, h32, v32) = (int(n, what)?, int(h, what)?, int(vocab, what)?);
+    let skip = no_grad.map_or(-1i64, i64::from);
+    let f = func_named(&dev, "dpo_scatter_rows_f32")?;
+    let mut lb = f.builder();
+    let accumulate = 1i32;
+    lb.arg(&dyp).arg(&iv).arg(&accp).arg(&n32).arg(&h32).arg(&v32).arg(&skip).arg(&accumulate);
+    // SAFETY: the pointers address live, contiguous f32 buffers (`dy` [n, h], `acc` [vocab, h],
+    // which the caller owns alone: ops::add_gather_rows_backward consumes it); each row of acc
+    // is written by one block, after its reads, ordered on the stream with every other op.
+    unsafe { lb.launch(scatter_cfg(n, h)) }?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,6 +121,17 @@ fn rms_norm_all_kernels() -> Result<()> {
             let (dxd, dwd) = rms_norm_backward_add(&xd, &wd, 1e-6, &up(&dy, &dev), &resd)?;
             assert_close(&dxd, &dx, tol(DType::F32), &format!("{what} dx + res"));
             assert_close(&dwd, &dw, tol(DType::F32), &format!("{what} dw"));
+            // dx in dy's dtype too, from the same kernel: its own f32 dx rounded, bit for bit.
+            let (dxd2, dwd2, lod) = rms_norm_backward_add_lo(&xd, &wd, 1e-6, &up(&dy, &dev), &resd, dt)?;
+            assert_eq!(lod.dtype(), dt);
+            assert_close(&dxd2, &dxd, 0.0, &format!("{what} dx + res, with lo"));
+            assert_close(&dwd2, &dwd, 0.0, &format!("{what} dw, with lo"));
+            assert_close(
+                &lod,
+                &dxd.to_device(&CPU)?.to_dtype(dt)?,
+                0.0,
+                &format!("{what} dx + res in {dt:?}"),
+            );
         }
     }
     Ok(())
@@ -155,6 +166,10 @@ fn rope_all_kernels() -> Result<()> {
             let strided = up(&xs, &dev).transpose(1, 2)?;
             let want = rope(&xs.transpose(1, 2)?, &cos, &sin)?;
             assert_close(&rope(&strided, &cd, &sd)?, &want, tol(dt), &format!("{what} strided heads"));
+            let bias = randn(&[h * d], 9, 1.0, dt);
+            let want = rope_with_bias(&xs.transpose(1, 2)?, &bias, &cos, &sin)?;
+            let got = rope_with_bias(&strided, &up(&bias, &dev), &cd, &sd)?;
+            assert_close(&got, &want, tol(dt), &format!("{what} strided heads with a bias"));
             let dy = randn(&[r, h, s, d], 5, 1.0, dt);
             let want = rope_backward(&dy, &cos, &sin)?;
             assert_close(
@@ -325,6 +340,16 @@ fn gather_rows_forward_and_backward() -> Result<()> {
         let dw = op.bwd(&w, &ids, &y, &dy)?.0.unwrap();
         let dwd = op.bwd(&wd, &idsd, &yd, &up(&dy, &dev))?.0.unwrap();
         assert_close(&dwd, &dw, tol(dt), &format!("gather_rows {dt:?} backward"));
+        // Added to a gradient: in place on the device for f32 (other dtypes take candle's add,
+        // which the emulated driver does not have).
+        if dt == DType::F32 {
+            let acc = randn(&[11, 40], 3, 1.0, dt);
+            let want = crate::ops::add_gather_rows_backward(acc.clone(), &dy, &ids, Some(0))?;
+            let accd = up(&acc, &dev);
+            let got = crate::ops::add_gather_rows_backward(accd.clone(), &up(&dy, &dev), &idsd, Some(0))?;
+            assert_close(&got, &want, 0.0, "gather_rows backward added");
+            assert_close(&accd, &want, 0.0, "gather_rows backward added in place");
+        }
     }
     Ok(())
 }

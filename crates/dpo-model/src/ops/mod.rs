@@ -78,14 +78,16 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     Ok(None)
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
-pub use gather::{gather_rows, gather_rows_slow};
+pub use gather::{add_gather_rows_backward, gather_rows, gather_rows_slow};
 pub use logprobs::{
     target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_backward_to,
     target_logprobs_slow,
 };
 pub use residual::add_cast;
-pub use rms_norm::{rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_slow, rms_norm_to};
-pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow};
+pub use rms_norm::{
+    rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_backward_add_lo, rms_norm_slow, rms_norm_to,
+};
+pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow, rope_with_bias};
 pub use silu::{
     silu_mul, silu_mul_backward, silu_mul_backward_and_value, silu_mul_backward_stacked_and_value,
     silu_mul_slow,
@@ -135,6 +137,46 @@ pub fn hand_over<S: DeviceStorage>(value: &Tensor) -> Result<(S, candle_core::Sh
     let locked = value.storage_and_layout();
     let (s, layout) = on_device::<S>(&locked, "a custom op's value")?;
     Ok((s.try_clone(layout)?, value.shape().clone()))
+}
+
+/// A second output of a custom op on CUDA (candle's custom ops return one storage): the op's
+/// CUDA forward leaves it here, and [`Stash::take`] makes it a tensor, without a copy.
+#[cfg(feature = "cuda")]
+#[derive(Default)]
+pub(crate) struct Stash(std::sync::Mutex<Option<(candle_core::CudaStorage, candle_core::Shape)>>);
+
+#[cfg(feature = "cuda")]
+impl Stash {
+    pub(crate) fn put(&self, storage: candle_core::CudaStorage, shape: candle_core::Shape) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some((storage, shape));
+    }
+
+    /// The stashed storage as a tensor (`anchor`: any tensor on its device, the op's input).
+    pub(crate) fn take(&self, anchor: &Tensor) -> Result<Tensor> {
+        anchor.apply_op1_no_bwd(self)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for Stash {
+    fn name(&self) -> &'static str {
+        "dpo-stash"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("a stashed output exists on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            Some(stashed) => Ok(stashed),
+            None => candle_core::bail!("no stashed output (the op did not run on CUDA, or it was taken)"),
+        }
+    }
 }
 
 /// An element type the fused ops take, with the type they compute in.

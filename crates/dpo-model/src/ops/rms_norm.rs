@@ -43,7 +43,7 @@ pub fn rms_norm_to(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Ten
 /// `x`'s dtype, as in the forward, and so is `dw`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let _timed = crate::profile::op(x.device(), "rms_norm_bwd");
-    backward(x, w, &dy.to_dtype(x.dtype())?, RmsNormBwd { eps, res: None })
+    backward(x, w, &dy.to_dtype(x.dtype())?, &RmsNormBwd::new(eps, None))
 }
 
 /// `(res + dx, dw)`: [`rms_norm_backward`] with `res`, the gradient that reaches `x` through the
@@ -57,6 +57,35 @@ pub fn rms_norm_backward_add(
     dy: &Tensor,
     res: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
+    let (dx, dw, _) = backward_add(x, w, eps, dy, res, None)?;
+    Ok((dx, dw))
+}
+
+/// `(res + dx, dw, T(res + dx))`: [`rms_norm_backward_add`] with its first output also in `lo`
+/// (bf16/f16, for an f32 `x`), the gradient the matmul before the norm reads. On CUDA, with `dy`
+/// in `lo` (a matmul's output gradient), the same pass writes both, where a cast would read the
+/// f32 gradient again; elsewhere that cast. The same values either way.
+pub fn rms_norm_backward_add_lo(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    res: &Tensor,
+    lo: DType,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (dx, dw, dx_lo) = backward_add(x, w, eps, dy, res, Some(lo))?;
+    Ok((dx, dw, dx_lo.expect("asked for")))
+}
+
+/// [`rms_norm_backward_add`], and with `lo` its first output in that dtype too.
+fn backward_add(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+    res: &Tensor,
+    lo: Option<DType>,
+) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let _timed = crate::profile::op(x.device(), "rms_norm_bwd");
     if res.dims() != x.dims() {
         candle_core::bail!("rms_norm backward: residual gradient {:?} for x {:?}", res.shape(), x.shape());
@@ -64,14 +93,23 @@ pub fn rms_norm_backward_add(
     let mixed = x.dtype() == DType::F32 && matches!(dy.dtype(), DType::BF16 | DType::F16);
     let dy = if mixed { dy.clone() } else { dy.to_dtype(x.dtype())? };
     let res = res.to_dtype(x.dtype())?.contiguous()?.detach();
-    backward(x, w, &dy, RmsNormBwd { eps, res: Some(res) })
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && mixed && lo == Some(dy.dtype()) {
+        let op = RmsNormBwd { eps, res: Some(res), lo: Some(super::Stash::default()) };
+        let (dx, dw) = backward(x, w, &dy, &op)?;
+        let dx_lo = op.lo.as_ref().expect("asked for").take(&dx)?;
+        return Ok((dx, dw, Some(dx_lo)));
+    }
+    let (dx, dw) = backward(x, w, &dy, &RmsNormBwd::new(eps, Some(res)))?;
+    let dx_lo = lo.map(|lo| dx.to_dtype(lo)).transpose()?;
+    Ok((dx, dw, dx_lo))
 }
 
 /// Runs `op` on `x`, `w` (cast to x's dtype) and `dy`, and unpacks `(dx, dw)`.
-fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, op: RmsNormBwd) -> Result<(Tensor, Tensor)> {
+fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, op: &RmsNormBwd) -> Result<(Tensor, Tensor)> {
     let (x, w) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?);
     let (n, d) = (x.elem_count(), w.elem_count());
-    let packed = x.apply_op3_no_bwd(&w, &dy.contiguous()?, &op)?;
+    let packed = x.apply_op3_no_bwd(&w, &dy.contiguous()?, op)?;
     Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, d)?.reshape(w.shape())?))
 }
 
@@ -94,6 +132,20 @@ struct RmsNorm {
 struct RmsNormBwd {
     eps: f64,
     res: Option<Tensor>,
+    /// Where the CUDA forward leaves `res + dx` in dy's dtype, when asked for.
+    #[cfg(feature = "cuda")]
+    lo: Option<super::Stash>,
+}
+
+impl RmsNormBwd {
+    fn new(eps: f64, res: Option<Tensor>) -> Self {
+        RmsNormBwd {
+            eps,
+            res,
+            #[cfg(feature = "cuda")]
+            lo: None,
+        }
+    }
 }
 
 /// Rows per partial sum of `dw` on the CPU.
@@ -290,7 +342,10 @@ impl CustomOp3 for RmsNormBwd {
         }
         let res = self.res.as_ref().map(|r| r.storage_and_layout());
         let res = res.as_ref().map(|r| on_device(r, "the residual gradient")).transpose()?;
-        let out = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, res, self.eps)?;
+        let (out, lo) = super::cuda::rms_norm_bwd(x, xl, w, wl, dy, dyl, res, self.eps, self.lo.is_some())?;
+        if let (Some(stash), Some(lo)) = (&self.lo, lo) {
+            stash.put(lo, xl.shape().clone());
+        }
         Ok((out, Shape::from(xl.shape().elem_count() + wl.shape().elem_count())))
     }
 }

@@ -27,7 +27,48 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
     let (cos, sin) = (table(cos, x)?, table(sin, x)?);
     let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
-    x.apply_op3(&cos, &sin, Rope { bwd: false })
+    x.apply_op3(&cos, &sin, Rope { bwd: false, bias: None })
+}
+
+/// [`rope`] of `x + bias`, `bias` `[heads * head_dim]` (each head's row added to every position,
+/// rounded to x's dtype as an add of its own would round it): a projection's bias folded into
+/// the RoPE that reads its output anyway, instead of a pass over the whole projection. No graph
+/// (the frozen reference's forward and the hand-written backward's): an error if `x` or `bias`
+/// has one.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// let dev = Device::Cpu;
+/// let x = Tensor::arange(0f32, 16.0, &dev)?.reshape((1, 2, 2, 4))?; // [rows, heads, seq, d]
+/// let bias = Tensor::new(&[1f32, 2.0, 3.0, 4.0, -1.0, -2.0, -3.0, -4.0], &dev)?;
+/// let (cos, sin) = (Tensor::new(&[[0.6f32; 4]; 2], &dev)?, Tensor::new(&[[0.8f32; 4]; 2], &dev)?);
+/// let y = dpo_model::ops::rope_with_bias(&x, &bias, &cos, &sin)?;
+/// let want = dpo_model::ops::rope(&x.broadcast_add(&bias.reshape((2, 1, 4))?)?, &cos, &sin)?;
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+/// // Head 0, position 0: x + b = [1, 3, 5, 7]; y = [1, 3, 5, 7] * 0.6 + [-5, -7, 1, 3] * 0.8.
+/// let first = y.flatten_all()?.narrow(0, 0, 4)?.to_vec1::<f32>()?;
+/// for (got, want) in first.iter().zip([-3.4f32, -3.8, 3.8, 6.6]) {
+///     assert!((got - want).abs() < 1e-6);
+/// }
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn rope_with_bias(x: &Tensor, bias: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let _timed = crate::profile::op(x.device(), "rope");
+    check_float(x, "rope")?;
+    let (_, heads, _, d) = x.dims4()?;
+    if !tables_fit(x, cos, sin)? || bias.elem_count() != heads * d || x.track_op() || bias.track_op() {
+        candle_core::bail!(
+            "rope_with_bias: x {:?} (no graph) with bias {:?} (no graph, [heads * d]), cos {:?} and sin {:?}",
+            x.shape(),
+            bias.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    let (cos, sin) = (table(cos, x)?, table(sin, x)?);
+    let bias = Some(bias.to_dtype(x.dtype())?.contiguous()?);
+    let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    x.apply_op3_no_bwd(&cos, &sin, &Rope { bwd: false, bias })
 }
 
 /// Whether `cos` and `sin` are tables for `x` `[rows, heads, seq, d]` (`d` even): `[seq, d]`, or
@@ -50,7 +91,7 @@ fn table(t: &Tensor, x: &Tensor) -> Result<Tensor> {
 /// The backward of [`rope`] (the inverse rotation) applied to the upstream `dy` (no graph).
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let _timed = crate::profile::op(dy.device(), "rope_bwd");
-    dy.contiguous()?.apply_op3_no_bwd(&table(cos, dy)?, &table(sin, dy)?, &Rope { bwd: true })
+    dy.contiguous()?.apply_op3_no_bwd(&table(cos, dy)?, &table(sin, dy)?, &Rope { bwd: true, bias: None })
 }
 
 /// The gradient of a stacked q/k/v projection's output `[rows, seq, (heads + 2 kv_heads) * d]`
@@ -108,6 +149,8 @@ pub(crate) fn head_strides(l: &Layout) -> Result<[usize; 4]> {
 pub(crate) struct Rope {
     /// Apply the transpose (the backward): `dy * cos + rotate_half^T(dy * sin)`.
     pub bwd: bool,
+    /// `[heads * head_dim]`, contiguous, x's dtype: added to x first (forward only, no graph).
+    pub bias: Option<Tensor>,
 }
 
 fn rope_cpu<T: Elem>(
@@ -117,9 +160,11 @@ fn rope_cpu<T: Elem>(
     cl: &Layout,
     s: &CpuStorage,
     sl: &Layout,
-    bwd: bool,
+    op: &Rope,
 ) -> Result<CpuStorage> {
     let xs = T::cpu_storage_as_slice(x)?;
+    let bias = op.bias.as_ref().map(|b| b.flatten_all()?.to_dtype(T::DTYPE)?.to_vec1::<T>()).transpose()?;
+    let bwd = op.bwd;
     let [offset, row_stride, head_stride, pos_stride] = head_strides(xl)?;
     let cos = cpu_slice::<T>(c, cl, "rope cos")?;
     let sin = cpu_slice::<T>(s, sl, "rope sin")?;
@@ -127,10 +172,16 @@ fn rope_cpu<T: Elem>(
     let per_row = cl.shape().rank() == 3;
     let mut out = vec![T::from_acc(T::cst(0.0)); xl.shape().elem_count()];
     if d > 0 {
-        out.par_chunks_mut(d).enumerate().for_each(|(t, y)| {
+        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |biased, (t, y)| {
             let (pos, head, row) = (t % seq, (t / seq) % heads, t / (heads * seq));
             let start = offset + row * row_stride + head * head_stride + pos * pos_stride;
-            let x = &xs[start..start + d];
+            let mut x = &xs[start..start + d];
+            if let Some(b) = &bias {
+                let b = &b[head * d..(head + 1) * d];
+                biased.clear();
+                biased.extend(x.iter().zip(b).map(|(&x, &b)| T::from_acc(x.acc() + b.acc())));
+                x = biased;
+            }
             let off = if per_row { (row * seq + pos) * d } else { pos * d };
             rotate_row(x, &cos[off..off + d], &sin[off..off + d], y, bwd);
         });
@@ -168,7 +219,7 @@ impl CustomOp3 for Rope {
         s: &CpuStorage,
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = cpu_dispatch!(x, rope_cpu(x, xl, c, cl, s, sl, self.bwd))?;
+        let out = cpu_dispatch!(x, rope_cpu(x, xl, c, cl, s, sl, self))?;
         Ok((out, xl.shape().clone()))
     }
 
@@ -182,7 +233,9 @@ impl CustomOp3 for Rope {
         s: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((super::cuda::rope(x, xl, c, cl, s, sl, self.bwd)?, xl.shape().clone()))
+        let bias = self.bias.as_ref().map(|b| b.storage_and_layout());
+        let bias = bias.as_ref().map(|b| on_device(b, "the RoPE bias")).transpose()?;
+        Ok((super::cuda::rope(x, xl, bias, c, cl, s, sl, self.bwd)?, xl.shape().clone()))
     }
 
     fn bwd(
@@ -194,7 +247,10 @@ impl CustomOp3 for Rope {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _timed = crate::profile::op(grad.device(), "rope_bwd");
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { bwd: !self.bwd })?;
+        if self.bias.is_some() {
+            candle_core::bail!("rope_with_bias has no backward (it takes no graph)");
+        }
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &Rope { bwd: !self.bwd, bias: None })?;
         Ok((Some(dx), None, None))
     }
 }
