@@ -603,11 +603,14 @@ fn gather_and_scatter_rows() -> Result<()> {
             ];
             let got = launch(&format!("dpo_gather_rows_{}", dt.as_str()), grid, block, &args);
             assert_close(&tensor(&got[2], dt, &[n, h]), &y, 0.0, &format!("gather_rows {dt:?} h={h}"));
-            // Into zeros, and added to what the output holds (`accumulate`).
+            // Into zeros, and (the first table only: slow under ThreadSanitizer) added to what the
+            // output holds (`accumulate`).
             let acc = randn(&[vocab, h], 3, 1.0).to_dtype(dt)?;
-            for (accumulate, init, want) in
-                [(0, acc.zeros_like()?, want_dw.clone()), (1, acc.clone(), (&acc + &want_dw)?)]
-            {
+            let mut modes = vec![(0, acc.zeros_like()?, want_dw.clone())];
+            if vocab == 11 {
+                modes.push((1, acc.clone(), (&acc + &want_dw)?));
+            }
+            for (accumulate, init, want) in modes {
                 let args = [
                     buf(&dy),
                     buf(&ids),
