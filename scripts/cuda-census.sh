@@ -11,9 +11,10 @@
 #   SHAPES=1 scripts/cuda-census.sh ...              # a line per kernel and launch size
 #
 # Bytes: for candle's kernels, from the kernel's name and element count (a cast reads one dtype and
-# writes the other, a binary op reads two operands and writes one, ...); for ours, the sizes of the
-# allocations their pointer arguments point into (an upper bound: a view counts its whole buffer,
-# a broadcast operand read from L2 counts once); for a GEMM, its operands and result once each
+# writes the other, a binary op reads two operands and writes one, ...); for ours, the allocations
+# their pointer arguments point into, each from the lowest such pointer to its end (an upper bound:
+# a view counts the rest of its buffer, a broadcast operand read from L2 counts once); for a GEMM,
+# its operands and result once each
 # (a lower bound). Needs .venv for the assets (scripts/setup_python.sh), like the dry run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -272,6 +272,26 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const
     for (int j = 0; j < W; ++j) p[j] = e[j];
 }
 
+// f32 tensors cast to T into one buffer: part blockIdx.y, src[p][0 .. n[p]) -> out[off[p] ..).
+// The manual backward's per-step copy of the weights in the matmul dtype, stacked as its
+// matmuls take them, in one pass and one launch for up to CAST_PARTS tensors.
+#define CAST_PARTS 16
+template <typename T>
+__device__ void cast_parts(T *__restrict__ out, const float *const (&src)[CAST_PARTS],
+                           const long long (&off)[CAST_PARTS], const long long (&n)[CAST_PARTS]) {
+    const float *__restrict__ s = src[blockIdx.y];
+    T *__restrict__ d = out + off[blockIdx.y];
+    elementwise(n[blockIdx.y], aligned16(s) && aligned16(d), [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        float a[W];
+        T o[W];
+        load_w<W>(a, s + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) o[j] = from_acc<T>(a[j]);
+        store_w<W>(d + i, o);
+    });
+}
+
 template <typename T>
 __device__ void add_cast(const float *__restrict__ h, const T *__restrict__ y, float *__restrict__ out,
                          long long n) {
@@ -747,6 +767,24 @@ INSTANTIATE(__half, f16)
     }                                                                                                \
     extern "C" __global__ void dpo_add_cast_##SUF(const float *h, const T *y, float *out, long long n) { \
         add_cast<T>(h, y, out, n);                                                                   \
+    }                                                                                                \
+    extern "C" __global__ void dpo_cast_parts_f32_to_##SUF(                                          \
+        T *out, const float *s0, const float *s1, const float *s2, const float *s3, const float *s4, \
+        const float *s5, const float *s6, const float *s7, const float *s8, const float *s9,         \
+        const float *s10, const float *s11, const float *s12, const float *s13, const float *s14,    \
+        const float *s15, long long o0, long long o1, long long o2, long long o3, long long o4,      \
+        long long o5, long long o6, long long o7, long long o8, long long o9, long long o10,         \
+        long long o11, long long o12, long long o13, long long o14, long long o15, long long n0,     \
+        long long n1, long long n2, long long n3, long long n4, long long n5, long long n6,          \
+        long long n7, long long n8, long long n9, long long n10, long long n11, long long n12,       \
+        long long n13, long long n14, long long n15) {                                               \
+        const float *const src[CAST_PARTS] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, \
+            s13, s14, s15};                                                                          \
+        const long long off[CAST_PARTS] = {o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12,    \
+            o13, o14, o15};                                                                          \
+        const long long n[CAST_PARTS] = {n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, \
+            n14, n15};                                                                               \
+        cast_parts<T>(out, src, off, n);                                                             \
     }                                                                                                \
     extern "C" __global__ void dpo_target_logprobs_bwd_f32_to_##SUF(const float *z, const float *lse_g, \
                                                                     const unsigned int *t, T *dz, int V, \

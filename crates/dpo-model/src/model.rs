@@ -217,6 +217,61 @@ impl Block {
         b.with_views()
     }
 
+    /// The block's projections cast to `dt` in one [`ops::cast_cat`], `q`, `k`, `v` and `gate`,
+    /// `up` stacked (`stack`) or each on its own; norms as they are.
+    fn cast_projections(&self, dt: DType, stack: bool) -> Result<Block> {
+        // A stack the block already has is cast as one layer.
+        let stacked = |s: &Option<Linear>, layers: &[&Linear]| -> Vec<Linear> {
+            match s {
+                Some(s) => vec![s.clone()],
+                None => layers.iter().map(|&l| l.clone()).collect(),
+            }
+        };
+        let sets: Vec<Vec<Linear>> = if stack {
+            vec![
+                stacked(&self.qkv, &[&self.q, &self.k, &self.v]),
+                vec![self.o.clone()],
+                stacked(&self.gate_up, &[&self.gate, &self.up]),
+                vec![self.down.clone()],
+            ]
+        } else {
+            [&self.q, &self.k, &self.v, &self.o, &self.gate, &self.up, &self.down]
+                .map(|l| vec![l.clone()])
+                .into()
+        };
+        // A group of the cast per set's weights, then one per set's biases where it has them
+        // (last: small tensors at the end of the buffer).
+        let mut groups: Vec<Vec<&Tensor>> =
+            sets.iter().map(|set| set.iter().map(|l| &l.w).collect()).collect();
+        for set in &sets {
+            let biases: Vec<&Tensor> = set.iter().filter_map(|l| l.b.as_ref()).collect();
+            match biases.len() {
+                0 => {}
+                n if n == set.len() => groups.push(biases),
+                _ => candle_core::bail!("cannot stack layers with and without a bias"),
+            }
+        }
+        let refs: Vec<&[&Tensor]> = groups.iter().map(Vec::as_slice).collect();
+        let mut cast = ops::cast_cat(&refs, dt)?.into_iter();
+        let weights: Vec<Tensor> = cast.by_ref().take(sets.len()).collect();
+        let lin: Vec<Linear> = sets
+            .iter()
+            .zip(weights)
+            .map(|(set, w)| Linear { w, b: if set[0].b.is_some() { cast.next() } else { None } })
+            .collect();
+        let mut b = self.clone();
+        if stack {
+            let [qkv, o, gate_up, down]: [Linear; 4] = lin.try_into().expect("four sets");
+            (b.qkv, b.o, b.gate_up, b.down) = (Some(qkv), o, Some(gate_up), down);
+            b.with_views()
+        } else {
+            let [q, k, v, o, gate, up, down]: [Linear; 7] = lin.try_into().expect("seven sets");
+            (b.q, b.k, b.v, b.o, b.gate, b.up, b.down) = (q, k, v, o, gate, up, down);
+            (b.qkv, b.gate_up) = (None, None);
+            Ok(b)
+        }
+    }
+
     /// Points the stacked layers at their rows of [`Block::qkv`] and [`Block::gate_up`].
     fn with_views(mut self) -> Result<Block> {
         if let Some(qkv) = &self.qkv {
@@ -390,13 +445,14 @@ impl CausalLm {
     }
 
     /// [`CausalLm::detached`] with the projections' weights cast to the compute dtype once (for
-    /// a whole forward and backward without a graph; norms and embeddings keep their dtype).
+    /// a whole forward and backward without a graph; norms and embeddings keep their dtype),
+    /// stacked as [`CausalLm::with_stacked_projections`] says: one [`ops::cast_cat`] a block.
     fn detached_for_compute(&self) -> Result<Self> {
-        let dt = self.compute_dtype;
-        let cast = |t: &Tensor| t.detach().to_dtype(dt);
-        let model =
-            self.detached_with(|l| Ok(Linear { w: cast(&l.w)?, b: l.b.as_ref().map(cast).transpose()? }))?;
-        model.with_stacked_projections(self.stack_projections)
+        let mut model = self.detached();
+        for b in &mut model.blocks {
+            *b = b.cast_projections(self.compute_dtype, self.stack_projections)?;
+        }
+        Ok(model)
     }
 
     fn detached_with(&self, lin: impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {

@@ -26,6 +26,18 @@ const CPU: Device = Device::Cpu;
 /// The element types every kernel family has (`<name>_<dtype>`).
 const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
 
+/// The element types the tests run each kernel family in: all four, or under ThreadSanitizer f32
+/// and bf16 only. A race between a block's threads is in the kernel's indexing and barriers, the
+/// same code for every dtype; under the sanitizer each dtype costs as much as the rest of the run
+/// (the sanitized CI run took 8 minutes with all four). AddressSanitizer keeps all four: a read
+/// past a buffer's end can depend on the element's width (16-byte vectors of 2, 4 or 8 bytes).
+fn dtypes() -> Vec<DType> {
+    match std::env::var("CUDA_EMU_SANITIZE") {
+        Ok(s) if s == "thread" => vec![DType::F32, DType::BF16],
+        _ => DTYPES.to_vec(),
+    }
+}
+
 /// Every kernel of `kernels/dpo_ops.cu` (the emulator's registry).
 fn kernels() -> Vec<String> {
     let per_dtype = [
@@ -52,6 +64,7 @@ fn kernels() -> Vec<String> {
         "dpo_rmsnorm_bwd_dx_add_f32_from",
         "dpo_rmsnorm_bwd_dw_partial_f32_from",
         "dpo_add_cast",
+        "dpo_cast_parts_f32_to",
         "dpo_target_logprobs_bwd_f32_to",
     ];
     let mut names: Vec<String> =
@@ -96,7 +109,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 31, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 32, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -294,7 +307,7 @@ fn masked_softmax() -> Result<()> {
         &CPU,
     )?;
     let n = r * h * q * k;
-    for dt in DTYPES {
+    for dt in dtypes() {
         let s = candle_core::Var::from_tensor(&randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?)?;
         let p = ops::masked_softmax(&s, &bias, 0.5)?;
         let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
@@ -347,7 +360,7 @@ fn masked_softmax_warp_per_row() -> Result<()> {
         )?;
         let rows = r * h * q;
         let (grid, block) = ((rows.div_ceil(8), 1), (256, 1));
-        for dt in DTYPES {
+        for dt in dtypes() {
             let s = candle_core::Var::from_tensor(&randn(&[r, h, q, k], 1, 4.0).to_dtype(dt)?)?;
             let p = ops::masked_softmax(&s, &bias, 0.5)?;
             let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
@@ -385,7 +398,7 @@ fn masked_softmax_warp_per_row() -> Result<()> {
 fn target_logprobs_forward_and_backward() -> Result<()> {
     let (n, vocab) = (7, 1029);
     let targets = Tensor::new(&[0u32, 1028, 5, 1000, 17, 512, 3], &CPU)?;
-    for dt in DTYPES {
+    for dt in dtypes() {
         let g = randn(&[n], 3, 1.0).to_dtype(acc(dt))?;
         let z = randn(&[n, vocab], 2, 4.0).to_dtype(dt)?;
         let (logp, lse) = ops::target_logprobs(&z, &targets)?;
@@ -587,7 +600,7 @@ fn gather_and_scatter_rows() -> Result<()> {
     for (vocab, h, ids) in [(11, 40, few(11)), (5, 1100, few(5)), (4, 8, many)] {
         let ids = Tensor::new(ids.as_slice(), &CPU)?;
         let n = ids.dim(0)?;
-        for dt in DTYPES {
+        for dt in dtypes() {
             let w = candle_core::Var::from_tensor(&randn(&[vocab, h], 1, 1.0).to_dtype(dt)?)?;
             let y = ops::gather_rows(&w, &ids, Some(2))?;
             let dy = randn(&[n, h], 2, 1.0).to_dtype(dt)?;
@@ -651,7 +664,7 @@ fn rope_strided_heads() -> Result<()> {
     let (r, h, s) = (2, 3, 9);
     for (d, dt, per_row, pad) in [(8, false, 0), (8, true, 0), (16, false, 0), (16, true, 0), (16, true, 1)]
         .into_iter()
-        .flat_map(|(d, per_row, pad)| DTYPES.map(|dt| (d, dt, per_row, pad)))
+        .flat_map(|(d, per_row, pad)| dtypes().into_iter().map(move |dt| (d, dt, per_row, pad)))
     {
         {
             let positions: Vec<f32> = (0..if per_row { r } else { 1 })
@@ -736,7 +749,7 @@ fn rope_strided_heads() -> Result<()> {
 #[test]
 fn rope_backward_merged_into_stacked_layout() -> Result<()> {
     let (r, hq, hk, s) = (2, 3, 2, 7);
-    for (d, dt) in [8, 16].into_iter().flat_map(|d| DTYPES.map(|dt| (d, dt))) {
+    for (d, dt) in [8, 16].into_iter().flat_map(|d| dtypes().into_iter().map(move |dt| (d, dt))) {
         for per_row in [false, true] {
             let shape: &[usize] = if per_row { &[r, s, d] } else { &[s, d] };
             let angles = (randn(shape, 9, 1.0) * 3.0)?;
@@ -776,7 +789,7 @@ fn rope_backward_merged_into_stacked_layout() -> Result<()> {
 fn rms_norm_backward_add() -> Result<()> {
     let (rows, dim, eps) = (150, 40, 1e-6);
     let mixed = [(DType::F32, DType::BF16), (DType::F32, DType::F16)];
-    for (xt, dyt) in mixed.into_iter().chain(DTYPES.map(|dt| (dt, dt))) {
+    for (xt, dyt) in mixed.into_iter().chain(dtypes().into_iter().map(|dt| (dt, dt))) {
         let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?.to_dtype(xt)?;
         let w = (randn(&[dim], 13, 0.1) + 1.0)?.to_dtype(xt)?;
         let dy = randn(&[rows, dim], 14, 1.0).to_dtype(dyt)?;
@@ -839,7 +852,7 @@ fn rms_norm_backward_add() -> Result<()> {
 #[test]
 fn rms_norm_forward_and_backward_dx() -> Result<()> {
     let (rows, dim, eps) = (9, 40, 1e-6);
-    for dt in DTYPES {
+    for dt in dtypes() {
         let x = (randn(&[rows, dim], 12, 1.0) * 3.0)?.to_dtype(dt)?;
         let w = (randn(&[dim], 13, 0.1) + 1.0)?.to_dtype(dt)?;
         let dy = randn(&[rows, dim], 14, 1.0).to_dtype(dt)?;
@@ -891,13 +904,45 @@ fn rms_norm_to_and_add_cast() -> Result<()> {
     Ok(())
 }
 
+/// f32 tensors cast into one bf16 or f16 buffer, a part per `blockIdx.y` (`ops::cast_cat`'s
+/// kernel): 100 elements from the start (12 vectors and a tail of 4), 37 from element 100 (not
+/// 16-byte aligned: element by element), 64 from 144 (whole vectors); the 7 elements between the
+/// second and third left as they were, and the 13 unused part slots null.
+#[test]
+fn cast_parts() -> Result<()> {
+    for dt in [DType::BF16, DType::F16] {
+        let parts = [(100, 0), (37, 100), (64, 144)];
+        let src: Vec<Tensor> = parts.iter().map(|&(n, off)| randn(&[n], 20 + off as u64, 3.0)).collect();
+        let len = 144 + 64;
+        let mut args = vec![out(dt, len)];
+        args.extend(src.iter().map(buf));
+        args.extend((parts.len()..16).map(|_| Arg::Buf(Vec::new())));
+        args.extend((0..16).map(|i| Arg::I64(parts.get(i).map_or(0, |p| p.1 as i64))));
+        args.extend((0..16).map(|i| Arg::I64(parts.get(i).map_or(0, |p| p.0 as i64))));
+        let ((gx, _), block) = elementwise_cfg(100usize.div_ceil(8));
+        let got = launch(&format!("dpo_cast_parts_f32_to_{}", dt.as_str()), (gx, parts.len()), block, &args);
+        let size = dt.size_in_bytes();
+        for (&(n, off), x) in parts.iter().zip(&src) {
+            let part = tensor(&got[0][off * size..(off + n) * size], dt, &[n]);
+            assert_close(&part, &x.to_dtype(dt)?, 0.0, &format!("cast_parts {dt:?} at {off}"));
+        }
+        assert!(
+            got[0][137 * size..144 * size].iter().all(|&b| b == 0xff),
+            "cast_parts {dt:?}: the gap written"
+        );
+    }
+    Ok(())
+}
+
 /// The SiLU gate, forward and backward (`[d gate; d up]` in one buffer, and with `with_y` the
 /// forward's value after them), with fewer threads than
 /// 8-element vectors: 1,500 elements (a tail of 4; the backward's second half 16-byte aligned in
 /// f32 and f64 only, so read element by element in bf16 and f16) and 10,240.
 #[test]
 fn silu_mul() -> Result<()> {
-    for ((r, c), dt) in [(5, 300), (16, 640)].into_iter().flat_map(|s| DTYPES.map(|dt| (s, dt))) {
+    for ((r, c), dt) in
+        [(5, 300), (16, 640)].into_iter().flat_map(|s| dtypes().into_iter().map(move |dt| (s, dt)))
+    {
         let n = r * c;
         let g = randn(&[r, c], 5, 3.0).to_dtype(dt)?;
         let u = randn(&[r, c], 6, 1.0).to_dtype(dt)?;

@@ -387,6 +387,28 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
         fused: Box::new(|x| super::add_cast(&x[0], &x[1])),
         slow: Box::new(|x| &x[0] + x[1].to_dtype(x[0].dtype())?),
     });
+    // The manual backward's weights from f32 into bf16, stacked: [Wq; Wk] and the bias on its
+    // own (the output compared in the run's dtype).
+    let (nq, nk) = if big { (896, 128) } else { (12, 4) };
+    type CastCat = fn(&[&[&Tensor]], DType) -> Result<Vec<Tensor>>;
+    let weights = |x: &[Tensor], cast: CastCat| -> Result<Tensor> {
+        let f = x.iter().map(|t| t.to_dtype(DType::F32)).collect::<Result<Vec<_>>>()?;
+        let out = cast(&[&[&f[0], &f[1]], &[&f[2]]], DType::BF16)?;
+        Tensor::cat(&out.iter().map(|o| o.flatten_all()).collect::<Result<Vec<_>>>()?, 0)?
+            .to_dtype(x[0].dtype())
+    };
+    cases.push(Case {
+        op: "cast_cat",
+        out_dims: Some(vec![(nq + nk) * hidden + nq]),
+        shape: format!("[{nq}, {hidden}] + [{nk}, {hidden}], [{nq}]"),
+        inputs: vec![
+            Input { name: "wq", value: randn_tensor(&[nq, hidden], 21, 1.0)?, grad: false, keep_f32: false },
+            Input { name: "wk", value: randn_tensor(&[nk, hidden], 22, 1.0)?, grad: false, keep_f32: false },
+            Input { name: "bq", value: randn_tensor(&[nq], 23, 1.0)?, grad: false, keep_f32: false },
+        ],
+        fused: Box::new(move |x| weights(x, super::cast_cat)),
+        slow: Box::new(move |x| weights(x, super::cast_cat_slow)),
+    });
     // RoPE with shared and with per-row positions.
     let (r, h, s, d) = if big { (16, 14, 512, 64) } else { (2, 3, 37, 16) };
     let offsets: Vec<usize> = (0..r).map(|i| 7 * i).collect();

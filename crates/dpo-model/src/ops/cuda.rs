@@ -816,6 +816,66 @@ pub(crate) fn adamw_inplace(
     Ok(())
 }
 
+/// The f32 tensors `parts[i].0` (contiguous) cast to `dtype` (bf16 or f16) at element
+/// `parts[i].1` of a new buffer of `len` elements, `CAST_PARTS` (16) tensors a launch; elements
+/// no part covers are left unwritten.
+pub(super) fn cast_parts(
+    parts: &[(&candle_core::Tensor, usize)],
+    len: usize,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    match dtype {
+        DType::BF16 => cast_parts_t::<half::bf16>(parts, len),
+        DType::F16 => cast_parts_t::<half::f16>(parts, len),
+        dt => candle_core::bail!("cast_parts: no kernel into {dt:?}"),
+    }
+}
+
+fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) -> Result<CudaStorage> {
+    const CAST_PARTS: usize = 16;
+    let Some((first, _)) = parts.first() else { candle_core::bail!("cast_parts: no tensors") };
+    let dev = match first.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("cast_parts: not on a CUDA device"),
+    };
+    for &(t, off) in parts {
+        if off + t.elem_count() > len {
+            candle_core::bail!("cast_parts: {} elements at {off} overrun {len}", t.elem_count());
+        }
+    }
+    // SAFETY: the caller reads only the ranges the parts write.
+    let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
+    let f = func::<T>(&dev, "dpo_cast_parts_f32_to")?;
+    for chunk in parts.chunks(CAST_PARTS) {
+        let mut ptrs = [0u64; CAST_PARTS];
+        let (mut offs, mut ns) = ([0i64; CAST_PARTS], [0i64; CAST_PARTS]);
+        for (i, &(t, off)) in chunk.iter().enumerate() {
+            (ptrs[i], offs[i], ns[i]) = (f32_ptr(t, "cast_parts")?, off as i64, t.elem_count() as i64);
+        }
+        let longest = chunk.iter().map(|(t, _)| t.elem_count()).max().unwrap_or(0);
+        if longest == 0 {
+            continue;
+        }
+        let mut cfg = vector_cfg(longest);
+        cfg.grid_dim.1 = chunk.len() as u32;
+        let mut lb = f.builder();
+        lb.arg(&mut out);
+        for p in &ptrs {
+            lb.arg(p);
+        }
+        for o in &offs {
+            lb.arg(o);
+        }
+        for n in &ns {
+            lb.arg(n);
+        }
+        // SAFETY: each pointer addresses a live contiguous f32 buffer of its n elements, each
+        // range [off, off + n) lies in `out` (checked above); blocks past a part's end exit.
+        unsafe { lb.launch(cfg) }?;
+    }
+    Ok(T::wrap_cuda_slice(out, dev))
+}
+
 /// `sum_i sum(x_i^2)` over f32 CUDA tensors, in f64, with one device-to-host copy.
 pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
     let Some(first) = xs.first() else { return Ok(0.0) };

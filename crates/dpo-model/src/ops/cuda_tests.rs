@@ -149,6 +149,40 @@ fn add_cast_bf16_and_f16() -> Result<()> {
     Ok(())
 }
 
+/// Weights cast and stacked (`cast_cat`): twenty tensors in ten groups, so two launches, the
+/// second with fewer than 16 parts; lengths that are not whole vectors (a part that starts
+/// mid-vector in its group, and a tail), and each input starting inside its buffer. Bit for bit
+/// the CPU's casts; each group 16-byte aligned in the shared buffer.
+#[test]
+fn cast_cat_groups() -> Result<()> {
+    let dev = gpu();
+    let shapes: [&[usize]; 10] =
+        [&[6, 16], &[3, 16], &[3, 16], &[6], &[3], &[3], &[16, 6], &[13, 16], &[13, 16], &[5]];
+    let host: Vec<Tensor> = (0..20).map(|i| randn(shapes[i % 10], 10 + i as u64, 3.0, DType::F32)).collect();
+    let on: Vec<Tensor> = host.iter().map(|t| up(t, &dev)).collect();
+    fn groups(t: &[Tensor]) -> Vec<Vec<&Tensor>> {
+        let ranges = [0..3, 3..6, 6..7, 7..9, 9..10];
+        [0, 10]
+            .iter()
+            .flat_map(|&at| ranges.clone().map(|r| t[r.start + at..r.end + at].iter().collect()))
+            .collect()
+    }
+    fn slices<'a>(g: &'a [Vec<&'a Tensor>]) -> Vec<&'a [&'a Tensor]> {
+        g.iter().map(Vec::as_slice).collect()
+    }
+    let (gh, gd) = (groups(&host), groups(&on));
+    for dt in [DType::BF16, DType::F16] {
+        let got = cast_cat(&slices(&gd), dt)?;
+        let want = cast_cat_slow(&slices(&gh), dt)?;
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(g, w, 0.0, &format!("cast_cat {dt:?} group {i}"));
+            assert_eq!(g.layout().start_offset() * dt.size_in_bytes() % 16, 0, "group {i} aligned");
+        }
+    }
+    Ok(())
+}
+
 /// RoPE on contiguous heads and on heads read in place from `[rows, seq, heads, d]`, with
 /// shared and per-row tables; its backward; the merged q/k/v backward.
 #[test]

@@ -21,6 +21,7 @@
 //! public functions.
 
 mod attention;
+mod cast;
 mod check;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -78,6 +79,7 @@ pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
     Ok(None)
 }
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
+pub use cast::{cast_cat, cast_cat_slow};
 pub use gather::{add_gather_rows_backward, gather_rows, gather_rows_slow};
 pub use logprobs::{
     target_logprobs, target_logprobs_backward, target_logprobs_backward_slow, target_logprobs_backward_to,

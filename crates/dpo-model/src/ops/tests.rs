@@ -77,6 +77,30 @@ fn rms_norm_matches_slow_path() {
     check_op("rms_norm");
 }
 
+/// The weights' cast and stack: the inputs' values in `cat`'s order, without a graph; groups
+/// that cannot be stacked are errors. (On the CPU `cast_cat` is its slow path; the CUDA kernel is
+/// checked by `cuda_tests.rs`, `tests/cuda_emulated.rs` and `doctor`.)
+#[test]
+fn cast_cat_stacks_and_refuses_mismatched_groups() {
+    for case in cases_named("cast_cat") {
+        assert_close(&case, DType::F32, 0.0, false);
+        assert_close(&case, DType::BF16, 0.0, false);
+    }
+    let (a, b) = (randn_tensor(&[2, 3], 1, 1.0).unwrap(), randn_tensor(&[4, 3], 2, 1.0).unwrap());
+    let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+    let out = cast_cat(&[&[va.as_tensor(), vb.as_tensor()], &[va.as_tensor()]], DType::F32).unwrap();
+    assert_eq!(
+        out[0].to_vec2::<f32>().unwrap(),
+        Tensor::cat(&[&a, &b], 0).unwrap().to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(out[1].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+    assert!(!out[0].track_op() && !out[1].track_op());
+    let c = randn_tensor(&[4, 2], 3, 1.0).unwrap();
+    let err = cast_cat(&[&[&a, &c]], DType::BF16).unwrap_err().to_string();
+    assert!(err.contains("cannot stack [4, 2] on [2, 3]"), "{err}");
+    assert!(cast_cat(&[&[]], DType::BF16).unwrap_err().to_string().contains("empty group"));
+}
+
 /// The mixed-precision ops give exactly what the ops they fuse give (the norm then the cast; the
 /// cast then the add), output and gradients, for every dtype of the branch.
 #[test]

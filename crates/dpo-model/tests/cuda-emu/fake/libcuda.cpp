@@ -19,7 +19,8 @@
 //
 // With CUDA_EMU_CENSUS=FILE as well, it writes FILE at exit: a line per kernel name with its
 // launches and threads (candle's kernels run about a thread per element), the bytes of the
-// allocations our kernels' pointer arguments point into (an upper bound on their traffic), and a
+// allocations our kernels' pointer arguments point into, from the lowest such pointer to the
+// allocation's end (an upper bound on their traffic), and a
 // line per cuBLAS GEMM shape with its FLOPs. scripts/cuda-census.sh takes the difference of two
 // runs, one step apart: what one training step launches.
 #include <cstdio>
@@ -299,7 +300,9 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
     ++n_ours;
     if (shared) return refuse(INVALID_VALUE, name + ": dynamic shared memory is not emulated");
     const auto &ps = fn->kernel->params;
-    std::set<CUdeviceptr> touched;  // the allocations the pointer arguments point into
+    // The allocations the pointer arguments point into, each with the lowest such pointer: a
+    // kernel of ours reads and writes from its pointers on, so at most from there to the end.
+    std::map<CUdeviceptr, CUdeviceptr> touched;
     if (!ps.empty() && !params) return refuse(INVALID_VALUE, name + ": no arguments");
     for (size_t i = 0; i < ps.size(); ++i) {
         if (!ps[i].first) continue;
@@ -308,9 +311,11 @@ API CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
         if (p && !inside(p, 1))
             return refuse(INVALID_VALUE, name + ": argument " + std::to_string(i) + " is a pointer parameter and " +
                                              "points at no device allocation");
-        if (p) touched.insert(std::prev(allocations.upper_bound(p))->first);
+        if (!p) continue;
+        const auto [at, fresh] = touched.try_emplace(std::prev(allocations.upper_bound(p))->first, p);
+        if (!fresh) at->second = std::min(at->second, p);
     }
-    for (CUdeviceptr a : touched) tally.bytes += allocations[a];
+    for (const auto &[base, lowest] : touched) tally.bytes += base + allocations[base] - lowest;
     if (!dry) emu::launch({gx, gy, gz}, {bx, by, bz}, [&] { fn->kernel->call(params); });
     return OK;
 }
