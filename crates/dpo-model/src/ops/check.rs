@@ -493,8 +493,9 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
     });
     // Rows by index (the embedding): repeated ids, a skipped (pad) id, rows never picked.
     let (vocab, hidden, n) = if big { (32_000, 896, 8192) } else { (53, 40, 97) };
-    let ids = ids_for(n, vocab);
+    let ids: Vec<u32> = (0..n as u64).map(|j| ((j * j * 7 + 3 * j) % vocab as u64 / 2) as u32).collect();
     let no_grad = ids[5];
+    let ids = Tensor::from_vec(ids, n, &Device::Cpu)?;
     cases.push(Case {
         op: "gather_rows",
         out_dims: Some(vec![n, hidden]),
@@ -506,19 +507,13 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
                 grad: true,
                 keep_f32: false,
             },
-            Input {
-                name: "ids",
-                value: Tensor::from_vec(ids, n, &Device::Cpu)?,
-                grad: false,
-                keep_f32: true,
-            },
+            Input { name: "ids", value: ids.clone(), grad: false, keep_f32: true },
         ],
         fused: Box::new(move |x| super::gather_rows(&x[0], &x[1], Some(no_grad))),
         slow: Box::new(move |x| super::gather_rows_slow(&x[0], &x[1], Some(no_grad))),
     });
     // Its backward added to a gradient the table has already (a tied embedding's as the LM
     // head; in place on CUDA for f32), against candle's index_add.
-    let ids = Tensor::from_vec(ids_for(n, vocab), n, &Device::Cpu)?;
     cases.push(Case {
         op: "gather_rows_backward_added",
         out_dims: Some(vec![vocab, hidden]),
@@ -841,9 +836,4 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
         .sum::<Result<f64>>()?;
     let got = super::sum_squares_fused(&[p.clone(), g.clone()])?.unwrap_or(f64::NAN);
     Ok((adam, (got - want).abs() / want))
-}
-
-/// `n` ids below `vocab / 2`, repeated and in no order (the gather cases' positions).
-fn ids_for(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n as u64).map(|j| ((j * j * 7 + 3 * j) % vocab as u64 / 2) as u32).collect()
 }
