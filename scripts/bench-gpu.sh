@@ -7,6 +7,7 @@
 # Prepared here (CPU machine):
 #   scripts/cuda-dry-run.sh          # every run below, dry, on the emulated driver: all must pass
 #   scripts/build-cuda.sh && mkdir -p .device && xz -T2 -6 -c target-cuda/release/dpo-train > .device/dpo-train.xz
+#   git rev-parse HEAD > .device/built-from.txt   # printed there: a binary older than the code shows
 #   cp scripts/cuda-env.sh ../shared/perf/bench_trl_gpu.py .device/
 #   WITH_TESTS=1 scripts/build-cuda.sh && xz -T2 -6 -c target-cuda/release/dpo-model-tests > .device/model-tests.xz
 #                                    # optional: the launcher tests (src/ops/cuda_tests.rs) on the card
@@ -36,6 +37,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+[ -f .device/built-from.txt ] && echo "binary built from commit $(cat .device/built-from.txt)" | tee -a "$OUT/gpu.txt"
 
 # 0. The launchers against the CPU kernels on this GPU (when carried), then the fused kernels
 #    against their references.
