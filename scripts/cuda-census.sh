@@ -14,8 +14,7 @@
 # writes the other, a binary op reads two operands and writes one, ...); for ours, the allocations
 # their pointer arguments point into, each from the lowest such pointer to its end (an upper bound:
 # a view counts the rest of its buffer, a broadcast operand read from L2 counts once); for a GEMM,
-# its operands and result once each
-# (a lower bound). Needs .venv for the assets (scripts/setup_python.sh), like the dry run.
+# its operands and result once each (a lower bound). Needs .venv for the assets (scripts/setup_python.sh), like the dry run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$PWD/target/cuda-emu/build"

@@ -61,13 +61,18 @@ impl Linear {
     /// by side. The layers must all have a bias or none.
     fn stack(layers: &[&Linear]) -> Result<Linear> {
         let w = Tensor::cat(&layers.iter().map(|l| &l.w).collect::<Vec<_>>(), 0)?;
-        let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.b.as_ref()).collect();
-        let b = match biases.len() {
-            0 => None,
-            n if n == layers.len() => Some(Tensor::cat(&biases, 0)?),
-            _ => candle_core::bail!("cannot stack layers with and without a bias"),
-        };
+        let b = Linear::biases(layers)?.map(|b| Tensor::cat(&b, 0)).transpose()?;
         Ok(Linear { w, b })
+    }
+
+    /// The biases of layers to be stacked: all of them, or `None` where none has one.
+    fn biases<'a>(layers: &[&'a Linear]) -> Result<Option<Vec<&'a Tensor>>> {
+        let biases: Vec<&Tensor> = layers.iter().filter_map(|l| l.b.as_ref()).collect();
+        match biases.len() {
+            0 => Ok(None),
+            n if n == layers.len() => Ok(Some(biases)),
+            _ => candle_core::bail!("cannot stack layers with and without a bias"),
+        }
     }
 
     /// Output rows `start..start + n` of the layer, as a view of its weights.
@@ -244,12 +249,7 @@ impl Block {
         let mut groups: Vec<Vec<&Tensor>> =
             sets.iter().map(|set| set.iter().map(|l| &l.w).collect()).collect();
         for set in &sets {
-            let biases: Vec<&Tensor> = set.iter().filter_map(|l| l.b.as_ref()).collect();
-            match biases.len() {
-                0 => {}
-                n if n == set.len() => groups.push(biases),
-                _ => candle_core::bail!("cannot stack layers with and without a bias"),
-            }
+            groups.extend(Linear::biases(&set.iter().collect::<Vec<_>>())?);
         }
         let refs: Vec<&[&Tensor]> = groups.iter().map(Vec::as_slice).collect();
         let mut cast = ops::cast_cat(&refs, dt)?.into_iter();
@@ -438,10 +438,31 @@ impl CausalLm {
         Ok(self)
     }
 
-    /// The same model on the same storage, with gradient tracking cut (for evaluation).
+    /// The same model on the same storage, with gradient tracking cut (for evaluation). Stacked
+    /// layers' views stay views: a detached tensor keeps its storage and layout.
     pub fn detached(&self) -> Self {
-        self.detached_with(|l| Ok(Linear { w: l.w.detach(), b: l.b.as_ref().map(Tensor::detach) }))
-            .expect("detaching cannot fail")
+        let lin = |l: &Linear| Linear { w: l.w.detach(), b: l.b.as_ref().map(Tensor::detach) };
+        let block = |b: &Block| Block {
+            input_norm: b.input_norm.detach(),
+            q: lin(&b.q),
+            k: lin(&b.k),
+            v: lin(&b.v),
+            o: lin(&b.o),
+            post_norm: b.post_norm.detach(),
+            gate: lin(&b.gate),
+            up: lin(&b.up),
+            down: lin(&b.down),
+            qkv: b.qkv.as_ref().map(lin),
+            gate_up: b.gate_up.as_ref().map(lin),
+        };
+        CausalLm {
+            config: self.config.clone(),
+            embed: self.embed.detach(),
+            blocks: self.blocks.iter().map(block).collect(),
+            norm: self.norm.detach(),
+            lm_head: self.lm_head.as_ref().map(Tensor::detach),
+            ..*self
+        }
     }
 
     /// [`CausalLm::detached`] with the projections' weights cast to the compute dtype once (for
@@ -453,45 +474,6 @@ impl CausalLm {
             *b = b.cast_projections(self.compute_dtype, self.stack_projections)?;
         }
         Ok(model)
-    }
-
-    fn detached_with(&self, lin: impl Fn(&Linear) -> Result<Linear>) -> Result<Self> {
-        Ok(CausalLm {
-            config: self.config.clone(),
-            embed: self.embed.detach(),
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| {
-                    // Stacked layers are mapped once, the layers views of the result.
-                    let qkv = b.qkv.as_ref().map(&lin).transpose()?;
-                    let gate_up = b.gate_up.as_ref().map(&lin).transpose()?;
-                    let part = |l: &Linear, stacked: bool| if stacked { Ok(l.clone()) } else { lin(l) };
-                    Block {
-                        input_norm: b.input_norm.detach(),
-                        q: part(&b.q, qkv.is_some())?,
-                        k: part(&b.k, qkv.is_some())?,
-                        v: part(&b.v, qkv.is_some())?,
-                        o: lin(&b.o)?,
-                        post_norm: b.post_norm.detach(),
-                        gate: part(&b.gate, gate_up.is_some())?,
-                        up: part(&b.up, gate_up.is_some())?,
-                        down: lin(&b.down)?,
-                        qkv,
-                        gate_up,
-                    }
-                    .with_views()
-                })
-                .collect::<Result<_>>()?,
-            norm: self.norm.detach(),
-            lm_head: self.lm_head.as_ref().map(Tensor::detach),
-            compute_dtype: self.compute_dtype,
-            head_dtype: self.head_dtype,
-            head_operands: self.head_operands,
-            fused: self.fused,
-            recompute_attention: self.recompute_attention,
-            stack_projections: self.stack_projections,
-        })
     }
 
     /// Whether the weights are trainable tensors (a [`Policy`]'s vars) rather than frozen ones.

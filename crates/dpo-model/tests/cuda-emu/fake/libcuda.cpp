@@ -20,9 +20,9 @@
 // With CUDA_EMU_CENSUS=FILE as well, it writes FILE at exit: a line per kernel name with its
 // launches and threads (candle's kernels run about a thread per element), the bytes of the
 // allocations our kernels' pointer arguments point into, from the lowest such pointer to the
-// allocation's end (an upper bound on their traffic), and a
-// line per cuBLAS GEMM shape with its FLOPs. scripts/cuda-census.sh takes the difference of two
-// runs, one step apart: what one training step launches.
+// allocation's end (an upper bound on their traffic), and a line per cuBLAS GEMM shape with its
+// FLOPs. scripts/cuda-census.sh takes the difference of two runs, one step apart: what one
+// training step launches.
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
