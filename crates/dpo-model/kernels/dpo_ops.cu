@@ -902,20 +902,29 @@ __device__ __forceinline__ void frag_a(unsigned a[4], const __nv_bfloat16 *x, in
     a[3] = r1 < end ? ld_pair(x + (long long)r1 * ld + c + 8) : 0u;
 }
 
-// B fragment (k0.. k0 + 16) x (n0.. n0 + 8) with B[k][n] = x[n][k] (K for Q K^T).
-__device__ __forceinline__ void frag_b_nk(unsigned b[2], const __nv_bfloat16 *x, int ld, int n0, int k0, int g,
-                                          int t) {
-    const __nv_bfloat16 *p = x + (n0 + g) * ld + k0 + 2 * t;
-    b[0] = ld_pair(p);
-    b[1] = ld_pair(p + 8);
-}
-
-// B fragment with B[k][n] = x[k][n] (V for P V).
-__device__ __forceinline__ void frag_b_kn(unsigned b[2], const __nv_bfloat16 *x, int ld, int k0, int n0, int g,
-                                          int t) {
-    const __nv_bfloat16 *p = x + (k0 + 2 * t) * ld + n0 + g;
-    b[0] = (unsigned)__bfloat16_as_ushort(p[0]) | ((unsigned)__bfloat16_as_ushort(p[ld]) << 16);
-    b[1] = (unsigned)__bfloat16_as_ushort(p[8 * ld]) | ((unsigned)__bfloat16_as_ushort(p[9 * ld]) << 16);
+// ldmatrix.sync.aligned.m8n8.x4 of a warp from shared memory: lane 8 j + i gives `row`, the
+// address of row i of the 8 x 8 bf16 matrix M_j (16 bytes, 16-byte aligned), and lane 4 g + t
+// receives r[j] = M_j[g][2t, 2t+1], or with TRANS r[j] = M_j[2t][g], M_j[2t+1][g] (the lower
+// index in the low half): the B fragments of two mma n-tiles in one instruction, where reading
+// them element by element takes 4 (Q K^T's pairs) or 8 (P V's single bf16s) shared loads.
+template <bool TRANS> __device__ __forceinline__ void ldsm_x4(unsigned r[4], const __nv_bfloat16 *row) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(a));
+#else
+    __trap();  // as mma_bf16_16816
+#endif
+#else
+    emu_ldsm_x4(r, row, TRANS);
+#endif
 }
 
 // The A fragment of k-step kk (16 columns) of a 16 x 64 block held as 8 accumulator tiles
@@ -1006,34 +1015,38 @@ struct Tiles {
 };
 
 // s += A B^T for a warp's 16 rows (A fragments `af`, KS k-steps) and the 64 rows of the shared
-// tile `x` [64, LD] (S = Q K^T with x = K; dP = dO V^T with x = V).
+// tile `x` [64, LD] (S = Q K^T with x = K; dP = dO V^T with x = V): B[k][n] = x[n][k], two
+// n-tiles a load (matrices: rows n0 and n0 + 8, columns k0 and k0 + 8).
 template <int NT, int KS>
 __device__ __forceinline__ void mma_rows(float s[][4], const unsigned af[][4], const __nv_bfloat16 *x, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int kk = 0; kk < KS; ++kk)
 #pragma unroll
-        for (int kk = 0; kk < KS; ++kk) {
-            unsigned b[2];
-            frag_b_nk(b, x, ld, nt * 8, kk * 16, g, t);
+        for (int nt = 0; nt < NT; nt += 2) {
+            unsigned b[4];
+            ldsm_x4<false>(b, x + (nt * 8 + (j >> 1) * 8 + i) * ld + kk * 16 + (j & 1) * 8);
             mma_bf16_16816(s[nt], af[kk], b);
+            mma_bf16_16816(s[nt + 1], af[kk], b + 2);
         }
 }
 
 // acc += P X for a warp's 16 x 64 block P in accumulator tiles `p` and the shared tile `x`
-// [64, LD] (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q).
+// [64, LD] (O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q): B[k][n] = x[k][n], two n-tiles a
+// load (matrices, transposed: rows k0 and k0 + 8, columns n0 and n0 + 8).
 template <int DT>
 __device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], const __nv_bfloat16 *x, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int lane = threadIdx.x & 31, j = lane >> 3, i = lane & 7;
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
         unsigned a[4];
         frag_a_from_c(a, p, kk);
 #pragma unroll
-        for (int dt = 0; dt < DT; ++dt) {
-            unsigned b[2];
-            frag_b_kn(b, x, ld, kk * 16, dt * 8, g, t);
+        for (int dt = 0; dt < DT; dt += 2) {
+            unsigned b[4];
+            ldsm_x4<true>(b, x + (kk * 16 + (j & 1) * 8 + i) * ld + dt * 8 + (j >> 1) * 8);
             mma_bf16_16816(acc[dt], a, b);
+            mma_bf16_16816(acc[dt + 1], a, b + 2);
         }
     }
 }
@@ -1052,8 +1065,8 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
     constexpr int DT = D / 8;      // n-tiles of P V
     constexpr int NT = FA_BK / 8;  // n-tiles of Q K^T (keys)
     constexpr int LD = D + 8;      // padded rows of the shared tiles: fragment loads without bank conflicts
-    __shared__ __nv_bfloat16 ks[FA_BK * LD];
-    __shared__ __nv_bfloat16 vs[FA_BK * LD];
+    __shared__ __align__(16) __nv_bfloat16 ks[FA_BK * LD];
+    __shared__ __align__(16) __nv_bfloat16 vs[FA_BK * LD];
     const int r = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * FA_BQ + warp * 16;  // this warp's first query
@@ -1182,8 +1195,8 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
                                const float *__restrict__ dvec, float *__restrict__ dkp, float *__restrict__ dvp,
                                int S, int H, int KV, int bias_rows, float scale) {
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BQ / 8, LD = D + 8;
-    __shared__ __nv_bfloat16 qs[FA_BQ * LD];
-    __shared__ __nv_bfloat16 dos[FA_BQ * LD];
+    __shared__ __align__(16) __nv_bfloat16 qs[FA_BQ * LD];
+    __shared__ __align__(16) __nv_bfloat16 dos[FA_BQ * LD];
     __shared__ float ms[FA_BQ], ils[FA_BQ], dd[FA_BQ];
     const int r = blockIdx.y / H, hq = blockIdx.y % H, kvh = hq / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -1278,8 +1291,8 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
                              const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dq, int S, int H, int KV,
                              int bias_rows, float scale) {
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BK / 8, LD = D + 8;
-    __shared__ __nv_bfloat16 ks[FA_BK * LD];
-    __shared__ __nv_bfloat16 vs[FA_BK * LD];
+    __shared__ __align__(16) __nv_bfloat16 ks[FA_BK * LD];
+    __shared__ __align__(16) __nv_bfloat16 vs[FA_BK * LD];
     const int r = blockIdx.y / H, h = blockIdx.y % H, kvh = h / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int q0 = blockIdx.x * FA_BQ + warp * 16;

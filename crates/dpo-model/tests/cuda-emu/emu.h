@@ -2,8 +2,9 @@
 // thread of a block is a std::thread, a block's threads run together, blocks one at a time.
 // Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
 // __syncthreads(_or), warp shuffles and votes (__shfl_xor_sync, __shfl_down_sync, __ballot_sync;
-// every lane of a warp takes part, as the kernels' full masks promise), __popc, the float
-// intrinsics, and the bf16/f16 types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
+// every lane of a warp takes part, as the kernels' full masks promise), the attention kernels'
+// mma.sync and ldmatrix, __align__, __popc, the float intrinsics, and the bf16/f16 types of
+// cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
 #pragma once
 #include <array>
 #include <atomic>
@@ -28,6 +29,7 @@ inline dim3 blockDim, gridDim;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
 
@@ -37,6 +39,7 @@ struct Block {
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<double> lanes;  // each thread's value in a shuffle
     std::vector<std::array<unsigned, 6>> mma;  // each thread's A and B fragments in an mma
+    std::vector<const uint16_t *> rows;        // each thread's row address in an ldmatrix
     std::atomic<int> any{0};    // __syncthreads_or's vote
 };
 inline Block *running = nullptr;
@@ -67,6 +70,7 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
                 for (unsigned w = 0; w < n; w += 32) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w)));
                 b.lanes.assign(n, 0.0);
                 b.mma.assign(n, {});
+                b.rows.assign(n, nullptr);
                 running = &b;
                 std::vector<std::thread> threads;
                 threads.reserve(n);
@@ -168,6 +172,24 @@ struct __half {
 
 inline float __half2float(__half h) { return (float)h.v; }
 inline __half __float2half_rn(float f) { return {(_Float16)f}; }
+
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16 of a warp (kernels/dpo_ops.cu, ldsm_x4):
+// every lane posts its row's address, then gathers its two bf16 of each of the four matrices.
+// A row address that is not 16-byte aligned, as on the GPU, is an error.
+template <typename T> inline void emu_ldsm_x4(unsigned r[4], const T *row, bool trans) {
+    const unsigned tid = emu::linear_tid(), lane = tid & 31, base = tid - lane;
+    auto &warp = *emu::running->warps[tid / 32];
+    if (reinterpret_cast<uintptr_t>(row) % 16 != 0) __builtin_trap();
+    emu::running->rows[tid] = reinterpret_cast<const uint16_t *>(row);
+    warp.arrive_and_wait();
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned j = 0; j < 4; ++j) {
+        const uint16_t *const *m = &emu::running->rows[base + 8 * j];  // matrix j's rows
+        const uint16_t lo = trans ? m[2 * t][g] : m[g][2 * t], hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+        r[j] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    warp.arrive_and_wait();
+}
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 of a warp (kernels/dpo_ops.cu gives the
 // fragment layout): every lane posts its A and B registers, then computes its four elements of
