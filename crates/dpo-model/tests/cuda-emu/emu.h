@@ -37,24 +37,34 @@ namespace emu {
 struct Block {
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
-    std::vector<double> lanes;  // each thread's value in a shuffle
-    std::vector<std::array<unsigned, 6>> mma;  // each thread's A and B fragments in an mma
-    std::vector<const uint16_t *> rows;        // each thread's row address in an ldmatrix
+    // What each thread posts for a warp's collective op: its value in a shuffle or vote, its A
+    // and B fragments in an mma, its row address in an ldmatrix. Two of each, used in turn (see
+    // `turn`).
+    std::vector<double> lanes[2];
+    std::vector<std::array<unsigned, 6>> mma[2];
+    std::vector<const uint16_t *> rows[2];
     std::atomic<int> any{0};    // __syncthreads_or's vote
 };
 inline Block *running = nullptr;
+
+// The slot of the calling thread's next warp-collective op: its lanes post into it, meet at the
+// warp's barrier once, and read it. Every lane runs the same ops in the same order, so slots
+// alternate in step; a lane posts into a slot again only two ops later, past the barrier of the
+// op between, which its slowest lane reaches only once done reading. (A thread lives for one
+// block, and so does its count.)
+inline thread_local unsigned ops = 0;
+inline unsigned turn() { return ops++ & 1; }
 
 inline unsigned linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
 
 template <typename T> T shuffle(T v, int (*src)(int lane, int o), int o) {
     const unsigned t = linear_tid(), lane = t & 31;
     auto &warp = *running->warps[t / 32];
-    running->lanes[t] = (double)v;
+    auto &lanes = running->lanes[turn()];
+    lanes[t] = (double)v;
     warp.arrive_and_wait();
     const int from = src((int)lane, o);
-    const T r = from < 0 ? v : (T)running->lanes[t - lane + from];
-    warp.arrive_and_wait();
-    return r;
+    return from < 0 ? v : (T)lanes[t - lane + from];
 }
 
 // Runs `kernel` on every thread of every block of `grid`.
@@ -68,9 +78,11 @@ inline void launch(dim3 grid, dim3 block, const std::function<void()> &kernel) {
                 Block b;
                 b.all = std::make_unique<std::barrier<>>(n);
                 for (unsigned w = 0; w < n; w += 32) b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w)));
-                b.lanes.assign(n, 0.0);
-                b.mma.assign(n, {});
-                b.rows.assign(n, nullptr);
+                for (int i = 0; i < 2; ++i) {
+                    b.lanes[i].assign(n, 0.0);
+                    b.mma[i].assign(n, {});
+                    b.rows[i].assign(n, nullptr);
+                }
                 running = &b;
                 std::vector<std::thread> threads;
                 threads.reserve(n);
@@ -116,12 +128,12 @@ inline unsigned __ballot_sync(unsigned, int p) {
     const unsigned t = emu::linear_tid(), lane = t & 31, base = t - lane;
     const unsigned n = blockDim.x * blockDim.y * blockDim.z;
     auto &warp = *emu::running->warps[t / 32];
-    emu::running->lanes[t] = p ? 1.0 : 0.0;
+    auto &lanes = emu::running->lanes[emu::turn()];
+    lanes[t] = p ? 1.0 : 0.0;
     warp.arrive_and_wait();
     unsigned votes = 0;
     for (unsigned l = 0; l < 32 && base + l < n; ++l)
-        if (emu::running->lanes[base + l] != 0.0) votes |= 1u << l;
-    warp.arrive_and_wait();
+        if (lanes[base + l] != 0.0) votes |= 1u << l;
     return votes;
 }
 
@@ -180,45 +192,49 @@ template <typename T> inline void emu_ldsm_x4(unsigned r[4], const T *row, bool 
     const unsigned tid = emu::linear_tid(), lane = tid & 31, base = tid - lane;
     auto &warp = *emu::running->warps[tid / 32];
     if (reinterpret_cast<uintptr_t>(row) % 16 != 0) __builtin_trap();
-    emu::running->rows[tid] = reinterpret_cast<const uint16_t *>(row);
+    auto &rows = emu::running->rows[emu::turn()];
+    rows[tid] = reinterpret_cast<const uint16_t *>(row);
     warp.arrive_and_wait();
     const unsigned g = lane / 4, t = lane % 4;
     for (unsigned j = 0; j < 4; ++j) {
-        const uint16_t *const *m = &emu::running->rows[base + 8 * j];  // matrix j's rows
+        const uint16_t *const *m = &rows[base + 8 * j];  // matrix j's rows
         const uint16_t lo = trans ? m[2 * t][g] : m[g][2 * t], hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
         r[j] = (unsigned)lo | ((unsigned)hi << 16);
     }
-    warp.arrive_and_wait();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 of a warp (kernels/dpo_ops.cu gives the
 // fragment layout): every lane posts its A and B registers, then computes its four elements of
-// C += A B from the whole tiles, the products summed in k order in f32.
+// C += A B, rows g and g + 8 of A (posted by lanes 4 g ..) times columns 2t and 2t + 1 of B (by
+// lanes 8 t ..), the products summed in k order in f32.
 inline void emu_mma_bf16_16816(float c[4], const unsigned a[4], const unsigned b[2]) {
     const unsigned tid = emu::linear_tid(), lane = tid & 31, base = tid - lane;
     auto &warp = *emu::running->warps[tid / 32];
-    emu::running->mma[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    auto &posted = emu::running->mma[emu::turn()];
+    posted[tid] = {a[0], a[1], a[2], a[3], b[0], b[1]};
     warp.arrive_and_wait();
-    float A[16][16], B[16][8];
     auto half = [](unsigned r, int hi) { return __int_as_float((int)(((r >> (16 * hi)) & 0xffffu) << 16)); };
-    for (unsigned l = 0; l < 32; ++l) {
-        const auto &f = emu::running->mma[base + l];
-        const unsigned g = l / 4, t = l % 4;
+    const unsigned g = lane / 4, t = lane % 4;
+    float A[2][16], B[2][16];  // rows g, g + 8 of A; columns 2t, 2t + 1 of B
+    for (unsigned u = 0; u < 4; ++u) {
+        const auto &fa = posted[base + 4 * g + u];
         for (int hi = 0; hi < 2; ++hi) {
-            A[g][2 * t + hi] = half(f[0], hi);
-            A[g + 8][2 * t + hi] = half(f[1], hi);
-            A[g][2 * t + 8 + hi] = half(f[2], hi);
-            A[g + 8][2 * t + 8 + hi] = half(f[3], hi);
-            B[2 * t + hi][g] = half(f[4], hi);
-            B[2 * t + 8 + hi][g] = half(f[5], hi);
+            A[0][2 * u + hi] = half(fa[0], hi);
+            A[1][2 * u + hi] = half(fa[1], hi);
+            A[0][2 * u + 8 + hi] = half(fa[2], hi);
+            A[1][2 * u + 8 + hi] = half(fa[3], hi);
+        }
+        for (unsigned col = 0; col < 2; ++col) {
+            const auto &fb = posted[base + 4 * (2 * t + col) + u];
+            for (int hi = 0; hi < 2; ++hi) {
+                B[col][2 * u + hi] = half(fb[4], hi);
+                B[col][2 * u + 8 + hi] = half(fb[5], hi);
+            }
         }
     }
-    warp.arrive_and_wait();
-    const unsigned g = lane / 4, t = lane % 4;
     for (int i = 0; i < 4; ++i) {
-        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
         float sum = 0.0f;
-        for (int kk = 0; kk < 16; ++kk) sum += A[row][kk] * B[kk][col];
+        for (int kk = 0; kk < 16; ++kk) sum += A[i >> 1][kk] * B[i & 1][kk];
         c[i] += sum;
     }
 }
