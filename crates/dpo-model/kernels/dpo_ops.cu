@@ -1197,7 +1197,10 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BQ / 8, LD = D + 8;
     __shared__ __align__(16) __nv_bfloat16 qs[FA_BQ * LD];
     __shared__ __align__(16) __nv_bfloat16 dos[FA_BQ * LD];
-    __shared__ float ms[FA_BQ], ils[FA_BQ], dd[FA_BQ];
+    // The query tile's statistics as the forward kept them, (max, 1 / sum) a query, and dvec:
+    // a lane reads its two queries' of each in one 16-byte and one 8-byte load.
+    __shared__ __align__(16) float st[2 * FA_BQ];
+    __shared__ __align__(16) float dd[FA_BQ];
     const int r = blockIdx.y / H, hq = blockIdx.y % H, kvh = hq / (H / KV);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k0 = blockIdx.x * FA_BK + warp * 16;  // this warp's first key
@@ -1227,27 +1230,30 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
         load_tile<D>(dos, dout + qbase, i0, S);
         if (threadIdx.x < FA_BQ) {
             const int qi = i0 + threadIdx.x;
-            ms[threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
-            ils[threadIdx.x] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
+            st[2 * threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
+            st[2 * threadIdx.x + 1] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
             dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
         }
         __syncthreads();
         mma_rows<NT, KS>(s, kf, qs, LD);  // S^T += K Q^T, then P^T
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt) {
+            const float4 mi = *(const float4 *)&st[2 * (nt * 8 + 2 * t)];  // queries c, c + 1
+            const float m[2] = {mi.x, mi.z}, il[2] = {mi.y, mi.w};
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int c = nt * 8 + 2 * t + (i & 1);
-                s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(scaled(s[nt][i], scale) - ms[c]) * ils[c];
-            }
+            for (int i = 0; i < 4; ++i)
+                s[nt][i] = s[nt][i] == -INFINITY ? 0.0f : expf(scaled(s[nt][i], scale) - m[i & 1]) * il[i & 1];
+        }
         mma_acc<DT>(dva, s, dos, LD);  // dV += P^T dO
         // dP^T = V dO^T, then dS^T = scale * P^T * (dP^T - dvec).
         float dp[NT][4] = {};
         mma_rows<NT, KS>(dp, vf, dos, LD);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt) {
+            const float2 d = *(const float2 *)&dd[nt * 8 + 2 * t];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - dd[nt * 8 + 2 * t + (i & 1)]);
+            for (int i = 0; i < 4; ++i) s[nt][i] = scale * s[nt][i] * (dp[nt][i] - ((i & 1) ? d.y : d.x));
+        }
         mma_acc<DT>(dka, s, qs, LD);  // dK += dS^T Q
         __syncthreads();  // the tiles are refilled
     }

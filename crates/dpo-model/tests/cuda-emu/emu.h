@@ -167,6 +167,12 @@ struct uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct float2 {
+    float x, y;
+};
+struct float4 {
+    float x, y, z, w;
+};
 
 inline float __bfloat162float(__nv_bfloat16 h) { return __int_as_float((int)((uint32_t)h.bits << 16)); }
 
