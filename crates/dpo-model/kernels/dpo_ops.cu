@@ -936,14 +936,45 @@ __device__ __forceinline__ void frag_a_from_c(unsigned a[4], const float c[][4],
     a[3] = pack_bf16(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
-// Rows first .. first + 64 of x [S, D] into the shared tile dst [64, D + 8], zero past S.
+// 16 bytes from global to shared memory without a register in between (cp.async, 8.0 and
+// newer): the copy is only issued; cp_async_wait_all() waits for the thread's copies, and the
+// block barrier after it makes every thread's visible.
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem) {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+    const unsigned a = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(a), "l"(gmem));
+#else
+    *(uint4 *)smem = *(const uint4 *)gmem;
+#endif
+#else
+    emu_cp_async16(smem, gmem);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__)
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+#else
+    emu_cp_async_wait_all();
+#endif
+}
+
+// Rows first .. first + 64 of x [S, D] into the shared tile dst [64, D + 8], zero past S; issued
+// only (cp_async16): every load of a tile is in flight at once, where a load and its store to
+// shared memory a thread at a time waited for each load in turn. The caller waits
+// (cp_async_wait_all, then __syncthreads) before reading the tile.
 template <int D>
 __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *x, int first, int S) {
     for (int e = threadIdx.x; e < 64 * D / 8; e += blockDim.x) {
         const int row = e / (D / 8), col = (e % (D / 8)) * 8;
-        uint4 v4 = make_uint4(0u, 0u, 0u, 0u);
-        if (first + row < S) v4 = *(const uint4 *)(x + (long long)(first + row) * D + col);
-        *(uint4 *)(dst + row * (D + 8) + col) = v4;
+        __nv_bfloat16 *to = dst + row * (D + 8) + col;
+        if (first + row < S)
+            cp_async16(to, x + (long long)(first + row) * D + col);
+        else
+            *(uint4 *)to = make_uint4(0u, 0u, 0u, 0u);
     }
 }
 
@@ -1090,10 +1121,11 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
         const int kind = tiles.at(blockIdx.x, k0 / FA_BK);  // the same for the whole block
         if (kind == FA_SKIP && !every) continue;
-        float s[NT][4];
-        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
         if (OUT) load_tile<D>(vs, v + kvbase, k0, S);
+        float s[NT][4];  // the bias read while the tiles load
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
+        cp_async_wait_all();
         __syncthreads();
         mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
         // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
@@ -1224,16 +1256,17 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
         const int kind = tiles.at(i0 / FA_BQ, blockIdx.x);
         if (kind == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
-        float s[NT][4];  // S^T: keys x queries
-        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
         load_tile<D>(qs, q + qbase, i0, S);
         load_tile<D>(dos, dout + qbase, i0, S);
+        float s[NT][4];  // S^T: keys x queries; the bias read while the tiles load
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
         if (threadIdx.x < FA_BQ) {
             const int qi = i0 + threadIdx.x;
             st[2 * threadIdx.x] = qi < S ? stats[2 * (sbase + qi)] : 0.0f;
             st[2 * threadIdx.x + 1] = qi < S ? stats[2 * (sbase + qi) + 1] : 0.0f;
             dd[threadIdx.x] = qi < S ? dvec[sbase + qi] : 0.0f;
         }
+        cp_async_wait_all();
         __syncthreads();
         mma_rows<NT, KS>(s, kf, qs, LD);  // S^T += K Q^T, then P^T
 #pragma unroll
@@ -1331,10 +1364,11 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
         const int kind = tiles.at(blockIdx.x, k0 / FA_BK);
         if (kind == FA_SKIP && !every) continue;
-        float s[NT][4];
-        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);
+        float s[NT][4];  // the bias read while the tiles load
+        init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
+        cp_async_wait_all();
         __syncthreads();
         float dp[NT][4] = {};
         mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T

@@ -15,6 +15,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 struct dim3 {
@@ -207,6 +208,20 @@ template <typename T> inline void emu_ldsm_x4(unsigned r[4], const T *row, bool 
         const uint16_t lo = trans ? m[2 * t][g] : m[g][2 * t], hi = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
         r[j] = (unsigned)lo | ((unsigned)hi << 16);
     }
+}
+
+// cp.async of 16 bytes, global to shared: held until the thread's cp.async.wait_all, so that a
+// kernel reading a tile it did not wait for reads stale data here too.
+inline thread_local std::vector<std::pair<void *, uint4>> cp_async_pending;
+inline void emu_cp_async16(void *smem, const void *gmem) {
+    if (reinterpret_cast<uintptr_t>(smem) % 16 != 0 || reinterpret_cast<uintptr_t>(gmem) % 16 != 0) __builtin_trap();
+    uint4 v;
+    std::memcpy(&v, gmem, 16);
+    cp_async_pending.emplace_back(smem, v);
+}
+inline void emu_cp_async_wait_all() {
+    for (auto &[to, v] : cp_async_pending) std::memcpy(to, &v, 16);
+    cp_async_pending.clear();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 of a warp (kernels/dpo_ops.cu gives the
