@@ -3,8 +3,8 @@
 // Covers what the kernels use: threadIdx/blockIdx/blockDim/gridDim, __shared__ memory,
 // __syncthreads(_or), warp shuffles and votes (__shfl_xor_sync, __shfl_down_sync, __ballot_sync;
 // every lane of a warp takes part, as the kernels' full masks promise), the attention kernels'
-// mma.sync and ldmatrix, __align__, __popc, the float intrinsics, and the bf16/f16 types of
-// cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
+// mma.sync, ldmatrix and cp.async, __align__, __popc, the float intrinsics, and the bf16/f16
+// types of cuda_bf16.h/cuda_fp16.h (round to nearest even, as the GPU does).
 #pragma once
 #include <array>
 #include <atomic>
