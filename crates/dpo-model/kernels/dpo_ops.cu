@@ -43,6 +43,31 @@ __device__ __forceinline__ double acc_sqrt(double x) { return sqrt(x); }
 __device__ __forceinline__ float neg_inf(float) { return -INFINITY; }
 __device__ __forceinline__ double neg_inf(double) { return -(double)INFINITY; }
 
+// A row kernel's walk over its thread's elements k = threadIdx.x, + blockDim.x, ... of [0, n),
+// in that order, 4 at a time: the 4 loads (`load(k)`, a value of type V) are issued before the
+// first use (`use(k, value)`). One element a turn kept a single load in flight per thread, too
+// few bytes for the DRAM's bandwidth with a block per row (1,024 threads read 4 KB at a time).
+template <typename V, typename Load, typename Use>
+__device__ __forceinline__ void strided4(int n, Load load, Use use) {
+    const int B = blockDim.x;
+    for (int k = threadIdx.x; k < n; k += 4 * B) {
+        V v[4] = {};
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (k + u * B < n) v[u] = load(k + u * B);
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+            if (k + u * B < n) use(k + u * B, v[u]);
+    }
+}
+
+template <typename A> struct Two {
+    A a, b;
+};
+template <typename A> struct Three {
+    A a, b, c;
+};
+
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -205,14 +230,12 @@ __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, O 
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
     A ss = 0;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        const A v = to_acc(x[off + j]);
-        ss += v * v;
-    }
+    strided4<A>(D, [&](int j) { return to_acc(x[off + j]); }, [&](int, A v) { ss += v * v; });
     ss = block_sum(ss, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
-    for (int j = threadIdx.x; j < D; j += blockDim.x)
-        y[off + j] = from_acc<O>(round_t<T>(to_acc(x[off + j]) * r) * to_acc(w[j]));
+    strided4<Two<A>>(
+        D, [&](int j) { return Two<A>{to_acc(x[off + j]), to_acc(w[j])}; },
+        [&](int j, Two<A> v) { y[off + j] = from_acc<O>(round_t<T>(v.a * r) * v.b); });
 }
 
 // The residual add with the branch cast to f32: out = h + float(y).
@@ -320,24 +343,25 @@ __device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w,
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
     A ss = 0, gx = 0;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        const A v = to_acc(x[off + j]);
-        ss += v * v;
-        gx += to_acc(dy[off + j]) * to_acc(w[j]) * v;
-    }
+    // (x, dy, w) of a column.
+    const auto xdw = [&](int j) { return Three<A>{to_acc(x[off + j]), to_acc(dy[off + j]), to_acc(w[j])}; };
+    strided4<Three<A>>(D, xdw, [&](int, Three<A> e) {
+        ss += e.a * e.a;
+        gx += e.b * e.c * e.a;
+    });
     ss = block_sum(ss, shm);
     gx = block_sum(gx, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
     // sum(g * n) / D = r * sum(g * x) / D
     const A c = r * gx / (A)D;
-    for (int j = threadIdx.x; j < D; j += blockDim.x) {
-        const A n = to_acc(x[off + j]) * r;
-        const A g = to_acc(dy[off + j]) * to_acc(w[j]);
+    strided4<Three<A>>(D, xdw, [&](int j, Three<A> e) {
+        const A n = e.a * r;
+        const A g = e.b * e.c;
         const A v = r * (g - n * c);
         const T o = from_acc<T>(res ? v + to_acc(res[off + j]) : v);
         out[off + j] = o;
         if (out_lo) out_lo[off + j] = from_acc<U>(to_acc(o));
-    }
+    });
     if (threadIdx.x == 0) rs[blockIdx.x] = r;
 }
 
@@ -571,15 +595,14 @@ __device__ void target_logprobs_fwd(const T *__restrict__ z, const unsigned int 
     // Per-thread online max and rescaled sum (exp(-inf) = 0 rescales an empty sum), then one
     // block max and one block sum.
     A m = ninf, acc = 0;
-    for (int k = threadIdx.x; k < V; k += blockDim.x) {
-        const A v = to_acc(x[k]);
+    strided4<A>(V, [&](int k) { return to_acc(x[k]); }, [&](int, A v) {
         if (v > m) {
             acc = acc * acc_exp(m - v) + (A)1;
             m = v;
         } else if (v != ninf) {
             acc += acc_exp(v - m);  // NaN stays NaN
         }
-    }
+    });
     const A mx = block_max(m, shm);
     const A sum = block_sum(acc == (A)0 ? (A)0 : acc * acc_exp(m - mx), shm);
     if (threadIdx.x == 0) {
@@ -598,10 +621,10 @@ __device__ void target_logprobs_bwd(const T *__restrict__ z, const ACC(T) *__res
     const long long row = blockIdx.x, off = row * V;
     const A lse = lse_g[row], g = lse_g[N + row];
     const long long t = (long long)tgt[row] - first;  // the target's column here, if in [0, V)
-    for (int k = threadIdx.x; k < V; k += blockDim.x) {
+    strided4<A>(V, [&](int k) { return to_acc(z[off + k]); }, [&](int k, A v) {
         const A hot = k == t ? g : (A)0;
-        dz[off + k] = from_acc<O>(hot - acc_exp(to_acc(z[off + k]) - lse) * g);
-    }
+        dz[off + k] = from_acc<O>(hot - acc_exp(v - lse) * g);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
