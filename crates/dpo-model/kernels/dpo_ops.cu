@@ -61,11 +61,9 @@ __device__ __forceinline__ void strided4(int n, Load load, Use use) {
     }
 }
 
-template <typename A> struct Two {
-    A a, b;
-};
-template <typename A> struct Three {
-    A a, b, c;
+// One column of an RMSNorm row as its kernels load it (the fields a pass does not read stay 0).
+template <typename A> struct NormCol {
+    A x, w, dy, res;
 };
 
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
@@ -233,9 +231,9 @@ __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, O 
     strided4<A>(D, [&](int j) { return to_acc(x[off + j]); }, [&](int, A v) { ss += v * v; });
     ss = block_sum(ss, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
-    strided4<Two<A>>(
-        D, [&](int j) { return Two<A>{to_acc(x[off + j]), to_acc(w[j])}; },
-        [&](int j, Two<A> v) { y[off + j] = from_acc<O>(round_t<T>(v.a * r) * v.b); });
+    strided4<NormCol<A>>(
+        D, [&](int j) { return NormCol<A>{to_acc(x[off + j]), to_acc(w[j])}; },
+        [&](int j, NormCol<A> e) { y[off + j] = from_acc<O>(round_t<T>(e.x * r) * e.w); });
 }
 
 // The residual add with the branch cast to f32: out = h + float(y).
@@ -343,22 +341,25 @@ __device__ void rmsnorm_bwd_dx(const T *__restrict__ x, const T *__restrict__ w,
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
     A ss = 0, gx = 0;
-    // (x, dy, w) of a column.
-    const auto xdw = [&](int j) { return Three<A>{to_acc(x[off + j]), to_acc(dy[off + j]), to_acc(w[j])}; };
-    strided4<Three<A>>(D, xdw, [&](int, Three<A> e) {
-        ss += e.a * e.a;
-        gx += e.b * e.c * e.a;
+    // x, w, dy of column j, and in the second pass the residual's gradient where given.
+    const auto col = [&](int j, bool with_res) {
+        return NormCol<A>{to_acc(x[off + j]), to_acc(w[j]), to_acc(dy[off + j]),
+                          with_res ? to_acc(res[off + j]) : (A)0};
+    };
+    strided4<NormCol<A>>(D, [&](int j) { return col(j, false); }, [&](int, NormCol<A> e) {
+        ss += e.x * e.x;
+        gx += e.dy * e.w * e.x;
     });
     ss = block_sum(ss, shm);
     gx = block_sum(gx, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
     // sum(g * n) / D = r * sum(g * x) / D
     const A c = r * gx / (A)D;
-    strided4<Three<A>>(D, xdw, [&](int j, Three<A> e) {
-        const A n = e.a * r;
-        const A g = e.b * e.c;
+    strided4<NormCol<A>>(D, [&](int j) { return col(j, res != nullptr); }, [&](int j, NormCol<A> e) {
+        const A n = e.x * r;
+        const A g = e.dy * e.w;
         const A v = r * (g - n * c);
-        const T o = from_acc<T>(res ? v + to_acc(res[off + j]) : v);
+        const T o = from_acc<T>(res ? v + e.res : v);
         out[off + j] = o;
         if (out_lo) out_lo[off + j] = from_acc<U>(to_acc(o));
     });
