@@ -104,10 +104,9 @@ run_ours() {
 # lever on, without and with attention by the tensor-core kernels (DPO_TRAIN_FLASH_ATTENTION=1;
 # off by default until they are measured faster, kernels/dpo_ops.cu), and TRL on the same card
 # (the harness of ../shared/perf, its model built from the same config); the same with
-# precomputed reference log-probs; the bf16 curves, the TF32 head, the plain run, where a step's
-# time goes (each phase split into the model's ops, a synchronization around every op: read
-# shares; then phases alone, each ending with a device synchronization), then the levers one at
-# a time.
+# precomputed reference log-probs; the bf16 curves; where a step's time goes (each phase split
+# into the model's ops, timed by events in the device's stream, nothing synchronized between
+# them); the TF32 head, the plain run, then the levers one at a time.
 SHARE=(--set prefix_sharing=true --set manual_backward=true)
 export BENCH_TOKENIZER_DIR=$W/assets/model
 run_trl() {
@@ -128,14 +127,16 @@ DPO_TRAIN_FLASH_ATTENTION=1 TIMEOUT=120 measure curve-flash .device/dpo-train "$
   --set dtype=\"bf16\" --set output_dir=\"$W/curve-flash\"
 cp $W/curve-flash/metrics.jsonl "$OUT/curve-flash-bf16-cuda.jsonl" 2>/dev/null
 
+# Where a step's time goes, op by op, on the device's clock (its phases should add up to about
+# the step of the unprofiled run above: the marks are events, not synchronizations).
+DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 "${SHARE[@]}"
+DPO_TRAIN_FLASH_ATTENTION=1 DPO_TRAIN_PROFILE=ops run_ours profile-manual-flash-ops --set max_steps=5 "${SHARE[@]}"
 # The f32 head's matmuls from f32 operands on TF32 tensor cores (the default until the twelfth
 # session; now bf16 operands into f32 logits): what that change bought.
 run_ours ours-share-manual-tf32head "${SHARE[@]}" --set lm_head_bf16_operands=false
 run_ours ours-plain
 # The LM head in bf16 (TRL's autocast computes it so): half the logits traffic, bf16 tensor cores.
 run_ours ours-share-manual-bf16head "${SHARE[@]}" --set lm_head_f32=false
-DPO_TRAIN_PROFILE=ops run_ours profile-manual-ops --set max_steps=5 "${SHARE[@]}"
-DPO_TRAIN_FLASH_ATTENTION=1 DPO_TRAIN_PROFILE=ops run_ours profile-manual-flash-ops --set max_steps=5 "${SHARE[@]}"
 run_ours ours-plain-manual --set manual_backward=true
 run_ours ours-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 DPO_TRAIN_PROFILE=1 run_ours profile-plain --set max_steps=5

@@ -146,7 +146,7 @@ fn linear_ops(model: &CausalLm, b: &Batch, per_block: u32) -> Tensor {
     let h = model.hidden_states(&b.ids, &b.mask).unwrap();
     profile::phase(&Device::Cpu, "forward").unwrap();
     profile::set_level(Level::Off);
-    let phases = profile::take();
+    let phases = profile::take().unwrap();
     let linear = phases[0].ops.iter().find(|o| o.name == "linear").map_or(0, |o| o.count);
     assert_eq!(linear, per_block * model.config.num_hidden_layers as u32);
     h

@@ -276,7 +276,7 @@ impl Trainer {
             }
             opt.step(&grads, lr, scale)?;
             profile::phase(&self.device, "adamw")?;
-            if let Some(report) = profile::report(step) {
+            if let Some(report) = profile::report(step)? {
                 eprintln!("{report}");
             }
             (st.step, st.optimizer_steps, st.data_position, st.seen_in_epoch) =

@@ -213,7 +213,7 @@ fn the_op_profile_splits_each_phase_into_the_model_s_ops() {
     for (id, g) in &plain {
         assert_eq!(max_diff(g, &profiled[id]), 0.0);
     }
-    let phases = profile::take();
+    let phases = profile::take().unwrap();
     let names: Vec<_> = phases.iter().map(|p| p.name).collect();
     assert_eq!(names, ["policy_fwd", "head_loss", "backward"]);
     let layers = p.model.config.num_hidden_layers as u32;

@@ -458,3 +458,39 @@ fn gemm_bf16_f32_layouts() -> Result<()> {
     }
     Ok(())
 }
+
+/// The profile's clock on a CUDA device: each mark an event recorded into the stream, read when
+/// the step is booked (the emulated driver stamps an event with the host's time as it is
+/// recorded, after the launches before it have run).
+#[test]
+fn profile_marks_are_events_of_the_stream() -> Result<()> {
+    use crate::profile::{self, Level};
+    let dev = gpu();
+    let x = up(&randn(&[64, 512], 1, 1.0, DType::F32), &dev);
+    let w = randn(&[512], 2, 1.0, DType::F32).to_device(&dev)?;
+    profile::set_level(Level::Ops);
+    profile::start(&dev)?;
+    assert!(profile::on_events(), "the device's clock");
+    for _ in 0..3 {
+        rms_norm(&x, &w, 1e-6)?;
+    }
+    profile::phase(&dev, "forward")?;
+    rms_norm(&x, &w, 1e-6)?;
+    profile::phase(&dev, "again")?;
+    let phases = profile::take()?;
+    // Events of the booked step are recorded again by the next one.
+    profile::start(&dev)?;
+    profile::phase(&dev, "empty")?;
+    let empty = profile::take()?;
+    profile::set_level(Level::Off);
+    let names: Vec<_> = phases.iter().map(|p| p.name).collect();
+    assert_eq!(names, ["forward", "again"]);
+    for (p, n) in phases.iter().zip([3, 1]) {
+        let norm = p.ops.iter().find(|o| o.name == "rms_norm").expect("rms_norm booked");
+        assert!(norm.count == n && norm.seconds > 0.0, "{p:?}");
+        let sum: f64 = p.ops.iter().map(|o| o.seconds).sum();
+        assert!((sum - p.seconds).abs() < 1e-6 && p.seconds >= norm.seconds, "{p:?}");
+    }
+    assert_eq!((empty.len(), empty[0].name, empty[0].ops.len()), (1, "empty", 0));
+    Ok(())
+}

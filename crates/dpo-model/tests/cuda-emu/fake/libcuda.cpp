@@ -23,6 +23,7 @@
 // allocation's end (an upper bound on their traffic), and a line per cuBLAS GEMM shape with its
 // FLOPs. scripts/cuda-census.sh takes the difference of two runs, one step apart: what one
 // training step launches.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <mutex>
@@ -202,12 +203,27 @@ API CUresult cuStreamSynchronize(void *) { return OK; }
 API CUresult cuStreamQuery(void *) { return OK; }
 API CUresult cuStreamWaitEvent(void *, void *, unsigned) { return OK; }
 API CUresult cuEventCreate(void **e, unsigned) { return *e = token(), OK; }
-API CUresult cuEventDestroy_v2(void *) { return OK; }
-API CUresult cuEventRecord(void *, void *) { return OK; }
-API CUresult cuEventRecordWithFlags(void *, void *, unsigned) { return OK; }
+// An event holds the host's time when recorded: the emulated stream has run everything before
+// by then (launches run as they are made), so two events' difference is the work between them.
+std::map<void *, std::chrono::steady_clock::time_point> recorded;
+API CUresult cuEventRecord(void *e, void *) {
+    std::lock_guard g(lock);
+    return recorded[e] = std::chrono::steady_clock::now(), OK;
+}
+API CUresult cuEventRecordWithFlags(void *e, void *s, unsigned) { return cuEventRecord(e, s); }
+API CUresult cuEventDestroy_v2(void *e) {
+    std::lock_guard g(lock);
+    return recorded.erase(e), OK;
+}
 API CUresult cuEventSynchronize(void *) { return OK; }
 API CUresult cuEventQuery(void *) { return OK; }
-API CUresult cuEventElapsedTime(float *ms, void *, void *) { return *ms = 0, OK; }
+API CUresult cuEventElapsedTime(float *ms, void *start, void *end) {
+    std::lock_guard g(lock);
+    const auto a = recorded.find(start), b = recorded.find(end);
+    if (a == recorded.end() || b == recorded.end()) return refuse(INVALID_VALUE, "cuEventElapsedTime: an event never recorded");
+    return *ms = std::chrono::duration<float, std::milli>(b->second - a->second).count(), OK;
+}
+API CUresult cuEventElapsedTime_v2(float *ms, void *start, void *end) { return cuEventElapsedTime(ms, start, end); }
 
 API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
     std::lock_guard g(lock);
