@@ -67,6 +67,10 @@ pub struct Lap {
 pub struct Phase {
     pub name: &'static str,
     pub seconds: f64,
+    /// The host's time over the same spans. On the device's clock: what the host took to issue
+    /// the phase's work, plus any wait for the device inside it (a value read back); about
+    /// `seconds` means the device waited for the host. On the host's clock: `seconds`.
+    pub host_seconds: f64,
     pub count: u32,
     pub ops: Vec<Lap>,
 }
@@ -102,7 +106,8 @@ struct Laps {
     depth: usize,
     /// `None` before the first [`start`]: marks are not kept.
     clock: Option<Clock>,
-    marks: Vec<(Mark, Stamp)>,
+    /// Each mark, its time on the step's clock, and the host's time.
+    marks: Vec<(Mark, Stamp, Instant)>,
     /// Events of booked marks, recorded again by later ones.
     #[cfg(feature = "cuda")]
     spare: Vec<cudarc::driver::CudaEvent>,
@@ -170,17 +175,19 @@ impl Laps {
                 Stamp::Event(event)
             }
         };
-        self.marks.push((mark, stamp));
+        self.marks.push((mark, stamp, Instant::now()));
         Ok(())
     }
 
-    /// Each mark's time in seconds after the first; the events go back to `spare`.
-    fn seconds(&mut self) -> Result<Vec<(Mark, f64)>> {
+    /// Each mark's time in seconds after the first, on the step's clock and on the host's; the
+    /// events go back to `spare`.
+    fn seconds(&mut self) -> Result<Vec<(Mark, f64, f64)>> {
         let marks = std::mem::take(&mut self.marks);
-        let Some((_, first)) = marks.first() else { return Ok(Vec::new()) };
-        let out = marks.iter().map(|(m, s)| Ok((*m, s.since(first)?))).collect();
+        let Some((_, first, host)) = marks.first() else { return Ok(Vec::new()) };
+        let out =
+            marks.iter().map(|(m, s, h)| Ok((*m, s.since(first)?, (*h - *host).as_secs_f64()))).collect();
         #[cfg(feature = "cuda")]
-        self.spare.extend(marks.into_iter().filter_map(|(_, s)| match s {
+        self.spare.extend(marks.into_iter().filter_map(|(_, s, _)| match s {
             Stamp::Event(e) => Some(e),
             Stamp::Host(_) => None,
         }));
@@ -241,10 +248,12 @@ fn clock(device: &Device) -> Clock {
     Clock::Host
 }
 
-/// Whether this thread's step runs on a device's events (for the launcher tests).
-#[cfg(all(test, feature = "cuda"))]
+/// Whether this thread's step runs on the device's clock (its stream's events).
 pub(crate) fn on_events() -> bool {
-    LAPS.with(|l| matches!(l.borrow().clock, Some(Clock::Events(_))))
+    #[cfg(feature = "cuda")]
+    return LAPS.with(|l| matches!(l.borrow().clock, Some(Clock::Events(_))));
+    #[cfg(not(feature = "cuda"))]
+    false
 }
 
 /// Ends the phase `name`: it holds the time since the previous phase mark, and the ops marked
@@ -320,10 +329,10 @@ impl Drop for KernelGuard {
 fn book() -> Result<(Vec<Phase>, Vec<Lap>)> {
     let marks = LAPS.with(|l| l.borrow_mut().seconds())?;
     let (mut booked, mut kernels, mut pending) = (Vec::<Phase>::new(), Vec::new(), Vec::new());
-    let (mut last_phase, mut last_op, mut kernel_starts) = (0.0, 0.0, Vec::new());
-    for (mark, t) in marks {
+    let (mut last_phase, mut last_host, mut last_op, mut kernel_starts) = (0.0, 0.0, 0.0, Vec::new());
+    for (mark, t, host) in marks {
         match mark {
-            Mark::Start => (last_phase, last_op) = (t, t),
+            Mark::Start => (last_phase, last_host, last_op) = (t, host, t),
             Mark::OpStart => {
                 add(&mut pending, "other", t - last_op, 1);
                 last_op = t;
@@ -342,17 +351,18 @@ fn book() -> Result<(Vec<Phase>, Vec<Lap>)> {
                 if !ops.is_empty() {
                     add(&mut ops, "other", t - last_op, 1);
                 }
-                let seconds = t - last_phase;
-                (last_phase, last_op) = (t, t);
+                let (seconds, host_seconds) = (t - last_phase, host - last_host);
+                (last_phase, last_host, last_op) = (t, host, t);
                 match booked.iter_mut().find(|p| p.name == name) {
                     Some(p) => {
                         p.seconds += seconds;
+                        p.host_seconds += host_seconds;
                         p.count += 1;
                         for op in ops {
                             add(&mut p.ops, op.name, op.seconds, op.count);
                         }
                     }
-                    None => booked.push(Phase { name, seconds, count: 1, ops }),
+                    None => booked.push(Phase { name, seconds, host_seconds, count: 1, ops }),
                 }
             }
         }
@@ -365,7 +375,8 @@ pub fn take() -> Result<Vec<Phase>> {
     Ok(book()?.0)
 }
 
-/// [`take`] as text: one line of phases, then at [`Level::Ops`] a line per phase with its ops,
+/// [`take`] as text: one line of phases (on the device's clock, a second with the host's time
+/// per phase, [`Phase::host_seconds`]), then at [`Level::Ops`] a line per phase with its ops,
 /// longest first (milliseconds, and the number of laps where more than one), and one of the
 /// [`kernel`]s timed, if any. `None` when off.
 pub fn report(step: u64) -> Result<Option<String>> {
@@ -377,6 +388,12 @@ pub fn report(step: u64) -> Result<Option<String>> {
     let mut out = format!("profile step {step}:");
     for p in &phases {
         let _ = write!(out, " {}={}", p.name, ms(p.seconds));
+    }
+    if on_events() {
+        let _ = write!(out, "\nprofile step {step} host:");
+        for p in &phases {
+            let _ = write!(out, " {}={}", p.name, ms(p.host_seconds));
+        }
     }
     let lines = phases.iter().map(|p| (p.name, &p.ops)).chain([("kernels", &kernels)]);
     for (name, laps) in lines.filter(|(_, laps)| !laps.is_empty()) {
@@ -433,6 +450,7 @@ mod tests {
         for p in &booked {
             let sum: f64 = p.ops.iter().map(|o| o.seconds).sum();
             assert!((sum - p.seconds).abs() < 1e-3, "{p:?}");
+            assert!((p.host_seconds - p.seconds).abs() < 1e-3, "the host's clock: {p:?}");
         }
         assert!(take().unwrap().is_empty(), "take forgets");
     }
