@@ -104,7 +104,8 @@ struct Laps {
     level: Level,
     /// Ops entered and not left; only the outermost is timed.
     depth: usize,
-    /// `None` before the first [`start`]: marks are not kept.
+    /// From [`start`] until the step is booked; `None` outside a step (an evaluation between
+    /// steps, the reference's precompute pass): marks are not kept.
     clock: Option<Clock>,
     /// Each mark, its time on the step's clock, and the host's time.
     marks: Vec<(Mark, Stamp, Instant)>,
@@ -324,10 +325,15 @@ impl Drop for KernelGuard {
 }
 
 /// The phases booked from the marks since [`start`] and the kernels timed, in the order first
-/// seen; forgets the marks. Reads the device's clock: waits for the device to reach the last
-/// mark.
-fn book() -> Result<(Vec<Phase>, Vec<Lap>)> {
-    let marks = LAPS.with(|l| l.borrow_mut().seconds())?;
+/// seen, and whether they are on the device's clock; ends the step (marks are no longer kept).
+/// Reads the device's clock: waits for the device to reach the last mark.
+fn book() -> Result<(Vec<Phase>, Vec<Lap>, bool)> {
+    let events = on_events();
+    let marks = LAPS.with(|l| {
+        let mut l = l.borrow_mut();
+        l.clock = None;
+        l.seconds()
+    })?;
     let (mut booked, mut kernels, mut pending) = (Vec::<Phase>::new(), Vec::new(), Vec::new());
     let (mut last_phase, mut last_host, mut last_op, mut kernel_starts) = (0.0, 0.0, 0.0, Vec::new());
     for (mark, t, host) in marks {
@@ -367,7 +373,7 @@ fn book() -> Result<(Vec<Phase>, Vec<Lap>)> {
             }
         }
     }
-    Ok((booked, kernels))
+    Ok((booked, kernels, events))
 }
 
 /// The phases booked since [`start`]; forgets them.
@@ -383,13 +389,13 @@ pub fn report(step: u64) -> Result<Option<String>> {
     if level() == Level::Off {
         return Ok(None);
     }
-    let (phases, kernels) = book()?;
+    let (phases, kernels, events) = book()?;
     let ms = |s: f64| format!("{:.1}ms", s * 1e3);
     let mut out = format!("profile step {step}:");
     for p in &phases {
         let _ = write!(out, " {}={}", p.name, ms(p.seconds));
     }
-    if on_events() {
+    if events {
         let _ = write!(out, "\nprofile step {step} host:");
         for p in &phases {
             let _ = write!(out, " {}={}", p.name, ms(p.host_seconds));
@@ -453,6 +459,10 @@ mod tests {
             assert!((p.host_seconds - p.seconds).abs() < 1e-3, "the host's clock: {p:?}");
         }
         assert!(take().unwrap().is_empty(), "take forgets");
+        // Between steps (an evaluation) nothing is kept, nor synchronized.
+        drop(op(&dev, "eval"));
+        phase(&dev, "eval").unwrap();
+        assert!(take().unwrap().is_empty(), "marks between steps");
     }
 
     #[test]
