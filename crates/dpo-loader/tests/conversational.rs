@@ -1,12 +1,10 @@
 //! Hostile conversational input: every bad row errors with file, line and field (path into the
 //! message list), or is skipped and counted by reason; never a panic or a silently wrong batch.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{row, tokenizer, write};
+use crate::common::{row, tokenizer, write, write_model};
 use dpo_loader::{
     DataConfig, DataPosition, OnBadRow, PreferenceDataset, PreferenceTokenizer, RawRow, batches,
     count_batches,
@@ -215,7 +213,7 @@ fn a_chat_template_that_does_not_compile_is_reported_when_used() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     std::fs::create_dir_all(&model).unwrap();
-    common::write_model(&model, json!({"eos_token": "<eos>", "chat_template": "{% for m in messages %}"}));
+    write_model(&model, json!({"eos_token": "<eos>", "chat_template": "{% for m in messages %}"}));
     let tok = PreferenceTokenizer::from_model_dir(&model).unwrap();
     let problem = tok.chat_template().unwrap_err();
     assert!(problem.contains("cannot be compiled"), "{problem}");

@@ -1,11 +1,9 @@
 //! JSONL reading: every bad input errors with file, line and field, or is skipped and counted.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{row, tokenizer, write};
+use crate::common::{row, tokenizer, write};
 use dpo_loader::{
     DataConfig, DataPosition, LoaderError, OnBadRow, PreferenceDataset, RawRow, batches, count_batches,
 };

@@ -1,13 +1,11 @@
 //! Compressed files, folders and globs of shards, the shuffle buffer of streamed data, and
 //! parallel tokenization: same batches, exact resume, errors naming the shard and its line.
 
-mod common;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{all, row, tokenizer, write};
+use crate::common::{all, row, tokenizer, write};
 use dpo_loader::{
     Batch, DataConfig, DataPosition, EpochStats, OnBadRow, PreferenceDataset, RowRef, batches, count_batches,
 };

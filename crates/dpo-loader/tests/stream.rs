@@ -1,10 +1,8 @@
 //! Epoch iteration: truncation and drops, batch layout, shuffling, resuming, prefetching.
 
-mod common;
-
 use std::sync::Arc;
 
-use common::{all, dataset, id, row, tokenizer, write};
+use crate::common::{all, dataset, id, row, tokenizer, write};
 use dpo_loader::{
     Batch, DataConfig, DataPosition, OnBadRow, PreferenceDataset, TokenizedPair, batches, count_batches,
     scan_rows,

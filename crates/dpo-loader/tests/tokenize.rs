@@ -1,11 +1,9 @@
 //! Tokenization conventions and tokenizer loading, on a tiny byte-level BPE tokenizer.
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::{id, tokenizer, write_model};
+use crate::common::{id, tokenizer, write_model};
 use dpo_loader::{LoaderError, PreferenceTokenizer, RowRef, TokenizedPair};
 use serde_json::json;
 
