@@ -86,11 +86,14 @@ enum Mark {
     KernelEnd(&'static str),
 }
 
-/// When a mark happened, on the step's clock.
-enum Stamp {
-    Host(Instant),
+/// A mark and when it happened: the host's time, and on the device's clock the event recorded
+/// into its stream (on the host's clock the host's time, taken after a synchronization, is the
+/// step's).
+struct Stamp {
+    mark: Mark,
+    host: Instant,
     #[cfg(feature = "cuda")]
-    Event(cudarc::driver::CudaEvent),
+    event: Option<cudarc::driver::CudaEvent>,
 }
 
 /// The step's clock, chosen by [`start`] from its device.
@@ -107,8 +110,7 @@ struct Laps {
     /// From [`start`] until the step is booked; `None` outside a step (an evaluation between
     /// steps, the reference's precompute pass): marks are not kept.
     clock: Option<Clock>,
-    /// Each mark, its time on the step's clock, and the host's time.
-    marks: Vec<(Mark, Stamp, Instant)>,
+    marks: Vec<Stamp>,
     /// Events of booked marks, recorded again by later ones.
     #[cfg(feature = "cuda")]
     spare: Vec<cudarc::driver::CudaEvent>,
@@ -155,28 +157,32 @@ pub fn set_level(level: Level) {
 }
 
 impl Laps {
-    /// Appends `mark` at the current time of the step's clock (none before [`start`]).
+    /// Appends `mark` at the current time of the step's clock (none outside a step).
     fn mark(&mut self, device: &Device, mark: Mark) -> Result<()> {
-        let stamp = match &self.clock {
+        #[cfg(feature = "cuda")]
+        let mut event = None;
+        match &self.clock {
             None => return Ok(()),
-            Some(Clock::Host) => {
-                device.synchronize()?;
-                Stamp::Host(Instant::now())
-            }
+            Some(Clock::Host) => device.synchronize()?,
             #[cfg(feature = "cuda")]
             Some(Clock::Events(stream)) => {
-                let event = match self.spare.pop() {
+                let e = match self.spare.pop() {
                     Some(e) => e,
                     None => stream
                         .context()
                         .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
                         .map_err(candle_core::Error::wrap)?,
                 };
-                event.record(stream).map_err(candle_core::Error::wrap)?;
-                Stamp::Event(event)
+                e.record(stream).map_err(candle_core::Error::wrap)?;
+                event = Some(e);
             }
-        };
-        self.marks.push((mark, stamp, Instant::now()));
+        }
+        self.marks.push(Stamp {
+            mark,
+            host: Instant::now(),
+            #[cfg(feature = "cuda")]
+            event,
+        });
         Ok(())
     }
 
@@ -184,30 +190,24 @@ impl Laps {
     /// events go back to `spare`.
     fn seconds(&mut self) -> Result<Vec<(Mark, f64, f64)>> {
         let marks = std::mem::take(&mut self.marks);
-        let Some((_, first, host)) = marks.first() else { return Ok(Vec::new()) };
-        let out =
-            marks.iter().map(|(m, s, h)| Ok((*m, s.since(first)?, (*h - *host).as_secs_f64()))).collect();
-        #[cfg(feature = "cuda")]
-        self.spare.extend(marks.into_iter().filter_map(|(_, s, _)| match s {
-            Stamp::Event(e) => Some(e),
-            Stamp::Host(_) => None,
-        }));
-        out
-    }
-}
-
-impl Stamp {
-    /// Seconds from `first` to this stamp, both on the step's clock.
-    fn since(&self, first: &Stamp) -> Result<f64> {
-        match (first, self) {
-            (Stamp::Host(a), Stamp::Host(b)) => Ok((*b - *a).as_secs_f64()),
+        let Some(first) = marks.first() else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(marks.len());
+        for m in &marks {
+            let host = (m.host - first.host).as_secs_f64();
             #[cfg(feature = "cuda")]
-            (Stamp::Event(a), Stamp::Event(b)) => {
-                Ok(f64::from(a.elapsed_ms(b).map_err(candle_core::Error::wrap)?) * 1e-3)
+            if let (Some(a), Some(b)) = (&first.event, &m.event) {
+                out.push((
+                    m.mark,
+                    f64::from(a.elapsed_ms(b).map_err(candle_core::Error::wrap)?) * 1e-3,
+                    host,
+                ));
+                continue;
             }
-            #[cfg(feature = "cuda")]
-            _ => candle_core::bail!("profile: marks on two clocks in one step"),
+            out.push((m.mark, host, host));
         }
+        #[cfg(feature = "cuda")]
+        self.spare.extend(marks.into_iter().filter_map(|m| m.event));
+        Ok(out)
     }
 }
 
