@@ -48,7 +48,7 @@ if [ -f .device/model-tests.xz ]; then
 fi
 # (SKIP_DOCTOR=1: not this time, when an earlier call ran it on the same binary.)
 [ -z "${SKIP_DOCTOR:-}" ] && { timeout 120 .device/dpo-train doctor --device cuda > "$OUT/doctor.txt" 2>&1; echo "doctor rc=$?"; }
-grep -E "FAIL|RESULT|adamw|sum of squares" "$OUT/doctor.txt" | head -20
+grep -E "FAIL|RESULT|adamw|gradient norm" "$OUT/doctor.txt" | head -20
 # Every run checks the kernels before training and stops on a disagreement. Should a kernel fail
 # here, the timings are still worth having (same work, wrong numbers): skip that check, and say so.
 if [ -z "${SKIP_DOCTOR:-}" ] && ! grep -q "RESULT: PASS" "$OUT/doctor.txt"; then

@@ -820,41 +820,103 @@ INSTANTIATE_MIXED(__nv_bfloat16, bf16)
 INSTANTIATE_MIXED(__half, f16)
 
 // ---------------------------------------------------------------------------------------------
-// AdamW, in place, f32 (PyTorch's formula, decoupled decay), the gradient scaled by gscale (the
-// gradient clipping factor) as it is read:
-//   g *= gscale;  p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
-//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
-extern "C" __global__ void dpo_adamw_f32(float *__restrict__ p, float *__restrict__ m, float *__restrict__ v,
-                                         const float *__restrict__ g, long long n, float gscale, float decay,
-                                         float b1, float one_minus_b1, float b2, float one_minus_b2, float eps,
-                                         float step_size, float bc2_sqrt) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const float gi = g[i] * gscale;
-        const float mi = b1 * m[i] + one_minus_b1 * gi;
-        const float vi = b2 * v[i] + one_minus_b2 * (gi * gi);
-        const float denom = sqrtf(vi) / bc2_sqrt + eps;
-        p[i] = p[i] * decay - (mi / denom) * step_size;
-        m[i] = mi;
-        v[i] = vi;
-    }
-}
+// The optimizer step, in few launches and with no wait for the host: the clipping factor is
+// computed on the device (dpo_clip_f64) and AdamW reads it there.
+//
+// Each launch takes up to OPT_PARTS tensors, one per blockIdx.y (the launcher groups tensors of
+// similar size; blocks past a part's end exit).
+#define OPT_PARTS 16
+#define OPT_LIST(T, x)                                                                               \
+    T x##0, T x##1, T x##2, T x##3, T x##4, T x##5, T x##6, T x##7, T x##8, T x##9, T x##10, T x##11, \
+        T x##12, T x##13, T x##14, T x##15
+#define OPT_ARRAY(x)                                                                                 \
+    {x##0, x##1, x##2, x##3, x##4, x##5, x##6, x##7, x##8, x##9, x##10, x##11, x##12, x##13, x##14, x##15}
 
-// Sum of squares of x (f32), one partial sum (f64) per block into out[blockIdx.x], for the caller
-// to add in order: the same sum, bit for bit, on every run (atomic adds land in any order). 8
-// elements a thread at a time (16-byte vectors where x is aligned).
-extern "C" __global__ void dpo_sumsq_f32(const float *__restrict__ x, long long n, double *__restrict__ out) {
+// Sum of squares of x[part] (f32), one partial sum (f64) per block into
+// out[blockIdx.y * gridDim.x + blockIdx.x]: dpo_clip_f64 adds them in a fixed order, so the
+// norm is the same, bit for bit, on every run (atomic adds land in any order). 8 elements a
+// thread at a time (16-byte vectors where x is aligned).
+extern "C" __global__ void dpo_sumsq_parts_f32(double *__restrict__ out, OPT_LIST(const float *, x),
+                                               OPT_LIST(long long, n)) {
     __shared__ double part[32];
+    const float *const xs[OPT_PARTS] = OPT_ARRAY(x);
+    const long long ns[OPT_PARTS] = OPT_ARRAY(n);
+    const float *__restrict__ xp = xs[blockIdx.y];
     double acc = 0.0;
-    elementwise(n, aligned16(x), [&](long long i, auto width) {
+    elementwise(ns[blockIdx.y], aligned16(xp), [&](long long i, auto width) {
         constexpr int W = decltype(width)::w;
         float e[W];
-        load_w<W>(e, x + i);
+        load_w<W>(e, xp + i);
 #pragma unroll
         for (int j = 0; j < W; ++j) acc += (double)e[j] * (double)e[j];
     });
     acc = block_sum(acc, part);
-    if (threadIdx.x == 0) out[blockIdx.x] = acc;
+    if (threadIdx.x == 0) out[(long long)blockIdx.y * gridDim.x + blockIdx.x] = acc;
+}
+
+// The global norm and PyTorch's clipping factor from the n partial sums of dpo_sumsq_parts_f32,
+// one block: out = [norm, factor], norm = sqrt(sum), factor = min(1, max_norm / (norm + 1e-6))
+// (1 when max_norm <= 0), and NaN when the norm is not finite, which makes dpo_adamw_parts_f32
+// leave every tensor as it was. Thread t adds partials t, t + blockDim.x, ... in order, then the
+// block's fixed reduction tree.
+extern "C" __global__ void dpo_clip_f64(const double *__restrict__ partial, long long n, double max_norm,
+                                        double *__restrict__ out) {
+    __shared__ double part[32];
+    double acc = 0.0;
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    const double norm = sqrt(block_sum(acc, part));
+    if (threadIdx.x == 0) {
+        const double factor = max_norm > 0.0 ? fmin(1.0, max_norm / (norm + 1e-6)) : 1.0;
+        out[0] = norm;
+        out[1] = isfinite(norm) ? factor : nan("");
+    }
+}
+
+// AdamW, in place, f32 (PyTorch's formula, decoupled decay), the gradient scaled by the clipping
+// factor clip[1] (dpo_clip_f64's, rounded to f32) as it is read; nothing is written when the
+// factor is NaN. Per part, decay[part] is 1 - lr * weight_decay (1 where the parameter does not
+// decay):
+//   g *= factor;  p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+//   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
+extern "C" __global__ void dpo_adamw_parts_f32(const double *__restrict__ clip, float b1, float one_minus_b1,
+                                               float b2, float one_minus_b2, float eps, float step_size,
+                                               float bc2_sqrt, OPT_LIST(float *, p), OPT_LIST(float *, m),
+                                               OPT_LIST(float *, v), OPT_LIST(const float *, g),
+                                               OPT_LIST(long long, n), OPT_LIST(float, decay)) {
+    const double factor = clip[1];
+    if (factor != factor) return;
+    const float gscale = (float)factor;
+    float *const ps[OPT_PARTS] = OPT_ARRAY(p);
+    float *const ms[OPT_PARTS] = OPT_ARRAY(m);
+    float *const vs[OPT_PARTS] = OPT_ARRAY(v);
+    const float *const gs[OPT_PARTS] = OPT_ARRAY(g);
+    const long long ns[OPT_PARTS] = OPT_ARRAY(n);
+    const float decays[OPT_PARTS] = OPT_ARRAY(decay);
+    float *__restrict__ pp = ps[blockIdx.y];
+    float *__restrict__ mp = ms[blockIdx.y];
+    float *__restrict__ vp = vs[blockIdx.y];
+    const float *__restrict__ gp = gs[blockIdx.y];
+    const float dec = decays[blockIdx.y];
+    const bool vec = aligned16(pp) && aligned16(mp) && aligned16(vp) && aligned16(gp);
+    elementwise(ns[blockIdx.y], vec, [&](long long i, auto width) {
+        constexpr int W = decltype(width)::w;
+        float pw[W], mw[W], vw[W], gw[W];
+        load_w<W>(pw, pp + i);
+        load_w<W>(mw, mp + i);
+        load_w<W>(vw, vp + i);
+        load_w<W>(gw, gp + i);
+#pragma unroll
+        for (int j = 0; j < W; ++j) {
+            const float gi = gw[j] * gscale;
+            mw[j] = b1 * mw[j] + one_minus_b1 * gi;
+            vw[j] = b2 * vw[j] + one_minus_b2 * (gi * gi);
+            const float denom = sqrtf(vw[j]) / bc2_sqrt + eps;
+            pw[j] = pw[j] * dec - (mw[j] / denom) * step_size;
+        }
+        store_w<W>(pp + i, pw);
+        store_w<W>(mp + i, mw);
+        store_w<W>(vp + i, vw);
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ fn kernels() -> Vec<String> {
     let mut names: Vec<String> =
         per_dtype.iter().flat_map(|k| DTYPES.map(|dt| format!("{k}_{}", dt.as_str()))).collect();
     names.extend(mixed.iter().flat_map(|k| ["bf16", "f16"].map(|dt| format!("{k}_{dt}"))));
-    names.extend(["dpo_adamw_f32".into(), "dpo_sumsq_f32".into()]);
+    names.extend(["dpo_sumsq_parts_f32", "dpo_clip_f64", "dpo_adamw_parts_f32"].map(String::from));
     names.extend(["fwd", "stats"].iter().flat_map(|k| [32, 64].map(|d| format!("dpo_flash_{k}_d{d}_bf16"))));
     names
         .extend(["dkdv", "dq"].iter().flat_map(|k| [32, 64].map(|d| format!("dpo_flash_bwd_{k}_d{d}_bf16"))));
@@ -973,38 +973,105 @@ fn silu_mul() -> Result<()> {
     Ok(())
 }
 
-/// The optimizer's kernels: AdamW in place, its gradient scaled by the clipping factor, against
-/// its formula in tensor ops (as `crates/dpo-trainer/src/optim.rs` writes it), and the sum of squares, whose second warp
-/// reduction runs in one warp of the block only.
+/// The optimizer's kernels. The sum of squares of three parts (a partial per block and part;
+/// its second warp reduction runs in one warp of the block only); the clipping factor from the
+/// partials, added by a block smaller than their count; AdamW in place on two parts, each
+/// gradient scaled by that factor, against its formula in tensor ops (as
+/// `crates/dpo-trainer/src/optim.rs` writes it); and nothing written when the factor is NaN.
 #[test]
-fn adamw_and_sum_of_squares() -> Result<()> {
-    let n = 3000;
-    let (p, g) = (randn(&[n], 8, 1.0), randn(&[n], 9, 1.0));
-    let m = (randn(&[n], 10, 1.0) * 0.01)?;
-    let v = (randn(&[n], 11, 1.0).sqr()? * 1e-4)?;
-    let (scale, decay, b1, b2, eps, step, bc2) =
-        (0.75f32, 0.999f32, 0.9f32, 0.999f32, 1e-8f32, 1e-3f32, 0.0447f32);
-    let gs = (&g * scale as f64)?;
-    let m2 = ((&m * b1 as f64)? + (&gs * (1.0 - b1 as f64))?)?;
-    let v2 = ((&v * b2 as f64)? + (gs.sqr()? * (1.0 - b2 as f64))?)?;
-    let p2 = ((&p * decay as f64)? - ((&m2 / ((v2.sqrt()? / bc2 as f64)? + eps as f64)?)? * step as f64)?)?;
-    let scalars = [decay, b1, 1.0 - b1, b2, 1.0 - b2, eps, step, bc2];
-    let mut args = vec![buf(&p), buf(&m), buf(&v), buf(&g), Arg::I64(n as i64), Arg::F32(scale)];
-    args.extend(scalars.map(Arg::F32));
-    let (grid, block) = elementwise_cfg(n);
-    let got = launch("dpo_adamw_f32", grid, block, &args);
-    for ((i, want), what) in [(0, &p2), (1, &m2), (2, &v2)].into_iter().zip(["p", "m", "v"]) {
-        assert_close(&tensor(&got[i], DType::F32, &[n]), want, 1e-6, &format!("adamw {what}"));
-    }
-    // One partial sum a block. 2,999 elements: 374 vectors of 8 and a tail of 7; two blocks of
-    // 256 threads take 512 vectors a round, one block 256 (its loop goes round).
-    let x = p.narrow(0, 0, 2999)?;
-    let want = x.to_dtype(DType::F64)?.sqr()?.sum_all()?;
+fn clip_and_adamw() -> Result<()> {
+    // 2,999 elements: 374 vectors of 8 and a tail of 7; two blocks of 256 threads take 512
+    // vectors a round, one block 256 (its loop goes round). 10: a tail only. 0: an empty part.
+    let sizes = [2999, 10, 0];
+    let xs: Vec<Tensor> = sizes.iter().enumerate().map(|(i, &n)| randn(&[n], 30 + i as u64, 1.0)).collect();
+    let want_sq: f64 = xs
+        .iter()
+        .map(|x| x.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
+        .sum::<Result<f64>>()?;
+    // A launch's 16 part slots: the parts' buffers, then null ones; the counts, then zeros.
+    let slots = |bufs: Vec<Arg>| -> Vec<Arg> {
+        let used = bufs.len();
+        bufs.into_iter().chain((used..16).map(|_| Arg::Buf(Vec::new()))).collect()
+    };
+    let counts = |ns: &[usize]| -> Vec<Arg> {
+        (0..16).map(|i| Arg::I64(ns.get(i).map_or(0, |&n| n as i64))).collect()
+    };
+    let mut partials = Vec::new();
     for blocks in [1, 2] {
-        let args = [buf(&x), Arg::I64(2999), out(DType::F64, blocks)];
-        let got = launch("dpo_sumsq_f32", (blocks, 1), (256, 1), &args);
-        let partials = tensor(&got[1], DType::F64, &[blocks]);
-        assert_close(&partials.sum_all()?, &want, 1e-12, &format!("sum of squares, {blocks} blocks"));
+        let mut args = vec![out(DType::F64, blocks * sizes.len())];
+        args.extend(slots(xs.iter().map(buf).collect()));
+        args.extend(counts(&sizes));
+        let got = launch("dpo_sumsq_parts_f32", (blocks, sizes.len()), (256, 1), &args);
+        let partial = tensor(&got[0], DType::F64, &[blocks * sizes.len()]);
+        let what = format!("sum of squares, {blocks} blocks a part");
+        assert_close(&partial.sum_all()?, &Tensor::new(want_sq, &CPU)?, 1e-12, &what);
+        partials = partial.to_vec1::<f64>()?;
+    }
+    // The factor: 96 partials (the 6 above and 90 zeros) added by 64 threads.
+    partials.resize(96, 0.0);
+    let clip = |partials: &[f64], max_norm: f64| -> Result<Vec<f64>> {
+        let args = [
+            buf(&Tensor::new(partials, &CPU)?),
+            Arg::I64(partials.len() as i64),
+            Arg::F64(max_norm),
+            out(DType::F64, 2),
+        ];
+        tensor(&launch("dpo_clip_f64", (1, 1), (64, 1), &args)[1], DType::F64, &[2]).to_vec1::<f64>()
+    };
+    let norm = want_sq.sqrt();
+    let got = clip(&partials, 0.5 * norm)?;
+    assert!((got[0] - norm).abs() <= 1e-12 * norm, "norm {} vs {norm}", got[0]);
+    assert_eq!(got[1], 0.5 * norm / (got[0] + 1e-6), "the clipping factor");
+    assert_eq!(clip(&partials, 0.0)?[1], 1.0, "no clipping: factor 1");
+    assert_eq!(clip(&partials, 2.0 * norm)?[1], 1.0, "a norm under max_norm: factor 1");
+    partials[70] = f64::INFINITY;
+    let bad = clip(&partials, 0.5 * norm)?;
+    assert!(bad[0].is_infinite() && bad[1].is_nan(), "a non-finite norm: {bad:?}");
+
+    // AdamW: 3,000 and 13 elements (a tail of 5), decaying and not.
+    let (b1, b2, eps, step, bc2) = (0.9f32, 0.999f32, 1e-8f32, 1e-3f32, 0.0447f32);
+    let sizes = [3000, 13];
+    let decay = [0.999f32, 1.0];
+    let state = |i: usize| -> Result<[Tensor; 4]> {
+        let (n, s) = (sizes[i], 8 + 4 * i as u64);
+        Ok([
+            randn(&[n], s, 1.0),
+            (randn(&[n], s + 1, 1.0) * 0.01)?,
+            (randn(&[n], s + 2, 1.0).sqr()? * 1e-4)?,
+            randn(&[n], s + 3, 1.0),
+        ])
+    };
+    let states = [state(0)?, state(1)?];
+    let run = |factor: f64| -> Vec<Vec<u8>> {
+        let mut args = vec![buf(&Tensor::new(&[1.0f64, factor], &CPU).unwrap())];
+        args.extend([b1, 1.0 - b1, b2, 1.0 - b2, eps, step, bc2].map(Arg::F32));
+        for k in 0..4 {
+            args.extend(slots(states.iter().map(|s| buf(&s[k])).collect()));
+        }
+        args.extend(counts(&sizes));
+        args.extend((0..16).map(|i| Arg::F32(decay.get(i).copied().unwrap_or(1.0))));
+        let (grid, block) = elementwise_cfg(3000usize.div_ceil(8));
+        launch("dpo_adamw_parts_f32", (grid.0, 2), block, &args)
+    };
+    let factor = 0.75f32;
+    let got = run(factor as f64);
+    for (i, [p, m, v, g]) in states.iter().enumerate() {
+        let gs = (g * factor as f64)?;
+        let m2 = ((m * b1 as f64)? + (&gs * (1.0 - b1 as f64))?)?;
+        let v2 = ((v * b2 as f64)? + (gs.sqr()? * (1.0 - b2 as f64))?)?;
+        let p2 =
+            ((p * decay[i] as f64)? - ((&m2 / ((v2.sqrt()? / bc2 as f64)? + eps as f64)?)? * step as f64)?)?;
+        // Buffers come back in argument order: the factor, then p, m, v, g of 16 slots each.
+        for (k, (want, what)) in [(&p2, "p"), (&m2, "m"), (&v2, "v")].into_iter().enumerate() {
+            let got = tensor(&got[1 + 16 * k + i], DType::F32, &[sizes[i]]);
+            assert_close(&got, want, 1e-6, &format!("adamw {what} of part {i}"));
+        }
+    }
+    let untouched = run(f64::NAN);
+    for (i, s) in states.iter().enumerate() {
+        for (k, t) in s.iter().take(3).enumerate() {
+            assert!(untouched[1 + 16 * k + i] == bytes(t), "a NaN factor wrote to part {i}");
+        }
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Result, Tensor, Var};
+use dpo_model::ops::AdamWPart;
 
 /// AdamW hyper-parameters (the learning rate comes with each step, from the schedule).
 #[derive(Debug, Clone, Copy, serde::Serialize)]
@@ -65,41 +66,43 @@ impl AdamW {
         self.step
     }
 
-    /// One update from the gradients `grads[i] * grad_scale` (`grads[i]` belongs to the i-th
-    /// parameter given to [`AdamW::new`]; `grad_scale` is the clipping factor, [`clip_factor`],
-    /// applied as each gradient is read rather than in a pass of its own).
-    pub fn step(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
+    /// One update from the gradients `grads[i] * factor` (`grads[i]` belongs to the i-th
+    /// parameter given to [`AdamW::new`]; `factor` is `clip`'s, applied as each gradient is read
+    /// rather than in a pass of its own). Where the gradient norm is not finite nothing is
+    /// updated (the caller reports it, [`Clip::read`]). With a [`Clip::Device`] and f32
+    /// parameters on CUDA, the update is queued in a launch per 16 parameters, and the factor
+    /// is read where it is: nothing waits for the device.
+    pub fn step(&mut self, grads: &[Tensor], lr: f64, clip: &Clip) -> Result<()> {
         assert_eq!(grads.len(), self.slots.len(), "one gradient per parameter");
         self.step += 1;
         let AdamWConfig { beta1, beta2, eps, weight_decay } = self.cfg;
         let t = self.step as i32;
         let step_size = lr / (1.0 - beta1.powi(t));
         let bc2_sqrt = (1.0 - beta2.powi(t)).sqrt();
-        for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let g = g.to_dtype(DType::F32)?.contiguous()?;
-            let decay = if slot.decay { 1.0 - lr * weight_decay } else { 1.0 };
-            // On CUDA: one fused kernel updates p, m, v in place (the same formula, in f32).
-            let var = slot.var.as_tensor();
-            if var.dtype() == DType::F32
-                && dpo_model::ops::adamw_step_fused(
-                    var,
-                    &slot.m,
-                    &slot.v,
-                    &g,
-                    grad_scale,
-                    decay,
-                    (beta1, beta2, eps),
-                    step_size,
-                    bc2_sqrt,
-                )?
-            {
-                continue;
+        let decay = |slot: &Slot| if slot.decay { 1.0 - lr * weight_decay } else { 1.0 };
+        let grads = grads.iter().map(|g| g.to_dtype(DType::F32)?.contiguous()).collect::<Result<Vec<_>>>()?;
+        if let Clip::Device(on_device) = clip {
+            let parts: Vec<AdamWPart> = self
+                .slots
+                .iter()
+                .zip(&grads)
+                .map(|(s, g)| AdamWPart { p: s.var.as_tensor(), m: &s.m, v: &s.v, g, decay: decay(s) })
+                .collect();
+            if dpo_model::ops::adamw_fused(&parts, on_device, (beta1, beta2, eps), step_size, bc2_sqrt)? {
+                return Ok(());
             }
-            let g = if grad_scale != 1.0 { (g * grad_scale)? } else { g };
+        }
+        let (norm, factor) = clip.read()?;
+        if !norm.is_finite() {
+            return Ok(());
+        }
+        for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let g = if factor != 1.0 { (g * factor)? } else { g };
             slot.m = ((&slot.m * beta1)? + (&g * (1.0 - beta1))?)?;
             slot.v = ((&slot.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
             let p = slot.var.as_tensor().to_dtype(DType::F32)?;
-            let p = if decay != 1.0 { (p * decay)? } else { p };
+            let d = decay(slot);
+            let p = if d != 1.0 { (p * d)? } else { p };
             let denom = ((slot.v.sqrt()? / bc2_sqrt)? + eps)?;
             let p = (p - ((&slot.m / denom)? * step_size)?)?;
             slot.var.set(&p.to_dtype(slot.var.dtype())?)?;
@@ -147,20 +150,53 @@ impl AdamW {
     }
 }
 
-/// Global L2 norm of all gradients, `sqrt(sum_i ||g_i||^2)` (computed before clipping).
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    if let Some(sq) = dpo_model::ops::sum_squares_fused(grads)? {
-        return Ok(sq.sqrt());
+/// The gradients' global L2 norm `sqrt(sum_i ||g_i||^2)` (before clipping) and PyTorch's
+/// `clip_grad_norm_` factor `min(1, max_norm / (norm + 1e-6))` (1 when `max_norm <= 0`), which
+/// [`AdamW::step`] applies to the gradients as it reads them.
+pub enum Clip {
+    /// Computed on the host.
+    Host { norm: f64, factor: f64 },
+    /// `[norm, factor]` (f64) on the device, with no synchronization: the update reads the
+    /// factor there, and the host reads both once the step is queued. The factor is NaN when
+    /// the norm is not finite.
+    Device(Tensor),
+}
+
+impl Clip {
+    /// The norm and factor of `grads`: on the device for f32 gradients on CUDA (a launch per 16
+    /// gradients and one to add up), else on the host.
+    pub fn of(grads: &[Tensor], max_norm: f64) -> Result<Clip> {
+        if let Some(on_device) = dpo_model::ops::clip_fused(grads, max_norm)? {
+            return Ok(Clip::Device(on_device));
+        }
+        let mut sq = 0f64;
+        for g in grads {
+            sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+        let norm = sq.sqrt();
+        let factor = if max_norm > 0.0 { clip_factor(norm, max_norm) } else { 1.0 };
+        Ok(Clip::Host { norm, factor })
     }
-    let mut sq = 0f64;
-    for g in grads {
-        sq += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+
+    /// `(norm, factor)` on the host (from the device, this waits for it).
+    pub fn read(&self) -> Result<(f64, f64)> {
+        match self {
+            Clip::Host { norm, factor } => Ok((*norm, *factor)),
+            Clip::Device(t) => match t.to_vec1::<f64>()?[..] {
+                [norm, factor] => Ok((norm, factor)),
+                _ => candle_core::bail!("the clipping tensor is not [norm, factor]"),
+            },
+        }
     }
-    Ok(sq.sqrt())
+}
+
+/// Global L2 norm of `tensors`, `sqrt(sum_i ||t_i||^2)`.
+pub fn global_norm(tensors: &[Tensor]) -> Result<f64> {
+    Ok(Clip::of(tensors, 0.0)?.read()?.0)
 }
 
 /// PyTorch's `clip_grad_norm_` factor for gradients of global norm `norm`:
-/// `min(1, max_norm / (norm + 1e-6))`, which [`AdamW::step`] applies to the gradients.
+/// `min(1, max_norm / (norm + 1e-6))`.
 pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }
@@ -187,7 +223,9 @@ mod tests {
         let (mut p, mut m, mut v) = ([1.0f64, -2.0], [0.0f64; 2], [0.0f64; 2]);
         let grads = [[0.5f64, -1.0], [0.25, 2.0]];
         for (t, g) in grads.iter().enumerate() {
-            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.01, 1.0).unwrap();
+            let no_clip = Clip::Host { norm: 1.0, factor: 1.0 };
+            opt.step(&[Tensor::new(&[g[0] as f32, g[1] as f32], &Device::Cpu).unwrap()], 0.01, &no_clip)
+                .unwrap();
             let t = (t + 1) as i32;
             for i in 0..2 {
                 p[i] *= 1.0 - 0.01 * 0.1;
@@ -209,8 +247,27 @@ mod tests {
         let g = [Tensor::new(&[3.0f32, 4.0], &Device::Cpu).unwrap()];
         let norm = global_norm(&g).unwrap();
         assert!((norm - 5.0).abs() < 1e-6);
-        assert!((clip_factor(norm, 1.0) * norm - 1.0).abs() < 1e-6);
-        assert_eq!(clip_factor(norm, 10.0), 1.0);
+        let (norm, factor) = Clip::of(&g, 1.0).unwrap().read().unwrap();
+        assert_eq!((norm, factor), (5.0, clip_factor(5.0, 1.0)));
+        assert!((factor * norm - 1.0).abs() < 1e-6);
+        assert_eq!(Clip::of(&g, 10.0).unwrap().read().unwrap().1, 1.0);
+        assert_eq!(Clip::of(&g, 0.0).unwrap().read().unwrap().1, 1.0, "max_norm 0: no clipping");
+    }
+
+    /// A gradient norm that is not finite leaves the parameters and moments as they were.
+    #[test]
+    fn a_non_finite_norm_skips_the_update() {
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(&[("w".into(), var.clone())], cfg).unwrap();
+        let g = [Tensor::new(&[f32::INFINITY, 1.0], &Device::Cpu).unwrap()];
+        let clip = Clip::of(&g, 1.0).unwrap();
+        assert!(clip.read().unwrap().0.is_infinite());
+        opt.step(&g, 0.01, &clip).unwrap();
+        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, -2.0]);
+        for (name, t) in opt.state_tensors() {
+            assert_eq!(t.to_vec1::<f32>().unwrap(), [0.0, 0.0], "{name}");
+        }
     }
 
     /// A step with a gradient scale is the step from the scaled gradients, bit for bit.
@@ -218,11 +275,11 @@ mod tests {
     fn the_gradient_scale_is_the_clipping() {
         let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
         let g = Tensor::new(&[0.3f32, -7.0, 1e-9], &Device::Cpu).unwrap();
-        let run = |grad: &Tensor, scale: f64| {
+        let run = |grad: &Tensor, factor: f64| {
             let var = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
             let mut opt = AdamW::new(&[("w".into(), var.clone())], cfg).unwrap();
             for _ in 0..3 {
-                opt.step(std::slice::from_ref(grad), 0.01, scale).unwrap();
+                opt.step(std::slice::from_ref(grad), 0.01, &Clip::Host { norm: 1.0, factor }).unwrap();
             }
             var.as_tensor().to_vec1::<f32>().unwrap()
         };

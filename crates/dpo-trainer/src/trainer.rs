@@ -18,11 +18,11 @@ use crate::data_counts::DataCounts;
 use crate::error::{Result, TrainError};
 use crate::logprobs::{LmHead, sequence_logps, token_kl_sum};
 use crate::metrics::{BatchStats, Window, eval_metrics};
-use crate::optim::{AdamW, AdamWConfig, clip_factor, global_norm};
+use crate::optim::{AdamW, AdamWConfig, Clip, global_norm};
 use crate::outputs::Outputs;
 use crate::ref_cache::{self, RefCache};
 use crate::schedule::lr_factor;
-use crate::step::{DeviceBatch, HostBatch, loss_of, pair_logps, score, with_layout};
+use crate::step::{DeviceBatch, HostBatch, Scored, loss_of, pair_logps, score, with_layout};
 
 /// Hooks for a front end (progress bar); all optional.
 pub trait Observer {
@@ -253,6 +253,7 @@ impl Trainer {
             let lr = cfg.learning_rate * lr_factor(cfg.lr_scheduler_type, step - 1, warmup, self.total_steps);
             // 2. Forward both models, backward the policy; each micro-batch weighs 1 / n.
             let mut grads: Vec<Option<Tensor>> = vec![None; self.policy.params.len()];
+            let mut scored = Vec::with_capacity(micro.len());
             profile::start(&self.device)?;
             for (batch, host) in &micro {
                 let db = host.upload(&self.device)?;
@@ -260,29 +261,35 @@ impl Trainer {
                 let (micro_grads, stats) = self.micro_step(batch, &db, micro.len())?;
                 accumulate(&mut grads, &micro_grads, &self.policy.params)?;
                 profile::phase(&self.device, "accumulate")?;
+                scored.push(stats);
+            }
+            // 3. Clip by global norm (AdamW scales the gradients as it reads them), the update.
+            //    On CUDA both are queued without a wait: the factor stays on the device.
+            let grads: Vec<Tensor> =
+                grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect();
+            let clip = Clip::of(&grads, cfg.max_grad_norm)?;
+            profile::phase(&self.device, "clip")?;
+            opt.step(&grads, lr, &clip)?;
+            profile::phase(&self.device, "adamw")?;
+            // 4. The step's numbers on the host: its one wait for the device.
+            for stats in scored {
+                let stats = stats.read()?;
                 st.tokens_total += stats.tokens;
                 st.window.push(stats);
             }
             st.window.end_step();
-            // 3. Clip by global norm (AdamW scales the gradients as it reads them), the update.
-            let grads: Vec<Tensor> =
-                grads.into_iter().map(|g| g.expect("every parameter has a gradient")).collect();
-            let grad_norm = global_norm(&grads)?;
-            let scale = if cfg.max_grad_norm > 0.0 { clip_factor(grad_norm, cfg.max_grad_norm) } else { 1.0 };
-            let clipped = scale < 1.0;
-            profile::phase(&self.device, "clip")?;
+            let (grad_norm, factor) = clip.read()?;
             if !grad_norm.is_finite() {
-                return Err(TrainError::Numerics(format!("step {step}: gradient norm is {grad_norm}")));
+                let why = format!("step {step}: gradient norm is {grad_norm} (the update was skipped)");
+                return Err(TrainError::Numerics(why));
             }
-            opt.step(&grads, lr, scale)?;
-            profile::phase(&self.device, "adamw")?;
             if let Some(report) = profile::report(step)? {
                 eprintln!("{report}");
             }
             (st.step, st.optimizer_steps, st.data_position, st.seen_in_epoch) =
                 (step, opt.steps(), data.position, data.seen);
-            st.constraints.record_step(grad_norm, clipped);
-            // 4. Log, evaluate, save, maybe stop.
+            st.constraints.record_step(grad_norm, factor < 1.0);
+            // 5. Log, evaluate, save, maybe stop.
             let tps = st.window.tokens() as f64 / window_start.elapsed().as_secs_f64();
             observer.on_step(step, st.window.last_step_loss(), tps);
             if step % cfg.logging_steps == 0 || step == self.total_steps {
@@ -318,7 +325,7 @@ impl Trainer {
                 break;
             }
         }
-        // 5. Save the policy as a Hugging Face model folder (not when interrupted: the last
+        // 6. Save the policy as a Hugging Face model folder (not when interrupted: the last
         //    checkpoint is the run's state), and the run's record.
         let mut constraints = st.constraints.clone();
         let final_dir = if stop == StopReason::Interrupted {
@@ -341,13 +348,13 @@ impl Trainer {
 
     /// One micro-batch (`db`: `batch` on the device): the reference's log-probs, the policy's
     /// forward and backward (autograd, activation checkpointing or the manual block backward);
-    /// the loss weighs `1 / n_micro`.
+    /// the loss weighs `1 / n_micro`. The batch's statistics stay on the device until read.
     fn micro_step(
         &self,
         batch: &dpo_loader::Batch,
         db: &DeviceBatch,
         n_micro: usize,
-    ) -> Result<(HashMap<TensorId, Tensor>, BatchStats)> {
+    ) -> Result<(HashMap<TensorId, Tensor>, Scored)> {
         let cfg = &self.cfg;
         let ref_logps = self.reference_logps(batch, db)?;
         profile::phase(&self.device, "reference")?;
@@ -374,7 +381,7 @@ impl Trainer {
             params.filter_map(|(_, v)| store.get(v).map(|g| (v.id(), g.clone()))).collect()
         };
         profile::phase(&self.device, "backward")?;
-        Ok((grads, scored.expect("the loss was computed").read()?))
+        Ok((grads, scored.expect("the loss was computed")))
     }
 
     /// One record to `metrics.jsonl`, the observer, and the log.

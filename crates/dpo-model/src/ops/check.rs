@@ -719,7 +719,7 @@ pub fn self_check(device: &Device) -> Result<String> {
             };
         }
     }
-    // The optimizer's fused kernels (CUDA only): AdamW in place and the sum of squares.
+    // The optimizer's fused kernels (CUDA only): AdamW in place and the clipping norm.
     if device.is_cuda() {
         checks += 2;
         match adamw_and_norm_check(device) {
@@ -733,11 +733,11 @@ pub fn self_check(device: &Device) -> Result<String> {
                     verdict(ok_a)
                 );
                 let _ =
-                    writeln!(rep, "sum of squares (fused vs tensor ops) rel {norm:9.2e}  {}", verdict(ok_n));
+                    writeln!(rep, "gradient norm (fused vs tensor ops) rel {norm:9.2e}  {}", verdict(ok_n));
             }
             Err(e) => {
                 failed += 2;
-                let _ = writeln!(rep, "\nadamw / sum of squares: FAIL: {e}");
+                let _ = writeln!(rep, "\nadamw / gradient norm: FAIL: {e}");
             }
         }
     }
@@ -798,7 +798,7 @@ pub(crate) fn disagreements(device: &Device) -> Result<Vec<String>> {
     }
     if device.is_cuda() {
         let (adam, norm) = adamw_and_norm_check(device)?;
-        for (what, rel) in [("adamw", adam), ("sum of squares", norm)] {
+        for (what, rel) in [("adamw", adam), ("gradient norm", norm)] {
             if rel.is_nan() || rel > 1e-6 {
                 failures.push(format!("{what}: relative error {rel:.2e}"));
             }
@@ -807,7 +807,9 @@ pub(crate) fn disagreements(device: &Device) -> Result<Vec<String>> {
     Ok(failures)
 }
 
-/// Relative errors of the fused AdamW step and sum of squares against tensor-op versions.
+/// Relative errors of the fused AdamW step and clipping norm against tensor-op versions: the
+/// norm of two tensors (the parameter and the gradient, so that they clip at 1) and the step
+/// from the gradient scaled by its factor.
 fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
     let n = 1_000_003;
     let r = |seed: f64| -> Result<Tensor> {
@@ -815,14 +817,28 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
     };
     let (p, m, g) = (r(0.1)?, (r(0.2)? * 0.01)?, r(0.3)?);
     let v = (r(0.4)?.sqr()? * 1e-4)?;
-    let (scale, decay, b1, b2, eps, step, bc2) = (0.75, 0.999, 0.9, 0.999, 1e-8, 1e-3, 0.0447);
+    let (decay, b1, b2, eps, step, bc2) = (0.999, 0.9, 0.999, 1e-8, 1e-3, 0.0447);
+    let norm = [&p, &g]
+        .iter()
+        .map(|t| t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
+        .sum::<Result<f64>>()?
+        .sqrt();
+    let Some(clip) = super::clip_fused(&[p.clone(), g.clone()], 1.0)? else {
+        candle_core::bail!("no fused clipping on {device:?}");
+    };
+    let (got_norm, factor) = match clip.to_vec1::<f64>()?[..] {
+        [norm, factor] => (norm, factor),
+        _ => candle_core::bail!("the clipping tensor is not [norm, factor]"),
+    };
+    let factor_rel = (factor - 1.0 / (norm + 1e-6)).abs() * norm;
     // The reference, as crates/dpo-trainer/src/optim.rs computes it (the gradient clipped first).
-    let gs = (&g * scale)?;
+    let gs = (&g * factor)?;
     let m2 = ((&m * b1)? + (&gs * (1.0 - b1))?)?;
     let v2 = ((&v * b2)? + (gs.sqr()? * (1.0 - b2))?)?;
     let p2 = ((&p * decay)? - ((&m2 / ((v2.sqrt()? / bc2)? + eps)?)? * step)?)?;
     let (p1, m1, v1) = (p.copy()?, m.copy()?, v.copy()?);
-    if !super::adamw_step_fused(&p1, &m1, &v1, &g, scale, decay, (b1, b2, eps), step, bc2)? {
+    let part = super::AdamWPart { p: &p1, m: &m1, v: &v1, g: &g, decay };
+    if !super::adamw_fused(&[part], &clip, (b1, b2, eps), step, bc2)? {
         candle_core::bail!("no fused AdamW on {device:?}");
     }
     let rel = |a: &Tensor, b: &Tensor| -> Result<f64> {
@@ -830,10 +846,5 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
         Ok(d / (b.abs()?.max_all()?.to_scalar::<f32>()? as f64).max(1e-30))
     };
     let adam = rel(&p1, &p2)?.max(rel(&m1, &m2)?).max(rel(&v1, &v2)?);
-    let want: f64 = [&p, &g]
-        .iter()
-        .map(|t| t.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>())
-        .sum::<Result<f64>>()?;
-    let got = super::sum_squares_fused(&[p.clone(), g.clone()])?.unwrap_or(f64::NAN);
-    Ok((adam, (got - want).abs() / want))
+    Ok((adam, ((got_norm - norm).abs() / norm).max(factor_rel)))
 }

@@ -748,72 +748,24 @@ fn silu_mul_bwd_t<T: Kern>(
 
 /// The raw device address of a contiguous f32 CUDA tensor.
 fn f32_ptr(t: &candle_core::Tensor, what: &str) -> Result<u64> {
+    ptr_of::<f32>(t, what)
+}
+
+/// The device address of a contiguous CUDA tensor of `T`'s dtype (its first element).
+fn ptr_of<T: Kern>(t: &candle_core::Tensor, what: &str) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-    if t.dtype() != DType::F32 {
-        candle_core::bail!("{what}: expected f32, got {:?}", t.dtype());
+    if t.dtype() != T::DTYPE {
+        candle_core::bail!("{what}: expected {:?}, got {:?}", T::DTYPE, t.dtype());
     }
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cuda(s) = &*storage else { candle_core::bail!("{what}: not on a CUDA device") };
     let Some((start, _)) = layout.contiguous_offsets() else {
         candle_core::bail!("{what}: must be contiguous")
     };
-    let slice: &CudaSlice<f32> = s.as_cuda_slice::<f32>()?;
+    let slice: &CudaSlice<T> = s.as_cuda_slice::<T>()?;
     let stream = s.device().cuda_stream();
     let (ptr, _sync) = slice.device_ptr(&stream);
-    Ok(ptr + (start * std::mem::size_of::<f32>()) as u64)
-}
-
-/// One AdamW update of `p`, `m`, `v` in place from `g * gscale` (all f32, same size, contiguous).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn adamw_inplace(
-    p: &candle_core::Tensor,
-    m: &candle_core::Tensor,
-    v: &candle_core::Tensor,
-    g: &candle_core::Tensor,
-    gscale: f32,
-    decay: f32,
-    (b1, b2, eps): (f64, f64, f64),
-    step_size: f32,
-    bc2_sqrt: f32,
-) -> Result<()> {
-    let n = p.elem_count();
-    for (t, what) in [(m, "m"), (v, "v"), (g, "g")] {
-        if t.elem_count() != n {
-            candle_core::bail!("adamw: {what} has {} elements, the parameter {n}", t.elem_count());
-        }
-    }
-    let dev = match p.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("adamw: not on a CUDA device"),
-    };
-    let (pp, mp, vp, gp) =
-        (f32_ptr(p, "adamw p")?, f32_ptr(m, "adamw m")?, f32_ptr(v, "adamw v")?, f32_ptr(g, "adamw g")?);
-    if n == 0 {
-        return Ok(());
-    }
-    let f = func_named(&dev, "dpo_adamw_f32")?;
-    let n64 = n as i64;
-    // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
-    let (b1f, omb1, b2f, omb2, epsf) =
-        (b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32);
-    let mut lb = f.builder();
-    lb.arg(&pp)
-        .arg(&mp)
-        .arg(&vp)
-        .arg(&gp)
-        .arg(&n64)
-        .arg(&gscale)
-        .arg(&decay)
-        .arg(&b1f)
-        .arg(&omb1)
-        .arg(&b2f)
-        .arg(&omb2);
-    lb.arg(&epsf).arg(&step_size).arg(&bc2_sqrt);
-    // SAFETY: the pointers address live, contiguous f32 buffers of n elements owned by the
-    // optimizer and the parameter; the kernel is ordered on the device's stream with every
-    // other op on these buffers.
-    unsafe { lb.launch(elementwise_cfg(n)) }?;
-    Ok(())
+    Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
 }
 
 /// The f32 tensors `parts[i].0` (contiguous) cast to `dtype` (bf16 or f16) at element
@@ -876,46 +828,156 @@ fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) ->
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
-/// `sum_i sum(x_i^2)` over f32 CUDA tensors, in f64, with one device-to-host copy.
-pub(crate) fn sum_squares(xs: &[candle_core::Tensor]) -> Result<f64> {
-    let Some(first) = xs.first() else { return Ok(0.0) };
-    let dev = match first.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("sum_squares: not on a CUDA device"),
-    };
-    // Blocks of 256 threads, 8 elements a thread per round; a block's partial sum each.
-    let blocks = |n: usize| n.div_ceil(256 * 8).clamp(1, 4096);
-    let total: usize = xs.iter().filter(|x| x.elem_count() > 0).map(|x| blocks(x.elem_count())).sum();
-    if total == 0 {
-        return Ok(0.0);
+/// Tensors a launch of the optimizer's kernels takes (`OPT_PARTS` in `dpo_ops.cu`).
+const OPT_PARTS: usize = 16;
+
+/// The indices of tensors of `sizes` elements in launches of up to `OPT_PARTS`, the largest
+/// first, so that the tensors of a launch (whose grid is sized for its largest) are of similar
+/// size; empty tensors left out.
+fn opt_launches(sizes: impl Iterator<Item = usize>) -> Vec<Vec<usize>> {
+    let mut order: Vec<(usize, usize)> = sizes.enumerate().filter(|&(_, n)| n > 0).collect();
+    order.sort_by_key(|&(i, n)| (std::cmp::Reverse(n), i));
+    order.chunks(OPT_PARTS).map(|c| c.iter().map(|&(i, _)| i).collect()).collect()
+}
+
+fn cuda_of(t: &candle_core::Tensor, what: &str) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => candle_core::bail!("{what}: not on a CUDA device"),
     }
+}
+
+/// `[norm, factor]` (f64) for the f32 CUDA tensors `xs`: `norm = sqrt(sum_i ||x_i||^2)` and
+/// PyTorch's clipping factor `min(1, max_norm / (norm + 1e-6))` (1 when `max_norm <= 0`, NaN when
+/// the norm is not finite), computed on the device: nothing waits for it. A partial sum per block
+/// (`dpo_sumsq_parts_f32`, a launch per 16 tensors), then one block adds them in a fixed order
+/// (`dpo_clip_f64`): the same norm, bit for bit, on every run.
+pub(crate) fn clip(xs: &[candle_core::Tensor], max_norm: f64) -> Result<CudaStorage> {
+    let Some(first) = xs.first() else { candle_core::bail!("clip: no tensors") };
+    let dev = cuda_of(first, "clip")?;
+    // Blocks of 256 threads, 8 elements a thread per round, at most 1,024 a tensor (16 of those
+    // fill an H100 about 15 times over); a partial sum each.
+    let blocks = |n: usize| n.div_ceil(256 * 8).clamp(1, 1024);
+    let launches = opt_launches(xs.iter().map(|x| x.elem_count()));
+    let grid_x = |l: &[usize]| blocks(xs[l[0]].elem_count());
+    let total: usize = launches.iter().map(|l| l.len() * grid_x(l)).sum();
     let stream = dev.cuda_stream();
-    // SAFETY: each launch writes its blocks' partials, and the launches cover every one.
-    let mut partial = unsafe { stream.alloc::<f64>(total) }.w()?;
-    let f = func_named(&dev, "dpo_sumsq_f32")?;
+    // SAFETY: each launch writes all of its `parts x grid_x` partials, and the launches cover
+    // every one.
+    let mut partial = unsafe { stream.alloc::<f64>(total.max(1)) }.w()?;
+    let sumsq = func_named(&dev, "dpo_sumsq_parts_f32")?;
     let mut at = 0;
-    for x in xs {
-        let n = x.elem_count();
-        if n == 0 {
-            continue;
+    for l in &launches {
+        let (gx, len) = (grid_x(l), l.len() * grid_x(l));
+        let (mut ptrs, mut ns) = ([0u64; OPT_PARTS], [0i64; OPT_PARTS]);
+        for (k, &i) in l.iter().enumerate() {
+            (ptrs[k], ns[k]) = (f32_ptr(&xs[i], "clip")?, xs[i].elem_count() as i64);
         }
-        let (ptr, b) = (f32_ptr(x, "sum_squares")?, blocks(n));
-        let n64 = n as i64;
-        let mut out = partial.slice_mut(at..at + b);
-        let mut lb = f.builder();
-        lb.arg(&ptr).arg(&n64).arg(&mut out);
-        // SAFETY: `ptr` addresses a live contiguous f32 buffer of n elements; `out` has b slots.
-        unsafe {
-            lb.launch(LaunchConfig {
-                grid_dim: (b as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            })
-        }?;
-        at += b;
+        let mut out = partial.slice_mut(at..at + len);
+        let mut lb = sumsq.builder();
+        lb.arg(&mut out);
+        for p in &ptrs {
+            lb.arg(p);
+        }
+        for n in &ns {
+            lb.arg(n);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (gx as u32, l.len() as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each used pointer addresses a live contiguous f32 buffer of its n elements
+        // (unused slots are never read: blockIdx.y < parts); `out` has parts x gx slots.
+        unsafe { lb.launch(cfg) }?;
+        at += len;
     }
-    // Added in order on the host: the same sum on every run.
-    Ok(stream.clone_dtoh(&partial).w()?.iter().sum())
+    // SAFETY: the kernel writes both elements.
+    let mut out = unsafe { stream.alloc::<f64>(2) }.w()?;
+    let n = total as i64;
+    let add = func_named(&dev, "dpo_clip_f64")?;
+    let mut lb = add.builder();
+    lb.arg(&partial).arg(&n).arg(&max_norm).arg(&mut out);
+    // SAFETY: `partial` holds `total` f64 values, all written above; one block writes `out`.
+    unsafe { lb.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 }) }?;
+    Ok(f64::wrap_cuda_slice(out, dev))
+}
+
+/// One parameter's share of an AdamW step on CUDA: `p`, `m`, `v` updated in place from `g`
+/// (all f32, contiguous, of one size); `decay` is `1 - lr * weight_decay`, or 1.
+pub(crate) struct AdamWPart<'a> {
+    pub p: &'a candle_core::Tensor,
+    pub m: &'a candle_core::Tensor,
+    pub v: &'a candle_core::Tensor,
+    pub g: &'a candle_core::Tensor,
+    pub decay: f32,
+}
+
+/// One AdamW step of every part, a launch per 16 (`dpo_adamw_parts_f32`), each gradient scaled
+/// by the clipping factor `clip[1]` (from [`clip`]) as it is read; nothing is written where that
+/// factor is NaN.
+pub(crate) fn adamw(
+    parts: &[AdamWPart],
+    clip: &candle_core::Tensor,
+    (b1, b2, eps): (f64, f64, f64),
+    step_size: f32,
+    bc2_sqrt: f32,
+) -> Result<()> {
+    let Some(first) = parts.first() else { return Ok(()) };
+    let dev = cuda_of(first.p, "adamw")?;
+    if clip.elem_count() != 2 {
+        candle_core::bail!(
+            "adamw: the clipping tensor has {} elements, not [norm, factor]",
+            clip.elem_count()
+        );
+    }
+    let clip_ptr = ptr_of::<f64>(clip, "adamw clip")?;
+    for part in parts {
+        let n = part.p.elem_count();
+        for (t, what) in [(part.m, "m"), (part.v, "v"), (part.g, "g")] {
+            if t.elem_count() != n {
+                candle_core::bail!("adamw: {what} has {} elements, the parameter {n}", t.elem_count());
+            }
+        }
+    }
+    let f = func_named(&dev, "dpo_adamw_parts_f32")?;
+    // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
+    let hyper = [b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32, step_size, bc2_sqrt];
+    for l in opt_launches(parts.iter().map(|p| p.p.elem_count())) {
+        let mut ptrs = [[0u64; OPT_PARTS]; 4];
+        let (mut ns, mut decay) = ([0i64; OPT_PARTS], [1f32; OPT_PARTS]);
+        for (k, &i) in l.iter().enumerate() {
+            let AdamWPart { p, m, v, g, decay: d } = &parts[i];
+            for (slot, (t, what)) in
+                ptrs.iter_mut().zip([(p, "adamw p"), (m, "adamw m"), (v, "adamw v"), (g, "adamw g")])
+            {
+                slot[k] = f32_ptr(t, what)?;
+            }
+            (ns[k], decay[k]) = (p.elem_count() as i64, *d);
+        }
+        let mut lb = f.builder();
+        lb.arg(&clip_ptr);
+        for h in &hyper {
+            lb.arg(h);
+        }
+        for p in ptrs.iter().flatten() {
+            lb.arg(p);
+        }
+        for n in &ns {
+            lb.arg(n);
+        }
+        for d in &decay {
+            lb.arg(d);
+        }
+        let mut cfg = vector_cfg(parts[l[0]].p.elem_count());
+        cfg.grid_dim.1 = l.len() as u32;
+        // SAFETY: the used pointers address live, contiguous f32 buffers of their part's n
+        // elements (checked above), owned by the optimizer and the parameters; unused slots are
+        // never read (blockIdx.y < parts). The kernel is ordered on the device's stream with every
+        // other op on these buffers.
+        unsafe { lb.launch(cfg) }?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

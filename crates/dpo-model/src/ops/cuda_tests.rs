@@ -388,51 +388,78 @@ fn gather_rows_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
-/// AdamW in place against the kernel's own formula on the CPU (same f32 operations in the same
-/// order: equal bit for bit), and the sum of squares.
+/// The optimizer's step on the device: the clipping norm and factor of 21 tensors (two
+/// launches of 16 and 5, the largest first; one empty, a tensor sizes 1 and 7), then AdamW on all
+/// of them from the device's factor, against the kernel's own formula on the CPU (the same f32
+/// operations in the same order: equal bit for bit under the emulation); a non-finite norm
+/// makes a NaN factor, and AdamW then writes nothing.
 #[test]
-fn adamw_and_sum_of_squares() -> Result<()> {
+fn clip_and_adamw() -> Result<()> {
     let dev = gpu();
-    let n = 1000;
-    let f32s = |t: &Tensor| t.to_vec1::<f32>().unwrap();
-    let (p, m, g) =
-        (randn(&[n], 1, 1.0, DType::F32), randn(&[n], 2, 0.1, DType::F32), randn(&[n], 3, 1.0, DType::F32));
-    let v = randn(&[n], 4, 0.1, DType::F32).sqr()?;
-    let (pd, md, vd, gd) = (up(&p, &dev), up(&m, &dev), up(&v, &dev), up(&g, &dev));
-    let (gscale, decay, (b1, b2, eps), step, bc2) = (0.5f32, 0.99f32, (0.9, 0.999, 1e-8), 0.01f32, 0.3f32);
-    assert!(adamw_step_fused(
-        &pd,
-        &md,
-        &vd,
-        &gd,
-        gscale as f64,
-        decay as f64,
-        (b1, b2, eps),
-        step as f64,
-        bc2 as f64
-    )?);
-    let (mut pw, mut mw, mut vw) = (f32s(&p), f32s(&m), f32s(&v));
-    for (i, gi) in f32s(&g).into_iter().enumerate() {
-        let gi = gi * gscale;
-        mw[i] = b1 as f32 * mw[i] + (1.0 - b1) as f32 * gi;
-        vw[i] = b2 as f32 * vw[i] + (1.0 - b2) as f32 * (gi * gi);
-        let denom = vw[i].sqrt() / bc2 + eps as f32;
-        pw[i] = pw[i] * decay - (mw[i] / denom) * step;
+    let f32s = |t: &Tensor| t.to_device(&CPU).unwrap().to_vec1::<f32>().unwrap();
+    let sizes: Vec<usize> = (0..21).map(|i| [1000, 0, 7, 1, 3000, 2049, 64][i % 7] + 8 * i).collect();
+    let sizes: Vec<usize> = sizes.iter().enumerate().map(|(i, &n)| if i == 1 { 0 } else { n }).collect();
+    let host = |seed: u64, std: f32| -> Vec<Tensor> {
+        sizes.iter().enumerate().map(|(i, &n)| randn(&[n], seed + 10 * i as u64, std, DType::F32)).collect()
+    };
+    let (p, m, g) = (host(1, 1.0), host(2, 0.1), host(3, 1.0));
+    let v: Vec<Tensor> = host(4, 0.1).iter().map(|t| t.sqr().unwrap()).collect();
+    let on = |ts: &[Tensor]| -> Vec<Tensor> { ts.iter().map(|t| t.to_device(&dev).unwrap()).collect() };
+    let (pd, md, vd, gd) = (on(&p), on(&m), on(&v), on(&g));
+    let want: f64 = g.iter().flat_map(f32s).map(|x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
+    let read = |clip: &Tensor| -> (f64, f64) {
+        let v = clip.to_device(&CPU).unwrap().to_vec1::<f64>().unwrap();
+        (v[0], v[1])
+    };
+    let max_norm = want / 3.0;
+    let clip = clip_fused(&gd, max_norm)?.expect("on CUDA");
+    let (norm, factor) = read(&clip);
+    assert!((norm - want).abs() <= 1e-12 * want, "norm {norm} vs {want}");
+    assert_eq!(factor, (max_norm / (norm + 1e-6)).min(1.0), "the clipping factor");
+    assert_eq!(read(&clip_fused(&gd, 0.0)?.expect("on CUDA")).1, 1.0, "no clipping: factor 1");
+    assert_eq!(read(&clip_fused(&gd, 1e9)?.expect("on CUDA")).1, 1.0, "a norm under max_norm: factor 1");
+
+    let ((b1, b2, eps), step, bc2) = ((0.9, 0.999, 1e-8), 0.01f32, 0.3f32);
+    let decay = |i: usize| if i.is_multiple_of(3) { 1.0 } else { 0.99 };
+    let parts: Vec<AdamWPart> = (0..sizes.len())
+        .map(|i| AdamWPart { p: &pd[i], m: &md[i], v: &vd[i], g: &gd[i], decay: decay(i) })
+        .collect();
+    assert!(adamw_fused(&parts, &clip, (b1, b2, eps), step as f64, bc2 as f64)?);
+    let gscale = factor as f32;
+    for i in 0..sizes.len() {
+        let (mut pw, mut mw, mut vw) = (f32s(&p[i]), f32s(&m[i]), f32s(&v[i]));
+        for (j, gj) in f32s(&g[i]).into_iter().enumerate() {
+            let gj = gj * gscale;
+            mw[j] = b1 as f32 * mw[j] + (1.0 - b1) as f32 * gj;
+            vw[j] = b2 as f32 * vw[j] + (1.0 - b2) as f32 * (gj * gj);
+            let denom = vw[j].sqrt() / bc2 + eps as f32;
+            pw[j] = pw[j] * decay(i) as f32 - (mw[j] / denom) * step;
+        }
+        if sizes[i] == 0 {
+            continue;
+        }
+        // Exact under the emulation; a GPU contracts `a * b + c` into one rounding (FMA): 7e-8
+        // on an H200.
+        for (got, want, what) in [(&pd[i], pw, "p"), (&md[i], mw, "m"), (&vd[i], vw, "v")] {
+            assert_close(got, &Tensor::new(want, &CPU)?, 1e-6, &format!("adamw {what} of part {i}"));
+        }
     }
-    // Exact under the emulation; a GPU contracts `a * b + c` into one rounding (FMA): 7e-8 on
-    // an H200.
-    for (got, want, what) in [(&pd, pw, "p"), (&md, mw, "m"), (&vd, vw, "v")] {
-        let want = Tensor::new(want, &CPU)?;
-        assert_close(got, &want, 1e-6, &format!("adamw {what}"));
-    }
-    let xs = [randn(&[n], 5, 1.0, DType::F32), randn(&[3, 7], 6, 2.0, DType::F32)];
-    let want: f64 = xs
-        .iter()
-        .flat_map(|x| x.flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        .map(|x| (x as f64) * (x as f64))
-        .sum();
-    let got = sum_squares_fused(&[up(&xs[0], &dev), up(&xs[1], &dev)])?.expect("on CUDA");
-    assert!((got - want).abs() <= 1e-12 * want, "sum of squares {got} vs {want}");
+
+    // An infinite gradient element: the norm is inf, the factor NaN, and nothing moves.
+    let mut bad = f32s(&g[4]);
+    bad[17] = f32::INFINITY;
+    let mut gbad = gd.clone();
+    gbad[4] = Tensor::new(bad, &CPU)?.to_device(&dev)?;
+    let clip = clip_fused(&gbad, max_norm)?.expect("on CUDA");
+    let (norm, factor) = read(&clip);
+    assert!(norm == f64::INFINITY && factor.is_nan(), "norm {norm}, factor {factor}");
+    let before: Vec<Vec<f32>> = pd.iter().chain(&md).chain(&vd).map(f32s).collect();
+    let parts: Vec<AdamWPart> = (0..sizes.len())
+        .map(|i| AdamWPart { p: &pd[i], m: &md[i], v: &vd[i], g: &gbad[i], decay: decay(i) })
+        .collect();
+    assert!(adamw_fused(&parts, &clip, (b1, b2, eps), step as f64, bc2 as f64)?);
+    let after: Vec<Vec<f32>> = pd.iter().chain(&md).chain(&vd).map(f32s).collect();
+    assert!(before == after, "a NaN factor wrote to the optimizer's tensors");
     Ok(())
 }
 

@@ -43,41 +43,65 @@ pub use check::{randn_tensor, self_check, verify};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::gemm_bf16_f32;
 
-/// One AdamW step in place on CUDA (`p`, `m`, `v`, `g` f32, contiguous) from the gradient
-/// `g * grad_scale` (the clipping factor, applied as `g` is read): `Ok(false)` when the tensors
-/// are not on a CUDA device (the caller then uses tensor ops).
-#[allow(clippy::too_many_arguments)]
-pub fn adamw_step_fused(
-    p: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    grad_scale: f64,
-    decay: f64,
+/// `[norm, factor]` (f64, on the device) for gradients `grads` (f32) on CUDA: the global norm
+/// `sqrt(sum_i ||g_i||^2)` and PyTorch's clipping factor `min(1, max_norm / (norm + 1e-6))` (1
+/// when `max_norm <= 0`; NaN when the norm is not finite, which makes [`adamw_fused`] write
+/// nothing). Computed without a synchronization, in a launch per 16 tensors and one to add up;
+/// `None` off CUDA.
+pub fn clip_fused(grads: &[Tensor], max_norm: f64) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if let Some(first) = grads.first()
+        && first.device().is_cuda()
+        && grads.iter().all(|g| g.dtype() == DType::F32 && g.device().same_device(first.device()))
+    {
+        let grads = grads.iter().map(|g| g.contiguous()).collect::<Result<Vec<_>>>()?;
+        let stash = Stash::default();
+        stash.put(cuda::clip(&grads, max_norm)?, candle_core::Shape::from(2));
+        return stash.take(first).map(Some);
+    }
+    let _ = (grads, max_norm);
+    Ok(None)
+}
+
+/// One parameter's AdamW update for [`adamw_fused`]: `p`, `m`, `v` (f32) updated in place from
+/// the gradient `g`; `decay` is `1 - lr * weight_decay` (1 where the parameter does not decay).
+pub struct AdamWPart<'a> {
+    pub p: &'a Tensor,
+    pub m: &'a Tensor,
+    pub v: &'a Tensor,
+    pub g: &'a Tensor,
+    pub decay: f64,
+}
+
+/// One AdamW step of every part in place on CUDA, in a launch per 16 parameters, each gradient
+/// scaled by the clipping factor `clip[1]` (from [`clip_fused`], read where it is) as it is
+/// read; nothing is written if that factor is NaN. `Ok(false)`, with nothing done, unless every
+/// tensor is f32, contiguous and on one CUDA device (the caller then uses tensor ops).
+pub fn adamw_fused(
+    parts: &[AdamWPart],
+    clip: &Tensor,
     betas_eps: (f64, f64, f64),
     step_size: f64,
     bc2_sqrt: f64,
 ) -> Result<bool> {
     #[cfg(feature = "cuda")]
-    if p.device().is_cuda() {
-        let (scale, decay, step_size, bc2) =
-            (grad_scale as f32, decay as f32, step_size as f32, bc2_sqrt as f32);
-        cuda::adamw_inplace(p, m, v, g, scale, decay, betas_eps, step_size, bc2)?;
+    if clip.device().is_cuda()
+        && parts
+            .iter()
+            .flat_map(|x| [x.p, x.m, x.v, x.g])
+            .all(|t| t.dtype() == DType::F32 && t.is_contiguous() && t.device().same_device(clip.device()))
+    {
+        let parts: Vec<cuda::AdamWPart> = parts
+            .iter()
+            .map(|x| cuda::AdamWPart { p: x.p, m: x.m, v: x.v, g: x.g, decay: x.decay as f32 })
+            .collect();
+        cuda::adamw(&parts, &clip.contiguous()?, betas_eps, step_size as f32, bc2_sqrt as f32)?;
         return Ok(true);
     }
-    let _ = (p, m, v, g, grad_scale, decay, betas_eps, step_size, bc2_sqrt);
+    let _ = (parts, clip, betas_eps, step_size, bc2_sqrt);
     Ok(false)
 }
 
-/// `sum_i ||x_i||^2` on CUDA with a single copy to the host; `None` off CUDA.
-pub fn sum_squares_fused(xs: &[Tensor]) -> Result<Option<f64>> {
-    #[cfg(feature = "cuda")]
-    if xs.first().is_some_and(|x| x.device().is_cuda() && x.dtype() == DType::F32) {
-        return cuda::sum_squares(xs).map(Some);
-    }
-    let _ = xs;
-    Ok(None)
-}
 pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
 pub use cast::{cast_cat, cast_cat_slow};
 pub use gather::{add_gather_rows_backward, gather_rows, gather_rows_slow};

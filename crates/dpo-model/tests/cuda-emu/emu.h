@@ -33,6 +33,8 @@ inline dim3 blockDim, gridDim;
 #define __align__(n) __attribute__((aligned(n)))
 // One block runs at a time, so a function's statics are its block's shared memory.
 #define __shared__ static
+// CUDA's device math has the classification functions unqualified, for double as for float.
+using std::isfinite;
 
 namespace emu {
 struct Block {
