@@ -221,18 +221,29 @@ __device__ void softmax_bwd_warp(const T *__restrict__ p, const T *__restrict__ 
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: y = O(T(x * r) * w), r = 1 / sqrt(sum(x^2) * (1/D) + eps), rows of length D; the
 // output type O is T, or bf16/f16 for f32 inputs (the norm and the cast to the matmul dtype).
+// With `add` (a branch's output in O): the residual add first, sum = x + add (written, and
+// normalized in place of x), as dpo_add_cast then this kernel compute it, in one pass over x.
 template <typename T, typename O = T>
 __device__ void rmsnorm_fwd(const T *__restrict__ x, const T *__restrict__ w, O *__restrict__ y, int D,
-                            double eps) {
+                            double eps, const O *__restrict__ add = nullptr, T *__restrict__ sum = nullptr) {
     typedef ACC(T) A;
     __shared__ A shm[32];
     const long long off = (long long)blockIdx.x * D;
     A ss = 0;
-    strided4<A>(D, [&](int j) { return to_acc(x[off + j]); }, [&](int, A v) { ss += v * v; });
+    if (add) {
+        strided4<A>(D, [&](int j) { return to_acc(x[off + j]) + to_acc(add[off + j]); }, [&](int j, A v) {
+            sum[off + j] = from_acc<T>(v);
+            ss += v * v;
+        });
+    } else {
+        strided4<A>(D, [&](int j) { return to_acc(x[off + j]); }, [&](int, A v) { ss += v * v; });
+    }
     ss = block_sum(ss, shm);
     const A r = (A)1 / acc_sqrt(ss * ((A)1 / (A)D) + (A)eps);
+    // The second walk visits a thread's elements as the first did: it reads back its own sums.
+    const T *__restrict__ xs = add ? sum : x;
     strided4<NormCol<A>>(
-        D, [&](int j) { return NormCol<A>{to_acc(x[off + j]), to_acc(w[j])}; },
+        D, [&](int j) { return NormCol<A>{to_acc(xs[off + j]), to_acc(w[j])}; },
         [&](int j, NormCol<A> e) { y[off + j] = from_acc<O>(round_t<T>(e.x * r) * e.w); });
 }
 
@@ -779,6 +790,10 @@ INSTANTIATE(__half, f16)
     extern "C" __global__ void dpo_rmsnorm_fwd_f32_to_##SUF(const float *x, const float *w, T *y, int D, \
                                                           double eps) {                             \
         rmsnorm_fwd<float, T>(x, w, y, D, eps);                                                      \
+    }                                                                                                \
+    extern "C" __global__ void dpo_add_rmsnorm_fwd_f32_to_##SUF(const float *h, const T *add, const float *w, \
+                                                              float *sum, T *y, int D, double eps) {   \
+        rmsnorm_fwd<float, T>(h, w, y, D, eps, add, sum);                                            \
     }                                                                                                \
     extern "C" __global__ void dpo_rmsnorm_bwd_dx_add_f32_from_##SUF(                                \
         const float *x, const float *w, const T *dy, const float *res, float *out, T *out_lo, float *rs, \

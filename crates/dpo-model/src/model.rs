@@ -555,9 +555,10 @@ impl CausalLm {
     /// `[rows, seq]` (u32); positions are `0..seq` on every row unless `mask` carries its own.
     pub fn hidden_states(&self, input_ids: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         let (cos, sin) = self.rope_tables(input_ids, mask)?;
-        let mut h = self.embed_input(input_ids)?;
-        for b in &self.blocks {
-            h = self.block(b, &h, &cos, &sin, mask)?;
+        let (mut h, mut x1) = (self.embed_input(input_ids)?, None);
+        for (l, b) in self.blocks.iter().enumerate() {
+            let next_norm = self.blocks.get(l + 1).map(|next| &next.input_norm);
+            (h, x1, _) = self.block_saving(b, &h, x1, next_norm, &cos, &sin, mask)?;
         }
         self.rms_norm(&h, &self.norm)
     }
@@ -610,10 +611,13 @@ impl CausalLm {
         let (cos, sin) = self.rope_tables(input_ids, mask)?;
         // The manual backward uses the cast weights again: cast them once.
         let frozen = if manual { self.detached_for_compute()? } else { self.detached() };
-        let mut inputs = vec![frozen.embed_input(input_ids)?];
+        let (mut inputs, mut x1) = (vec![frozen.embed_input(input_ids)?], None);
         let mut saved = Vec::with_capacity(if checkpoint { 0 } else { frozen.blocks.len() });
-        for b in &frozen.blocks {
-            let (next, s) = frozen.block_saving(b, inputs.last().expect("one input"), &cos, &sin, mask)?;
+        for (l, b) in frozen.blocks.iter().enumerate() {
+            let (h, next_norm) =
+                (inputs.last().expect("one input"), frozen.blocks.get(l + 1).map(|n| &n.input_norm));
+            let (next, next_x1, s) = frozen.block_saving(b, h, x1, next_norm, &cos, &sin, mask)?;
+            x1 = next_x1;
             if !checkpoint {
                 saved.push(s);
             }
@@ -649,7 +653,7 @@ impl CausalLm {
                 let fb = &frozen.blocks[l];
                 let s = match saved.pop() {
                     Some(s) => s,
-                    None => frozen.block_saving(fb, &inputs[l], &cos, &sin, mask)?.1,
+                    None => frozen.block_saving(fb, &inputs[l], None, None, &cos, &sin, mask)?.2,
                 };
                 let dout = (&upstream, upstream_lo.take());
                 let (dh, dh_lo) = frozen.block_backward(fb, b, s, dout, &cos, &sin, mask, &mut grads)?;
@@ -723,25 +727,34 @@ impl CausalLm {
         sin: &Tensor,
         mask: &AttentionMask,
     ) -> Result<Tensor> {
-        Ok(self.block_saving(b, h, cos, sin, mask)?.0)
+        Ok(self.block_saving(b, h, None, None, cos, sin, mask)?.0)
     }
 
     /// [`CausalLm::block`], also returning the tensors the manual backward needs
-    /// ([`backward::Saved`]: handles on tensors the forward makes anyway).
+    /// ([`backward::Saved`]: handles on tensors the forward makes anyway). Each residual add is
+    /// done with the norm that reads its sum ([`CausalLm::add_norm_to`]): `x1`, the block's first
+    /// norm of `h`, comes from the block before where it computed it; given the next block's
+    /// first norm weight (`next_norm`), the block computes that norm of its output, returned
+    /// second.
+    #[allow(clippy::too_many_arguments)]
     fn block_saving(
         &self,
         b: &Block,
         h: &Tensor,
+        x1: Option<Tensor>,
+        next_norm: Option<&Tensor>,
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
-    ) -> Result<(Tensor, backward::Saved)> {
+    ) -> Result<(Tensor, Option<Tensor>, backward::Saved)> {
         let dt = self.compute_dtype;
-        let x1 = self.rms_norm_to(h, &b.input_norm, dt)?;
+        let x1 = match x1 {
+            Some(x1) => x1,
+            None => self.rms_norm_to(h, &b.input_norm, dt)?,
+        };
         let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
         let a = merge_heads(&self.attend(&q, &k, &v, mask)?)?;
-        let h2 = self.add_residual(h, &b.o.forward(&a, dt)?)?;
-        let x2 = self.rms_norm_to(&h2, &b.post_norm, dt)?;
+        let (h2, x2) = self.add_norm_to(h, &b.o.forward(&a, dt)?, &b.post_norm, dt)?;
         let silu_mul = |g: &Tensor, u: &Tensor| if self.fused { ops::silu_mul(g, u) } else { g.silu()? * u };
         let (gate, up, mlp) = match &b.gate_up {
             // Stacked: gate^T and up^T are the halves of one [2 * inter, tokens] output.
@@ -759,8 +772,11 @@ impl CausalLm {
                 (gate, up, mlp)
             }
         };
-        let out = self.add_residual(&h2, &mlp)?;
-        Ok((out, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
+        let (out, next_x1) = match next_norm {
+            Some(w) => self.add_norm_to(&h2, &mlp, w, dt).map(|(out, x1)| (out, Some(x1)))?,
+            None => (self.add_residual(&h2, &mlp)?, None),
+        };
+        Ok((out, next_x1, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
     }
 
     /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
@@ -780,6 +796,18 @@ impl CausalLm {
         } else {
             ops::rms_norm_slow(x, w, self.config.rms_norm_eps)?.to_dtype(dtype)
         }
+    }
+
+    /// `(h + y, T(RMSNorm(h + y, w)))`: a residual add and the norm that reads its sum. One
+    /// pass with the fused ops where no graph is built (the reference's forward, the manual
+    /// backward's: no input tracks a gradient), else the two ops. The same values either way.
+    fn add_norm_to(&self, h: &Tensor, y: &Tensor, w: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        if self.fused && ![h, y, w].iter().any(|t| t.track_op()) {
+            return ops::add_rms_norm_to(h, y, w, self.config.rms_norm_eps, dtype);
+        }
+        let sum = self.add_residual(h, y)?;
+        let normed = self.rms_norm_to(&sum, w, dtype)?;
+        Ok((sum, normed))
     }
 
     /// `h + y` for the residual stream `h` and a branch's output `y` in the compute dtype (one

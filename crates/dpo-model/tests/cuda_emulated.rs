@@ -61,6 +61,7 @@ fn kernels() -> Vec<String> {
     ];
     let mixed = [
         "dpo_rmsnorm_fwd_f32_to",
+        "dpo_add_rmsnorm_fwd_f32_to",
         "dpo_rmsnorm_bwd_dx_add_f32_from",
         "dpo_rmsnorm_bwd_dw_partial_f32_from",
         "dpo_add_cast",
@@ -109,7 +110,7 @@ fn every_kernel_is_in_the_registry() {
         assert!(known, "kernel {name} is not in tests/cuda_emulated.rs's registry");
         found += 1;
     }
-    assert_eq!(found, 32, "kernel declarations in dpo_ops.cu");
+    assert_eq!(found, 34, "kernel declarations in dpo_ops.cu");
 }
 
 /// The emulator, compiled once per test binary.
@@ -880,7 +881,7 @@ fn rms_norm_forward_and_backward_dx() -> Result<()> {
 
 /// The mixed-precision forward pair: the norm from f32 into bf16 or f16, the residual add back
 /// (8 elements a thread, as `src/ops/cuda.rs` launches it; 3,552 of them, and 165, which leave
-/// a tail of 5).
+/// a tail of 5); and the add with the norm of its sum in one pass.
 #[test]
 fn rms_norm_to_and_add_cast() -> Result<()> {
     for ((rows, dim), dt) in [(37, 96), (5, 33)].into_iter().flat_map(|s| [(s, DType::BF16), (s, DType::F16)])
@@ -899,7 +900,18 @@ fn rms_norm_to_and_add_cast() -> Result<()> {
         let args = [buf(&x), buf(&y), out(DType::F32, n), Arg::I64(n as i64)];
         let got = launch(&format!("dpo_add_cast_{}", dt.as_str()), grid, block, &args);
         let want = ops::add_cast(&x, &y)?;
-        assert_close(&tensor(&got[2], DType::F32, &[rows, dim]), &want, 0.0, &format!("add_cast {dt:?}"));
+        let sum = tensor(&got[2], DType::F32, &[rows, dim]);
+        assert_close(&sum, &want, 0.0, &format!("add_cast {dt:?}"));
+        // Both in one pass: the sum, and the norm of it, bit for bit the two kernels'.
+        let (grid, block) = rows_cfg(rows, dim);
+        let args = [buf(&sum), buf(&w), out(dt, n), Arg::I32(dim as i32), Arg::F64(eps)];
+        let normed = launch(&format!("dpo_rmsnorm_fwd_f32_to_{}", dt.as_str()), grid, block, &args);
+        let args =
+            [buf(&x), buf(&y), buf(&w), out(DType::F32, n), out(dt, n), Arg::I32(dim as i32), Arg::F64(eps)];
+        let got = launch(&format!("dpo_add_rmsnorm_fwd_f32_to_{}", dt.as_str()), grid, block, &args);
+        let what = format!("add + rms_norm_to {dt:?} [{rows}, {dim}]");
+        assert_close(&tensor(&got[3], DType::F32, &[rows, dim]), &sum, 0.0, &format!("{what}: the sum"));
+        assert_close(&tensor(&got[4], dt, &[rows, dim]), &tensor(&normed[2], dt, &[rows, dim]), 0.0, &what);
     }
     Ok(())
 }

@@ -388,6 +388,52 @@ fn rms_norm_fwd_t<T: Kern, O: Kern>(
     Ok(O::wrap_cuda_slice(out, dev))
 }
 
+/// `(h + f32(y), O(RMSNorm(h + f32(y), w)))` for an f32 `h` `[rows, D]`, a `y` of `h`'s shape in
+/// `O` (bf16 or f16) and an f32 `w` `[D]`, in one pass: the residual add of [`add_cast`] and the
+/// norm of [`rms_norm_fwd`] to `O`, which it computes bit for bit.
+pub(super) fn add_rms_norm_fwd(
+    h: &CudaStorage,
+    hl: &Layout,
+    y: &CudaStorage,
+    yl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, CudaStorage)> {
+    dispatch!(y.dtype(), add_rms_norm_fwd_t(h, hl, y, yl, w, wl, eps))
+}
+
+fn add_rms_norm_fwd_t<O: Kern>(
+    h: &CudaStorage,
+    hl: &Layout,
+    y: &CudaStorage,
+    yl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f64,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let dev = h.device().clone();
+    let hv = view::<f32>(h, hl, "add_rms_norm")?;
+    let yv = view::<O>(y, yl, "add_rms_norm branch")?;
+    let wv = view::<f32>(w, wl, "add_rms_norm weight")?;
+    let n = hl.shape().elem_count();
+    if yl.shape().elem_count() != n {
+        candle_core::bail!("add_rms_norm: branch {:?} for h {:?}", yl.shape(), hl.shape());
+    }
+    let d = wl.shape().elem_count().max(1);
+    let d32 = int(d, "add_rms_norm")?;
+    // SAFETY: every element of both is written by the kernel.
+    let (mut sum, mut out) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<O>(n)?) };
+    if n > 0 {
+        let f = func::<O>(&dev, "dpo_add_rmsnorm_fwd_f32_to")?;
+        let mut lb = f.builder();
+        lb.arg(&hv).arg(&yv).arg(&wv).arg(&mut sum).arg(&mut out).arg(&d32).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { lb.launch(rows_cfg(n / d, d, "add_rms_norm")?) }?;
+    }
+    Ok((f32::wrap_cuda_slice(sum, dev.clone()), O::wrap_cuda_slice(out, dev)))
+}
+
 /// `h + f32(y)` for an f32 `h` and a bf16 or f16 `y` of the same shape.
 pub(super) fn add_cast(h: &CudaStorage, hl: &Layout, y: &CudaStorage, yl: &Layout) -> Result<CudaStorage> {
     dispatch!(y.dtype(), add_cast_t(h, hl, y, yl))

@@ -149,6 +149,29 @@ fn add_cast_bf16_and_f16() -> Result<()> {
     Ok(())
 }
 
+/// The residual add and the norm of its sum in one pass (rows of 333, and of 1,100: more
+/// elements than threads), against the CPU's two ops, and bit for bit the two kernels'.
+#[test]
+fn add_rms_norm_one_pass() -> Result<()> {
+    let dev = gpu();
+    for (rows, d) in [(7, 333), (3, 1100)] {
+        let (h, w) = (randn(&[rows, d], 1, 1.0, DType::F32), randn(&[d], 2, 1.0, DType::F32));
+        let (hd, wd) = (up(&h, &dev), up(&w, &dev));
+        for dt in [DType::BF16, DType::F16] {
+            let what = format!("add_rms_norm_to {dt:?} [{rows}, {d}]");
+            let y = randn(&[rows, d], 3, 1.0, dt);
+            let (sum, normed) = add_rms_norm_to(&hd, &up(&y, &dev), &wd, 1e-6, dt)?;
+            assert_eq!((sum.dtype(), normed.dtype()), (DType::F32, dt));
+            let (want_sum, want) = add_rms_norm_to(&h, &y, &w, 1e-6, dt)?;
+            assert_close(&sum, &want_sum, 0.0, &format!("{what}: the sum"));
+            assert_close(&normed, &want, tol(dt), &what);
+            let two = rms_norm_to(&add_cast(&hd, &up(&y, &dev))?, &wd, 1e-6, dt)?;
+            assert_close(&normed, &two.to_device(&CPU)?, 0.0, &format!("{what}: the two kernels'"));
+        }
+    }
+    Ok(())
+}
+
 /// Weights cast and stacked (`cast_cat`): twenty tensors in ten groups, so two launches, the
 /// second with fewer than 16 parts; lengths that are not whole vectors (a part that starts
 /// mid-vector in its group, and a tail), and each input starting inside its buffer. Bit for bit

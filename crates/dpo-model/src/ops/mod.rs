@@ -111,7 +111,8 @@ pub use logprobs::{
 };
 pub use residual::add_cast;
 pub use rms_norm::{
-    rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_backward_add_lo, rms_norm_slow, rms_norm_to,
+    add_rms_norm_to, rms_norm, rms_norm_backward, rms_norm_backward_add, rms_norm_backward_add_lo,
+    rms_norm_slow, rms_norm_to,
 };
 pub use rope::{rope, rope_backward, rope_backward_merged, rope_slow, rope_with_bias};
 pub use silu::{

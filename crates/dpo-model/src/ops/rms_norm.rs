@@ -39,6 +39,78 @@ pub fn rms_norm_to(x: &Tensor, w: &Tensor, eps: f64, dtype: DType) -> Result<Ten
     x.contiguous()?.apply_op2(&w, RmsNorm { eps, out: Some(dtype) })
 }
 
+/// `(h + y, T(rms_norm(h + y, w, eps)))` for `T = dtype`, without a graph: the residual add that
+/// leaves a branch ([`super::add_cast`]) and the norm that feeds the next matmul
+/// ([`rms_norm_to`]), for a forward that keeps no graph (the reference's, the manual
+/// backward's). On CUDA, for an f32 `h` and a `y` in `dtype` (bf16/f16), one pass that writes
+/// the sum and normalizes it without reading it back from memory; otherwise those two ops. The
+/// same values either way.
+pub fn add_rms_norm_to(
+    h: &Tensor,
+    y: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if h.device().is_cuda()
+        && h.dtype() == DType::F32
+        && y.dtype() == dtype
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && h.shape() == y.shape()
+        && w.dims() == [h.dim(D::Minus1)?]
+    {
+        let _timed = crate::profile::op(h.device(), "add_rms_norm");
+        let op = AddRmsNorm { eps, sum: super::Stash::default() };
+        let (h, y) = (h.detach().contiguous()?, y.detach().contiguous()?);
+        let normed = h.apply_op3_no_bwd(&y, &w.detach().to_dtype(DType::F32)?.contiguous()?, &op)?;
+        return Ok((op.sum.take(&h)?, normed));
+    }
+    let sum = super::add_cast(&h.detach(), &y.detach())?;
+    let normed = rms_norm_to(&sum, &w.detach(), eps, dtype)?;
+    Ok((sum, normed))
+}
+
+/// [`add_rms_norm_to`]'s CUDA pass: `(h, y, w)` -> the norm, the sum left in `sum`.
+#[cfg(feature = "cuda")]
+struct AddRmsNorm {
+    eps: f64,
+    sum: super::Stash,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "dpo-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("add_rms_norm: the one-pass op exists on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &Layout,
+        y: &candle_core::CudaStorage,
+        yl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (sum, normed) = super::cuda::add_rms_norm_fwd(h, hl, y, yl, w, wl, self.eps)?;
+        self.sum.put(sum, hl.shape().clone());
+        Ok((normed, hl.shape().clone()))
+    }
+}
+
 /// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
 /// `x`'s dtype, as in the forward, and so is `dw`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
