@@ -304,16 +304,40 @@ template <int W, typename T> __device__ __forceinline__ void store_w(T *p, const
     for (int j = 0; j < W; ++j) p[j] = e[j];
 }
 
-// f32 tensors cast to T into one buffer: part blockIdx.y, src[p][0 .. n[p]) -> out[off[p] ..).
-// The manual backward's per-step copy of the weights in the matmul dtype, stacked as its
-// matmuls take them, in one pass and one launch for up to CAST_PARTS tensors.
-#define CAST_PARTS 16
+// Kernels that take up to PARTS tensors a launch, one per blockIdx.y, have a parameter per part
+// for each field (x0 .. x15: PART_PARAMS), and a block picks its own with PART(x), a chain of
+// selects on the block-uniform blockIdx.y. An array of the parameters indexed by blockIdx.y would
+// be addressable memory, which nvcc builds in each thread's local memory: every thread of the
+// launch would first copy the whole parameter list (704 bytes for AdamW's) out to it.
+#define PARTS 16
+#define PART_PARAMS(T, x)                                                                            \
+    T x##0, T x##1, T x##2, T x##3, T x##4, T x##5, T x##6, T x##7, T x##8, T x##9, T x##10, T x##11, \
+        T x##12, T x##13, T x##14, T x##15
+#define PART(x)                                                                                      \
+    (blockIdx.y == 0    ? x##0                                                                       \
+     : blockIdx.y == 1  ? x##1                                                                       \
+     : blockIdx.y == 2  ? x##2                                                                       \
+     : blockIdx.y == 3  ? x##3                                                                       \
+     : blockIdx.y == 4  ? x##4                                                                       \
+     : blockIdx.y == 5  ? x##5                                                                       \
+     : blockIdx.y == 6  ? x##6                                                                       \
+     : blockIdx.y == 7  ? x##7                                                                       \
+     : blockIdx.y == 8  ? x##8                                                                       \
+     : blockIdx.y == 9  ? x##9                                                                       \
+     : blockIdx.y == 10 ? x##10                                                                      \
+     : blockIdx.y == 11 ? x##11                                                                      \
+     : blockIdx.y == 12 ? x##12                                                                      \
+     : blockIdx.y == 13 ? x##13                                                                      \
+     : blockIdx.y == 14 ? x##14                                                                      \
+                        : x##15)
+
+// f32 tensors cast to T into one buffer: this block's part, s[0 .. n) -> out[off ..). The manual
+// backward's per-step copy of the weights in the matmul dtype, stacked as its matmuls take them,
+// in one pass and one launch for up to PARTS tensors.
 template <typename T>
-__device__ void cast_parts(T *__restrict__ out, const float *const (&src)[CAST_PARTS],
-                           const long long (&off)[CAST_PARTS], const long long (&n)[CAST_PARTS]) {
-    const float *__restrict__ s = src[blockIdx.y];
-    T *__restrict__ d = out + off[blockIdx.y];
-    elementwise(n[blockIdx.y], aligned16(s) && aligned16(d), [&](long long i, auto width) {
+__device__ void cast_parts(T *__restrict__ out, const float *__restrict__ s, long long off, long long n) {
+    T *__restrict__ d = out + off;
+    elementwise(n, aligned16(s) && aligned16(d), [&](long long i, auto width) {
         constexpr int W = decltype(width)::w;
         float a[W];
         T o[W];
@@ -807,23 +831,10 @@ INSTANTIATE(__half, f16)
     extern "C" __global__ void dpo_add_cast_##SUF(const float *h, const T *y, float *out, long long n) { \
         add_cast<T>(h, y, out, n);                                                                   \
     }                                                                                                \
-    extern "C" __global__ void dpo_cast_parts_f32_to_##SUF(                                          \
-        T *out, const float *s0, const float *s1, const float *s2, const float *s3, const float *s4, \
-        const float *s5, const float *s6, const float *s7, const float *s8, const float *s9,         \
-        const float *s10, const float *s11, const float *s12, const float *s13, const float *s14,    \
-        const float *s15, long long o0, long long o1, long long o2, long long o3, long long o4,      \
-        long long o5, long long o6, long long o7, long long o8, long long o9, long long o10,         \
-        long long o11, long long o12, long long o13, long long o14, long long o15, long long n0,     \
-        long long n1, long long n2, long long n3, long long n4, long long n5, long long n6,          \
-        long long n7, long long n8, long long n9, long long n10, long long n11, long long n12,       \
-        long long n13, long long n14, long long n15) {                                               \
-        const float *const src[CAST_PARTS] = {s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, \
-            s13, s14, s15};                                                                          \
-        const long long off[CAST_PARTS] = {o0, o1, o2, o3, o4, o5, o6, o7, o8, o9, o10, o11, o12,    \
-            o13, o14, o15};                                                                          \
-        const long long n[CAST_PARTS] = {n0, n1, n2, n3, n4, n5, n6, n7, n8, n9, n10, n11, n12, n13, \
-            n14, n15};                                                                               \
-        cast_parts<T>(out, src, off, n);                                                             \
+    extern "C" __global__ void dpo_cast_parts_f32_to_##SUF(T *out, PART_PARAMS(const float *, s),   \
+                                                           PART_PARAMS(long long, o),               \
+                                                           PART_PARAMS(long long, n)) {             \
+        cast_parts<T>(out, PART(s), PART(o), PART(n));                                               \
     }                                                                                                \
     extern "C" __global__ void dpo_target_logprobs_bwd_f32_to_##SUF(const float *z, const float *lse_g, \
                                                                     const unsigned int *t, T *dz, int V, \
@@ -838,27 +849,19 @@ INSTANTIATE_MIXED(__half, f16)
 // The optimizer step, in few launches and with no wait for the host: the clipping factor is
 // computed on the device (dpo_clip_f64) and AdamW reads it there.
 //
-// Each launch takes up to OPT_PARTS tensors, one per blockIdx.y (the launcher groups tensors of
+// Each launch takes up to PARTS tensors, one per blockIdx.y (the launcher groups tensors of
 // similar size; blocks past a part's end exit).
-#define OPT_PARTS 16
-#define OPT_LIST(T, x)                                                                               \
-    T x##0, T x##1, T x##2, T x##3, T x##4, T x##5, T x##6, T x##7, T x##8, T x##9, T x##10, T x##11, \
-        T x##12, T x##13, T x##14, T x##15
-#define OPT_ARRAY(x)                                                                                 \
-    {x##0, x##1, x##2, x##3, x##4, x##5, x##6, x##7, x##8, x##9, x##10, x##11, x##12, x##13, x##14, x##15}
 
-// Sum of squares of x[part] (f32), one partial sum (f64) per block into
+// Sum of squares of this block's part x (f32), one partial sum (f64) per block into
 // out[blockIdx.y * gridDim.x + blockIdx.x]: dpo_clip_f64 adds them in a fixed order, so the
 // norm is the same, bit for bit, on every run (atomic adds land in any order). 8 elements a
 // thread at a time (16-byte vectors where x is aligned).
-extern "C" __global__ void dpo_sumsq_parts_f32(double *__restrict__ out, OPT_LIST(const float *, x),
-                                               OPT_LIST(long long, n)) {
+extern "C" __global__ void dpo_sumsq_parts_f32(double *__restrict__ out, PART_PARAMS(const float *, x),
+                                               PART_PARAMS(long long, n)) {
     __shared__ double part[32];
-    const float *const xs[OPT_PARTS] = OPT_ARRAY(x);
-    const long long ns[OPT_PARTS] = OPT_ARRAY(n);
-    const float *__restrict__ xp = xs[blockIdx.y];
+    const float *__restrict__ xp = PART(x);
     double acc = 0.0;
-    elementwise(ns[blockIdx.y], aligned16(xp), [&](long long i, auto width) {
+    elementwise(PART(n), aligned16(xp), [&](long long i, auto width) {
         constexpr int W = decltype(width)::w;
         float e[W];
         load_w<W>(e, xp + i);
@@ -889,31 +892,25 @@ extern "C" __global__ void dpo_clip_f64(const double *__restrict__ partial, long
 
 // AdamW, in place, f32 (PyTorch's formula, decoupled decay), the gradient scaled by the clipping
 // factor clip[1] (dpo_clip_f64's, rounded to f32) as it is read; nothing is written when the
-// factor is NaN. Per part, decay[part] is 1 - lr * weight_decay (1 where the parameter does not
+// factor is NaN. Per part, `decay` is 1 - lr * weight_decay (1 where the parameter does not
 // decay):
 //   g *= factor;  p *= decay;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 extern "C" __global__ void dpo_adamw_parts_f32(const double *__restrict__ clip, float b1, float one_minus_b1,
                                                float b2, float one_minus_b2, float eps, float step_size,
-                                               float bc2_sqrt, OPT_LIST(float *, p), OPT_LIST(float *, m),
-                                               OPT_LIST(float *, v), OPT_LIST(const float *, g),
-                                               OPT_LIST(long long, n), OPT_LIST(float, decay)) {
+                                               float bc2_sqrt, PART_PARAMS(float *, p), PART_PARAMS(float *, m),
+                                               PART_PARAMS(float *, v), PART_PARAMS(const float *, g),
+                                               PART_PARAMS(long long, n), PART_PARAMS(float, decay)) {
     const double factor = clip[1];
     if (factor != factor) return;
     const float gscale = (float)factor;
-    float *const ps[OPT_PARTS] = OPT_ARRAY(p);
-    float *const ms[OPT_PARTS] = OPT_ARRAY(m);
-    float *const vs[OPT_PARTS] = OPT_ARRAY(v);
-    const float *const gs[OPT_PARTS] = OPT_ARRAY(g);
-    const long long ns[OPT_PARTS] = OPT_ARRAY(n);
-    const float decays[OPT_PARTS] = OPT_ARRAY(decay);
-    float *__restrict__ pp = ps[blockIdx.y];
-    float *__restrict__ mp = ms[blockIdx.y];
-    float *__restrict__ vp = vs[blockIdx.y];
-    const float *__restrict__ gp = gs[blockIdx.y];
-    const float dec = decays[blockIdx.y];
+    float *__restrict__ pp = PART(p);
+    float *__restrict__ mp = PART(m);
+    float *__restrict__ vp = PART(v);
+    const float *__restrict__ gp = PART(g);
+    const float dec = PART(decay);
     const bool vec = aligned16(pp) && aligned16(mp) && aligned16(vp) && aligned16(gp);
-    elementwise(ns[blockIdx.y], vec, [&](long long i, auto width) {
+    elementwise(PART(n), vec, [&](long long i, auto width) {
         constexpr int W = decltype(width)::w;
         float pw[W], mw[W], vw[W], gw[W];
         load_w<W>(pw, pp + i);

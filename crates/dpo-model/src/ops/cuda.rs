@@ -814,9 +814,12 @@ fn ptr_of<T: Kern>(t: &candle_core::Tensor, what: &str) -> Result<u64> {
     Ok(ptr + (start * std::mem::size_of::<T>()) as u64)
 }
 
+/// Tensors a launch of a kernel with a tensor per `blockIdx.y` takes (`PARTS` in `dpo_ops.cu`).
+const PARTS: usize = 16;
+
 /// The f32 tensors `parts[i].0` (contiguous) cast to `dtype` (bf16 or f16) at element
-/// `parts[i].1` of a new buffer of `len` elements, `CAST_PARTS` (16) tensors a launch; elements
-/// no part covers are left unwritten.
+/// `parts[i].1` of a new buffer of `len` elements, [`PARTS`] tensors a launch; elements no part
+/// covers are left unwritten.
 pub(super) fn cast_parts(
     parts: &[(&candle_core::Tensor, usize)],
     len: usize,
@@ -830,7 +833,6 @@ pub(super) fn cast_parts(
 }
 
 fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) -> Result<CudaStorage> {
-    const CAST_PARTS: usize = 16;
     let Some((first, _)) = parts.first() else { candle_core::bail!("cast_parts: no tensors") };
     let dev = match first.device() {
         candle_core::Device::Cuda(d) => d.clone(),
@@ -844,9 +846,9 @@ fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) ->
     // SAFETY: the caller reads only the ranges the parts write.
     let mut out = unsafe { dev.alloc::<T>(len.max(1))? };
     let f = func::<T>(&dev, "dpo_cast_parts_f32_to")?;
-    for chunk in parts.chunks(CAST_PARTS) {
-        let mut ptrs = [0u64; CAST_PARTS];
-        let (mut offs, mut ns) = ([0i64; CAST_PARTS], [0i64; CAST_PARTS]);
+    for chunk in parts.chunks(PARTS) {
+        let mut ptrs = [0u64; PARTS];
+        let (mut offs, mut ns) = ([0i64; PARTS], [0i64; PARTS]);
         for (i, &(t, off)) in chunk.iter().enumerate() {
             (ptrs[i], offs[i], ns[i]) = (f32_ptr(t, "cast_parts")?, off as i64, t.elem_count() as i64);
         }
@@ -874,16 +876,13 @@ fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) ->
     Ok(T::wrap_cuda_slice(out, dev))
 }
 
-/// Tensors a launch of the optimizer's kernels takes (`OPT_PARTS` in `dpo_ops.cu`).
-const OPT_PARTS: usize = 16;
-
-/// The indices of tensors of `sizes` elements in launches of up to `OPT_PARTS`, the largest
+/// The indices of tensors of `sizes` elements in launches of up to `PARTS`, the largest
 /// first, so that the tensors of a launch (whose grid is sized for its largest) are of similar
 /// size; empty tensors left out.
 fn opt_launches(sizes: impl Iterator<Item = usize>) -> Vec<Vec<usize>> {
     let mut order: Vec<(usize, usize)> = sizes.enumerate().filter(|&(_, n)| n > 0).collect();
     order.sort_by_key(|&(i, n)| (std::cmp::Reverse(n), i));
-    order.chunks(OPT_PARTS).map(|c| c.iter().map(|&(i, _)| i).collect()).collect()
+    order.chunks(PARTS).map(|c| c.iter().map(|&(i, _)| i).collect()).collect()
 }
 
 fn cuda_of(t: &candle_core::Tensor, what: &str) -> Result<CudaDevice> {
@@ -915,7 +914,7 @@ pub(crate) fn clip(xs: &[candle_core::Tensor], max_norm: f64) -> Result<CudaStor
     let mut at = 0;
     for l in &launches {
         let (gx, len) = (grid_x(l), l.len() * grid_x(l));
-        let (mut ptrs, mut ns) = ([0u64; OPT_PARTS], [0i64; OPT_PARTS]);
+        let (mut ptrs, mut ns) = ([0u64; PARTS], [0i64; PARTS]);
         for (k, &i) in l.iter().enumerate() {
             (ptrs[k], ns[k]) = (f32_ptr(&xs[i], "clip")?, xs[i].elem_count() as i64);
         }
@@ -990,8 +989,8 @@ pub(crate) fn adamw(
     // 1 - beta in f64 first, as the tensor-op path and PyTorch compute it.
     let hyper = [b1 as f32, (1.0 - b1) as f32, b2 as f32, (1.0 - b2) as f32, eps as f32, step_size, bc2_sqrt];
     for l in opt_launches(parts.iter().map(|p| p.p.elem_count())) {
-        let mut ptrs = [[0u64; OPT_PARTS]; 4];
-        let (mut ns, mut decay) = ([0i64; OPT_PARTS], [1f32; OPT_PARTS]);
+        let mut ptrs = [[0u64; PARTS]; 4];
+        let (mut ns, mut decay) = ([0i64; PARTS], [1f32; PARTS]);
         for (k, &i) in l.iter().enumerate() {
             let AdamWPart { p, m, v, g, decay: d } = &parts[i];
             for (slot, (t, what)) in
