@@ -224,6 +224,17 @@ fn vector_cfg(n: usize) -> LaunchConfig {
     elementwise_cfg(n.div_ceil(8))
 }
 
+/// A launch of a kernel with a tensor per `blockIdx.y` (`PART` in `dpo_ops.cu`), `parts` of them,
+/// the longest of `n` elements, 8 at a time: at most 1,024 blocks a part (grid-stride). A grid
+/// sized to the longest part alone would start, for each shorter part, blocks that find no
+/// work: 15 x 66,000 of them beside the tied embedding's AdamW.
+pub(super) fn parts_cfg(n: usize, parts: usize) -> LaunchConfig {
+    let mut cfg = vector_cfg(n);
+    cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+    cfg.grid_dim.1 = parts as u32;
+    cfg
+}
+
 /// The RoPE kernels over `n` elements: a thread per 8 entries of a head row's first half and
 /// their 8 partners in the second (`rope_kernel` in `dpo_ops.cu`).
 fn rope_cfg(n: usize) -> LaunchConfig {
@@ -856,8 +867,7 @@ fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) ->
         if longest == 0 {
             continue;
         }
-        let mut cfg = vector_cfg(longest);
-        cfg.grid_dim.1 = chunk.len() as u32;
+        let cfg = parts_cfg(longest, chunk.len());
         let mut lb = f.builder();
         lb.arg(&mut out);
         for p in &ptrs {
@@ -900,25 +910,28 @@ fn cuda_of(t: &candle_core::Tensor, what: &str) -> Result<CudaDevice> {
 pub(crate) fn clip(xs: &[candle_core::Tensor], max_norm: f64) -> Result<CudaStorage> {
     let Some(first) = xs.first() else { candle_core::bail!("clip: no tensors") };
     let dev = cuda_of(first, "clip")?;
-    // Blocks of 256 threads, 8 elements a thread per round, at most 1,024 a tensor (16 of those
-    // fill an H100 about 15 times over); a partial sum each.
-    let blocks = |n: usize| n.div_ceil(256 * 8).clamp(1, 1024);
-    let launches = opt_launches(xs.iter().map(|x| x.elem_count()));
-    let grid_x = |l: &[usize]| blocks(xs[l[0]].elem_count());
-    let total: usize = launches.iter().map(|l| l.len() * grid_x(l)).sum();
+    // A partial sum per block.
+    let launches: Vec<(Vec<usize>, LaunchConfig)> = opt_launches(xs.iter().map(|x| x.elem_count()))
+        .into_iter()
+        .map(|l| {
+            let cfg = parts_cfg(xs[l[0]].elem_count(), l.len());
+            (l, cfg)
+        })
+        .collect();
+    let blocks = |cfg: &LaunchConfig| (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+    let total: usize = launches.iter().map(|(_, cfg)| blocks(cfg)).sum();
     let stream = dev.cuda_stream();
-    // SAFETY: each launch writes all of its `parts x grid_x` partials, and the launches cover
-    // every one.
+    // SAFETY: each launch writes a partial for each of its blocks, and the launches cover every
+    // one.
     let mut partial = unsafe { stream.alloc::<f64>(total.max(1)) }.w()?;
     let sumsq = func_named(&dev, "dpo_sumsq_parts_f32")?;
     let mut at = 0;
-    for l in &launches {
-        let (gx, len) = (grid_x(l), l.len() * grid_x(l));
+    for (l, cfg) in &launches {
         let (mut ptrs, mut ns) = ([0u64; PARTS], [0i64; PARTS]);
         for (k, &i) in l.iter().enumerate() {
             (ptrs[k], ns[k]) = (f32_ptr(&xs[i], "clip")?, xs[i].elem_count() as i64);
         }
-        let mut out = partial.slice_mut(at..at + len);
+        let mut out = partial.slice_mut(at..at + blocks(cfg));
         let mut lb = sumsq.builder();
         lb.arg(&mut out);
         for p in &ptrs {
@@ -927,15 +940,10 @@ pub(crate) fn clip(xs: &[candle_core::Tensor], max_norm: f64) -> Result<CudaStor
         for n in &ns {
             lb.arg(n);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (gx as u32, l.len() as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         // SAFETY: each used pointer addresses a live contiguous f32 buffer of its n elements
-        // (unused slots are never read: blockIdx.y < parts); `out` has parts x gx slots.
-        unsafe { lb.launch(cfg) }?;
-        at += len;
+        // (unused slots are never read: blockIdx.y < parts); `out` has a slot per block.
+        unsafe { lb.launch(*cfg) }?;
+        at += blocks(cfg);
     }
     // SAFETY: the kernel writes both elements.
     let mut out = unsafe { stream.alloc::<f64>(2) }.w()?;
@@ -1014,8 +1022,7 @@ pub(crate) fn adamw(
         for d in &decay {
             lb.arg(d);
         }
-        let mut cfg = vector_cfg(parts[l[0]].p.elem_count());
-        cfg.grid_dim.1 = l.len() as u32;
+        let cfg = parts_cfg(parts[l[0]].p.elem_count(), l.len());
         // SAFETY: the used pointers address live, contiguous f32 buffers of their part's n
         // elements (checked above), owned by the optimizer and the parameters; unused slots are
         // never read (blockIdx.y < parts). The kernel is ordered on the device's stream with every

@@ -486,6 +486,16 @@ fn clip_and_adamw() -> Result<()> {
     Ok(())
 }
 
+/// A launch with a tensor per `blockIdx.y` runs at most 1,024 blocks a tensor (grid-stride: the
+/// kernels' loops go round, as the emulated kernel tests check with fewer blocks than a pass
+/// needs), not a grid sized to the longest tensor for every one.
+#[test]
+fn parts_launches_are_capped() {
+    assert_eq!(super::cuda::parts_cfg(3000, 2).grid_dim, (2, 2, 1));
+    assert_eq!(super::cuda::parts_cfg(2048 * 1024, 16).grid_dim, (1024, 16, 1));
+    assert_eq!(super::cuda::parts_cfg(136_134_656, 16).grid_dim, (1024, 16, 1));
+}
+
 /// `crate::matmul_bf16_f32` by cuBLAS against the CPU's (operands cast to f32), in the layouts
 /// the LM head uses: `h W^T` (a transposed weight slice), `dz W`, `dz^T h`; each operand starting
 /// inside its buffer. Products of bf16 values are exact in f32: only the order of the sums differs.
