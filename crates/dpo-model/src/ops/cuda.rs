@@ -845,10 +845,7 @@ pub(super) fn cast_parts(
 
 fn cast_parts_t<T: Kern>(parts: &[(&candle_core::Tensor, usize)], len: usize) -> Result<CudaStorage> {
     let Some((first, _)) = parts.first() else { candle_core::bail!("cast_parts: no tensors") };
-    let dev = match first.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("cast_parts: not on a CUDA device"),
-    };
+    let dev = cuda_of(first, "cast_parts")?;
     for &(t, off) in parts {
         if off + t.elem_count() > len {
             candle_core::bail!("cast_parts: {} elements at {off} overrun {len}", t.elem_count());
@@ -1220,10 +1217,7 @@ pub(crate) fn scatter_rows_add_inplace(
     if h != hd || ids.dims() != [n] || ids.dtype() != DType::U32 {
         candle_core::bail!("{what}: acc {:?}, dy {:?}, ids {:?}", acc.shape(), dy.shape(), ids.shape());
     }
-    let dev = match acc.device() {
-        candle_core::Device::Cuda(d) => d.clone(),
-        _ => candle_core::bail!("{what}: not on a CUDA device"),
-    };
+    let dev = cuda_of(acc, what)?;
     let (accp, dyp) = (f32_ptr(acc, what)?, f32_ptr(dy, what)?);
     let (is, il) = ids.storage_and_layout();
     let candle_core::Storage::Cuda(is) = &*is else { candle_core::bail!("{what}: ids not on a CUDA device") };
