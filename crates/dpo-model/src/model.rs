@@ -776,7 +776,7 @@ impl CausalLm {
             Some(w) => self.add_norm_to(&h2, &mlp, w, dt).map(|(out, x1)| (out, Some(x1)))?,
             None => (self.add_residual(&h2, &mlp)?, None),
         };
-        Ok((out, next_x1, backward::Saved { h: h.clone(), q, k, v, a, h2, gate, up }))
+        Ok((out, next_x1, backward::Saved { h: h.clone(), x1, q, k, v, a, h2, x2, gate, up }))
     }
 
     /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.

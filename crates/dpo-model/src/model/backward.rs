@@ -16,8 +16,9 @@
 //! out = h2 + act Wd^T                      dh = dh2 + RMSNorm'(h, g1) dx1
 //! ```
 //! `T` is the cast to the compute dtype (bf16 in bf16 runs; the residual stream and the norms
-//! stay in f32). Kept per block: `h` and `h2` (the residual stream), `q`, `k`, `v`, `a`, `gate`
-//! and `up`; `x1` and `x2` are recomputed, one elementwise pass each, and `act` comes out of
+//! stay in f32). Kept per block: `h` and `h2` (the residual stream), the norms' outputs `x1` and
+//! `x2` (in `T`: half of `h`'s bytes, where recomputing them read `h` and wrote them again), `q`,
+//! `k`, `v`, `a`, `gate` and `up`; `act` comes out of
 //! the SiLU gate's backward, which reads `gate` and `up` anyway (`dact` is computed first). The weight
 //! gradients come out in the dtype of the weights (f32 master weights). The ops are those of
 //! [`crate::ops`] (fused RMSNorm, RoPE, SiLU gate and attention) and matmuls.
@@ -35,17 +36,20 @@ use candle_core::{DType, Result, Tensor, TensorId};
 use super::{Block, CausalLm, Linear, merge_heads};
 use crate::{AttentionMask, accum_dtype, matmul, matmul_bf16_f32, ops};
 
-/// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`,
-/// the rotated `q`, `k` and the values `v` (KV heads not repeated), the attention output `a`
-/// (heads merged), the residual `h2` after attention, and the MLP's `gate` and `up` (`[rows,
-/// seq, inter]`; with [`Block::gate_up`] transposed, `[inter, rows * seq]`).
+/// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`
+/// and its norm `x1`, the rotated `q`, `k` and the values `v` (KV heads not repeated), the
+/// attention output `a` (heads merged), the residual `h2` after attention and its norm `x2`, and
+/// the MLP's `gate` and `up` (`[rows, seq, inter]`; with [`Block::gate_up`] transposed, `[inter,
+/// rows * seq]`).
 pub(super) struct Saved {
     pub(super) h: Tensor,
+    pub(super) x1: Tensor,
     pub(super) q: Tensor,
     pub(super) k: Tensor,
     pub(super) v: Tensor,
     pub(super) a: Tensor,
     pub(super) h2: Tensor,
+    pub(super) x2: Tensor,
     pub(super) gate: Tensor,
     pub(super) up: Tensor,
 }
@@ -151,7 +155,7 @@ impl CausalLm {
         };
         // MLP. `dact = dout Wd` first: the SiLU gate's backward then gives `act` too, from the
         // same pass over `gate` and `up`, for `dWd = dout^T act`.
-        let x2 = ops::rms_norm_to(&s.h2, &b.post_norm, eps, dt)?;
+        let x2 = &s.x2;
         let dx2 = match &b.gate_up {
             // Stacked, transposed (see `block_saving`): gate^T, up^T and act^T are [inter, n].
             Some(gate_up) => {
@@ -181,8 +185,8 @@ impl CausalLm {
                     Linear::add_weight_grads(&[&keys.down], &act.flatten_to(1)?, &dy, dt, grads)?;
                 }
                 drop(act);
-                (b.gate.backward(&[&keys.gate], &x2, &dgate, dt, grads)?
-                    + b.up.backward(&[&keys.up], &x2, &dup, dt, grads)?)?
+                (b.gate.backward(&[&keys.gate], x2, &dgate, dt, grads)?
+                    + b.up.backward(&[&keys.up], x2, &dup, dt, grads)?)?
             }
         };
         let (dh2, dg2, dh2_lo) = ops::rms_norm_backward_add_lo(&s.h2, &b.post_norm, eps, &dx2, dout, dt)?;
@@ -195,18 +199,18 @@ impl CausalLm {
         let a = s.a.reshape((rows, seq, nh, self.config.head_dim))?.transpose(1, 2)?;
         let scale = self.attention_scale();
         let (dq, dk, dv) = ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, scale, &da, Some(&a))?;
-        let x1 = ops::rms_norm_to(&s.h, &b.input_norm, eps, dt)?;
+        let x1 = &s.x1;
         let dx1 = match &b.qkv {
             // Stacked: RoPE's backward writes the heads side by side as the forward's output.
             Some(qkv) => {
                 let dy = ops::rope_backward_merged(&dq, &dk, &dv, cos, sin)?;
-                qkv.backward(&[&keys.q, &keys.k, &keys.v], &x1, &dy, dt, grads)?
+                qkv.backward(&[&keys.q, &keys.k, &keys.v], x1, &dy, dt, grads)?
             }
             None => {
                 let (dq, dk) = (ops::rope_backward(&dq, cos, sin)?, ops::rope_backward(&dk, cos, sin)?);
-                ((b.q.backward(&[&keys.q], &x1, &merge_heads(&dq)?, dt, grads)?
-                    + b.k.backward(&[&keys.k], &x1, &merge_heads(&dk)?, dt, grads)?)?
-                    + b.v.backward(&[&keys.v], &x1, &merge_heads(&dv)?, dt, grads)?)?
+                ((b.q.backward(&[&keys.q], x1, &merge_heads(&dq)?, dt, grads)?
+                    + b.k.backward(&[&keys.k], x1, &merge_heads(&dk)?, dt, grads)?)?
+                    + b.v.backward(&[&keys.v], x1, &merge_heads(&dv)?, dt, grads)?)?
             }
         };
         let (dh, dg1, dh_lo) = ops::rms_norm_backward_add_lo(&s.h, &b.input_norm, eps, &dx1, &dh2, dt)?;
