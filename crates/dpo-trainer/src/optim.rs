@@ -182,10 +182,7 @@ impl Clip {
     pub fn read(&self) -> Result<(f64, f64)> {
         match self {
             Clip::Host { norm, factor } => Ok((*norm, *factor)),
-            Clip::Device(t) => match t.to_vec1::<f64>()?[..] {
-                [norm, factor] => Ok((norm, factor)),
-                _ => candle_core::bail!("the clipping tensor is not [norm, factor]"),
-            },
+            Clip::Device(t) => dpo_model::ops::read_clip(t),
         }
     }
 }

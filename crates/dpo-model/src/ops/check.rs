@@ -826,10 +826,7 @@ fn adamw_and_norm_check(device: &Device) -> Result<(f64, f64)> {
     let Some(clip) = super::clip_fused(&[p.clone(), g.clone()], 1.0)? else {
         candle_core::bail!("no fused clipping on {device:?}");
     };
-    let (got_norm, factor) = match clip.to_vec1::<f64>()?[..] {
-        [norm, factor] => (norm, factor),
-        _ => candle_core::bail!("the clipping tensor is not [norm, factor]"),
-    };
+    let (got_norm, factor) = super::read_clip(&clip)?;
     let factor_rel = (factor - 1.0 / (norm + 1e-6)).abs() * norm;
     // The reference, as crates/dpo-trainer/src/optim.rs computes it (the gradient clipped first).
     let gs = (&g * factor)?;

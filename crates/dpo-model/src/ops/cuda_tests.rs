@@ -430,10 +430,7 @@ fn clip_and_adamw() -> Result<()> {
     let on = |ts: &[Tensor]| -> Vec<Tensor> { ts.iter().map(|t| t.to_device(&dev).unwrap()).collect() };
     let (pd, md, vd, gd) = (on(&p), on(&m), on(&v), on(&g));
     let want: f64 = g.iter().flat_map(f32s).map(|x| (x as f64) * (x as f64)).sum::<f64>().sqrt();
-    let read = |clip: &Tensor| -> (f64, f64) {
-        let v = clip.to_device(&CPU).unwrap().to_vec1::<f64>().unwrap();
-        (v[0], v[1])
-    };
+    let read = |clip: &Tensor| read_clip(clip).unwrap();
     let max_norm = want / 3.0;
     let clip = clip_fused(&gd, max_norm)?.expect("on CUDA");
     let (norm, factor) = read(&clip);

@@ -63,6 +63,14 @@ pub fn clip_fused(grads: &[Tensor], max_norm: f64) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
+/// `(norm, factor)` of a [`clip_fused`] result, on the host (this waits for the device).
+pub fn read_clip(clip: &Tensor) -> Result<(f64, f64)> {
+    match clip.to_vec1::<f64>()?[..] {
+        [norm, factor] => Ok((norm, factor)),
+        _ => candle_core::bail!("the clipping tensor is not [norm, factor]"),
+    }
+}
+
 /// One parameter's AdamW update for [`adamw_fused`]: `p`, `m`, `v` (f32) updated in place from
 /// the gradient `g`; `decay` is `1 - lr * weight_decay` (1 where the parameter does not decay).
 pub struct AdamWPart<'a> {

@@ -61,54 +61,24 @@ pub fn add_rms_norm_to(
         && w.dims() == [h.dim(D::Minus1)?]
     {
         let _timed = crate::profile::op(h.device(), "add_rms_norm");
-        let op = AddRmsNorm { eps, sum: super::Stash::default() };
-        let (h, y) = (h.detach().contiguous()?, y.detach().contiguous()?);
-        let normed = h.apply_op3_no_bwd(&y, &w.detach().to_dtype(DType::F32)?.contiguous()?, &op)?;
-        return Ok((op.sum.take(&h)?, normed));
+        let (h, y, w) = (h.contiguous()?, y.contiguous()?, w.to_dtype(DType::F32)?.contiguous()?);
+        let (sum, normed) = {
+            let (hs, ys, ws) = (h.storage_and_layout(), y.storage_and_layout(), w.storage_and_layout());
+            let (hs, hl) = on_device::<candle_core::CudaStorage>(&hs, "add_rms_norm")?;
+            let (ys, yl) = on_device(&ys, "add_rms_norm branch")?;
+            let (ws, wl) = on_device(&ws, "add_rms_norm weight")?;
+            super::cuda::add_rms_norm_fwd(hs, hl, ys, yl, ws, wl, eps)?
+        };
+        // Both outputs as tensors of h's device, without a copy.
+        let stash = super::Stash::default();
+        stash.put(sum, h.shape().clone());
+        let sum = stash.take(&h)?;
+        stash.put(normed, h.shape().clone());
+        return Ok((sum, stash.take(&h)?));
     }
     let sum = super::add_cast(&h.detach(), &y.detach())?;
     let normed = rms_norm_to(&sum, &w.detach(), eps, dtype)?;
     Ok((sum, normed))
-}
-
-/// [`add_rms_norm_to`]'s CUDA pass: `(h, y, w)` -> the norm, the sum left in `sum`.
-#[cfg(feature = "cuda")]
-struct AddRmsNorm {
-    eps: f64,
-    sum: super::Stash,
-}
-
-#[cfg(feature = "cuda")]
-impl CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "dpo-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("add_rms_norm: the one-pass op exists on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        h: &candle_core::CudaStorage,
-        hl: &Layout,
-        y: &candle_core::CudaStorage,
-        yl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (sum, normed) = super::cuda::add_rms_norm_fwd(h, hl, y, yl, w, wl, self.eps)?;
-        self.sum.put(sum, hl.shape().clone());
-        Ok((normed, hl.shape().clone()))
-    }
 }
 
 /// The backward of [`rms_norm`]: `(dx, dw)` for the upstream `dy` (no graph). `w` is cast to
