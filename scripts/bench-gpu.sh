@@ -114,9 +114,13 @@ run_trl() {
 }
 run_ours ours-share-manual "${SHARE[@]}"
 DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-share-manual-flash "${SHARE[@]}"
+# The probabilities kept for the manual backward (no second Q K^T and softmax; 3 GiB more).
+run_ours ours-share-manual-keep-attn "${SHARE[@]}" --set recompute_attention=false
 run_trl trl
 run_ours ours-precompute-share-manual "${SHARE[@]}" --set precompute_ref_log_probs=true
 DPO_TRAIN_FLASH_ATTENTION=1 run_ours ours-precompute-share-manual-flash "${SHARE[@]}" --set precompute_ref_log_probs=true
+run_ours ours-precompute-share-manual-keep-attn "${SHARE[@]}" --set precompute_ref_log_probs=true \
+  --set recompute_attention=false
 run_trl trl-precompute
 
 # 3. The learning curve of the bundled default: CUDA bf16 vs the CPU f32 run in .device/curve-f32.jsonl.
@@ -175,7 +179,7 @@ def util(name):
     except (OSError, ValueError):
         return None
 rows = []
-for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-precompute-share-manual-flash", "ours-share-manual-bf16head", "ours-share-manual-tf32head", "ours-unfused"]:
+for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events", "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash", "ours-share-manual-keep-attn", "ours-share-gc-manual", "ours-share-gc", "ours-precompute-share", "ours-precompute-share-manual", "ours-precompute-share-manual-flash", "ours-precompute-share-manual-keep-attn", "ours-share-manual-bf16head", "ours-share-manual-tf32head", "ours-unfused"]:
     try:
         recs = [json.loads(l) for l in open(f"{OUT}/{name}.metrics.jsonl") if '"loss"' in l]
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
@@ -202,7 +206,9 @@ def losses(name):
 pairs = [(n, "ours-plain") for n in ["ours-plain-keep-attn", "ours-plain-cuda-pool-default", "ours-plain-cuda-events",
          "ours-plain-manual", "ours-plain-manual-unstacked", "ours-share", "ours-share-manual", "ours-share-manual-flash",
          "ours-share-gc", "ours-share-gc-manual", "ours-share-manual-bf16head", "ours-share-manual-tf32head"]]
-pairs += [("ours-share-manual-flash", "ours-share-manual"), ("ours-precompute-share-manual-flash", "ours-precompute-share-manual")]
+pairs += [("ours-share-manual-flash", "ours-share-manual"), ("ours-precompute-share-manual-flash", "ours-precompute-share-manual"),
+          ("ours-share-manual-keep-attn", "ours-share-manual"),  # the same numbers bit for bit (layouts.rs)
+          ("ours-precompute-share-manual-keep-attn", "ours-precompute-share-manual")]
 for name, base in pairs:
     try:
         d = max(abs(a - b) for a, b in zip(losses(base), losses(name)))

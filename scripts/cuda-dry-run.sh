@@ -56,6 +56,7 @@ train share-manual-bf16head --set prefix_sharing=true --set manual_backward=true
 train share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
 train share-gc --set prefix_sharing=true --set gradient_checkpointing=true
 train keep-attn --set recompute_attention=false
+train share-manual-keep-attn --set prefix_sharing=true --set manual_backward=true --set recompute_attention=false
 train unfused --set fused_ops=false
 ENV=(DPO_TRAIN_CUDA_POOL=default); train pool-default
 ENV=(DPO_TRAIN_CUDA_EVENTS=1); train events
@@ -89,6 +90,9 @@ if [ -x .venv/bin/python ] && { [ -f "$ASSETS/train.jsonl" ] ||
     bench bench-share-manual-tf32head --set prefix_sharing=true --set manual_backward=true --set lm_head_bf16_operands=false
     bench bench-share-gc-manual --set prefix_sharing=true --set gradient_checkpointing=true --set manual_backward=true
     bench bench-keep-attn --set recompute_attention=false
+    bench bench-share-manual-keep-attn --set prefix_sharing=true --set manual_backward=true --set recompute_attention=false
+    bench bench-precompute-share-manual-keep-attn --set prefix_sharing=true --set precompute_ref_log_probs=true \
+        --set manual_backward=true --set recompute_attention=false
     ENV=(DPO_TRAIN_STACK_PROJECTIONS=0); bench bench-manual-unstacked --set manual_backward=true; ENV=()
     ENV=(DPO_TRAIN_FLASH_ATTENTION=1); bench bench-share-manual-flash --set prefix_sharing=true --set manual_backward=true
     bench bench-precompute-share-manual-flash --set prefix_sharing=true --set precompute_ref_log_probs=true \

@@ -315,7 +315,8 @@ pub struct CausalLm {
     head_operands: DType,
     fused: bool,
     /// With `fused`: attention through [`ops::attention`] (probabilities recomputed in the
-    /// backward) rather than the fused masked softmax between two autograd matmuls.
+    /// backward) rather than the fused masked softmax between two autograd matmuls, or, without a
+    /// graph, [`ops::attention_keeping_probs`] (the manual backward then recomputes nothing).
     recompute_attention: bool,
     /// Whether weights without a graph get their projections stacked ([`Block::qkv`],
     /// [`Block::gate_up`]).
@@ -494,8 +495,8 @@ impl CausalLm {
     }
 
     /// With the fused ops on: whether attention keeps its `[seq, seq]` probabilities for the
-    /// backward (`false`) or recomputes them there ([`ops::attention`], the default, far less
-    /// memory).
+    /// backward (`false`; autograd's or the manual backward's) or recomputes them there
+    /// ([`ops::attention`], the default, far less memory).
     pub fn with_attention_recompute(mut self, on: bool) -> Self {
         self.recompute_attention = on;
         self
@@ -753,7 +754,8 @@ impl CausalLm {
             None => self.rms_norm_to(h, &b.input_norm, dt)?,
         };
         let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
-        let a = merge_heads(&self.attend(&q, &k, &v, mask)?)?;
+        let (a, p) = self.attend(&q, &k, &v, mask)?;
+        let a = merge_heads(&a)?;
         let (h2, x2) = self.add_norm_to(h, &b.o.forward(&a, dt)?, &b.post_norm, dt)?;
         let silu_mul = |g: &Tensor, u: &Tensor| if self.fused { ops::silu_mul(g, u) } else { g.silu()? * u };
         let (gate, up, mlp) = match &b.gate_up {
@@ -776,7 +778,7 @@ impl CausalLm {
             Some(w) => self.add_norm_to(&h2, &mlp, w, dt).map(|(out, x1)| (out, Some(x1)))?,
             None => (self.add_residual(&h2, &mlp)?, None),
         };
-        Ok((out, next_x1, backward::Saved { h: h.clone(), x1, q, k, v, a, h2, x2, gate, up }))
+        Ok((out, next_x1, backward::Saved { h: h.clone(), x1, q, k, v, p, a, h2, x2, gate, up }))
     }
 
     /// `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
@@ -885,13 +887,25 @@ impl CausalLm {
     }
 
     /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    /// Attention's output and, where it was kept for the manual backward, its probabilities
+    /// (without a graph, `recompute_attention` off: the fused op's `P`).
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<(Tensor, Option<ops::KeptProbs>)> {
         let dt = self.compute_dtype;
         let n_rep = self.config.num_attention_heads / self.config.num_key_value_heads;
         let scale = self.attention_scale();
         if self.fused && self.recompute_attention {
             // Scores and probabilities are not kept for the backward; it recomputes them.
-            return ops::attention(q, k, v, &mask.bias, scale);
+            return Ok((ops::attention(q, k, v, &mask.bias, scale)?, None));
+        }
+        if self.fused && ![q, k, v].iter().any(|t| t.track_op()) {
+            // No graph (the reference; the manual backward's forward, which keeps `P`).
+            return ops::attention_keeping_probs(q, k, v, &mask.bias, scale);
         }
         let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
         let scores = crate::matmul(q, &k.t()?.contiguous()?)?;
@@ -903,7 +917,7 @@ impl CausalLm {
             let scores = (scores * scale)?.to_dtype(acc)?.broadcast_add(&mask.bias.to_dtype(acc)?)?;
             candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dt)?
         };
-        crate::matmul(&probs, &v)
+        Ok((crate::matmul(&probs, &v)?, None))
     }
 }
 

@@ -142,8 +142,8 @@ pub struct TrainConfig {
     /// Backward the decoder blocks by hand (`dpo_model::CausalLm::manual_grads`): the forward
     /// keeps only the tensors each block's backward needs (candle's autograd keeps every
     /// intermediate); with `gradient_checkpointing`, only each block's input, and the backward
-    /// recomputes a block's tensors without a graph. Needs `fused_ops`; attention probabilities
-    /// are recomputed whatever `recompute_attention` says.
+    /// recomputes a block's tensors without a graph. Needs `fused_ops`; with `recompute_attention`
+    /// off the forward keeps the attention probabilities too.
     pub manual_backward: bool,
     /// Put each pair on one row, `[prompt, chosen, rejected]`, so the prompt is computed once.
     pub prefix_sharing: bool,
@@ -157,7 +157,8 @@ pub struct TrainConfig {
     /// Use the fused ops with a hand-written backward (RMSNorm, RoPE, masked softmax, SiLU*up).
     pub fused_ops: bool,
     /// With `fused_ops`: recompute attention probabilities in the backward instead of keeping
-    /// them (`rows x heads x seq^2` per layer); off keeps them (one matmul less per layer).
+    /// them (`rows x heads x seq^2` per layer); off keeps them (one matmul and one softmax less
+    /// per layer), for autograd or, with `manual_backward`, for the hand-written backward.
     pub recompute_attention: bool,
     /// Before the first step, run the largest batch the data can make (its longest pair
     /// `batch_size` times; the eval data's through the eval forward) and discard the result,

@@ -155,6 +155,43 @@ fn activation_checkpointing_and_the_manual_backward_give_the_same_gradients() {
     }
 }
 
+/// With `recompute_attention` off the manual backward reads the probabilities its forward kept
+/// instead of computing them again: the same value and gradients, bit for bit (f32, and bf16 over
+/// f32 master weights; both layouts; with checkpointing, where each block's are kept in turn).
+#[test]
+fn the_manual_backward_from_kept_probabilities_is_exact() {
+    let f = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/trl/model");
+    let ck = Checkpoint::open(&f, None).unwrap();
+    let bits = |t: &Tensor| -> Vec<u64> {
+        let v = t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        v.iter().map(|x| x.to_bits()).collect()
+    };
+    let batch = &fixture_batches(40)[2];
+    for compute in [DType::F32, DType::BF16] {
+        let recompute = Policy::load(&ck, DType::F32, compute, &Device::Cpu).unwrap();
+        let mut keep = Policy::load(&ck, DType::F32, compute, &Device::Cpu).unwrap();
+        keep.model = keep.model.with_attention_recompute(false);
+        for db in [
+            DeviceBatch::new(batch, None, &Device::Cpu).unwrap(),
+            DeviceBatch::shared_prefix(batch, None, &Device::Cpu).unwrap(),
+        ] {
+            let c = Tensor::arange(1u32, 2 * db.pairs as u32 + 1, &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            for mode in [Mode::Manual, Mode::ManualCheckpointed] {
+                let (va, ga) = grads_by_block(&recompute, &db, &c, mode);
+                let (vb, gb) = grads_by_block(&keep, &db, &c, mode);
+                assert_eq!(bits(&va), bits(&vb), "{compute:?} {mode:?}: value");
+                for ((name, a), (_, b)) in recompute.params.iter().zip(&keep.params) {
+                    let (a, b) = (&ga[&a.as_tensor().id()], &gb[&b.as_tensor().id()]);
+                    assert_eq!(bits(a), bits(b), "{compute:?} {mode:?}: gradient of {name}");
+                }
+            }
+        }
+    }
+}
+
 /// bf16 compute over f32 master weights (the GPU setting): the manual backward is as close to
 /// the f32 gradients as autograd's bf16 backward is (every gradient f32).
 #[test]

@@ -18,7 +18,9 @@
 //! `T` is the cast to the compute dtype (bf16 in bf16 runs; the residual stream and the norms
 //! stay in f32). Kept per block: `h` and `h2` (the residual stream), the norms' outputs `x1` and
 //! `x2` (in `T`: half of `h`'s bytes, where recomputing them read `h` and wrote them again), `q`,
-//! `k`, `v`, `a`, `gate` and `up`; `act` comes out of
+//! `k`, `v`, `a`, `gate` and `up`, and with `recompute_attention` off the attention
+//! probabilities `P` (`rows x heads x seq^2` in `T`; else the backward computes `Q K^T` and the
+//! softmax again); `act` comes out of
 //! the SiLU gate's backward, which reads `gate` and `up` anyway (`dact` is computed first). The weight
 //! gradients come out in the dtype of the weights (f32 master weights). The ops are those of
 //! [`crate::ops`] (fused RMSNorm, RoPE, SiLU gate and attention) and matmuls.
@@ -38,6 +40,7 @@ use crate::{AttentionMask, accum_dtype, matmul, matmul_bf16_f32, ops};
 
 /// What a block's backward needs from its forward ([`CausalLm::block_saving`]): its input `h`
 /// and its norm `x1`, the rotated `q`, `k` and the values `v` (KV heads not repeated), the
+/// attention probabilities `p` where kept (`recompute_attention` off), the
 /// attention output `a` (heads merged), the residual `h2` after attention and its norm `x2`, and
 /// the MLP's `gate` and `up` (`[rows, seq, inter]`; with [`Block::gate_up`] transposed, `[inter,
 /// rows * seq]`).
@@ -47,6 +50,7 @@ pub(super) struct Saved {
     pub(super) q: Tensor,
     pub(super) k: Tensor,
     pub(super) v: Tensor,
+    pub(super) p: Option<ops::KeptProbs>,
     pub(super) a: Tensor,
     pub(super) h2: Tensor,
     pub(super) x2: Tensor,
@@ -198,7 +202,11 @@ impl CausalLm {
         let (rows, seq, _) = s.a.dims3()?;
         let a = s.a.reshape((rows, seq, nh, self.config.head_dim))?.transpose(1, 2)?;
         let scale = self.attention_scale();
-        let (dq, dk, dv) = ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, scale, &da, Some(&a))?;
+        let (dq, dk, dv) = match &s.p {
+            Some(p) => ops::attention_backward_kept(p, &s.q, &s.k, &s.v, scale, &da)?,
+            None => ops::attention_backward(&s.q, &s.k, &s.v, &mask.bias, scale, &da, Some(&a))?,
+        };
+        drop(s.p);
         let x1 = &s.x1;
         let dx1 = match &b.qkv {
             // Stacked: RoPE's backward writes the heads side by side as the forward's output.

@@ -61,6 +61,102 @@ pub(crate) fn attention_in_chunks(
     scale: f64,
     budget: usize,
 ) -> Result<Tensor> {
+    check_inputs(q, k, v, bias)?;
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let value = match flash_forward(&q, &k, &v, &bias, scale)? {
+        Some(value) => value,
+        None => chunked(&q, &bias, budget, |(start, len), b| {
+            let rows = |x: &Tensor| x.narrow(0, start, len);
+            forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
+        })?,
+    };
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(value); // no graph to record (a frozen model): no op, no copy
+    }
+    q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
+}
+
+/// The probabilities `P` of an [`attention_keeping_probs`] forward, for
+/// [`attention_backward_kept`]: one `[rows, heads, seq, seq]` tensor in the inputs' dtype per
+/// chunk of rows.
+pub struct KeptProbs(Vec<Tensor>);
+
+/// [`attention`] without a graph (no input may track one), also returning the probabilities
+/// `P`, so that [`attention_backward_kept`] recomputes neither `Q K^T` nor the softmax: the same
+/// gradients as [`attention_backward`], bit for bit, for `rows x heads x seq^2` elements kept.
+/// `None` where the tensor-core kernels compute attention (no `P` exists there).
+pub fn attention_keeping_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Option<KeptProbs>)> {
+    let _timed = crate::profile::op(q.device(), "attention");
+    keeping_probs_in_chunks(q, k, v, bias, scale, SCORE_BUDGET)
+}
+
+/// [`attention_keeping_probs`] computing at most `budget` score elements at once.
+pub(crate) fn keeping_probs_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    budget: usize,
+) -> Result<(Tensor, Option<KeptProbs>)> {
+    check_inputs(q, k, v, bias)?;
+    if q.track_op() || k.track_op() || v.track_op() {
+        candle_core::bail!("attention_keeping_probs builds no graph: its inputs may not track one");
+    }
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    if let Some(value) = flash_forward(&q, &k, &v, &bias, scale)? {
+        return Ok((value, None));
+    }
+    let mut kept = Vec::new();
+    let value = chunked(&q, &bias, budget, |(start, len), b| {
+        let p = probs(&q.narrow(0, start, len)?, &k.narrow(0, start, len)?, b, scale)?;
+        let out = weigh_values(&p, &v.narrow(0, start, len)?)?;
+        kept.push(p);
+        Ok(out)
+    })?;
+    Ok((value, Some(KeptProbs(kept))))
+}
+
+/// The backward of [`attention_keeping_probs`] from its probabilities `p`: `(dq, dk, dv)` for the
+/// upstream `dy` `[rows, heads, seq, d]` (no graph).
+pub fn attention_backward_kept(
+    p: &KeptProbs,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let _timed = crate::profile::op(q.device(), "attention_bwd");
+    let (q, k, v) = (q.detach().contiguous()?, k.detach().contiguous()?, v.detach().contiguous()?);
+    let dy = dy.to_dtype(q.dtype())?.contiguous()?;
+    let (mut dq, mut dk, mut dv) = (Vec::new(), Vec::new(), Vec::new());
+    let mut start = 0;
+    for p in &p.0 {
+        let len = p.dim(0)?;
+        let rows = |x: &Tensor| x.narrow(0, start, len);
+        let (a, b, c) = backward_from(p, &rows(&q)?, &rows(&k)?, &rows(&v)?, &rows(&dy)?, scale)?;
+        dq.push(a);
+        dk.push(b);
+        dv.push(c);
+        start += len;
+    }
+    if start != q.dim(0)? {
+        candle_core::bail!("attention_backward_kept: probabilities of {start} rows for q {:?}", q.shape());
+    }
+    Ok((cat(dq)?, cat(dk)?, cat(dv)?))
+}
+
+/// The shapes and dtypes [`attention`] takes.
+fn check_inputs(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<()> {
     check_float(q, "attention")?;
     let (rows, heads, seq, d) = q.dims4()?;
     let kv = k.dims4()?;
@@ -89,19 +185,7 @@ pub(crate) fn attention_in_chunks(
             bias.shape()
         );
     }
-    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let value = match flash_forward(&q, &k, &v, &bias, scale)? {
-        Some(value) => value,
-        None => chunked(&q, &bias, budget, |(start, len), b| {
-            let rows = |x: &Tensor| x.narrow(0, start, len);
-            forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
-        })?,
-    };
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(value); // no graph to record (a frozen model): no op, no copy
-    }
-    q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
+    Ok(())
 }
 
 /// Whether the tensor-core kernels (`kernels/dpo_ops.cu`, `flash_*`) compute attention for these
@@ -279,7 +363,7 @@ pub fn attention_backward(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn backward_in_chunks(
+pub(crate) fn backward_in_chunks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -343,21 +427,28 @@ fn cat(mut parts: Vec<Tensor>) -> Result<Tensor> {
     if parts.len() == 1 { Ok(parts.pop().expect("one part")) } else { Tensor::cat(&parts, 0) }
 }
 
-/// `P` `[rows, heads, seq, seq]` in the inputs' dtype, and `Q` viewed per KV head.
-fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
-    let (rows, heads, seq, d) = q.dims4()?;
+/// `P` `[rows, heads, seq, seq]` in the inputs' dtype.
+fn probs(q: &Tensor, k: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (rows, heads, seq, _) = q.dims4()?;
+    let scores = matmul(&per_kv_head(q, k)?, &k.t()?)?.reshape((rows, heads, seq, seq))?;
+    scores.apply_op2_no_bwd(bias, &MaskedSoftmax { scale })
+}
+
+/// `x` `[rows, heads, seq, n]` viewed per KV head of `k`: `[rows, kv, heads / kv * seq, n]`.
+fn per_kv_head(x: &Tensor, k: &Tensor) -> Result<Tensor> {
+    let (rows, heads, seq, n) = x.dims4()?;
     let kv = k.dim(1)?;
-    let qg = q.reshape((rows, kv, heads / kv * seq, d))?;
-    let scores = matmul(&qg, &k.t()?)?.reshape((rows, heads, seq, seq))?;
-    let p = scores.apply_op2_no_bwd(bias, &MaskedSoftmax { scale })?;
-    Ok((p, qg))
+    x.reshape((rows, kv, heads / kv * seq, n))
+}
+
+/// `O = P V`, `[rows, heads, seq, d]`.
+fn weigh_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (rows, heads, seq, _) = p.dims4()?;
+    matmul(&per_kv_head(p, v)?, v)?.reshape((rows, heads, seq, v.dim(3)?))
 }
 
 fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let (rows, heads, seq, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    let (p, _) = probs(q, k, bias, scale)?;
-    matmul(&p.reshape((rows, kv, heads / kv * seq, seq))?, v)?.reshape((rows, heads, seq, d))
+    weigh_values(&probs(q, k, bias, scale)?, v)
 }
 
 /// `(dQ, dK, dV)` of a chunk of rows, from the upstream `dO` `[rows, heads, seq, d]`.
@@ -369,17 +460,24 @@ fn backward(
     d_out: &Tensor,
     scale: f64,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (rows, heads, seq, d) = q.dims4()?;
-    let kv = k.dim(1)?;
-    let group = heads / kv * seq;
-    let (p, qg) = probs(q, k, bias, scale)?;
-    let dog = d_out.reshape((rows, kv, group, d))?;
-    let pg = p.reshape((rows, kv, group, seq))?;
+    backward_from(&probs(q, k, bias, scale)?, q, k, v, d_out, scale)
+}
+
+/// [`backward`] from the chunk's probabilities `p`.
+fn backward_from(
+    p: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_out: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (pg, dog) = (per_kv_head(p, k)?, per_kv_head(d_out, k)?);
     let dv = matmul(&pg.t()?, &dog)?;
-    let dp = matmul(&dog, &v.t()?)?.reshape((rows, heads, seq, seq))?;
-    let ds = p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale })?.reshape((rows, kv, group, seq))?;
-    let dq = matmul(&ds, k)?.reshape((rows, heads, seq, d))?;
-    let dk = matmul(&ds.t()?, &qg)?;
+    let dp = matmul(&dog, &v.t()?)?.reshape(p.shape())?;
+    let ds = per_kv_head(&p.apply_op2_no_bwd(&dp, &MaskedSoftmaxBwd { scale })?, k)?;
+    let dq = matmul(&ds, k)?.reshape(q.shape())?;
+    let dk = matmul(&ds.t()?, &per_kv_head(q, k)?)?;
     Ok((dq, dk, dv))
 }
 

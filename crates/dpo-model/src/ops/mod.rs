@@ -110,7 +110,10 @@ pub fn adamw_fused(
     Ok(false)
 }
 
-pub use attention::{SCORE_BUDGET, attention, attention_backward, attention_slow};
+pub use attention::{
+    KeptProbs, SCORE_BUDGET, attention, attention_backward, attention_backward_kept, attention_keeping_probs,
+    attention_slow,
+};
 pub use cast::{cast_cat, cast_cat_slow};
 pub use gather::{add_gather_rows_backward, gather_rows, gather_rows_slow};
 pub use logprobs::{

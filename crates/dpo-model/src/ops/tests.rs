@@ -72,6 +72,49 @@ fn attention_matches_slow_path() {
     check_op("attention");
 }
 
+/// The forward that keeps `P` and the backward from it give what the recomputing pair gives,
+/// bit for bit, whole and a row at a time; inputs with a graph are refused.
+#[test]
+fn attention_keeping_probs_equals_recomputing() {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
+    for dt in [DType::F32, DType::BF16] {
+        for ((r, h, kv, s, d), budget) in
+            [((3, 4, 2, 70, 16), SCORE_BUDGET), ((3, 4, 2, 70, 16), 1), ((2, 3, 3, 29, 8), 1)]
+        {
+            let x = |dims: &[usize], seed| randn_tensor(dims, seed, 1.0).unwrap().to_dtype(dt).unwrap();
+            let (q, k, v, dy) =
+                (x(&[r, h, s, d], 21), x(&[r, kv, s, d], 22), x(&[r, kv, s, d], 23), x(&[r, h, s, d], 24));
+            let (bias, scale) = (test_mask(r, s).unwrap(), 1.0 / (d as f64).sqrt());
+            let (out, kept) = attention::keeping_probs_in_chunks(&q, &k, &v, &bias, scale, budget).unwrap();
+            let want = attention::attention_in_chunks(&q, &k, &v, &bias, scale, budget).unwrap();
+            assert_eq!(bits(&out), bits(&want), "{dt:?} budget {budget}: output");
+            let kept = kept.expect("P is kept on the CPU");
+            let got = attention_backward_kept(&kept, &q, &k, &v, scale, &dy).unwrap();
+            let want = attention::backward_in_chunks(&q, &k, &v, &bias, scale, &dy, None, budget).unwrap();
+            for (name, g, w) in [("dq", &got.0, &want.0), ("dk", &got.1, &want.1), ("dv", &got.2, &want.2)] {
+                assert_eq!(g.dims(), w.dims(), "{dt:?} budget {budget}: {name}");
+                assert_eq!(bits(g), bits(w), "{dt:?} budget {budget}: {name}");
+            }
+            // The gradients are not all zeros (a backward that ignored P would not pass the above).
+            assert!(bits(&got.1).iter().any(|&b| b != 0));
+        }
+    }
+    let q = Var::from_tensor(&randn_tensor(&[1, 2, 5, 4], 25, 1.0).unwrap()).unwrap();
+    let e =
+        attention_keeping_probs(q.as_tensor(), q.as_tensor(), q.as_tensor(), &test_mask(1, 5).unwrap(), 0.5);
+    assert!(e.is_err_and(|e| e.to_string().contains("builds no graph")));
+}
+
 #[test]
 fn rms_norm_matches_slow_path() {
     check_op("rms_norm");
