@@ -105,6 +105,18 @@ template <typename A> __device__ A block_max(A v, A *shm) {
 // Masked softmax: p = softmax(s * scale + bias) over the last axis.
 // s, p: [rows = R*H*Q, K]; bias: f32 [R or 1, 1, Q, K]. Row `row` uses bias row
 // (bias_bcast ? 0 : row / HQ) * Q + row % Q.
+// A bias at or below BIAS_MASKS masks its key: the score there is not read, and its scaled value
+// is the bias itself, which is what adding any score of a sane size to it rounds to (the ulp of
+// 5e29 is 4e22). Most of an attention row is masked (causal order, the other completion of a
+// shared prompt, padding), and those scores are then never fetched. Likewise the backward reads
+// no dP where P is 0 (dS is 0 there).
+#define BIAS_MASKS (-5e29f)
+template <typename T, typename A>
+__device__ __forceinline__ A masked_score(const T *__restrict__ x, const float *__restrict__ b, int k, A scale) {
+    const float bk = b[k];
+    return bk <= BIAS_MASKS ? (A)bk : to_acc(x[k]) * scale + (A)bk;
+}
+
 template <typename T>
 __device__ void softmax_fwd(const T *__restrict__ s, const float *__restrict__ bias, T *__restrict__ p,
                             int K, int Q, int HQ, int bias_bcast, double scale_) {
@@ -120,7 +132,7 @@ __device__ void softmax_fwd(const T *__restrict__ s, const float *__restrict__ b
     // Per-thread online max and rescaled sum, then one block max and one block sum.
     A m = ninf, acc = 0;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const A v = to_acc(x[k]) * scale + (A)b[k];
+        const A v = masked_score(x, b, k, scale);
         if (v > m) {
             acc = (m == ninf ? (A)0 : acc * acc_exp(m - v)) + (A)1;
             m = v;
@@ -131,7 +143,7 @@ __device__ void softmax_fwd(const T *__restrict__ s, const float *__restrict__ b
     const A mx = block_max(m, shm);
     const A sum = block_sum(m == ninf ? (A)0 : acc * acc_exp(m - mx), shm);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        const A v = to_acc(x[k]) * scale + (A)b[k];
+        const A v = masked_score(x, b, k, scale);
         y[k] = from_acc<T>(acc_exp(v - mx) / sum);
     }
 }
@@ -145,11 +157,14 @@ __device__ void softmax_bwd(const T *__restrict__ p, const T *__restrict__ dp, T
     const long long off = (long long)blockIdx.x * K;
     const A scale = (A)scale_;
     A dot = 0;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) dot += to_acc(p[off + k]) * to_acc(dp[off + k]);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        const A pk = to_acc(p[off + k]);
+        if (pk != (A)0) dot += pk * to_acc(dp[off + k]);
+    }
     dot = block_sum(dot, shm);
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
         const A pk = to_acc(p[off + k]);
-        ds[off + k] = from_acc<T>(scale * pk * (to_acc(dp[off + k]) - dot));
+        ds[off + k] = from_acc<T>(pk == (A)0 ? (A)0 : scale * pk * (to_acc(dp[off + k]) - dot));
     }
 }
 
@@ -174,7 +189,7 @@ __device__ void softmax_fwd_warp(const T *__restrict__ s, const float *__restric
 #pragma unroll
     for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
         const int k = c * 32 + lane;
-        v[c] = k < K ? to_acc(x[k]) * scale + (A)b[k] : ninf;
+        v[c] = k < K ? masked_score(x, b, k, scale) : ninf;
         m = v[c] > m ? v[c] : m;
     }
     m = warp_max(m);
@@ -207,14 +222,14 @@ __device__ void softmax_bwd_warp(const T *__restrict__ p, const T *__restrict__ 
     for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
         const int k = c * 32 + lane;
         pv[c] = k < K ? to_acc(p[off + k]) : (A)0;
-        dv[c] = k < K ? to_acc(dp[off + k]) : (A)0;
+        dv[c] = pv[c] != (A)0 ? to_acc(dp[off + k]) : (A)0;
         dot += pv[c] * dv[c];
     }
     dot = warp_sum(dot);
 #pragma unroll
     for (int c = 0; c < SOFTMAX_WARP_C; ++c) {
         const int k = c * 32 + lane;
-        if (k < K) ds[off + k] = from_acc<T>(scale * pv[c] * (dv[c] - dot));
+        if (k < K) ds[off + k] = from_acc<T>(pv[c] == (A)0 ? (A)0 : scale * pv[c] * (dv[c] - dot));
     }
 }
 
@@ -954,7 +969,7 @@ extern "C" __global__ void dpo_adamw_parts_f32(const double *__restrict__ clip, 
 // lower index in the low half.
 #define FA_BQ 64
 #define FA_BK 64
-#define FA_ALLOWED (-5e29f)  // a bias above this lets the query see the key
+#define FA_ALLOWED BIAS_MASKS  // a bias above this lets the query see the key
 #define FA_SKIP 0            // tile classes: the bias masks every entry of the tile,
 #define FA_OPEN 1            // no entry,
 #define FA_MIXED 2           // some entries

@@ -297,13 +297,32 @@ fn acc(dt: DType) -> DType {
     if dt == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
+/// `x` with NaN where `at` (broadcast to `x`'s shape) is non-zero: what a kernel must not read.
+fn nan_where(x: &Tensor, at: &Tensor) -> Result<Tensor> {
+    let at = at.broadcast_as(x.shape())?;
+    let nan = Tensor::full(f32::NAN, x.shape(), &CPU)?.to_dtype(x.dtype())?;
+    at.where_cond(&nan, x)
+}
+
+/// Scores under a masking bias, and `dP` where `P` is 0, poisoned with NaN: the kernels do not
+/// read them (`BIAS_MASKS` in `kernels/dpo_ops.cu`), so the results are those of the clean
+/// inputs.
+fn poisoned(s: &Tensor, bias: &Tensor, p: &Tensor, dp: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = nan_where(s, &bias.le(-5e29)?)?;
+    assert!(
+        s.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| x.is_nan()),
+        "no masked score"
+    );
+    Ok((s, nan_where(dp, &p.eq(&p.zeros_like()?)?)?))
+}
+
 /// The masked softmax, forward and backward (a fully masked tail, a row length that is not a
-/// multiple of the block).
+/// multiple of the block; masked scores and the `dP` of zero probabilities poisoned).
 #[test]
 fn masked_softmax() -> Result<()> {
     let (r, h, q, k) = (2, 2, 5, 37);
     let bias = Tensor::from_vec(
-        (0..r * q * k).map(|i| if (i % k) > (i / k) % q + 30 { -1e9f32 } else { 0.0 }).collect::<Vec<_>>(),
+        (0..r * q * k).map(|i| if (i % k) > (i / k) % q + 30 { -1e30f32 } else { 0.0 }).collect::<Vec<_>>(),
         (r, 1, q, k),
         &CPU,
     )?;
@@ -313,9 +332,10 @@ fn masked_softmax() -> Result<()> {
         let p = ops::masked_softmax(&s, &bias, 0.5)?;
         let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
         let want_ds = (&p * &dp)?.sum_all()?.backward()?.get(&s).unwrap().clone();
+        let (s_bad, dp_bad) = poisoned(&s, &bias, &p, &dp)?;
         let (grid, block) = rows_cfg(r * h * q, k);
         let args = [
-            buf(&s),
+            buf(&s_bad),
             buf(&bias),
             out(dt, n),
             Arg::I32(k as i32),
@@ -326,7 +346,7 @@ fn masked_softmax() -> Result<()> {
         ];
         let got = launch(&format!("dpo_softmax_fwd_{}", dt.as_str()), grid, block, &args);
         assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &p, tol(dt), &format!("softmax {dt:?}"));
-        let args = [buf(&p), buf(&dp), out(dt, n), Arg::I32(k as i32), Arg::F64(0.5)];
+        let args = [buf(&p), buf(&dp_bad), out(dt, n), Arg::I32(k as i32), Arg::F64(0.5)];
         let got = launch(&format!("dpo_softmax_bwd_{}", dt.as_str()), grid, block, &args);
         assert_close(
             &tensor(&got[2], dt, &[r, h, q, k]),
@@ -341,7 +361,7 @@ fn masked_softmax() -> Result<()> {
 /// The warp-per-row softmax kernels (rows of at most 1,024 entries), as `src/ops/cuda.rs`
 /// launches them (8 rows a block): row lengths below, at and past a multiple of 32, the longest,
 /// a row count that leaves the last block part empty, a bias broadcast over rows and one per
-/// row, fully masked rows.
+/// row, fully masked rows; masked scores and the `dP` of zero probabilities poisoned.
 #[test]
 fn masked_softmax_warp_per_row() -> Result<()> {
     for (r, h, q, k, bcast) in
@@ -366,9 +386,10 @@ fn masked_softmax_warp_per_row() -> Result<()> {
             let p = ops::masked_softmax(&s, &bias, 0.5)?;
             let dp = randn(&[r, h, q, k], 2, 1.0).to_dtype(dt)?;
             let want_ds = (&p * &dp)?.sum_all()?.backward()?.get(&s).unwrap().clone();
+            let (s_bad, dp_bad) = poisoned(&s, &bias, &p, &dp)?;
             let what = format!("softmax {r}x{h}x{q}x{k} {dt:?}");
             let args = [
-                buf(&s),
+                buf(&s_bad),
                 buf(&bias),
                 out(dt, rows * k),
                 Arg::I64(rows as i64),
@@ -382,7 +403,7 @@ fn masked_softmax_warp_per_row() -> Result<()> {
             assert_close(&tensor(&got[2], dt, &[r, h, q, k]), &p, tol(dt), &what);
             let args = [
                 buf(&p),
-                buf(&dp),
+                buf(&dp_bad),
                 out(dt, rows * k),
                 Arg::I64(rows as i64),
                 Arg::I32(k as i32),

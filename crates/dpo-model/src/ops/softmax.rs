@@ -1,5 +1,12 @@
 //! `probs = softmax(scores * scale + bias)` over the last axis, with
 //! `dscores = scale * P * (dP - sum_k dP * P)` from the saved output `P`.
+//!
+//! Masked keys are not read: where the bias is at or below [`BIAS_MASKS`] the scaled score is
+//! the bias itself (what adding any score of a sane size to it rounds to: the ulp of 5e29 is
+//! 4e22), and where `P` is 0 the backward reads no `dP` (`dscores` is 0 there). On the GPU most
+//! of an attention row's scores are then never fetched (causal order, the other completion of a
+//! shared prompt, padding); the CPU kernels follow the same rule, so that both give the same
+//! numbers.
 
 use candle_core::{CpuStorage, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 use num_traits::Float as _;
@@ -10,8 +17,9 @@ use crate::accum_dtype;
 
 /// `softmax(scores * scale + bias)` over the last axis, for `scores` `[rows, heads, q, k]`
 /// (bf16, f16, f32 or f64) and an additive bias `[rows or 1, 1, q, k]` (converted to f32; 0 or a
-/// large finite negative such as [`crate::AttentionMask`]'s). Computed in f32 (f64 for f64
-/// scores), returned in the scores' dtype. A fully masked row gives a uniform distribution.
+/// large finite negative such as [`crate::AttentionMask`]'s; at or below -5e29 it masks the key,
+/// whose score is then not read). Computed in f32 (f64 for f64 scores), returned in the scores'
+/// dtype. A fully masked row gives a uniform distribution.
 /// Differentiable in `scores`; the bias takes no gradient.
 pub fn masked_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let _timed = crate::profile::op(scores.device(), "softmax");
@@ -36,6 +44,10 @@ pub fn masked_softmax_slow(scores: &Tensor, bias: &Tensor, scale: f64) -> Result
     let x = scores.to_dtype(acc)?.affine(scale, 0.0)?.broadcast_add(&bias.to_dtype(acc)?)?;
     candle_nn::ops::softmax(&x, D::Minus1)?.to_dtype(dt)
 }
+
+/// A bias at or below this masks its key (`kernels/dpo_ops.cu`'s `BIAS_MASKS`;
+/// [`crate::AttentionMask`] writes -1e30).
+pub(crate) const BIAS_MASKS: f32 = -5e29;
 
 pub(super) struct MaskedSoftmax {
     pub(super) scale: f64,
@@ -70,7 +82,10 @@ fn fwd_cpu<T: Elem>(
                 let br = bias_row(row, h * q, q, bias_bcast);
                 let b = &bias[br * k..(br + 1) * k];
                 buf.clear();
-                buf.extend(x.iter().zip(b).map(|(&v, &b)| v.acc() * scale + T::cst(b as f64)));
+                buf.extend(x.iter().zip(b).map(|(&v, &b)| match b <= BIAS_MASKS {
+                    true => T::cst(b as f64),
+                    false => v.acc() * scale + T::cst(b as f64),
+                }));
                 let mut m = T::A::neg_infinity();
                 for &v in buf.iter() {
                     if v > m {
@@ -104,9 +119,11 @@ fn bwd_cpu<T: Elem>(
     let scale = T::cst(scale);
     let mut out = vec![T::from_acc(T::cst(0.0)); p.len()];
     out.par_chunks_mut(k).zip(p.par_chunks(k).zip(dp.par_chunks(k))).for_each(|(ds, (p, dp))| {
-        let dot: T::A = p.iter().zip(dp).map(|(&p, &d)| p.acc() * d.acc()).sum();
+        let zero = T::cst(0.0);
+        let dot: T::A =
+            p.iter().zip(dp).filter(|(p, _)| p.acc() != zero).map(|(&p, &d)| p.acc() * d.acc()).sum();
         for ((ds, &p), &d) in ds.iter_mut().zip(p).zip(dp) {
-            *ds = T::from_acc(scale * p.acc() * (d.acc() - dot));
+            *ds = T::from_acc(if p.acc() == zero { zero } else { scale * p.acc() * (d.acc() - dot) });
         }
     });
     Ok(T::to_cpu_storage_owned(out))

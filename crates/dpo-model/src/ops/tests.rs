@@ -330,6 +330,58 @@ fn masked_softmax_fully_masked_rows() {
     assert!(v.iter().all(|&x| x == 0.2), "{v:?}");
 }
 
+/// The CPU kernels follow the GPU's rule: a score under a masking bias is not read, nor `dP`
+/// where `P` is 0. NaN there changes nothing (a fully masked row stays uniform); NaN in a
+/// score that is read still shows.
+#[test]
+fn masked_softmax_reads_no_masked_score() {
+    // Causal over the first 6 keys, keys 6-8 masked; row 1's query 2 sees no key.
+    let (r, h, q, k) = (2, 3, 6, 9);
+    let bias =
+        Tensor::from_vec(
+            (0..r * q * k)
+                .map(|e| {
+                    if e % k > (e / k) % q || (e / (q * k) == 1 && (e / k) % q == 2) { -1e30f32 } else { 0.0 }
+                })
+                .collect::<Vec<_>>(),
+            (r, 1, q, k),
+            &CPU,
+        )
+        .unwrap();
+    let nan_where = |x: &Tensor, at: &Tensor| {
+        let nan = Tensor::full(f32::NAN, x.shape(), &CPU).unwrap();
+        at.broadcast_as(x.shape()).unwrap().where_cond(&nan, x).unwrap()
+    };
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+    };
+    let s = randn_tensor(&[r, h, q, k], 51, 3.0).unwrap();
+    let p = masked_softmax(&s, &bias, 0.7).unwrap();
+    let s_bad = nan_where(&s, &bias.le(-5e29).unwrap());
+    assert_eq!(bits(&masked_softmax(&s_bad, &bias, 0.7).unwrap()), bits(&p));
+    let row = p.get(1).unwrap().get(0).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap();
+    assert!(row.iter().all(|&x| x == 1.0 / k as f32), "a fully masked row is uniform: {row:?}");
+    let dp = randn_tensor(&[r, h, q, k], 52, 1.0).unwrap();
+    let dp_bad = nan_where(&dp, &p.eq(&p.zeros_like().unwrap()).unwrap());
+    let bwd = |dp: &Tensor| p.apply_op2_no_bwd(dp, &super::softmax::MaskedSoftmaxBwd { scale: 0.7 }).unwrap();
+    assert_eq!(bits(&bwd(&dp_bad)), bits(&bwd(&dp)));
+    // A NaN the softmax reads is not hidden.
+    let s_read = s
+        .slice_assign(&[0..1, 0..1, 0..1, 0..1], &Tensor::full(f32::NAN, (1, 1, 1, 1), &CPU).unwrap())
+        .unwrap();
+    let v = masked_softmax(&s_read, &bias, 0.7)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert!(v[0].is_nan());
+}
+
 /// Non-contiguous inputs are made contiguous by the public functions; results match.
 #[test]
 fn non_contiguous_inputs() {
