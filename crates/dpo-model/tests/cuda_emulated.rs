@@ -10,7 +10,10 @@
 //! built with ThreadSanitizer, which fails a kernel whose threads race on shared or global
 //! memory without a barrier between them; with `CUDA_EMU_SANITIZE=address`, AddressSanitizer,
 //! which fails a kernel that reads or writes a byte outside its buffers (each allocated at its
-//! exact size). `.ci/run` runs both.
+//! exact size). `.ci/run` runs both. Every build checks alignment: a 16-byte vector load or store
+//! at an address that is not a multiple of 16 faults on the GPU but works on the CPU, so the
+//! emulator is compiled to stop there ([`ALIGNMENT_CHECK`]; the vector types of `emu.h` carry
+//! CUDA's alignment).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -130,6 +133,7 @@ fn emulator() -> &'static PathBuf {
         };
         let out = Command::new(&cxx)
             .args(sanitize)
+            .args(ALIGNMENT_CHECK)
             .args(contract_like_nvcc())
             .args(["-std=c++20", "-pthread", "-I"])
             .arg(src.join("include"))
@@ -148,6 +152,10 @@ fn emulator() -> &'static PathBuf {
         exe
     })
 }
+
+/// A load or store through a misaligned pointer (a 16-byte vector, `uint4`, at an address that
+/// is not a multiple of 16) faults on the GPU and works on the CPU: the emulator stops there too.
+const ALIGNMENT_CHECK: [&str; 2] = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"];
 
 /// Host compiler flags that contract `a * b + c` into an FMA as nvcc does by default
 /// (`--fmad=true`; GCC forms them from -O2), so that a kernel relying on a product being

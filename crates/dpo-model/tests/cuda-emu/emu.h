@@ -175,14 +175,17 @@ struct __nv_bfloat16 {
 
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.bits; }
 
-struct uint4 {
+// The vector types with CUDA's alignment (vector_types.h): a load of one from an address that
+// is not a multiple of it faults on the GPU, and here fails the alignment check the emulator is
+// compiled with (-fsanitize=alignment).
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
-struct float2 {
+struct alignas(8) float2 {
     float x, y;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 
