@@ -559,7 +559,7 @@ impl CausalLm {
         let (mut h, mut x1) = (self.embed_input(input_ids)?, None);
         for (l, b) in self.blocks.iter().enumerate() {
             let next_norm = self.blocks.get(l + 1).map(|next| &next.input_norm);
-            (h, x1, _) = self.block_saving(b, &h, x1, next_norm, &cos, &sin, mask)?;
+            (h, x1, _) = self.block_saving(b, &h, x1, next_norm, &cos, &sin, mask, false)?;
         }
         self.rms_norm(&h, &self.norm)
     }
@@ -617,7 +617,7 @@ impl CausalLm {
         for (l, b) in frozen.blocks.iter().enumerate() {
             let (h, next_norm) =
                 (inputs.last().expect("one input"), frozen.blocks.get(l + 1).map(|n| &n.input_norm));
-            let (next, next_x1, s) = frozen.block_saving(b, h, x1, next_norm, &cos, &sin, mask)?;
+            let (next, next_x1, s) = frozen.block_saving(b, h, x1, next_norm, &cos, &sin, mask, true)?;
             x1 = next_x1;
             if !checkpoint {
                 saved.push(s);
@@ -654,7 +654,7 @@ impl CausalLm {
                 let fb = &frozen.blocks[l];
                 let s = match saved.pop() {
                     Some(s) => s,
-                    None => frozen.block_saving(fb, &inputs[l], None, None, &cos, &sin, mask)?.2,
+                    None => frozen.block_saving(fb, &inputs[l], None, None, &cos, &sin, mask, true)?.2,
                 };
                 let dout = (&upstream, upstream_lo.take());
                 let (dh, dh_lo) = frozen.block_backward(fb, b, s, dout, &cos, &sin, mask, &mut grads)?;
@@ -728,7 +728,7 @@ impl CausalLm {
         sin: &Tensor,
         mask: &AttentionMask,
     ) -> Result<Tensor> {
-        Ok(self.block_saving(b, h, None, None, cos, sin, mask)?.0)
+        Ok(self.block_saving(b, h, None, None, cos, sin, mask, false)?.0)
     }
 
     /// [`CausalLm::block`], also returning the tensors the manual backward needs
@@ -736,7 +736,8 @@ impl CausalLm {
     /// done with the norm that reads its sum ([`CausalLm::add_norm_to`]): `x1`, the block's first
     /// norm of `h`, comes from the block before where it computed it; given the next block's
     /// first norm weight (`next_norm`), the block computes that norm of its output, returned
-    /// second.
+    /// second. `keep_probs`: the manual backward's forward, which keeps the attention
+    /// probabilities where `recompute_attention` is off.
     #[allow(clippy::too_many_arguments)]
     fn block_saving(
         &self,
@@ -747,6 +748,7 @@ impl CausalLm {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
+        keep_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>, backward::Saved)> {
         let dt = self.compute_dtype;
         let x1 = match x1 {
@@ -754,7 +756,7 @@ impl CausalLm {
             None => self.rms_norm_to(h, &b.input_norm, dt)?,
         };
         let (q, k, v) = self.qkv(b, &x1, cos, sin)?;
-        let (a, p) = self.attend(&q, &k, &v, mask)?;
+        let (a, p) = self.attend(&q, &k, &v, mask, keep_probs)?;
         let a = merge_heads(&a)?;
         let (h2, x2) = self.add_norm_to(h, &b.o.forward(&a, dt)?, &b.post_norm, dt)?;
         let silu_mul = |g: &Tensor, u: &Tensor| if self.fused { ops::silu_mul(g, u) } else { g.silu()? * u };
@@ -887,25 +889,27 @@ impl CausalLm {
     }
 
     /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.
-    /// Attention's output and, where it was kept for the manual backward, its probabilities
-    /// (without a graph, `recompute_attention` off: the fused op's `P`).
+    /// Attention's output and, for the manual backward (`keep_probs`, with `recompute_attention`
+    /// off and no graph), its probabilities.
     fn attend(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         mask: &AttentionMask,
+        keep_probs: bool,
     ) -> Result<(Tensor, Option<ops::KeptProbs>)> {
         let dt = self.compute_dtype;
         let n_rep = self.config.num_attention_heads / self.config.num_key_value_heads;
         let scale = self.attention_scale();
-        if self.fused && self.recompute_attention {
-            // Scores and probabilities are not kept for the backward; it recomputes them.
-            return Ok((ops::attention(q, k, v, &mask.bias, scale)?, None));
-        }
-        if self.fused && ![q, k, v].iter().any(|t| t.track_op()) {
-            // No graph (the reference; the manual backward's forward, which keeps `P`).
+        let graph = [q, k, v].iter().any(|t| t.track_op());
+        if self.fused && !graph && keep_probs && !self.recompute_attention {
             return ops::attention_keeping_probs(q, k, v, &mask.bias, scale);
+        }
+        if self.fused && (self.recompute_attention || !graph) {
+            // Scores and probabilities are not kept: the backward recomputes them, or there is
+            // none (the reference, an eval), and the rows' chunks are computed one at a time.
+            return Ok((ops::attention(q, k, v, &mask.bias, scale)?, None));
         }
         let (k, v) = (repeat_kv(k, n_rep)?, repeat_kv(v, n_rep)?);
         let scores = crate::matmul(q, &k.t()?.contiguous()?)?;
