@@ -1075,17 +1075,19 @@ __device__ __forceinline__ void cp_async_wait_all() {
 #endif
 }
 
-// Rows first .. first + 64 of x [S, D] into the shared tile dst [64, D + 8], zero past S; issued
+// Rows first .. first + 64 of x [S, D] (rows `ld` elements apart) into the shared tile dst
+// [64, D + 8], zero past S; issued
 // only (cp_async16): every load of a tile is in flight at once, where a load and its store to
 // shared memory a thread at a time waited for each load in turn. The caller waits
 // (cp_async_wait_all, then __syncthreads) before reading the tile.
 template <int D>
-__device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *x, int first, int S) {
+__device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *x, int first, int S,
+                                          long long ld = D) {
     for (int e = threadIdx.x; e < 64 * D / 8; e += blockDim.x) {
         const int row = e / (D / 8), col = (e % (D / 8)) * 8;
         __nv_bfloat16 *to = dst + row * (D + 8) + col;
         if (first + row < S)
-            cp_async16(to, x + (long long)(first + row) * D + col);
+            cp_async16(to, x + (first + row) * ld + col);
         else
             *(uint4 *)to = make_uint4(0u, 0u, 0u, 0u);
     }
@@ -1195,16 +1197,18 @@ __device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], cons
     }
 }
 
-// Each query's softmax statistics, for the backward: stats [R, H, S, 2] = (max of the scaled,
-// biased scores, 1 / sum of their exponentials). With OUT false only those (dpo_flash_stats:
+// The output O [R, H, S, D] is written with query s of head h of row r at r o_row + h o_head +
+// s o_pos ([R, H, S, D] contiguous, or heads merged: [R, S, H D], what the output projection
+// reads, without a copy). Each query's softmax statistics, for the backward: stats [R, H, S, 2]
+// = (max of the scaled, biased scores, 1 / sum of their exponentials). With OUT false only those (dpo_flash_stats:
 // the backward of an output that was kept): no V, no P V, `out` not written; the statistics come
 // out the same, bit for bit.
 template <int D, bool OUT>
 __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                           const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
                           const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
-                          __nv_bfloat16 *__restrict__ out, float *__restrict__ stats, int S, int H, int KV,
-                          int bias_rows, float scale) {
+                          __nv_bfloat16 *__restrict__ out, float *__restrict__ stats, long long o_row,
+                          long long o_head, long long o_pos, int S, int H, int KV, int bias_rows, float scale) {
     constexpr int KS = D / 16;     // k-steps of Q K^T
     constexpr int DT = D / 8;      // n-tiles of P V
     constexpr int NT = FA_BK / 8;  // n-tiles of Q K^T (keys)
@@ -1283,7 +1287,7 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
         if (rows[hr] < S) {
-            __nv_bfloat16 *orow = out + qbase + (long long)rows[hr] * D;
+            __nv_bfloat16 *orow = out + r * o_row + h * o_head + rows[hr] * o_pos;
 #pragma unroll
             for (int dt = 0; dt < DT && OUT; ++dt)
                 *(unsigned *)(orow + dt * 8 + 2 * t) = pack_bf16(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
@@ -1307,10 +1311,11 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
 // Tiles are skipped and read as in the forward.
 __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bfloat16 *__restrict__ dout,
                               float *__restrict__ out, long long n, int D, int H, int S, long long o_row,
-                              long long o_head, long long o_pos) {
-    // Row i = (r, h, s) of dout [R, H, S, D] (contiguous); o's row at r o_row + h o_head + s o_pos
-    // (the forward's output as kept: [R, H, S, D], or heads merged, [R, S, H D]). D / 8 lanes a
-    // row (D = 32 or 64), 16 bytes of each operand a lane, summed by shuffles.
+                              long long o_head, long long o_pos, long long d_row, long long d_head,
+                              long long d_pos) {
+    // Row i = (r, h, s): o's at r o_row + h o_head + s o_pos (the forward's output as kept: [R,
+    // H, S, D], or heads merged, [R, S, H D]), dout's likewise by d_*. D / 8 lanes a row (D = 32
+    // or 64), 16 bytes of each operand a lane, summed by shuffles.
     const int per_row = D / 8, lane = threadIdx.x & 31, part = lane % per_row;
     const long long rows_per_warp = 32 / per_row, warps = (long long)gridDim.x * blockDim.x / 32;
     for (long long i0 = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / 32 * rows_per_warp; i0 < n;
@@ -1318,8 +1323,9 @@ __device__ void flash_bwd_dot(const __nv_bfloat16 *__restrict__ o, const __nv_bf
         const long long i = i0 + lane / per_row;
         float acc = 0.0f;
         if (i < n) {
-            const long long at = i / ((long long)H * S) * o_row + i / S % H * o_head + i % S * o_pos;
-            const uint4 a4 = *(const uint4 *)(o + at + part * 8), b4 = *(const uint4 *)(dout + i * D + part * 8);
+            const long long r = i / ((long long)H * S), h = i / S % H, p = i % S;
+            const long long at = r * o_row + h * o_head + p * o_pos, dat = r * d_row + h * d_head + p * d_pos;
+            const uint4 a4 = *(const uint4 *)(o + at + part * 8), b4 = *(const uint4 *)(dout + dat + part * 8);
             const unsigned a[4] = {a4.x, a4.y, a4.z, a4.w}, b[4] = {b4.x, b4.y, b4.z, b4.w};
             // Two bf16 a word, the lower index in the low half; a bf16 is the top half of its f32.
 #pragma unroll
@@ -1338,7 +1344,8 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
                                const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
                                const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
                                const float *__restrict__ dvec, float *__restrict__ dkp, float *__restrict__ dvp,
-                               int S, int H, int KV, int bias_rows, float scale) {
+                               long long d_row, long long d_head, long long d_pos, int S, int H, int KV,
+                               int bias_rows, float scale) {
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BQ / 8, LD = D + 8;
     __shared__ __align__(16) __nv_bfloat16 qs[FA_BQ * LD];
     __shared__ __align__(16) __nv_bfloat16 dos[FA_BQ * LD];
@@ -1370,7 +1377,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
         const int kind = tiles.at(i0 / FA_BQ, blockIdx.x);
         if (kind == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
         load_tile<D>(qs, q + qbase, i0, S);
-        load_tile<D>(dos, dout + qbase, i0, S);
+        load_tile<D>(dos, dout + r * d_row + hq * d_head, i0, S, d_pos);
         float s[NT][4];  // S^T: keys x queries; the bias read while the tiles load
         init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, keys, i0, S, inv_scale, true);
         if (threadIdx.x < FA_BQ) {
@@ -1440,8 +1447,8 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
                              const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,
                              const unsigned char *__restrict__ cls, const unsigned char *__restrict__ full,
                              const __nv_bfloat16 *__restrict__ dout, const float *__restrict__ stats,
-                             const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dq, int S, int H, int KV,
-                             int bias_rows, float scale) {
+                             const float *__restrict__ dvec, __nv_bfloat16 *__restrict__ dq, long long d_row,
+                             long long d_head, long long d_pos, int S, int H, int KV, int bias_rows, float scale) {
     constexpr int KS = D / 16, DT = D / 8, NT = FA_BK / 8, LD = D + 8;
     __shared__ __align__(16) __nv_bfloat16 ks[FA_BK * LD];
     __shared__ __align__(16) __nv_bfloat16 vs[FA_BK * LD];
@@ -1453,11 +1460,16 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const float *brow = bias + (long long)(bias_rows == 1 ? 0 : r) * S * S;
     const int rows[2] = {q0 + g, q0 + g + 8};
     unsigned qf[KS][4], of[KS][4];
+    {
+        // dO's rows first, their pointer and stride dead after (in this order ptxas fits the
+        // kernel in its 168 registers without spilling; interleaved with Q's it spilled 16 bytes).
+        const __nv_bfloat16 *dO = dout + r * d_row + h * d_head;
+        const int ldo = (int)d_pos;
 #pragma unroll
-    for (int kk = 0; kk < KS; ++kk) {
-        frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
-        frag_a(of[kk], dout + qbase, D, q0, kk * 16, S, g, t);
+        for (int kk = 0; kk < KS; ++kk) frag_a(of[kk], dO, ldo, q0, kk * 16, S, g, t);
     }
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
     float m[2], il[2], dd[2];
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
@@ -1510,14 +1522,17 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
 #define FLASH_KERNELS(D)                                                                            \
     extern "C" __global__ void dpo_flash_fwd_d##D##_bf16(                                            \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
-        const unsigned char *cls, const unsigned char *full, __nv_bfloat16 *out, float *stats, int S, \
-        int H, int KV, int bias_rows, float scale) {                                                 \
-        flash_fwd<D, true>(q, k, v, bias, cls, full, out, stats, S, H, KV, bias_rows, scale);        \
+        const unsigned char *cls, const unsigned char *full, __nv_bfloat16 *out, float *stats,        \
+        long long o_row, long long o_head, long long o_pos, int S, int H, int KV, int bias_rows,      \
+        float scale) {                                                                               \
+        flash_fwd<D, true>(q, k, v, bias, cls, full, out, stats, o_row, o_head, o_pos, S, H, KV,     \
+                           bias_rows, scale);                                                        \
     }                                                                                                \
     extern "C" __global__ void dpo_flash_stats_d##D##_bf16(                                          \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const float *bias, const unsigned char *cls,  \
         const unsigned char *full, float *stats, int S, int H, int KV, int bias_rows, float scale) {  \
-        flash_fwd<D, false>(q, k, nullptr, bias, cls, full, nullptr, stats, S, H, KV, bias_rows, scale); \
+        flash_fwd<D, false>(q, k, nullptr, bias, cls, full, nullptr, stats, 0, 0, 0, S, H, KV, bias_rows, \
+                            scale);                                                                  \
     }
 // The two backward kernels ask for 3 blocks of 128 threads per SM at head size 64 and 4 at 32
 // (__launch_bounds__: at most 168 and 128 registers). ptxas (CUDA 13.0, sm_90) then fits them
@@ -1528,17 +1543,18 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     extern "C" __global__ void __launch_bounds__(128, FLASH_BWD_BLOCKS(D)) dpo_flash_bwd_dkdv_d##D##_bf16( \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
         const unsigned char *cls, const unsigned char *full, const __nv_bfloat16 *dout,               \
-        const float *stats, const float *dvec, float *dkp, float *dvp, int S, int H, int KV,          \
-        int bias_rows, float scale) {                                                                \
-        flash_bwd_dkdv<D>(q, k, v, bias, cls, full, dout, stats, dvec, dkp, dvp, S, H, KV, bias_rows, \
-                          scale);                                                                    \
+        const float *stats, const float *dvec, float *dkp, float *dvp, long long d_row,               \
+        long long d_head, long long d_pos, int S, int H, int KV, int bias_rows, float scale) {        \
+        flash_bwd_dkdv<D>(q, k, v, bias, cls, full, dout, stats, dvec, dkp, dvp, d_row, d_head, d_pos, \
+                          S, H, KV, bias_rows, scale);                                               \
     }                                                                                                \
     extern "C" __global__ void __launch_bounds__(128, FLASH_BWD_BLOCKS(D)) dpo_flash_bwd_dq_d##D##_bf16( \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
         const unsigned char *cls, const unsigned char *full, const __nv_bfloat16 *dout,               \
-        const float *stats, const float *dvec, __nv_bfloat16 *dq, int S, int H, int KV,               \
-        int bias_rows, float scale) {                                                                \
-        flash_bwd_dq<D>(q, k, v, bias, cls, full, dout, stats, dvec, dq, S, H, KV, bias_rows, scale); \
+        const float *stats, const float *dvec, __nv_bfloat16 *dq, long long d_row, long long d_head,  \
+        long long d_pos, int S, int H, int KV, int bias_rows, float scale) {                          \
+        flash_bwd_dq<D>(q, k, v, bias, cls, full, dout, stats, dvec, dq, d_row, d_head, d_pos, S, H,  \
+                        KV, bias_rows, scale);                                                       \
     }
 // Head sizes 32 (the bundled default) and 64 (Qwen2.5-0.5B).
 FLASH_KERNELS(32)
@@ -1557,6 +1573,7 @@ extern "C" __global__ void dpo_flash_bwd_group_bf16(const float *dkp, const floa
 
 extern "C" __global__ void dpo_flash_bwd_dot_bf16(const __nv_bfloat16 *o, const __nv_bfloat16 *dout, float *out,
                                                   long long n, int D, int H, int S, long long o_row,
-                                                  long long o_head, long long o_pos) {
-    flash_bwd_dot(o, dout, out, n, D, H, S, o_row, o_head, o_pos);
+                                                  long long o_head, long long o_pos, long long d_row,
+                                                  long long d_head, long long d_pos) {
+    flash_bwd_dot(o, dout, out, n, D, H, S, o_row, o_head, o_pos, d_row, d_head, d_pos);
 }

@@ -548,15 +548,36 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         let grid_q = (seq.div_ceil(64), rows * heads);
         // What every attention kernel reads first: q, k, v, the bias and its tile classes.
         let inputs = [buf(&q), buf(&k), buf(&v), buf(&bias), tiles[0].clone(), tiles[1].clone()];
-        let fwd = [
-            inputs.to_vec(),
-            vec![out(DType::BF16, rows * heads * seq * d), out(DType::F32, rows * heads * seq * 2)],
-            tail.to_vec(),
-        ]
-        .concat();
-        let got = launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &fwd);
+        // Strides (row, head, position) of [rows, heads, seq, d] as it is, and with its heads
+        // merged ([rows, seq, heads * d]: the output projection's input, the gradient it gives).
+        let (plain, merged) = ([heads * seq * d, seq * d, d], [seq * heads * d, d, heads * d]);
+        let strides = |s: [usize; 3]| s.map(|x| Arg::I64(x as i64)).to_vec();
+        let fwd = |layout: [usize; 3]| {
+            let args = [
+                inputs.to_vec(),
+                vec![out(DType::BF16, rows * heads * seq * d), out(DType::F32, rows * heads * seq * 2)],
+                strides(layout),
+                tail.to_vec(),
+            ]
+            .concat();
+            launch(&format!("dpo_flash_fwd_d{d}_bf16"), grid_q, (128, 1), &args)
+        };
+        let got = fwd(plain);
         let (o, stats) = (got[6].clone(), got[7].clone());
         assert_close(&tensor(&o, DType::BF16, &[rows, heads, seq, d]), &want, 1.6e-2, &what("forward"));
+        // Written with its heads merged: the same bits, laid out as the output projection reads.
+        let got = fwd(merged);
+        let heads_merged = tensor(&got[6], DType::BF16, &[rows, seq, heads, d]).transpose(1, 2)?;
+        assert_eq!(
+            heads_merged.contiguous()?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            tensor(&o, DType::BF16, &[rows, heads, seq, d])
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            "{}",
+            what("forward, heads merged")
+        );
+        assert!(got[7] == stats, "{}: statistics differ", what("forward, heads merged"));
         // The statistics alone (the backward of a kept output): the same bits.
         let args = [
             vec![buf(&q), buf(&k), buf(&bias), tiles[0].clone(), tiles[1].clone()],
@@ -566,51 +587,74 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         .concat();
         let alone = launch(&format!("dpo_flash_stats_d{d}_bf16"), grid_q, (128, 1), &args);
         assert!(alone[5] == stats, "{}: differ from the forward's", what("statistics alone"));
-        // rowsum(dO * O), which the two kernels below read, with O as the forward wrote it and
-        // with its heads merged ([rows, seq, heads, d], as the manual backward keeps it).
+        // rowsum(dO * O), which the two kernels below read, with O and dO each as the forward
+        // and the caller lay them out and with their heads merged ([rows, seq, heads, d], as the
+        // manual backward keeps O and gets dO): the same values.
         let n = rows * heads * seq;
         let o_heads = tensor(&o, DType::BF16, &[rows, heads, seq, d]);
         let want_dvec = (o_heads.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?.sum(3)?.flatten_all()?;
-        let merged = o_heads.transpose(1, 2)?.contiguous()?;
-        let mut dvec = Vec::new();
-        for (o, strides) in
-            [(&o_heads, [heads * seq * d, seq * d, d]), (&merged, [seq * heads * d, d, heads * d])]
-        {
-            let args = [
-                buf(o),
-                buf(&dy),
-                out(DType::F32, n),
-                Arg::I64(n as i64),
-                Arg::I32(d as i32),
-                Arg::I32(heads as i32),
-                Arg::I32(seq as i32),
-            ];
-            let args = [args.to_vec(), strides.map(|x| Arg::I64(x as i64)).to_vec()].concat();
-            dvec = launch("dpo_flash_bwd_dot_bf16", elementwise_cfg(n * d / 8).0, (256, 1), &args);
-            assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
-        }
-        let common = [inputs.to_vec(), vec![buf(&dy), Arg::Buf(stats), Arg::Buf(dvec[2].clone())]].concat();
-        // dK and dV per query head (f32), then summed over each KV head's group.
-        let args =
-            [common.to_vec(), vec![out(DType::F32, n * d), out(DType::F32, n * d)], tail.to_vec()].concat();
-        let partial = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_q, (128, 1), &args);
-        let kvn = rows * kv * seq * d;
-        let args = [
-            Arg::Buf(partial[9].clone()),
-            Arg::Buf(partial[10].clone()),
-            out(DType::BF16, kvn),
-            out(DType::BF16, kvn),
-            Arg::I64(kvn as i64),
-            Arg::I64((seq * d) as i64),
-            Arg::I32((heads / kv) as i32),
-        ];
-        let dkdv = launch("dpo_flash_bwd_group_bf16", elementwise_cfg(kvn).0, (256, 1), &args);
-        let args = [common.to_vec(), vec![out(DType::BF16, n * d)], tail.to_vec()].concat();
-        let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
+        let (o_merged, dy_merged) =
+            (o_heads.transpose(1, 2)?.contiguous()?, dy.transpose(1, 2)?.contiguous()?);
         let (wq, wk, wv) = ops::attention_backward(&q, &k, &v, &bias, scale, &dy, None)?;
-        assert_close(&tensor(&dq[9], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
-        assert_close(&tensor(&dkdv[2], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
-        assert_close(&tensor(&dkdv[3], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
+        let mut grads: Vec<Vec<Vec<u8>>> = Vec::new();
+        for ((o, o_strides), (dy, d_strides)) in [
+            ((&o_heads, plain), (&dy, plain)),
+            ((&o_merged, merged), (&dy, plain)),
+            ((&o_heads, plain), (&dy_merged, merged)),
+            ((&o_merged, merged), (&dy_merged, merged)),
+        ] {
+            let args = [
+                vec![
+                    buf(o),
+                    buf(dy),
+                    out(DType::F32, n),
+                    Arg::I64(n as i64),
+                    Arg::I32(d as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(seq as i32),
+                ],
+                strides(o_strides),
+                strides(d_strides),
+            ]
+            .concat();
+            let dvec = launch("dpo_flash_bwd_dot_bf16", elementwise_cfg(n * d / 8).0, (256, 1), &args);
+            assert_close(&tensor(&dvec[2], DType::F32, &[n]), &want_dvec, 1e-6, &what("rowsum(dO * O)"));
+            let common =
+                [inputs.to_vec(), vec![buf(dy), Arg::Buf(stats.clone()), Arg::Buf(dvec[2].clone())]].concat();
+            // dK and dV per query head (f32), then summed over each KV head's group.
+            let args = [
+                common.to_vec(),
+                vec![out(DType::F32, n * d), out(DType::F32, n * d)],
+                strides(d_strides),
+                tail.to_vec(),
+            ]
+            .concat();
+            let partial = launch(&format!("dpo_flash_bwd_dkdv_d{d}_bf16"), grid_q, (128, 1), &args);
+            let kvn = rows * kv * seq * d;
+            let args = [
+                Arg::Buf(partial[9].clone()),
+                Arg::Buf(partial[10].clone()),
+                out(DType::BF16, kvn),
+                out(DType::BF16, kvn),
+                Arg::I64(kvn as i64),
+                Arg::I64((seq * d) as i64),
+                Arg::I32((heads / kv) as i32),
+            ];
+            let dkdv = launch("dpo_flash_bwd_group_bf16", elementwise_cfg(kvn).0, (256, 1), &args);
+            let args =
+                [common.to_vec(), vec![out(DType::BF16, n * d)], strides(d_strides), tail.to_vec()].concat();
+            let dq = launch(&format!("dpo_flash_bwd_dq_d{d}_bf16"), grid_q, (128, 1), &args);
+            assert_close(&tensor(&dq[9], DType::BF16, &[rows, heads, seq, d]), &wq, 2e-2, &what("dq"));
+            assert_close(&tensor(&dkdv[2], DType::BF16, &[rows, kv, seq, d]), &wk, 2e-2, &what("dk"));
+            assert_close(&tensor(&dkdv[3], DType::BF16, &[rows, kv, seq, d]), &wv, 2e-2, &what("dv"));
+            grads.push(vec![dq[9].clone(), dkdv[2].clone(), dkdv[3].clone()]);
+        }
+        // The layouts change where the kernels read, not what they compute: the same bits.
+        assert!(
+            grads.iter().all(|g| *g == grads[0]),
+            "{}: the gradients depend on the layouts",
+            what("backward")
+        );
     }
     assert!(classes.iter().all(|&n| n > 0), "tiles skipped, open and mixed: {classes:?}");
     Ok(())

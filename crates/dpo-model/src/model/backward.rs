@@ -128,10 +128,11 @@ impl Linear {
     }
 }
 
-/// `[rows, seq, n * d]` -> `[rows, n, seq, d]`, contiguous.
+/// `[rows, seq, n * d]` viewed as `[rows, n, seq, d]` (no copy: the attention's backward reads
+/// the heads merged on the tensor-core path, and copies them out elsewhere).
 fn split_heads(x: &Tensor, n: usize) -> Result<Tensor> {
     let (r, s, nd) = x.dims3()?;
-    x.reshape((r, s, n, nd / n))?.transpose(1, 2)?.contiguous()
+    x.reshape((r, s, n, nd / n))?.transpose(1, 2)
 }
 
 impl CausalLm {

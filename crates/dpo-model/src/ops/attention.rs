@@ -64,14 +64,17 @@ pub(crate) fn attention_in_chunks(
     check_inputs(q, k, v, bias)?;
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let value = match flash_forward(&q, &k, &v, &bias, scale)? {
+    let graph = q.track_op() || k.track_op() || v.track_op();
+    // Without a graph the tensor-core kernel may write the heads merged (the op below hands its
+    // value over as a contiguous [rows, heads, seq, d]).
+    let value = match flash_forward(&q, &k, &v, &bias, scale, !graph)? {
         Some(value) => value,
         None => chunked(&q, &bias, budget, |(start, len), b| {
             let rows = |x: &Tensor| x.narrow(0, start, len);
             forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
         })?,
     };
-    if !(q.track_op() || k.track_op() || v.track_op()) {
+    if !graph {
         return Ok(value); // no graph to record (a frozen model): no op, no copy
     }
     q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
@@ -112,7 +115,7 @@ pub(crate) fn keeping_probs_in_chunks(
     }
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if let Some(value) = flash_forward(&q, &k, &v, &bias, scale)? {
+    if let Some(value) = flash_forward(&q, &k, &v, &bias, scale, true)? {
         return Ok((value, None));
     }
     let mut kept = Vec::new();
@@ -210,7 +213,8 @@ fn flash_applies(q: &Tensor, k: &Tensor, v: &Tensor, backward: bool) -> Result<b
 }
 
 /// The forward as one kernel without a `[seq, seq]` tensor, where [`flash_applies`]; `None`
-/// elsewhere.
+/// elsewhere. `[rows, heads, seq, d]`; with `merged`, a view of `[rows, seq, heads, d]` in
+/// memory, whose heads the output projection then reads merged without a copy.
 #[cfg(feature = "cuda")]
 pub(super) fn flash_forward(
     q: &Tensor,
@@ -218,15 +222,18 @@ pub(super) fn flash_forward(
     v: &Tensor,
     bias: &Tensor,
     scale: f64,
+    merged: bool,
 ) -> Result<Option<Tensor>> {
     if !flash_applies(q, k, v, false)? {
         return Ok(None);
     }
-    Ok(Some(q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: None, out: None, scale })?))
+    let op = Flash { bias: bias.clone(), dy: None, out: None, scale, merged };
+    let out = q.apply_op3_no_bwd(k, v, &op)?;
+    Ok(Some(if merged { out.transpose(1, 2)? } else { out }))
 }
 
-/// `(dq, dk, dv)` by the kernels, where [`flash_applies`] (`dy` contiguous in `q`'s dtype);
-/// `None` elsewhere. `out`: the forward's output, where kept (see [`attention_backward`]).
+/// `(dq, dk, dv)` by the kernels, where [`flash_applies`] (`dy` in `q`'s dtype, any layout:
+/// copied where its rows do not fit the kernels); `None` elsewhere. `out`: the forward's output, where kept (see [`attention_backward`]).
 #[cfg(feature = "cuda")]
 fn flash_backward(
     q: &Tensor,
@@ -240,10 +247,14 @@ fn flash_backward(
     if !flash_applies(q, k, v, true)? {
         return Ok(None);
     }
-    // The kernels read dy 16 bytes at a time, as q, k and v.
-    let dy = if dy.layout().start_offset().is_multiple_of(8) { dy.clone() } else { dy.force_contiguous()? };
+    // The kernels read dy 16 bytes at a time, as q, k and v, its heads as they come or merged.
+    let dy = match super::cuda::head_rows_fit(dy.layout(), q.layout()) {
+        true => dy.clone(),
+        false => dy.force_contiguous()?,
+    };
     let out = out.filter(|o| o.dtype() == q.dtype() && o.device().same_device(q.device())).cloned();
-    let flat = q.apply_op3_no_bwd(k, v, &Flash { bias: bias.clone(), dy: Some(dy), out, scale })?;
+    let op = Flash { bias: bias.clone(), dy: Some(dy), out, scale, merged: false };
+    let flat = q.apply_op3_no_bwd(k, v, &op)?;
     let (nq, nk) = (q.elem_count(), k.elem_count());
     let part = |start: usize, len: usize, like: &Tensor| flat.narrow(0, start, len)?.reshape(like.shape());
     Ok(Some((part(0, nq, q)?, part(nq, nk, k)?, part(nq + nk, nk, v)?)))
@@ -256,6 +267,7 @@ pub(super) fn flash_forward(
     _: &Tensor,
     _: &Tensor,
     _: f64,
+    _: bool,
 ) -> Result<Option<Tensor>> {
     Ok(None)
 }
@@ -273,15 +285,16 @@ fn flash_backward(
     Ok(None)
 }
 
-/// The kernels as an op of `(q, k, v)`, the bias and scale carried: the output, or with the
-/// upstream `dy` the gradients `[dq, dk, dv]` flattened (from the forward's output `out`, where
-/// kept).
+/// The kernels as an op of `(q, k, v)`, the bias and scale carried: the output (with `merged`,
+/// `[rows, seq, heads, d]`), or with the upstream `dy` the gradients `[dq, dk, dv]` flattened
+/// (from the forward's output `out`, where kept).
 #[cfg(feature = "cuda")]
 struct Flash {
     bias: Tensor,
     dy: Option<Tensor>,
     out: Option<Tensor>,
     scale: f64,
+    merged: bool,
 }
 
 #[cfg(feature = "cuda")]
@@ -315,10 +328,20 @@ impl candle_core::CustomOp3 for Flash {
         let bias = self.bias.storage_and_layout();
         let bias = super::on_device::<CudaStorage>(&bias, "the attention bias")?;
         match &self.dy {
-            None => Ok((
-                super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, self.bias.id(), self.scale)?,
-                ql.shape().clone(),
-            )),
+            None => {
+                let (bias, id) = (bias, self.bias.id());
+                let out = super::cuda::flash_attention(
+                    (q, ql),
+                    (k, kl),
+                    (v, vl),
+                    bias,
+                    id,
+                    self.scale,
+                    self.merged,
+                )?;
+                let (rows, heads, seq, d) = ql.shape().dims4()?;
+                Ok((out, if self.merged { Shape::from((rows, seq, heads, d)) } else { ql.shape().clone() }))
+            }
             Some(dy) => {
                 let dy = dy.storage_and_layout();
                 let dy = super::on_device::<CudaStorage>(&dy, "the upstream gradient")?;
@@ -374,10 +397,11 @@ pub(crate) fn backward_in_chunks(
     budget: usize,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v) = (q.detach(), k.detach(), v.detach());
-    let dy = dy.to_dtype(q.dtype())?.contiguous()?;
+    let dy = dy.to_dtype(q.dtype())?;
     if let Some(grads) = flash_backward(&q, &k, &v, bias, &dy, out, scale)? {
         return Ok(grads);
     }
+    let dy = dy.contiguous()?;
     let (mut dk, mut dv) = (Vec::new(), Vec::new());
     let dq = chunked(&q, bias, budget, |(start, len), b| {
         let rows = |x: &Tensor| x.narrow(0, start, len);

@@ -1369,12 +1369,15 @@ impl<'a> Flash<'a> {
         lb.arg(s).arg(h).arg(kv).arg(b).arg(&self.scale);
     }
 
-    /// The output `[rows, heads, seq, d]` and each query's softmax statistics `[.., 2]`.
-    fn forward(&self, dev: &CudaDevice) -> Result<(CudaSlice<half::bf16>, CudaSlice<f32>)> {
+    /// The output `[rows, heads, seq, d]`, or with `merged` its heads merged (`[rows, seq, heads,
+    /// d]` in memory), and each query's softmax statistics `[rows, heads, seq, 2]`.
+    fn forward(&self, dev: &CudaDevice, merged: bool) -> Result<(CudaSlice<half::bf16>, CudaSlice<f32>)> {
         let n = self.rows * self.heads * self.seq;
         // SAFETY: the kernel writes every element of both.
         let (mut out, mut stats) =
             unsafe { (dev.alloc::<half::bf16>(n * self.d)?, dev.alloc::<f32>(2 * n)?) };
+        let (s, h, d) = (self.seq, self.heads, self.d);
+        let strides = if merged { [s * h * d, d, h * d] } else { [h * s * d, s * d, d] }.map(|x| x as i64);
         if n > 0 {
             let f = func_named(dev, &format!("dpo_flash_fwd_d{}_bf16", self.d))?;
             let mut lb = f.builder();
@@ -1384,7 +1387,7 @@ impl<'a> Flash<'a> {
                 .arg(&self.bias)
                 .arg(&self.tiles.cls)
                 .arg(&self.tiles.full);
-            lb.arg(&mut out).arg(&mut stats);
+            lb.arg(&mut out).arg(&mut stats).arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
             self.tail(&mut lb);
             let _timed = kernel_timer(dev, "flash_fwd");
             // SAFETY: argument types match the kernel's signature; sizes were checked above.
@@ -1417,11 +1420,12 @@ impl<'a> Flash<'a> {
     }
 }
 
-/// Whether the forward's output `[rows, heads, seq, d]` as kept (layout `ol`) serves the
-/// backward of the call whose `q` has layout `ql`: its shape, bf16 rows contiguous, and every
-/// row starting 16 bytes aligned (the kernel reads 16 bytes at a time). The forward's own
-/// output, or its heads merged (`[rows, seq, heads * d]` viewed as heads), both do.
-fn saved_output_fits(ol: &Layout, ql: &Layout) -> bool {
+/// Whether the forward's output `[rows, heads, seq, d]` as kept, or the upstream gradient (layout
+/// `ol`), serves the backward of the call whose `q` has layout `ql`: its shape, bf16 rows
+/// contiguous, and every row starting 16 bytes aligned (the kernels read 16 bytes at a time).
+/// As the forward wrote it, or with its heads merged (`[rows, seq, heads * d]` viewed as heads),
+/// both do.
+pub(super) fn head_rows_fit(ol: &Layout, ql: &Layout) -> bool {
     ol.shape() == ql.shape()
         && super::rope::head_strides(ol)
             .is_ok_and(|[offset, r, h, p]| [offset, r, h, p].iter().all(|x| x.is_multiple_of(8)))
@@ -1449,7 +1453,7 @@ pub(super) fn has_flash_attention(dev: &CudaDevice) -> bool {
 }
 
 /// `softmax(q k^T * scale + bias) v` by the tensor-core kernel `dpo_flash_fwd_d<D>_bf16` (shapes
-/// as [`Flash`]).
+/// as [`Flash`]): `[rows, heads, seq, d]`, or with `merged` `[rows, seq, heads, d]`.
 pub(super) fn flash_attention(
     q: (&CudaStorage, &Layout),
     k: (&CudaStorage, &Layout),
@@ -1457,15 +1461,17 @@ pub(super) fn flash_attention(
     bias: (&CudaStorage, &Layout),
     bias_id: candle_core::TensorId,
     scale: f64,
+    merged: bool,
 ) -> Result<CudaStorage> {
     let dev = q.0.device().clone();
-    let (out, _) = Flash::new(q, k, v, bias, bias_id, scale)?.forward(&dev)?;
+    let (out, _) = Flash::new(q, k, v, bias, bias_id, scale)?.forward(&dev, merged)?;
     Ok(half::bf16::wrap_cuda_slice(out, dev))
 }
 
-/// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, contiguous):
-/// `[dq, dk, dv]` flattened into one buffer. With the forward's output `out` where the caller
-/// kept it (see [`saved_output_fits`]), computes the softmax statistics again
+/// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, laid out as
+/// [`head_rows_fit`] says: contiguous, or the heads merged that the output projection's backward
+/// gives): `[dq, dk, dv]` flattened into one buffer. With the forward's output `out` where the
+/// caller kept it (see [`head_rows_fit`]), computes the softmax statistics again
 /// (`dpo_flash_stats`, no `P V`); without, the whole forward. Then `dpo_flash_bwd_dot`, `_dkdv`,
 /// `_group` and `_dq`.
 pub(super) fn flash_attention_backward(
@@ -1480,28 +1486,31 @@ pub(super) fn flash_attention_backward(
     let what = "flash attention backward";
     let dev = q.0.device().clone();
     let fl = Flash::new(q, k, v, bias, bias_id, scale)?;
-    let aligned = dyl.contiguous_offsets().is_some_and(|(start, _)| start.is_multiple_of(8));
-    if dyl.shape() != q.1.shape() || !aligned {
+    if !head_rows_fit(dyl, q.1) {
         candle_core::bail!(
-            "{what}: upstream {:?} for q {:?}, contiguous from a multiple of 8 elements",
+            "{what}: upstream {:?} with strides {:?} from {} for q {:?}: rows of head_dim contiguous, \
+             every stride and the start a multiple of 8 elements",
             dyl.shape(),
+            dyl.stride(),
+            dyl.start_offset(),
             q.1.shape()
         );
     }
-    let dy = view::<half::bf16>(dy, dyl, what)?;
+    let [_, d_row, d_head, d_pos] = super::rope::head_strides(dyl)?.map(|x| x as i64);
+    let dy = head_rows_view::<half::bf16>(dy, dyl)?;
     let (nq, nk) = (fl.rows * fl.heads * fl.seq, fl.rows * fl.kv * fl.seq);
     // SAFETY: the kernels write every element.
     let mut grads = unsafe { dev.alloc::<half::bf16>((nq + 2 * nk) * fl.d)? };
     if nq > 0 {
         let recomputed;
         let (o, [o_row, o_head, o_pos], stats) = match out {
-            Some((o, ol)) if saved_output_fits(ol, q.1) => {
+            Some((o, ol)) if head_rows_fit(ol, q.1) => {
                 let [_, r, h, p] = super::rope::head_strides(ol)?;
                 (head_rows_view::<half::bf16>(o, ol)?, [r, h, p].map(|x| x as i64), fl.stats(&dev)?)
             }
             _ => {
                 let stats;
-                (recomputed, stats) = fl.forward(&dev)?;
+                (recomputed, stats) = fl.forward(&dev, false)?;
                 let (s, d) = (fl.seq, fl.d);
                 (recomputed.slice(..), [fl.heads * s * d, s * d, d].map(|x| x as i64), stats)
             }
@@ -1512,7 +1521,7 @@ pub(super) fn flash_attention_backward(
         let (n64, d32) = (nq as i64, fl.d as i32);
         let mut lb = f.builder();
         lb.arg(&o).arg(&dy).arg(&mut dvec).arg(&n64).arg(&d32).arg(&fl.ints[1]).arg(&fl.ints[0]);
-        lb.arg(&o_row).arg(&o_head).arg(&o_pos);
+        lb.arg(&o_row).arg(&o_head).arg(&o_pos).arg(&d_row).arg(&d_head).arg(&d_pos);
         let timed = kernel_timer(&dev, "flash_bwd_dot");
         // SAFETY: argument types match the kernel's signature (d / 8 threads a row, 16-byte
         // aligned rows: checked in `Flash::new` and above).
@@ -1536,7 +1545,10 @@ pub(super) fn flash_attention_backward(
             .arg(&stats)
             .arg(&dvec)
             .arg(&mut dkp)
-            .arg(&mut dvp);
+            .arg(&mut dvp)
+            .arg(&d_row)
+            .arg(&d_head)
+            .arg(&d_pos);
         fl.tail(&mut lb);
         let timed = kernel_timer(&dev, "flash_bwd_dkdv");
         // SAFETY: as above.
@@ -1553,7 +1565,7 @@ pub(super) fn flash_attention_backward(
         let f = func_named(&dev, &format!("dpo_flash_bwd_dq_d{}_bf16", fl.d))?;
         let mut lb = f.builder();
         lb.arg(&fl.q).arg(&fl.k).arg(&fl.v).arg(&fl.bias).arg(&fl.tiles.cls).arg(&fl.tiles.full);
-        lb.arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq);
+        lb.arg(&dy).arg(&stats).arg(&dvec).arg(&mut dq).arg(&d_row).arg(&d_head).arg(&d_pos);
         fl.tail(&mut lb);
         let _timed = kernel_timer(&dev, "flash_bwd_dq");
         // SAFETY: as above.

@@ -339,9 +339,13 @@ fn flash_attention_forward() -> Result<()> {
             let scale = 1.0 / (d as f64).sqrt();
             let what = |x: &str| format!("flash attention {x} d={d} seq={s}");
             let want = attention(&q, &k, &v, &bias, scale)?;
-            let got =
-                super::attention::flash_forward(&qd, &kd, &vd, &bd, scale)?.expect("the kernel applies");
+            let flash = |merged| super::attention::flash_forward(&qd, &kd, &vd, &bd, scale, merged);
+            let got = flash(false)?.expect("the kernel applies");
             assert_close(&got, &want, tol(dt), &what("forward"));
+            // Written with the heads merged, as the output projection reads them: the same bits.
+            let heads_merged = flash(true)?.expect("the kernel applies");
+            assert!(!heads_merged.is_contiguous() && heads_merged.transpose(1, 2)?.is_contiguous());
+            assert_close(&heads_merged, &got, 0.0, &what("forward, heads merged"));
             assert_close(&attention(&qd, &kd, &vd, &bd, scale)?, &want, tol(dt), &what("through attention"));
             let dy = randn(&[r, h, s, d], 4, 1.0, dt);
             let want = attention_backward(&q, &k, &v, &bias, scale, &dy, None)?;
@@ -360,8 +364,14 @@ fn flash_attention_forward() -> Result<()> {
             {
                 assert_close(got, &want, check::tolerance(dt, false), &what(x));
             }
-            for (how, out) in [("kept", &got), ("kept, heads merged", &merged)] {
-                let kept = attention_backward(&qd, &kd, &vd, &bd, scale, &dyd, Some(out))?;
+            // The upstream with its heads merged too, as the output projection's backward gives it.
+            let dy_merged = up(&dy.transpose(1, 2)?.contiguous()?, &dev).transpose(1, 2)?;
+            for (how, out, dy) in [
+                ("kept", &got, &dyd),
+                ("kept, heads merged", &merged, &dyd),
+                ("kept, heads merged, upstream heads merged", &merged, &dy_merged),
+            ] {
+                let kept = attention_backward(&qd, &kd, &vd, &bd, scale, dy, Some(out))?;
                 for (x, a, b) in [
                     ("dq", &kept.0, &recomputed.0),
                     ("dk", &kept.1, &recomputed.1),
