@@ -4,7 +4,9 @@
 //! S = Q K^T,  P = softmax(S * scale + bias),  O = P V
 //! ```
 //! The forward keeps only `Q`, `K`, `V` (the op's inputs) for the backward, which recomputes `P`
-//! (one more `Q K^T`, the cheapest matmul of a block) and then, as FlashAttention does:
+//! (one more `Q K^T`, the cheapest matmul of a block; [`attention_keeping_probs`] and
+//! [`attention_backward_kept`] keep it instead, for the hand-written backward) and then, as
+//! FlashAttention does:
 //!
 //! ```text
 //! dV = P^T dO,  dP = dO V^T,  dS = scale * P * (dP - rowsum(dP * P)),  dQ = dS K,  dK = dS^T Q
@@ -49,35 +51,7 @@ pub const SCORE_BUDGET: usize = 1 << 27;
 /// ```
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let _timed = crate::profile::op(q.device(), "attention");
-    attention_in_chunks(q, k, v, bias, scale, SCORE_BUDGET)
-}
-
-/// [`attention`] computing at most `budget` score elements at once (at least one row).
-pub(crate) fn attention_in_chunks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: &Tensor,
-    scale: f64,
-    budget: usize,
-) -> Result<Tensor> {
-    check_inputs(q, k, v, bias)?;
-    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let graph = q.track_op() || k.track_op() || v.track_op();
-    // Without a graph the tensor-core kernel may write the heads merged (the op below hands its
-    // value over as a contiguous [rows, heads, seq, d]).
-    let value = match flash_forward(&q, &k, &v, &bias, scale, !graph)? {
-        Some(value) => value,
-        None => chunked(&q, &bias, budget, |(start, len), b| {
-            let rows = |x: &Tensor| x.narrow(0, start, len);
-            forward(&rows(&q)?, &rows(&k)?, &rows(&v)?, b, scale)
-        })?,
-    };
-    if !graph {
-        return Ok(value); // no graph to record (a frozen model): no op, no copy
-    }
-    q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })
+    Ok(forward_in_chunks(q, k, v, bias, scale, SCORE_BUDGET, false)?.0)
 }
 
 /// The probabilities `P` of an [`attention_keeping_probs`] forward, for
@@ -97,35 +71,49 @@ pub fn attention_keeping_probs(
     scale: f64,
 ) -> Result<(Tensor, Option<KeptProbs>)> {
     let _timed = crate::profile::op(q.device(), "attention");
-    keeping_probs_in_chunks(q, k, v, bias, scale, SCORE_BUDGET)
+    forward_in_chunks(q, k, v, bias, scale, SCORE_BUDGET, true)
 }
 
-/// [`attention_keeping_probs`] computing at most `budget` score elements at once.
-pub(crate) fn keeping_probs_in_chunks(
+/// The forward of [`attention`], or with `keep` of [`attention_keeping_probs`], computing at
+/// most `budget` score elements at once (at least one row).
+pub(crate) fn forward_in_chunks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     bias: &Tensor,
     scale: f64,
     budget: usize,
+    keep: bool,
 ) -> Result<(Tensor, Option<KeptProbs>)> {
     check_inputs(q, k, v, bias)?;
-    if q.track_op() || k.track_op() || v.track_op() {
+    let graph = q.track_op() || k.track_op() || v.track_op();
+    if keep && graph {
         candle_core::bail!("attention_keeping_probs builds no graph: its inputs may not track one");
     }
     let bias = bias.to_dtype(DType::F32)?.contiguous()?;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    if let Some(value) = flash_forward(&q, &k, &v, &bias, scale, true)? {
-        return Ok((value, None));
+    // Without a graph the tensor-core kernel may write the heads merged (the op below hands its
+    // value over as a contiguous [rows, heads, seq, d]).
+    let (value, kept) = match flash_forward(&q, &k, &v, &bias, scale, !graph)? {
+        Some(value) => (value, None),
+        None => {
+            let mut kept = Vec::new();
+            let value = chunked(&q, &bias, budget, |(start, len), b| {
+                let rows = |x: &Tensor| x.narrow(0, start, len);
+                let p = probs(&rows(&q)?, &rows(&k)?, b, scale)?;
+                let out = weigh_values(&p, &rows(&v)?)?;
+                if keep {
+                    kept.push(p);
+                }
+                Ok(out)
+            })?;
+            (value, keep.then_some(KeptProbs(kept)))
+        }
+    };
+    if !graph {
+        return Ok((value, kept)); // no graph to record (a frozen model): no op, no copy
     }
-    let mut kept = Vec::new();
-    let value = chunked(&q, &bias, budget, |(start, len), b| {
-        let p = probs(&q.narrow(0, start, len)?, &k.narrow(0, start, len)?, b, scale)?;
-        let out = weigh_values(&p, &v.narrow(0, start, len)?)?;
-        kept.push(p);
-        Ok(out)
-    })?;
-    Ok((value, Some(KeptProbs(kept))))
+    Ok((q.apply_op3(&k, &v, Attention { value: Mutex::new(Some(value)), bias, scale, budget })?, None))
 }
 
 /// The backward of [`attention_keeping_probs`] from its probabilities `p`: `(dq, dk, dv)` for the
@@ -233,7 +221,8 @@ pub(super) fn flash_forward(
 }
 
 /// `(dq, dk, dv)` by the kernels, where [`flash_applies`] (`dy` in `q`'s dtype, any layout:
-/// copied where its rows do not fit the kernels); `None` elsewhere. `out`: the forward's output, where kept (see [`attention_backward`]).
+/// copied where its rows do not fit the kernels); `None` elsewhere. `out`: the forward's output,
+/// where kept (see [`attention_backward`]).
 #[cfg(feature = "cuda")]
 fn flash_backward(
     q: &Tensor,
@@ -329,18 +318,11 @@ impl candle_core::CustomOp3 for Flash {
         let bias = super::on_device::<CudaStorage>(&bias, "the attention bias")?;
         match &self.dy {
             None => {
-                let (bias, id) = (bias, self.bias.id());
-                let out = super::cuda::flash_attention(
-                    (q, ql),
-                    (k, kl),
-                    (v, vl),
-                    bias,
-                    id,
-                    self.scale,
-                    self.merged,
-                )?;
+                let (id, merged) = (self.bias.id(), self.merged);
+                let out =
+                    super::cuda::flash_attention((q, ql), (k, kl), (v, vl), bias, id, self.scale, merged)?;
                 let (rows, heads, seq, d) = ql.shape().dims4()?;
-                Ok((out, if self.merged { Shape::from((rows, seq, heads, d)) } else { ql.shape().clone() }))
+                Ok((out, if merged { Shape::from((rows, seq, heads, d)) } else { ql.shape().clone() }))
             }
             Some(dy) => {
                 let dy = dy.storage_and_layout();
@@ -469,10 +451,6 @@ fn per_kv_head(x: &Tensor, k: &Tensor) -> Result<Tensor> {
 fn weigh_values(p: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (rows, heads, seq, _) = p.dims4()?;
     matmul(&per_kv_head(p, v)?, v)?.reshape((rows, heads, seq, v.dim(3)?))
-}
-
-fn forward(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    weigh_values(&probs(q, k, bias, scale)?, v)
 }
 
 /// `(dQ, dK, dV)` of a chunk of rows, from the upstream `dO` `[rows, heads, seq, d]`.

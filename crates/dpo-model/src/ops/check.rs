@@ -285,7 +285,7 @@ pub(crate) fn cases(big: bool) -> Result<Vec<Case>> {
                 Input { name: "bias", value: bias, grad: false, keep_f32: true },
             ],
             fused: Box::new(move |x| {
-                super::attention::attention_in_chunks(&x[0], &x[1], &x[2], &x[3], scale, budget)
+                Ok(super::attention::forward_in_chunks(&x[0], &x[1], &x[2], &x[3], scale, budget, false)?.0)
             }),
             slow: Box::new(move |x| super::attention_slow(&x[0], &x[1], &x[2], &x[3], scale)),
         });

@@ -95,8 +95,8 @@ fn attention_keeping_probs_equals_recomputing() {
             let (q, k, v, dy) =
                 (x(&[r, h, s, d], 21), x(&[r, kv, s, d], 22), x(&[r, kv, s, d], 23), x(&[r, h, s, d], 24));
             let (bias, scale) = (test_mask(r, s).unwrap(), 1.0 / (d as f64).sqrt());
-            let (out, kept) = attention::keeping_probs_in_chunks(&q, &k, &v, &bias, scale, budget).unwrap();
-            let want = attention::attention_in_chunks(&q, &k, &v, &bias, scale, budget).unwrap();
+            let (out, kept) = attention::forward_in_chunks(&q, &k, &v, &bias, scale, budget, true).unwrap();
+            let want = attention::forward_in_chunks(&q, &k, &v, &bias, scale, budget, false).unwrap().0;
             assert_eq!(bits(&out), bits(&want), "{dt:?} budget {budget}: output");
             let kept = kept.expect("P is kept on the CPU");
             let got = attention_backward_kept(&kept, &q, &k, &v, scale, &dy).unwrap();
