@@ -1076,10 +1076,9 @@ __device__ __forceinline__ void cp_async_wait_all() {
 }
 
 // Rows first .. first + 64 of x [S, D] (rows `ld` elements apart) into the shared tile dst
-// [64, D + 8], zero past S; issued
-// only (cp_async16): every load of a tile is in flight at once, where a load and its store to
-// shared memory a thread at a time waited for each load in turn. The caller waits
-// (cp_async_wait_all, then __syncthreads) before reading the tile.
+// [64, D + 8], zero past S; issued only (cp_async16): every load of a tile is in flight at once,
+// where a load and its store to shared memory a thread at a time waited for each load in turn.
+// The caller waits (cp_async_wait_all, then __syncthreads) before reading the tile.
 template <int D>
 __device__ __forceinline__ void load_tile(__nv_bfloat16 *dst, const __nv_bfloat16 *x, int first, int S,
                                           long long ld = D) {
@@ -1200,9 +1199,9 @@ __device__ __forceinline__ void mma_acc(float acc[][4], const float p[][4], cons
 // The output O [R, H, S, D] is written with query s of head h of row r at r o_row + h o_head +
 // s o_pos ([R, H, S, D] contiguous, or heads merged: [R, S, H D], what the output projection
 // reads, without a copy). Each query's softmax statistics, for the backward: stats [R, H, S, 2]
-// = (max of the scaled, biased scores, 1 / sum of their exponentials). With OUT false only those (dpo_flash_stats:
-// the backward of an output that was kept): no V, no P V, `out` not written; the statistics come
-// out the same, bit for bit.
+// = (max of the scaled, biased scores, 1 / sum of their exponentials). With OUT false only
+// those (dpo_flash_stats: the backward of an output that was kept): no V, no P V, `out` not
+// written; the statistics come out the same, bit for bit.
 template <int D, bool OUT>
 __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat16 *__restrict__ k,
                           const __nv_bfloat16 *__restrict__ v, const float *__restrict__ bias,

@@ -888,9 +888,8 @@ impl CausalLm {
         Ok((self.rope(&q, cos, sin)?, self.rope(&k, cos, sin)?, v.contiguous()?))
     }
 
-    /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`.
-    /// Attention's output and, for the manual backward (`keep_probs`, with `recompute_attention`
-    /// off and no graph), its probabilities.
+    /// `softmax(q k^T * scale + bias) v`, `[rows, heads, seq, head_dim]`, and for the manual
+    /// backward (`keep_probs`, with `recompute_attention` off and no graph) the probabilities.
     fn attend(
         &self,
         q: &Tensor,
