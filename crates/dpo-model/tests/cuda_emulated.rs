@@ -35,10 +35,12 @@ const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::BF16, DType::F16];
 /// (the sanitized CI run took 8 minutes with all four). AddressSanitizer keeps all four: a read
 /// past a buffer's end can depend on the element's width (16-byte vectors of 2, 4 or 8 bytes).
 fn dtypes() -> Vec<DType> {
-    match std::env::var("CUDA_EMU_SANITIZE") {
-        Ok(s) if s == "thread" => vec![DType::F32, DType::BF16],
-        _ => DTYPES.to_vec(),
-    }
+    if thread_sanitized() { vec![DType::F32, DType::BF16] } else { DTYPES.to_vec() }
+}
+
+/// Whether the emulator runs under ThreadSanitizer (`CUDA_EMU_SANITIZE=thread`).
+fn thread_sanitized() -> bool {
+    std::env::var("CUDA_EMU_SANITIZE").is_ok_and(|s| s == "thread")
 }
 
 /// Every kernel of `kernels/dpo_ops.cu` (the emulator's registry).
@@ -601,8 +603,7 @@ fn flash_attention_forward_and_backward() -> Result<()> {
         // of each. Under ThreadSanitizer, where a backward costs about 20 seconds and a race does
         // not depend on the strides, the merged pair runs for the first case only.)
         let pairs = [((&o_heads, plain), (&dy, plain)), ((&o_merged, merged), (&dy_merged, merged))];
-        let thread_sanitizer = std::env::var("CUDA_EMU_SANITIZE").is_ok_and(|s| s == "thread");
-        let layouts = if thread_sanitizer && case > 0 { 1 } else { 2 };
+        let layouts = if thread_sanitized() && case > 0 { 1 } else { 2 };
         for ((o, o_strides), (dy, d_strides)) in pairs.into_iter().take(layouts) {
             let args = [
                 vec![

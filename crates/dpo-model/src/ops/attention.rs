@@ -237,9 +237,9 @@ fn flash_backward(
         return Ok(None);
     }
     // The kernels read dy 16 bytes at a time, as q, k and v, its heads as they come or merged.
-    let dy = match super::cuda::head_rows_fit(dy.layout(), q.layout()) {
-        true => dy.clone(),
-        false => dy.force_contiguous()?,
+    let dy = match super::cuda::head_rows(dy.layout(), q.layout()) {
+        Some(_) => dy.clone(),
+        None => dy.force_contiguous()?,
     };
     let out = out.filter(|o| o.dtype() == q.dtype() && o.device().same_device(q.device())).cloned();
     let op = Flash { bias: bias.clone(), dy: Some(dy), out, scale, merged: false };

@@ -1424,11 +1424,11 @@ impl<'a> Flash<'a> {
 /// `ol`), serves the backward of the call whose `q` has layout `ql`: its shape, bf16 rows
 /// contiguous, and every row starting 16 bytes aligned (the kernels read 16 bytes at a time).
 /// As the forward wrote it, or with its heads merged (`[rows, seq, heads * d]` viewed as heads),
-/// both do.
-pub(super) fn head_rows_fit(ol: &Layout, ql: &Layout) -> bool {
-    ol.shape() == ql.shape()
-        && super::rope::head_strides(ol)
-            .is_ok_and(|[offset, r, h, p]| [offset, r, h, p].iter().all(|x| x.is_multiple_of(8)))
+/// both do. Its strides (row, head, position) where it does.
+pub(super) fn head_rows(ol: &Layout, ql: &Layout) -> Option<[i64; 3]> {
+    let [offset, r, h, p] = super::rope::head_strides(ol).ok()?;
+    let fits = ol.shape() == ql.shape() && [offset, r, h, p].iter().all(|x| x.is_multiple_of(8));
+    fits.then_some([r, h, p].map(|x| x as i64))
 }
 
 /// Times a kernel under `DPO_TRAIN_PROFILE=ops` ([`crate::profile::kernel`]); nothing (not even a
@@ -1469,9 +1469,9 @@ pub(super) fn flash_attention(
 }
 
 /// The gradients of [`flash_attention`] for the upstream `dy` (`q`'s shape, bf16, laid out as
-/// [`head_rows_fit`] says: contiguous, or the heads merged that the output projection's backward
+/// [`head_rows`] says: contiguous, or the heads merged that the output projection's backward
 /// gives): `[dq, dk, dv]` flattened into one buffer. With the forward's output `out` where the
-/// caller kept it (see [`head_rows_fit`]), computes the softmax statistics again
+/// caller kept it (see [`head_rows`]), computes the softmax statistics again
 /// (`dpo_flash_stats`, no `P V`); without, the whole forward. Then `dpo_flash_bwd_dot`, `_dkdv`,
 /// `_group` and `_dq`.
 pub(super) fn flash_attention_backward(
@@ -1486,7 +1486,7 @@ pub(super) fn flash_attention_backward(
     let what = "flash attention backward";
     let dev = q.0.device().clone();
     let fl = Flash::new(q, k, v, bias, bias_id, scale)?;
-    if !head_rows_fit(dyl, q.1) {
+    let Some([d_row, d_head, d_pos]) = head_rows(dyl, q.1) else {
         candle_core::bail!(
             "{what}: upstream {:?} with strides {:?} from {} for q {:?}: rows of head_dim contiguous, \
              every stride and the start a multiple of 8 elements",
@@ -1495,26 +1495,23 @@ pub(super) fn flash_attention_backward(
             dyl.start_offset(),
             q.1.shape()
         );
-    }
-    let [_, d_row, d_head, d_pos] = super::rope::head_strides(dyl)?.map(|x| x as i64);
+    };
     let dy = head_rows_view::<half::bf16>(dy, dyl)?;
     let (nq, nk) = (fl.rows * fl.heads * fl.seq, fl.rows * fl.kv * fl.seq);
     // SAFETY: the kernels write every element.
     let mut grads = unsafe { dev.alloc::<half::bf16>((nq + 2 * nk) * fl.d)? };
     if nq > 0 {
         let recomputed;
-        let (o, [o_row, o_head, o_pos], stats) = match out {
-            Some((o, ol)) if head_rows_fit(ol, q.1) => {
-                let [_, r, h, p] = super::rope::head_strides(ol)?;
-                (head_rows_view::<half::bf16>(o, ol)?, [r, h, p].map(|x| x as i64), fl.stats(&dev)?)
-            }
-            _ => {
-                let stats;
-                (recomputed, stats) = fl.forward(&dev, false)?;
-                let (s, d) = (fl.seq, fl.d);
-                (recomputed.slice(..), [fl.heads * s * d, s * d, d].map(|x| x as i64), stats)
-            }
-        };
+        let (o, [o_row, o_head, o_pos], stats) =
+            match out.and_then(|(o, ol)| Some((o, ol, head_rows(ol, q.1)?))) {
+                Some((o, ol, strides)) => (head_rows_view::<half::bf16>(o, ol)?, strides, fl.stats(&dev)?),
+                None => {
+                    let stats;
+                    (recomputed, stats) = fl.forward(&dev, false)?;
+                    let (s, d) = (fl.seq, fl.d);
+                    (recomputed.slice(..), [fl.heads * s * d, s * d, d].map(|x| x as i64), stats)
+                }
+            };
         // SAFETY: written by the kernel.
         let mut dvec = unsafe { dev.alloc::<f32>(nq)? };
         let f = func_named(&dev, "dpo_flash_bwd_dot_bf16")?;

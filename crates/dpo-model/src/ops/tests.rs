@@ -41,6 +41,12 @@ fn assert_close_floor(case: &Case, dt: DType, tol: f64, round: bool, floor: f64)
     worst
 }
 
+/// `t`'s values as f32 bits (exact for f32 and the 16-bit floats), for bit-for-bit comparisons.
+fn bits(t: &Tensor) -> Vec<u32> {
+    let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 fn cases_named(op: &str) -> Vec<Case> {
     let v: Vec<Case> = cases(false)
         .unwrap()
@@ -76,17 +82,6 @@ fn attention_matches_slow_path() {
 /// bit for bit, whole and a row at a time; inputs with a graph are refused.
 #[test]
 fn attention_keeping_probs_equals_recomputing() {
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|x| x.to_bits())
-            .collect()
-    };
     for dt in [DType::F32, DType::BF16] {
         for ((r, h, kv, s, d), budget) in
             [((3, 4, 2, 70, 16), SCORE_BUDGET), ((3, 4, 2, 70, 16), 1), ((2, 3, 3, 29, 8), 1)]
@@ -352,12 +347,9 @@ fn masked_softmax_reads_no_masked_score() {
         let nan = Tensor::full(f32::NAN, x.shape(), &CPU).unwrap();
         at.broadcast_as(x.shape()).unwrap().where_cond(&nan, x).unwrap()
     };
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
-    };
     let s = randn_tensor(&[r, h, q, k], 51, 3.0).unwrap();
     let p = masked_softmax(&s, &bias, 0.7).unwrap();
-    let s_bad = nan_where(&s, &bias.le(-5e29).unwrap());
+    let s_bad = nan_where(&s, &bias.le(super::softmax::BIAS_MASKS).unwrap());
     assert_eq!(bits(&masked_softmax(&s_bad, &bias, 0.7).unwrap()), bits(&p));
     let row = p.get(1).unwrap().get(0).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap();
     assert!(row.iter().all(|&x| x == 1.0 / k as f32), "a fully masked row is uniform: {row:?}");
