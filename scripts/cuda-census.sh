@@ -39,6 +39,7 @@ before, after = load(sys.argv[1]), load(sys.argv[2])
 zero = dict(launches=0, threads=0, bytes=0, flops=0)
 step = {k: {f: v - before.get(k, zero)[f] for f, v in r.items()} for k, r in after.items()}
 step = {k: r for k, r in step.items() if r["launches"] > 0}
+host = {k: step.pop(k) for k in [k for k in step if k.startswith("(host) ")]}
 size = dict(f64=8, f32=4, bf16=2, f16=2, u32=4, i64=8, u8=1)
 def candle_bytes(name, n):
     """Bytes candle's kernel `name` moves for n elements (its launch's threads: one per element)."""
@@ -77,4 +78,8 @@ print(f"other kernels: {tot('ours', 3) / 1e9:.1f} GB ours (upper bound), {tot('c
 gemm_s = sum(max(r[4] / (495e12 if r[0].startswith("gemm f32") else 989e12), r[3] / 3.35e12) for r in rows if r[5] == "gemm")
 other_s = (tot("ours", 3) + tot("candle", 3)) / 3.35e12
 print(f"H100 floor: {1e3 * gemm_s:.1f} ms GEMMs + {1e3 * other_s:.1f} ms other kernels = {1e3 * (gemm_s + other_s):.1f} ms a step")
+# The host's side: synchronizations, and copies across the bus (a copy to the host's pageable
+# memory returns only once the device has reached it: a wait like a synchronization).
+print("host calls a step: " + ("; ".join(f"{k[7:]} {r['launches']:.0f}" + (f" ({r['bytes'] / 1e3:.1f} kB)" if r["bytes"] else "")
+                                          for k, r in sorted(host.items())) or "none"))
 PY

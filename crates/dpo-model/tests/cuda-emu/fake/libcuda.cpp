@@ -90,6 +90,17 @@ std::map<std::string, Function> functions;  // by name (node addresses are the h
 std::atomic<uintptr_t> handles{0};          // contexts, modules, streams, events: distinct tokens
 void *token() { return reinterpret_cast<void *>(0x1000 + 16 * ++handles); }
 
+// The host's calls that wait for the device or move data across the bus, in the census as
+// "(host) ..." lines: a DtoH copy into pageable memory returns only when the stream has reached
+// it, so each of those, like each synchronization, is a point where the device's queue drains.
+void tally_host(const char *what, size_t bytes) {
+    if (!census_file) return;
+    std::lock_guard g(lock);
+    Tally &t = census[census_key(std::string("(host) ") + what, double(bytes))];
+    ++t.launches;
+    t.bytes += double(bytes);
+}
+
 CUresult refuse(CUresult code, const std::string &why) {
     std::fprintf(stderr, "cuda-emu: %s\n", why.c_str());
     return code;
@@ -194,12 +205,12 @@ API CUresult cuCtxGetCurrent(void **ctx) { return *ctx = token(), OK; }
 API CUresult cuCtxGetDevice(int *d) { return *d = 0, OK; }
 API CUresult cuCtxPushCurrent_v2(void *) { return OK; }
 API CUresult cuCtxPopCurrent_v2(void **ctx) { return ctx ? (*ctx = nullptr, OK) : OK; }
-API CUresult cuCtxSynchronize() { return OK; }
+API CUresult cuCtxSynchronize() { return tally_host("cuCtxSynchronize", 0), OK; }
 
 API CUresult cuStreamCreate(void **s, unsigned) { return *s = token(), OK; }
 API CUresult cuStreamCreateWithPriority(void **s, unsigned, int) { return *s = token(), OK; }
 API CUresult cuStreamDestroy_v2(void *) { return OK; }
-API CUresult cuStreamSynchronize(void *) { return OK; }
+API CUresult cuStreamSynchronize(void *) { return tally_host("cuStreamSynchronize", 0), OK; }
 API CUresult cuStreamQuery(void *) { return OK; }
 API CUresult cuStreamWaitEvent(void *, void *, unsigned) { return OK; }
 API CUresult cuEventCreate(void **e, unsigned) { return *e = token(), OK; }
@@ -215,7 +226,7 @@ API CUresult cuEventDestroy_v2(void *e) {
     std::lock_guard g(lock);
     return recorded.erase(e), OK;
 }
-API CUresult cuEventSynchronize(void *) { return OK; }
+API CUresult cuEventSynchronize(void *) { return tally_host("cuEventSynchronize", 0), OK; }
 API CUresult cuEventQuery(void *) { return OK; }
 API CUresult cuEventElapsedTime(float *ms, void *start, void *end) {
     std::lock_guard g(lock);
@@ -225,26 +236,35 @@ API CUresult cuEventElapsedTime(float *ms, void *start, void *end) {
 }
 API CUresult cuEventElapsedTime_v2(float *ms, void *start, void *end) { return cuEventElapsedTime(ms, start, end); }
 
-API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+CUresult alloc_locked(CUdeviceptr *p, size_t n) {
     std::lock_guard g(lock);
     return alloc(p, n);
 }
-API CUresult cuMemAllocAsync(CUdeviceptr *p, size_t n, void *) { return cuMemAlloc_v2(p, n); }
-API CUresult cuMemFree_v2(CUdeviceptr p) {
+CUresult release_locked(CUdeviceptr p) {
     std::lock_guard g(lock);
     return release(p);
 }
-API CUresult cuMemFreeAsync(CUdeviceptr p, void *) { return cuMemFree_v2(p); }
-API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+// cuMemAlloc and cuMemFree (not their stream-ordered twins) synchronize the device.
+API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) { return tally_host("cuMemAlloc (synchronizing)", n), alloc_locked(p, n); }
+API CUresult cuMemAllocAsync(CUdeviceptr *p, size_t n, void *) { return alloc_locked(p, n); }
+API CUresult cuMemFree_v2(CUdeviceptr p) { return tally_host("cuMemFree (synchronizing)", 0), release_locked(p); }
+API CUresult cuMemFreeAsync(CUdeviceptr p, void *) { return release_locked(p); }
+CUresult htod(CUdeviceptr dst, const void *src, size_t n) {
     std::lock_guard g(lock);
     return copy(reinterpret_cast<void *>(dst), src, n, dst, 0);
 }
-API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *) { return cuMemcpyHtoD_v2(dst, src, n); }
-API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+CUresult dtoh(void *dst, CUdeviceptr src, size_t n) {
     std::lock_guard g(lock);
     return copy(dst, reinterpret_cast<const void *>(src), n, 0, src);
 }
-API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *) { return cuMemcpyDtoH_v2(dst, src, n); }
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { return tally_host("cuMemcpyHtoD", n), htod(dst, src, n); }
+API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *) {
+    return tally_host("cuMemcpyHtoDAsync", n), htod(dst, src, n);
+}
+API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return tally_host("cuMemcpyDtoH (waits)", n), dtoh(dst, src, n); }
+API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *) {
+    return tally_host("cuMemcpyDtoHAsync (waits: pageable memory)", n), dtoh(dst, src, n);
+}
 API CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     std::lock_guard g(lock);
     return copy(reinterpret_cast<void *>(dst), reinterpret_cast<const void *>(src), n, dst, src);
