@@ -1,0 +1,151 @@
+//! A training run's CUDA paths, on a machine without a GPU. `scripts/cuda-emu.sh` (which CI runs)
+//! puts an emulated libcuda in front of the `cuda` binary; with `CUDA_EMU_DRY` set it checks
+//! every launch (our kernels' argument lists, pointers into live device memory, launch shapes)
+//! and runs none, so every number is zero. What fails here is what would stop a run on a GPU on
+//! the host's side: candle refusing a dtype or layout on CUDA, a CUDA-only branch that errors or
+//! panics, a missing kernel. The bundled default trains 2 bf16 steps once per lever of
+//! `scripts/bench-gpu.sh`, and resumes from a checkpoint (`scripts/cuda-dry-run.sh` runs more,
+//! also at the benchmark's sizes).
+//!
+//! The emulated driver also counts the host's copies from the device: into the host's pageable
+//! memory each returns only once the device has reached it, so each is a point where the device's
+//! queue drains and it waits for the host to issue more. A step reads its statistics and the
+//! gradient norm once, after the optimizer's update is queued (BENCHMARKS.md, eighteenth
+//! session); a read in the middle of a step (a `to_scalar`, say) would idle the GPU for as long
+//! as the host takes to launch the rest. Without the emulated driver (`cargo test --features cuda`
+//! on a machine with a GPU) the same runs train for real and nothing is counted.
+#![cfg(feature = "cuda")]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Environment variables of a run.
+type Env = &'static [(&'static str, &'static str)];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Whether the emulated driver is the one the binary will load (`scripts/cuda-emu.sh` says so).
+fn emulated() -> bool {
+    std::env::var_os("CUDA_EMU").is_some()
+}
+
+/// Trains the bundled default for `steps` bf16 steps on CUDA into `out`, with `env` and `sets`
+/// (`--set` arguments); `census`: the emulated driver's tally file. Returns the log; panics with
+/// it on failure.
+fn train(out: &Path, steps: usize, env: Env, sets: &[&str], census: Option<&Path>, resume: bool) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dpo-train"));
+    cmd.current_dir(repo()).args(["--config", "configs/default.toml"]);
+    let common = [
+        "device=\"cuda\"".to_string(),
+        "dtype=\"bf16\"".to_string(),
+        format!("max_steps={steps}"),
+        "eval_on_start=false".to_string(),
+        "eval_steps=2".to_string(),
+        "logging_steps=1".to_string(),
+        "save_steps=1".to_string(),
+        "progress_bar=false".to_string(),
+        "overwrite_output_dir=true".to_string(),
+        format!("output_dir=\"{}\"", out.display()),
+    ];
+    for s in common.iter().map(String::as_str).chain(sets.iter().copied()) {
+        cmd.args(["--set", s]);
+    }
+    if resume {
+        cmd.args(["--resume", "latest", "--resume-allow-changed"]);
+    }
+    if emulated() {
+        // The startup kernel check would compare zeros with zeros.
+        cmd.env("CUDA_EMU_DRY", "1").env("DPO_TRAIN_SKIP_KERNEL_CHECK", "1");
+    }
+    if let Some(path) = census {
+        cmd.env("CUDA_EMU_CENSUS", path);
+    }
+    cmd.envs(env.iter().copied());
+    let done = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert!(done.status.success(), "{sets:?} {env:?}, {steps} steps: dpo-train failed\n{log}");
+    log
+}
+
+#[test]
+fn cuda_dry_every_lever_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let runs: &[(&str, Env, &[&str])] = &[
+        ("plain", &[], &[]),
+        ("manual", &[], &["manual_backward=true"]),
+        ("share-manual", &[], &["prefix_sharing=true", "manual_backward=true"]),
+        (
+            "precompute-share-manual",
+            &[],
+            &["prefix_sharing=true", "manual_backward=true", "precompute_ref_log_probs=true"],
+        ),
+        (
+            "share-gc-manual",
+            &[],
+            &["prefix_sharing=true", "gradient_checkpointing=true", "manual_backward=true"],
+        ),
+        ("keep-attn", &[], &["recompute_attention=false"]),
+        (
+            "share-manual-keep-attn",
+            &[],
+            &["prefix_sharing=true", "manual_backward=true", "recompute_attention=false"],
+        ),
+        ("share-manual-bf16head", &[], &["prefix_sharing=true", "manual_backward=true", "lm_head_f32=false"]),
+        (
+            "share-manual-flash",
+            &[("DPO_TRAIN_FLASH_ATTENTION", "1")],
+            &["prefix_sharing=true", "manual_backward=true"],
+        ),
+    ];
+    for (name, env, sets) in runs {
+        train(&dir.path().join(name), 2, env, sets, None, false);
+    }
+    // Resume: 2 more steps from the checkpoint of the plain run's step 2.
+    let plain = dir.path().join("plain");
+    let log = train(&plain, 4, &[], &[], None, true);
+    assert!(log.contains("resuming") && log.contains("checkpoint-2"), "no resume from step 2:\n{log}");
+    let steps = std::fs::read_to_string(plain.join("metrics.jsonl")).unwrap();
+    assert!(steps.contains("\"step\":4"), "the resumed run did not reach step 4:\n{steps}");
+}
+
+/// The copies from the device to the host in the census file at `path`.
+fn copies_to_host(path: &Path) -> usize {
+    let census = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    census
+        .lines()
+        .filter(|l| l.starts_with("(host) cuMemcpyDtoH"))
+        .map(|l| l.split('\t').nth(1).unwrap().parse::<usize>().unwrap())
+        .sum()
+}
+
+#[test]
+fn cuda_dry_a_step_waits_for_the_device_once() {
+    if !emulated() {
+        eprintln!("not on the emulated driver (scripts/cuda-emu.sh): nothing counts the host's copies");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // No evals and no checkpoints between steps: one step's copies are a run of 3 steps less one
+    // of 2 (start-up and the final save are the same in both).
+    let quiet = ["eval_steps=1000", "save_steps=1000"];
+    let manual = ["prefix_sharing=true", "manual_backward=true"];
+    for (name, sets) in [("autograd", quiet.to_vec()), ("manual", [&quiet[..], &manual[..]].concat())] {
+        let count = |steps: usize| {
+            let census = dir.path().join(format!("{name}-{steps}.tsv"));
+            train(&dir.path().join(format!("{name}-{steps}")), steps, &[], &sets, Some(&census), false);
+            copies_to_host(&census)
+        };
+        let (two, three) = (count(2), count(3));
+        assert!(two > 0, "{name}: the census counted no copy to the host at all");
+        // The batch's statistics, then the gradient norm and clipping factor (queued after the
+        // update; the second copy finds the device done).
+        assert!(
+            three - two <= 2,
+            "{name}: a step copies to the host {} times ({two} in 2 steps, {three} in 3)",
+            three - two
+        );
+        assert!(three > two, "{name}: a step copied nothing to the host: its loss was never read");
+    }
+}
