@@ -7,9 +7,9 @@
 //! `scripts/bench-gpu.sh`, and resumes from a checkpoint (`scripts/cuda-dry-run.sh` runs more,
 //! also at the benchmark's sizes).
 //!
-//! The emulated driver also counts the host's copies from the device: into the host's pageable
-//! memory each returns only once the device has reached it, so each is a point where the device's
-//! queue drains and it waits for the host to issue more. A step reads its statistics and the
+//! The emulated driver also counts the host's waits for the device: synchronizations, and copies
+//! from the device, which into the host's pageable memory return only once the device has
+//! reached them. At each the device's queue drains, and it waits for the host to issue more. A step reads its statistics and the
 //! gradient norm once, after the optimizer's update is queued (BENCHMARKS.md, eighteenth
 //! session); a read in the middle of a step (a `to_scalar`, say) would idle the GPU for as long
 //! as the host takes to launch the rest. Without the emulated driver (`cargo test --features cuda`
@@ -110,12 +110,14 @@ fn cuda_dry_every_lever_trains() {
     assert!(steps.contains("\"step\":4"), "the resumed run did not reach step 4:\n{steps}");
 }
 
-/// The copies from the device to the host in the census file at `path`.
-fn copies_to_host(path: &Path) -> usize {
+/// The host's waits for the device in the census file at `path`: its copies from the device,
+/// synchronizations, synchronizing allocations and frees (every "(host)" line but the
+/// asynchronous copies to the device, which return without waiting).
+fn waits(path: &Path) -> usize {
     let census = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     census
         .lines()
-        .filter(|l| l.starts_with("(host) cuMemcpyDtoH"))
+        .filter(|l| l.starts_with("(host) ") && !l.starts_with("(host) cuMemcpyHtoDAsync"))
         .map(|l| l.split('\t').nth(1).unwrap().parse::<usize>().unwrap())
         .sum()
 }
@@ -123,11 +125,11 @@ fn copies_to_host(path: &Path) -> usize {
 #[test]
 fn cuda_dry_a_step_waits_for_the_device_once() {
     if !emulated() {
-        eprintln!("not on the emulated driver (scripts/cuda-emu.sh): nothing counts the host's copies");
+        eprintln!("not on the emulated driver (scripts/cuda-emu.sh): nothing counts the host's waits");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // No evals and no checkpoints between steps: one step's copies are a run of 3 steps less one
+    // No evals and no checkpoints between steps: one step's waits are a run of 3 steps less one
     // of 2 (start-up and the final save are the same in both).
     let quiet = ["eval_steps=1000", "save_steps=1000"];
     let manual = ["prefix_sharing=true", "manual_backward=true"];
@@ -135,15 +137,15 @@ fn cuda_dry_a_step_waits_for_the_device_once() {
         let count = |steps: usize| {
             let census = dir.path().join(format!("{name}-{steps}.tsv"));
             train(&dir.path().join(format!("{name}-{steps}")), steps, &[], &sets, Some(&census), false);
-            copies_to_host(&census)
+            waits(&census)
         };
         let (two, three) = (count(2), count(3));
-        assert!(two > 0, "{name}: the census counted no copy to the host at all");
+        assert!(two > 0, "{name}: the census counted no wait at all");
         // The batch's statistics, then the gradient norm and clipping factor (queued after the
         // update; the second copy finds the device done).
         assert!(
             three - two <= 2,
-            "{name}: a step copies to the host {} times ({two} in 2 steps, {three} in 3)",
+            "{name}: a step waits for the device {} times ({two} in 2 steps, {three} in 3)",
             three - two
         );
         assert!(three > two, "{name}: a step copied nothing to the host: its loss was never read");

@@ -91,8 +91,9 @@ std::atomic<uintptr_t> handles{0};          // contexts, modules, streams, event
 void *token() { return reinterpret_cast<void *>(0x1000 + 16 * ++handles); }
 
 // The host's calls that wait for the device or move data across the bus, in the census as
-// "(host) ..." lines: a DtoH copy into pageable memory returns only when the stream has reached
-// it, so each of those, like each synchronization, is a point where the device's queue drains.
+// "(host) ..." lines. All but cuMemcpyHtoDAsync wait: a DtoH copy into pageable memory returns
+// only when the stream has reached it, so each of those, like each synchronization, is a point
+// where the device's queue drains.
 void tally_host(const char *what, size_t bytes) {
     if (!census_file) return;
     std::lock_guard g(lock);
@@ -257,7 +258,10 @@ CUresult dtoh(void *dst, CUdeviceptr src, size_t n) {
     std::lock_guard g(lock);
     return copy(dst, reinterpret_cast<const void *>(src), n, 0, src);
 }
-API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { return tally_host("cuMemcpyHtoD", n), htod(dst, src, n); }
+// The synchronous copy from pageable memory synchronizes the stream before it starts.
+API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
+    return tally_host("cuMemcpyHtoD (waits)", n), htod(dst, src, n);
+}
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *) {
     return tally_host("cuMemcpyHtoDAsync", n), htod(dst, src, n);
 }
