@@ -1157,6 +1157,14 @@ struct Tiles {
         full = f + br * T;
     }
     __device__ int at(int qt, int kt) const { return cls[qt * T + kt]; }
+    // Whether query tile qt computes with key tile kt (every key tile, where a query of qt is
+    // masked from every key).
+    __device__ bool computes(int qt, int kt) const { return at(qt, kt) != FA_SKIP || full[qt]; }
+    // The first key tile at or after k0 that query tile qt computes with (S: none left).
+    __device__ int next_key(int qt, int k0, int S) const {
+        while (k0 < S && !computes(qt, k0 / FA_BK)) k0 += FA_BK;
+        return k0;
+    }
 };
 
 // s += A B^T for a warp's 16 rows (A fragments `af`, KS k-steps) and the 64 rows of the shared
@@ -1226,7 +1234,6 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
     for (int kk = 0; kk < KS; ++kk) frag_a(qf[kk], q + qbase, D, q0, kk * 16, S, g, t);
     const float inv_scale = 1.0f / scale;
     const Tiles tiles(cls, full, S, r, bias_rows);
-    const bool every = tiles.full[blockIdx.x];  // a query of the tile sees no key: all tiles count
     float o[DT][4], m[2], l[2];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
@@ -1234,16 +1241,23 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
         for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
     m[0] = m[1] = -INFINITY;
     l[0] = l[1] = 0.0f;
-    for (int k0 = 0; k0 < S; k0 += FA_BK) {
-        const int kind = tiles.at(blockIdx.x, k0 / FA_BK);  // the same for the whole block
-        if (kind == FA_SKIP && !every) continue;
-        load_tile<D>(ks, k + kvbase, k0, S);
+    // FlashAttention-2's pipeline: V's tile loads during Q K^T and the softmax, the next K tile
+    // during P V (without V, during the softmax). Each wait finds one tile's copies in flight.
+    int k0 = tiles.next_key(blockIdx.x, 0, S);  // the same for the whole block
+    if (k0 < S) load_tile<D>(ks, k + kvbase, k0, S);
+    while (k0 < S) {
+        const int kind = tiles.at(blockIdx.x, k0 / FA_BK);
+        cp_async_wait_all();  // K's tile
+        __syncthreads();      // ... every thread's, and V's is free (the last P V is done)
         if (OUT) load_tile<D>(vs, v + kvbase, k0, S);
-        float s[NT][4];  // the bias read while the tiles load
+        float s[NT][4];  // the bias read while V's tile loads
         init_tile<NT>(s, kind == FA_OPEN ? nullptr : brow, rows, k0, S, inv_scale, false);
-        cp_async_wait_all();
-        __syncthreads();
         mma_rows<NT, KS>(s, qf, ks, LD);  // S += Q K^T: this warp's 16 queries, the tile's 64 keys
+        if (!OUT) {
+            __syncthreads();  // K's tile is free
+            if (const int next = tiles.next_key(blockIdx.x, k0 + FA_BK, S); next < S)
+                load_tile<D>(ks, k + kvbase, next, S);
+        }
         // Online softmax: the rows' new maxima (over the 4 lanes of a row), rescale.
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
@@ -1275,8 +1289,15 @@ __device__ void flash_fwd(const __nv_bfloat16 *__restrict__ q, const __nv_bfloat
                 o[dt][2 * hr + 1] *= corr;
             }
         }
-        if (OUT) mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
-        __syncthreads();  // the tiles are refilled
+        if (OUT) {
+            cp_async_wait_all();  // V's tile
+            __syncthreads();      // ... every thread's, and K's is free (Q K^T is done)
+            if (const int next = tiles.next_key(blockIdx.x, k0 + FA_BK, S); next < S)
+                load_tile<D>(ks, k + kvbase, next, S);
+            mma_acc<DT>(o, s, vs, LD);  // O += P V, P (bf16) straight from the score fragments
+        }
+        // The next tile, found again: kept live across P V, the kernel spilled at 128 registers.
+        k0 = tiles.next_key(blockIdx.x, k0 + FA_BK, S);
     }
     // Normalize and write.
 #pragma unroll
@@ -1518,8 +1539,10 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         }
 }
 
+// The forward at 4 blocks an SM: ptxas would otherwise give it 130 registers at head size 64,
+// which fits 3 (it fits 128 without spilling).
 #define FLASH_KERNELS(D)                                                                            \
-    extern "C" __global__ void dpo_flash_fwd_d##D##_bf16(                                            \
+    extern "C" __global__ void __launch_bounds__(128, 4) dpo_flash_fwd_d##D##_bf16(                  \
         const __nv_bfloat16 *q, const __nv_bfloat16 *k, const __nv_bfloat16 *v, const float *bias,   \
         const unsigned char *cls, const unsigned char *full, __nv_bfloat16 *out, float *stats,        \
         long long o_row, long long o_head, long long o_pos, int S, int H, int KV, int bias_rows,      \

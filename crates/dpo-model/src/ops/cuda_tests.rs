@@ -312,9 +312,22 @@ fn target_logprobs_forward_and_backward() -> Result<()> {
     Ok(())
 }
 
+/// The prefix-sharing layout's bias for one row `[prompt | chosen | rejected]` of `n` tokens each:
+/// causal, and each completion sees the prompt but not the other. With n = 64 the rejected
+/// queries' tile computes the first key tile and its own, and skips the one between.
+fn sharing_bias(n: usize) -> Result<Tensor> {
+    let s = 3 * n;
+    let allowed: Vec<u8> = (0..s * s)
+        .map(|e| (e / s, e % s))
+        .map(|(i, j)| u8::from(j <= i && (j < n || j / n == i / n)))
+        .collect();
+    Ok(crate::AttentionMask::custom(&allowed, (0..s as u32).collect(), 1, s, &CPU)?.bias)
+}
+
 /// The tensor-core attention (`flash_forward`, and the backward) against the CPU's attention:
 /// head sizes 32 and 64, grouped-query heads, two tiles of queries and keys, a per-row causal +
-/// padding mask with fully masked queries and a broadcast random mask; through `attention` too.
+/// padding mask with fully masked queries, a broadcast random mask, and the prefix-sharing
+/// layout (a skipped key tile between two computed ones); through `attention` too.
 #[test]
 fn flash_attention_forward() -> Result<()> {
     // SAFETY: read once per process (OnceLock), and no test reads it earlier.
@@ -327,6 +340,7 @@ fn flash_attention_forward() -> Result<()> {
         (3, 2, 1, 70, 64, check::test_mask(3, 70)?),
         (3, 4, 2, 70, 32, check::test_mask(3, 70)?),
         (1, 2, 1, 70, 64, check::random_bias(70, 70, 5)?),
+        (1, 2, 1, 192, 64, sharing_bias(64)?),
     ] {
         let case = std::panic::AssertUnwindSafe(|| -> Result<()> {
             let dt = DType::BF16;
