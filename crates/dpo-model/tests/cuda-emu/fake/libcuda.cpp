@@ -20,9 +20,10 @@
 // With CUDA_EMU_CENSUS=FILE as well, it writes FILE at exit: a line per kernel name with its
 // launches and threads (candle's kernels run about a thread per element), the bytes of the
 // allocations our kernels' pointer arguments point into, from the lowest such pointer to the
-// allocation's end (an upper bound on their traffic), and a line per cuBLAS GEMM shape with its
-// FLOPs. scripts/cuda-census.sh takes the difference of two runs, one step apart: what one
-// training step launches.
+// allocation's end (an upper bound on their traffic), a line per cuBLAS GEMM shape with its
+// FLOPs, and "(host) ..." lines: the host's synchronizations and copies across the bus (see
+// tally_host). scripts/cuda-census.sh takes the difference of two runs, one step apart: what one
+// training step launches and waits for.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -246,7 +247,9 @@ CUresult release_locked(CUdeviceptr p) {
     return release(p);
 }
 // cuMemAlloc and cuMemFree (not their stream-ordered twins) synchronize the device.
-API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) { return tally_host("cuMemAlloc (synchronizing)", n), alloc_locked(p, n); }
+API CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n) {
+    return tally_host("cuMemAlloc (synchronizing)", n), alloc_locked(p, n);
+}
 API CUresult cuMemAllocAsync(CUdeviceptr *p, size_t n, void *) { return alloc_locked(p, n); }
 API CUresult cuMemFree_v2(CUdeviceptr p) { return tally_host("cuMemFree (synchronizing)", 0), release_locked(p); }
 API CUresult cuMemFreeAsync(CUdeviceptr p, void *) { return release_locked(p); }
@@ -265,7 +268,9 @@ API CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) {
 API CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void *src, size_t n, void *) {
     return tally_host("cuMemcpyHtoDAsync", n), htod(dst, src, n);
 }
-API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { return tally_host("cuMemcpyDtoH (waits)", n), dtoh(dst, src, n); }
+API CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) {
+    return tally_host("cuMemcpyDtoH (waits)", n), dtoh(dst, src, n);
+}
 API CUresult cuMemcpyDtoHAsync_v2(void *dst, CUdeviceptr src, size_t n, void *) {
     return tally_host("cuMemcpyDtoHAsync (waits: pageable memory)", n), dtoh(dst, src, n);
 }
