@@ -1395,7 +1395,7 @@ __device__ void flash_bwd_dkdv(const __nv_bfloat16 *__restrict__ q, const __nv_b
     const Tiles tiles(cls, full, S, r, bias_rows);
     for (int i0 = 0; i0 < S; i0 += FA_BQ) {
         const int kind = tiles.at(i0 / FA_BQ, blockIdx.x);
-        if (kind == FA_SKIP && !tiles.full[i0 / FA_BQ]) continue;
+        if (!tiles.computes(i0 / FA_BQ, blockIdx.x)) continue;
         load_tile<D>(qs, q + qbase, i0, S);
         load_tile<D>(dos, dout + r * d_row + hq * d_head, i0, S, d_pos);
         float s[NT][4];  // S^T: keys x queries; the bias read while the tiles load
@@ -1499,7 +1499,6 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
         dd[hr] = in ? dvec[sbase + rows[hr]] : 0.0f;
     }
     const Tiles tiles(cls, full, S, r, bias_rows);
-    const bool every = tiles.full[blockIdx.x];
     float dqa[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
@@ -1508,7 +1507,7 @@ __device__ void flash_bwd_dq(const __nv_bfloat16 *__restrict__ q, const __nv_bfl
     const float inv_scale = 1.0f / scale;
     for (int k0 = 0; k0 < S; k0 += FA_BK) {
         const int kind = tiles.at(blockIdx.x, k0 / FA_BK);
-        if (kind == FA_SKIP && !every) continue;
+        if (!tiles.computes(blockIdx.x, k0 / FA_BK)) continue;
         load_tile<D>(ks, k + kvbase, k0, S);
         load_tile<D>(vs, v + kvbase, k0, S);
         float s[NT][4];  // the bias read while the tiles load

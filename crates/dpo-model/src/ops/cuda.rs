@@ -1369,6 +1369,12 @@ impl<'a> Flash<'a> {
         lb.arg(s).arg(h).arg(kv).arg(b).arg(&self.scale);
     }
 
+    /// The (row, head, position) strides of [`Flash::forward`]'s output.
+    fn out_strides(&self, merged: bool) -> [i64; 3] {
+        let (s, h, d) = (self.seq, self.heads, self.d);
+        if merged { [s * h * d, d, h * d] } else { [h * s * d, s * d, d] }.map(|x| x as i64)
+    }
+
     /// The output `[rows, heads, seq, d]`, or with `merged` its heads merged (`[rows, seq, heads,
     /// d]` in memory), and each query's softmax statistics `[rows, heads, seq, 2]`.
     fn forward(&self, dev: &CudaDevice, merged: bool) -> Result<(CudaSlice<half::bf16>, CudaSlice<f32>)> {
@@ -1376,8 +1382,7 @@ impl<'a> Flash<'a> {
         // SAFETY: the kernel writes every element of both.
         let (mut out, mut stats) =
             unsafe { (dev.alloc::<half::bf16>(n * self.d)?, dev.alloc::<f32>(2 * n)?) };
-        let (s, h, d) = (self.seq, self.heads, self.d);
-        let strides = if merged { [s * h * d, d, h * d] } else { [h * s * d, s * d, d] }.map(|x| x as i64);
+        let strides = self.out_strides(merged);
         if n > 0 {
             let f = func_named(dev, &format!("dpo_flash_fwd_d{}_bf16", self.d))?;
             let mut lb = f.builder();
@@ -1508,8 +1513,7 @@ pub(super) fn flash_attention_backward(
                 None => {
                     let stats;
                     (recomputed, stats) = fl.forward(&dev, false)?;
-                    let (s, d) = (fl.seq, fl.d);
-                    (recomputed.slice(..), [fl.heads * s * d, s * d, d].map(|x| x as i64), stats)
+                    (recomputed.slice(..), fl.out_strides(false), stats)
                 }
             };
         // SAFETY: written by the kernel.
