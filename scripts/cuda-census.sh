@@ -2,9 +2,10 @@
 # What one training step of the GPU benchmark launches on CUDA, counted without a GPU: every
 # kernel (ours and candle's) with its launches, elements and bytes moved, every cuBLAS GEMM shape
 # with its FLOPs, the floor these put under the step on an H100 (spec bandwidth and tensor-core
-# peaks; nothing runs faster), and the host's waits for the device and copies across the bus. Two dry runs on the emulated driver (scripts/cuda-dry-run.sh; the
-# emulated libcuda's CUDA_EMU_CENSUS), 2 and 3 steps of the benchmark's workload, and their
-# difference: one step, start-up and the first steps' one-off work left out.
+# peaks; nothing runs faster), and the host's waits for the device and copies across the bus.
+# Two dry runs on the emulated driver (scripts/cuda-dry-run.sh; the emulated libcuda's
+# CUDA_EMU_CENSUS), 2 and 3 steps of the benchmark's workload, and their difference: one step,
+# start-up and the first steps' one-off work left out.
 #
 #   scripts/cuda-census.sh [--set key=value ...]     # levers as dpo-train --set takes them
 #   DPO_TRAIN_FLASH_ATTENTION=1 scripts/cuda-census.sh --set prefix_sharing=true --set manual_backward=true

@@ -9,10 +9,10 @@
 //!
 //! The emulated driver also counts the host's waits for the device: synchronizations, and copies
 //! from the device, which into the host's pageable memory return only once the device has
-//! reached them. At each the device's queue drains, and it waits for the host to issue more. A step reads its statistics and the
-//! gradient norm once, after the optimizer's update is queued (BENCHMARKS.md, eighteenth
-//! session); a read in the middle of a step (a `to_scalar`, say) would idle the GPU for as long
-//! as the host takes to launch the rest. Without the emulated driver (`cargo test --features cuda`
+//! reached them. At each the device's queue drains, and it waits for the host to issue more. A
+//! step reads its statistics and the gradient norm once, after the optimizer's update is queued
+//! (BENCHMARKS.md, eighteenth session); a read in the middle of a step (a `to_scalar`, say) would
+//! idle the GPU for as long as the host takes to launch the rest. Without the emulated driver (`cargo test --features cuda`
 //! on a machine with a GPU) the same runs train for real and nothing is counted.
 #![cfg(feature = "cuda")]
 
