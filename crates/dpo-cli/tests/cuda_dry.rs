@@ -151,3 +151,68 @@ fn cuda_dry_a_step_waits_for_the_device_once() {
         );
     }
 }
+
+/// The device memory pool's figures of each training record (`memory/device_allocated_gib`,
+/// `memory/device_peak_gib`), by step.
+fn device_memory(out: &Path) -> Vec<(u64, f64, f64)> {
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let records = metrics.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap());
+    let gib = |r: &serde_json::Value, k: &str| {
+        r[k].as_f64().unwrap_or_else(|| panic!("a training record without `{k}`: {r}"))
+    };
+    records
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                gib(&r, "memory/device_allocated_gib"),
+                gib(&r, "memory/device_peak_gib"),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn cuda_dry_device_memory_does_not_grow_from_step_to_step() {
+    if !emulated() {
+        eprintln!("not on the emulated driver (scripts/cuda-emu.sh): its pool is not the one measured here");
+        return;
+    }
+    // Every row the same pair: every batch has the same shapes, so every step allocates the same
+    // tensors. What a step leaves behind (a tensor kept from one step to the next, a cache that
+    // grows) shows as device memory in use at the next record.
+    let dir = tempfile::tempdir().unwrap();
+    let row =
+        std::fs::read_to_string(repo().join("data/train.jsonl")).unwrap().lines().next().unwrap().to_string();
+    let train_file = dir.path().join("same.jsonl");
+    std::fs::write(&train_file, format!("{row}\n").repeat(64)).unwrap();
+    let data = format!("train_file=\"{}\"", train_file.display());
+    let quiet = [data.as_str(), "eval_steps=1000", "save_steps=1000"];
+    let manual = ["prefix_sharing=true", "manual_backward=true"];
+    for (name, sets) in [("autograd", quiet.to_vec()), ("manual", [&quiet[..], &manual[..]].concat())] {
+        let out = dir.path().join(name);
+        let log = train(&out, 6, &[], &sets, None, false);
+        let steps = device_memory(&out);
+        assert_eq!(steps.len(), 6, "{name}: a record per step");
+        let (_, held, peak) = steps[1];
+        assert!(
+            held > 0.0 && peak > held,
+            "{name}: the pool's figures at step 2: {held} GiB in use, {peak} at most"
+        );
+        for &(step, h, p) in &steps[2..] {
+            assert_eq!(h, held, "{name}: step {step} holds {h} GiB of device memory, step 2 held {held}");
+            assert_eq!(p, peak, "{name}: the peak grew to {p} GiB by step {step} (step 2: {peak})");
+        }
+        // The driver's own count of the whole run's peak (three decimals) is at least the pool's.
+        let emulated_peak: f64 = log
+            .split("peak device memory ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no peak from the emulated driver:\n{log}"));
+        assert!(
+            peak <= emulated_peak + 5e-4,
+            "{name}: the pool's peak {peak} GiB, the driver's {emulated_peak}"
+        );
+    }
+}

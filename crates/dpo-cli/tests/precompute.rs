@@ -46,7 +46,7 @@ progress_bar = false
         .lines()
         .map(|l| {
             let mut v: Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().remove("tokens_per_second");
+            v.as_object_mut().unwrap().retain(|k, _| !dpo_trainer::metrics::is_measurement(k));
             v
         })
         .collect();

@@ -5,6 +5,7 @@
 //! - [`optim`]: AdamW with HF Trainer's decay groups, gradient clipping by global norm.
 //! - [`schedule`]: learning-rate schedules.
 //! - [`constraints`]: the run's constraint set as a record.
+//! - [`memory`]: the memory a run holds (device pool or resident set), for the logs.
 //! - [`gap`]: Prop. 3.1 on a tabular problem solved exactly (`dpo-train experiment constraint-gap`).
 //! - [`trainer`]: setup and the loop; [`config`]: every knob.
 
@@ -16,6 +17,7 @@ mod error;
 pub mod gap;
 pub mod logprobs;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 pub mod optim;
 mod outputs;

@@ -91,6 +91,12 @@ impl Window {
     }
 }
 
+/// Whether a record's field measures the machine (throughput, memory) rather than training: the
+/// fields two runs of the same training may differ in.
+pub fn is_measurement(key: &str) -> bool {
+    key == "tokens_per_second" || key.starts_with("memory/")
+}
+
 /// Averages of an evaluation pass, keys prefixed with `eval_`.
 pub fn eval_metrics(batches: &[BatchStats]) -> Map<String, Value> {
     let pairs: usize = batches.iter().map(|b| b.pairs).sum();

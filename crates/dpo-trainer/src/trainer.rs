@@ -301,6 +301,7 @@ impl Trainer {
                     rec.insert(k.into(), v.into());
                 }
                 rec.insert("num_tokens".into(), st.tokens_total.into());
+                rec.append(&mut crate::memory::record(&self.device));
                 self.log(&mut out, observer, &rec)?;
                 last_log = Some(rec);
                 window_start = Instant::now();
