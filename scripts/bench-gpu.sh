@@ -225,6 +225,13 @@ for label, path in [("CURVE", "curve-bf16-cuda.jsonl"), ("CURVE-FLASH", "curve-f
         d = [abs(x["loss"] - y["loss"]) for x, y in zip(a, b)]
         print(label, "max|loss_bf16_cuda - loss_f32_cpu| over the first 20 steps:", max(d[:20]), [round(x, 4) for x in d[:20]])
         print(label, "over all", len(d), "steps:", max(d))
+        # The first 20 steps are the issue's target, but a broken optimizer can stay within 2e-2
+        # there (AdamW's moments sharing one buffer did: 8.6e-3) and not learn after: the mean
+        # loss of the last 20 steps, CPU bf16 vs f32 0.0996 vs 0.0938, with the shared moments 0.619.
+        mean = lambda r: sum(x["loss"] for x in r[len(b) - 20 : len(b)]) / 20
+        fa, fb = mean(a), mean(b)
+        print(label, f"mean loss of steps {len(b) - 19}-{len(b)}: CUDA bf16 {fb:.4f}, CPU f32 {fa:.4f}:",
+              "OK" if abs(fa - fb) <= 0.05 else "DIFFERS")
     except Exception as e:
         print(label, "error", e)
 PY

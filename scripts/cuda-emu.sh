@@ -5,12 +5,15 @@
 # (candle's own kernels and cuBLAS it does not have). Needs a C++20 compiler ($CXX, else c++).
 #
 #   scripts/cuda-emu.sh              # the CUDA launchers against the CPU kernels
-#                                    # (crates/dpo-model/src/ops/cuda_tests.rs), and the binary's
-#                                    # dry runs (crates/dpo-cli/tests/cuda_dry.rs); CI runs it
+#                                    # (crates/dpo-model/src/ops/cuda_tests.rs), the trainer's fused
+#                                    # AdamW against its CPU steps (crates/dpo-trainer/src/optim.rs),
+#                                    # and the binary's dry runs (crates/dpo-cli/tests/cuda_dry.rs);
+#                                    # CI runs it
 #   scripts/cuda-emu.sh cargo clippy --workspace --all-targets --features dpo-train/cuda
 #
-# On a machine with a GPU, `cargo test -p dpo-model -p dpo-train --features dpo-train/cuda --lib
-# --test cuda_dry -- ops::cuda_tests cuda_dry` runs the same tests on it (the dry runs train there).
+# On a machine with a GPU, `cargo test -p dpo-model -p dpo-trainer -p dpo-train --features
+# dpo-train/cuda --lib --test cuda_dry -- ops::cuda_tests optim::cuda_tests cuda_dry` runs the same
+# tests on it (the dry runs train there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TC="$PWD/target/cuda-emu"
@@ -21,7 +24,7 @@ export LIBRARY_PATH="$TC/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$TC/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CUDA_EMU="$TC"  # tells crates/dpo-cli/tests/cuda_dry.rs the driver is the emulated one
 if [ $# -eq 0 ]; then
-    set -- cargo test --locked -p dpo-model -p dpo-train --features dpo-train/cuda --lib --test cuda_dry -- \
-        ops::cuda_tests cuda_dry
+    set -- cargo test --locked -p dpo-model -p dpo-trainer -p dpo-train --features dpo-train/cuda --lib --test cuda_dry -- \
+        ops::cuda_tests optim::cuda_tests cuda_dry
 fi
 exec "$@"

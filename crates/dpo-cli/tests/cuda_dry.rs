@@ -173,14 +173,15 @@ fn device_memory(out: &Path) -> Vec<(u64, f64, f64)> {
 }
 
 #[test]
-fn cuda_dry_device_memory_does_not_grow_from_step_to_step() {
+fn cuda_dry_between_steps_the_device_holds_the_models_and_moments_alone() {
     if !emulated() {
         eprintln!("not on the emulated driver (scripts/cuda-emu.sh): its pool is not the one measured here");
         return;
     }
     // Every row the same pair: every batch has the same shapes, so every step allocates the same
     // tensors. What a step leaves behind (a tensor kept from one step to the next, a cache that
-    // grows) shows as device memory in use at the next record.
+    // grows, a small tensor that is a view of a large one) shows in the device memory in use at
+    // the step's record, after its update.
     let dir = tempfile::tempdir().unwrap();
     let row =
         std::fs::read_to_string(repo().join("data/train.jsonl")).unwrap().lines().next().unwrap().to_string();
@@ -188,19 +189,35 @@ fn cuda_dry_device_memory_does_not_grow_from_step_to_step() {
     std::fs::write(&train_file, format!("{row}\n").repeat(64)).unwrap();
     let data = format!("train_file=\"{}\"", train_file.display());
     let quiet = [data.as_str(), "eval_steps=1000", "save_steps=1000"];
-    let manual = ["prefix_sharing=true", "manual_backward=true"];
-    for (name, sets) in [("autograd", quiet.to_vec()), ("manual", [&quiet[..], &manual[..]].concat())] {
+    let manual = [&quiet[..], &["prefix_sharing=true", "manual_backward=true"]].concat();
+    let precomputed = [&manual[..], &["precompute_ref_log_probs=true"]].concat();
+    // Bytes a parameter: the policy's f32 weights and AdamW's two f32 moments (12), and the bf16
+    // reference's weights (2) unless its log-probs are precomputed. (Two bugs this caught: each
+    // norm weight's gradient a view that kept its backward's `[tokens + 1, hidden]` f32 buffer,
+    // 1 GiB on the GPU benchmark; AdamW's moments as two clones of one zero tensor, so that the
+    // fused CUDA update, in place, kept one moment where there are two: 10 bytes a parameter.)
+    for (name, sets, per_param) in
+        [("autograd", quiet.to_vec(), 14), ("manual", manual, 14), ("manual-precomputed", precomputed, 12)]
+    {
         let out = dir.path().join(name);
         let log = train(&out, 6, &[], &sets, None, false);
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("run_summary.json")).unwrap()).unwrap();
+        let models_and_moments = per_param * summary["model"]["parameters"].as_u64().unwrap();
         let steps = device_memory(&out);
         assert_eq!(steps.len(), 6, "{name}: a record per step");
+        let gib = (1u64 << 30) as f64;
+        for &(step, held, _) in &steps {
+            let held = (held * gib).round() as u64;
+            assert_eq!(
+                held, models_and_moments,
+                "{name}: after step {step} the device holds {held} bytes, the models and moments \
+                 {models_and_moments} ({per_param} a parameter): the step left tensors behind"
+            );
+        }
         let (_, held, peak) = steps[1];
-        assert!(
-            held > 0.0 && peak > held,
-            "{name}: the pool's figures at step 2: {held} GiB in use, {peak} at most"
-        );
-        for &(step, h, p) in &steps[2..] {
-            assert_eq!(h, held, "{name}: step {step} holds {h} GiB of device memory, step 2 held {held}");
+        assert!(peak > held, "{name}: the pool's peak {peak} GiB, {held} in use between steps");
+        for &(step, _, p) in &steps[2..] {
             assert_eq!(p, peak, "{name}: the peak grew to {p} GiB by step {step} (step 2: {peak})");
         }
         // The driver's own count of the whole run's peak (three decimals) is at least the pool's.

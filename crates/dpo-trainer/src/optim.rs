@@ -48,12 +48,14 @@ impl AdamW {
         let slots = params
             .iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Two buffers: the fused CUDA update writes m and v in place, so clones of one
+                // zero tensor (which share it) would be one moment.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 Ok(Slot {
                     name: name.clone(),
                     var: var.clone(),
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: zeros()?,
+                    v: zeros()?,
                     decay: decays(name),
                 })
             })
@@ -284,5 +286,51 @@ mod tests {
         assert!(factor < 0.2);
         assert_eq!(run(&g, factor), run(&(&g * factor).unwrap(), 1.0));
         assert_ne!(run(&g, factor), run(&g, 1.0));
+    }
+}
+
+/// The fused CUDA update against the tensor ops on the CPU (a GPU, or without one the emulated
+/// driver of `scripts/cuda-emu.sh`, which runs the kernels on the CPU).
+#[cfg(all(test, feature = "cuda"))]
+mod cuda_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Three steps with gradients that change sign, clipped at the second: the moments carry
+    /// from step to step, so an update that mixed m with v would drift from the second step.
+    #[test]
+    fn fused_adamw_on_cuda_steps_as_the_cpu() -> Result<()> {
+        let gpu = Device::new_cuda(0).expect("a CUDA device (without a GPU: scripts/cuda-emu.sh)");
+        let values =
+            |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 + seed) * 0.37).sin()).collect() };
+        let sizes = [("layer.weight", 300), ("layer.bias", 7), ("norm.weight", 1000)];
+        let params = |dev: &Device| -> Result<Vec<(String, Var)>> {
+            sizes
+                .iter()
+                .map(|&(name, n)| Ok((name.to_string(), Var::from_vec(values(n, 1.0), n, dev)?)))
+                .collect()
+        };
+        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let (on_cpu, on_gpu) = (params(&Device::Cpu)?, params(&gpu)?);
+        let (mut cpu, mut cuda) = (AdamW::new(&on_cpu, cfg)?, AdamW::new(&on_gpu, cfg)?);
+        for (step, (sign, max_norm)) in [(1.0f32, 100.0), (-1.0, 1.0), (1.0, 100.0)].into_iter().enumerate() {
+            let grads = |dev: &Device| -> Result<Vec<Tensor>> {
+                let g =
+                    |n: usize| values(n, 10.0 * step as f32 + 3.0).into_iter().map(|x| sign * x).collect();
+                sizes.iter().map(|&(_, n)| Tensor::from_vec(g(n), n, dev)).collect()
+            };
+            let (g_cpu, g_gpu) = (grads(&Device::Cpu)?, grads(&gpu)?);
+            let (c_cpu, c_gpu) = (Clip::of(&g_cpu, max_norm)?, Clip::of(&g_gpu, max_norm)?);
+            assert!(matches!(c_gpu, Clip::Device(_)), "the norm is computed on the device");
+            cpu.step(&g_cpu, 1e-2, &c_cpu)?;
+            cuda.step(&g_gpu, 1e-2, &c_gpu)?;
+            for ((name, p), (_, q)) in on_cpu.iter().zip(&on_gpu) {
+                let (want, got) = (p.as_tensor().to_vec1::<f32>()?, q.as_tensor().to_vec1::<f32>()?);
+                let err = want.iter().zip(&got).fold(0f32, |e, (w, g)| e.max((w - g).abs()));
+                // The same f32 formula; a GPU contracts a * b + c into one rounding.
+                assert!(err <= 1e-6, "step {}: {name} differs by {err} from the CPU's", step + 1);
+            }
+        }
+        Ok(())
     }
 }

@@ -279,6 +279,8 @@ impl Trainer {
             }
             st.window.end_step();
             let (grad_norm, factor) = clip.read()?;
+            // The step's gradients are spent: freed before the record, the eval and the save.
+            drop((grads, clip));
             if !grad_norm.is_finite() {
                 let why = format!("step {step}: gradient norm is {grad_norm} (the update was skipped)");
                 return Err(TrainError::Numerics(why));

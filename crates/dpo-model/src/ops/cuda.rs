@@ -1004,6 +1004,15 @@ pub(crate) fn adamw(
                 slot[k] = f32_ptr(t, what)?;
             }
             (ns[k], decay[k]) = (p.elem_count() as i64, *d);
+            // The kernel writes p, m and v in place (and reads them `__restrict__`): four buffers
+            // that overlap (moments made as clones of one zero tensor, say) would mix m with v.
+            let bytes = 4 * p.elem_count() as u64;
+            let mut ranges: Vec<(u64, &str)> =
+                ptrs.iter().zip(["p", "m", "v", "g"]).map(|(s, w)| (s[k], w)).collect();
+            ranges.sort_unstable();
+            if let Some(w) = ranges.windows(2).find(|w| bytes > 0 && w[0].0 + bytes > w[1].0) {
+                candle_core::bail!("adamw: {} and {} of a parameter share device memory", w[0].1, w[1].1);
+            }
         }
         let mut lb = f.builder();
         lb.arg(&clip_ptr);

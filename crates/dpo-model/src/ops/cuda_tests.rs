@@ -504,6 +504,19 @@ fn clip_and_adamw() -> Result<()> {
     assert!(adamw_fused(&parts, &clip, (b1, b2, eps), step as f64, bc2 as f64)?);
     let after: Vec<Vec<f32>> = pd.iter().chain(&md).chain(&vd).map(f32s).collect();
     assert!(before == after, "a NaN factor wrote to the optimizer's tensors");
+
+    // The update is in place: moments that share a buffer (or a view into the parameter's) are
+    // refused, not mixed.
+    let shared = [AdamWPart { p: &pd[0], m: &md[0], v: &md[0], g: &gd[0], decay: 1.0 }];
+    let err = adamw_fused(&shared, &clip, (b1, b2, eps), step as f64, bc2 as f64).unwrap_err().to_string();
+    assert!(err.contains("m and v of a parameter share device memory"), "{err}");
+    let n = sizes[0] - 1;
+    let (head, tail) = (pd[0].narrow(0, 0, n)?, pd[0].narrow(0, 1, n)?);
+    let (v0, g0) = (vd[0].narrow(0, 0, n)?, gd[0].narrow(0, 0, n)?);
+    let overlapping = [AdamWPart { p: &head, m: &tail, v: &v0, g: &g0, decay: 1.0 }];
+    let err =
+        adamw_fused(&overlapping, &clip, (b1, b2, eps), step as f64, bc2 as f64).unwrap_err().to_string();
+    assert!(err.contains("p and m of a parameter share device memory"), "{err}");
     Ok(())
 }
 

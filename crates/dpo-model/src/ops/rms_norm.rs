@@ -152,7 +152,11 @@ fn backward(x: &Tensor, w: &Tensor, dy: &Tensor, op: &RmsNormBwd) -> Result<(Ten
     let (x, w) = (x.contiguous()?, w.to_dtype(x.dtype())?.contiguous()?);
     let (n, d) = (x.elem_count(), w.elem_count());
     let packed = x.apply_op3_no_bwd(&w, &dy.contiguous()?, op)?;
-    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, packed.narrow(0, n, d)?.reshape(w.shape())?))
+    // `dw` in a buffer of its own: a view would keep the whole packed buffer (`[rows + 1, hidden]`
+    // in f32) alive for as long as the weight's gradient, to the end of the step, and across
+    // micro-batches with gradient accumulation (one a norm: 1 GiB on the GPU benchmark).
+    let dw = packed.narrow(0, n, d)?.force_contiguous()?;
+    Ok((packed.narrow(0, 0, n)?.reshape(x.shape())?, dw.reshape(w.shape())?))
 }
 
 /// The reference: `w * (x / sqrt(mean(x^2) + eps))` from differentiable candle ops.
