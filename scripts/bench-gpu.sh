@@ -185,7 +185,7 @@ for name in ["ours-plain", "ours-plain-keep-attn", "ours-plain-cuda-pool-default
         tok = recs[1]["num_tokens"] - recs[0]["num_tokens"]
         step = statistics.median(tok / r["tokens_per_second"] for r in recs[warmup:])
         f = flops(16, 512, "precompute" not in name)
-        # The pool's peak of live tensors (memory.rs): TRL's torch_peak_gib (max_memory_allocated) counts the same.
+        # The pool's peak of live tensors (memory.rs), as TRL's torch_peak_gib (max_memory_allocated).
         alloc_peak = max((r.get("memory/device_peak_gib") or 0) for r in recs) or None
         rows.append(dict(run=name, step_s=step, tokens_per_s=tok / step, smi_peak_gib=peak(name), alloc_peak_gib=alloc_peak,
                          gpu_util_pct=util(name), tflops=f / step / 1e12, mfu_989=f / step / 989e12, mfu_778=f / step / 778e12))

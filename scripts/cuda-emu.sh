@@ -24,7 +24,7 @@ export LIBRARY_PATH="$TC/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export LD_LIBRARY_PATH="$TC/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CUDA_EMU="$TC"  # tells crates/dpo-cli/tests/cuda_dry.rs the driver is the emulated one
 if [ $# -eq 0 ]; then
-    set -- cargo test --locked -p dpo-model -p dpo-trainer -p dpo-train --features dpo-train/cuda --lib --test cuda_dry -- \
-        ops::cuda_tests optim::cuda_tests cuda_dry
+    set -- cargo test --locked -p dpo-model -p dpo-trainer -p dpo-train --features dpo-train/cuda --lib \
+        --test cuda_dry -- ops::cuda_tests optim::cuda_tests cuda_dry
 fi
 exec "$@"

@@ -267,10 +267,11 @@ API CUresult cuMemPoolGetAttribute(void *p, int attr, void *value) {
     if (p != pool) return refuse(INVALID_VALUE, "cuMemPoolGetAttribute: not the device's pool");
     auto *v = static_cast<unsigned long long *>(value);
     switch (attr) {
-        case 4: *v = release_threshold; break;              // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
-        case 5: case 7: *v = live; break;                   // RESERVED_MEM_CURRENT, USED_MEM_CURRENT
+        case 4: *v = release_threshold; break;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+        case 5: case 7: *v = live; break;       // RESERVED_MEM_CURRENT, USED_MEM_CURRENT
         case 6: case 8: *v = pool_high; break;  // RESERVED_MEM_HIGH, USED_MEM_HIGH
-        default: return refuse(INVALID_VALUE, "cuMemPoolGetAttribute: attribute " + std::to_string(attr) + " is not emulated");
+        default:
+            return refuse(INVALID_VALUE, "cuMemPoolGetAttribute: attribute " + std::to_string(attr) + " is not emulated");
     }
     return OK;
 }
@@ -284,7 +285,8 @@ API CUresult cuMemPoolSetAttribute(void *p, int attr, void *value) {
             if (v != 0) return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: a high-water mark resets only to 0");
             pool_high = live;
             break;
-        default: return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: attribute " + std::to_string(attr) + " is not emulated");
+        default:
+            return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: attribute " + std::to_string(attr) + " is not emulated");
     }
     return OK;
 }
