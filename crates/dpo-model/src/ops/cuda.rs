@@ -1007,8 +1007,7 @@ pub(crate) fn adamw(
             // The kernel writes p, m and v in place (and reads them `__restrict__`): four buffers
             // that overlap (moments made as clones of one zero tensor, say) would mix m with v.
             let bytes = 4 * p.elem_count() as u64;
-            let mut ranges: Vec<(u64, &str)> =
-                ptrs.iter().zip(["p", "m", "v", "g"]).map(|(s, w)| (s[k], w)).collect();
+            let mut ranges = [(ptrs[0][k], "p"), (ptrs[1][k], "m"), (ptrs[2][k], "v"), (ptrs[3][k], "g")];
             ranges.sort_unstable();
             if let Some(w) = ranges.windows(2).find(|w| bytes > 0 && w[0].0 + bytes > w[1].0) {
                 candle_core::bail!("adamw: {} and {} of a parameter share device memory", w[0].1, w[1].1);

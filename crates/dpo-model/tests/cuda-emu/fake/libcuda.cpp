@@ -46,8 +46,6 @@ const bool dry = std::getenv("CUDA_EMU_DRY") && *std::getenv("CUDA_EMU_DRY");
 std::recursive_mutex lock;
 std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
 size_t live = 0, peak = 0;                  // bytes allocated now, and at most
-size_t pool_high = 0;                       // at most since the pool's high-water marks were reset
-unsigned long long release_threshold = 0;   // the pool's, as set (nothing is cached either way)
 size_t n_allocs = 0, n_ours = 0, n_candle = 0;  // allocations, launches of our kernels and candle's
 const char *census_file = std::getenv("CUDA_EMU_CENSUS");
 struct Tally {
@@ -137,7 +135,6 @@ CUresult alloc(CUdeviceptr *p, size_t n) {
     allocations[*p] = n;
     live += n;
     peak = std::max(peak, live);
-    pool_high = std::max(pool_high, live);
     ++n_allocs;
     return OK;
 }
@@ -258,36 +255,25 @@ API CUresult cuMemAllocAsync(CUdeviceptr *p, size_t n, void *) { return alloc_lo
 API CUresult cuMemFree_v2(CUdeviceptr p) { return tally_host("cuMemFree (synchronizing)", 0), release_locked(p); }
 API CUresult cuMemFreeAsync(CUdeviceptr p, void *) { return release_locked(p); }
 // The device's memory pool, which the stream-ordered allocations above come from: its usage
-// attributes read the live bytes (current) and their peak since the last reset (high); the
-// emulated pool caches nothing, so what it reserves is what is in use.
+// attributes read the live bytes (current) and their peak (high); the emulated pool caches
+// nothing, so what it reserves is what is in use, and its release threshold changes nothing.
 API CUresult cuDeviceGetMemPool(void **p, int) { return *p = pool, OK; }
-API CUresult cuDeviceGetDefaultMemPool(void **p, int) { return *p = pool, OK; }
 API CUresult cuMemPoolGetAttribute(void *p, int attr, void *value) {
     std::lock_guard g(lock);
     if (p != pool) return refuse(INVALID_VALUE, "cuMemPoolGetAttribute: not the device's pool");
     auto *v = static_cast<unsigned long long *>(value);
     switch (attr) {
-        case 4: *v = release_threshold; break;  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
-        case 5: case 7: *v = live; break;       // RESERVED_MEM_CURRENT, USED_MEM_CURRENT
-        case 6: case 8: *v = pool_high; break;  // RESERVED_MEM_HIGH, USED_MEM_HIGH
+        case 5: case 7: *v = live; break;  // CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, USED_MEM_CURRENT
+        case 6: case 8: *v = peak; break;  // RESERVED_MEM_HIGH, USED_MEM_HIGH
         default:
             return refuse(INVALID_VALUE, "cuMemPoolGetAttribute: attribute " + std::to_string(attr) + " is not emulated");
     }
     return OK;
 }
-API CUresult cuMemPoolSetAttribute(void *p, int attr, void *value) {
-    std::lock_guard g(lock);
+API CUresult cuMemPoolSetAttribute(void *p, int attr, void *) {
     if (p != pool) return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: not the device's pool");
-    const auto v = *static_cast<const unsigned long long *>(value);
-    switch (attr) {
-        case 4: release_threshold = v; break;
-        case 6: case 8:  // the high-water marks can only be reset, to what is in use now
-            if (v != 0) return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: a high-water mark resets only to 0");
-            pool_high = live;
-            break;
-        default:
-            return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: attribute " + std::to_string(attr) + " is not emulated");
-    }
+    if (attr != 4)  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD (the trainer keeps freed memory)
+        return refuse(INVALID_VALUE, "cuMemPoolSetAttribute: attribute " + std::to_string(attr) + " is not emulated");
     return OK;
 }
 CUresult htod(CUdeviceptr dst, const void *src, size_t n) {
